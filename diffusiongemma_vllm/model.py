@@ -1,0 +1,257 @@
+"""DiffusionGemma on vLLM's layers: one Gemma 4 MoE stack, two phases.
+
+The same weights run
+- `prefill` (also each commit of a finished canvas): causal, through vLLM's paged attention,
+  which writes the KV cache; inputs are the sqrt(hidden)-scaled token embeddings;
+- `denoise`: bidirectional over a canvas, reading the committed prefix from the paged cache
+  without writing it (`kernels/canvas_attention.py`); inputs are the scaled embeddings
+  mixed with the self-conditioning signal and RMS-normalised (`embed_canvas`).
+The phase reaches attention through `canvas_context.current_canvas_pass()`, so `forward`
+keeps vLLM's signature.
+
+Layer maths follow transformers' `DiffusionGemmaForBlockDiffusion` (research/hf_reference.md
+section 2.2): RMSNorm as `x * w` in fp32, q/k norms with learned vectors, v norm without,
+attention scale 1.0, V = raw K projection on full layers, dense MLP in parallel with a
+top-k MoE routed on the un-normed residual, a trained `layer_scalar` per layer, tied
+embeddings, fp32 logits soft-capped at 30.
+
+Checkpoint layout: the text stack lives once under `model.decoder.*`; the encoder's
+`layer_scalar` copies are checked against the decoder's and dropped; the vision tower is
+loaded by name and skipped (text serving only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.activation import get_act_and_mul_fn
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.fused_moe import FusedMoEFactory, GateLinear
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
+
+from .canvas_context import current_canvas_pass
+from .checkpoint import checked_text_weights
+from .config import BackboneConfig, LayerAttention
+from .kernels.canvas_attention import naive_canvas_attention, write_canvas_kv
+
+
+class GatedMLP(nn.Module):
+    """gelu_tanh(gate(x)) * up(x) -> down; the dense MLP and the self-conditioning MLP."""
+
+    def __init__(self, hidden: int, intermediate: int, prefix: str, quant_config=None):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden, [intermediate] * 2, bias=False, quant_config=quant_config, prefix=f"{prefix}.gate_up_proj"
+        )
+        self.down_proj = RowParallelLinear(
+            intermediate, hidden, bias=False, quant_config=quant_config, prefix=f"{prefix}.down_proj"
+        )
+        self.act_fn = get_act_and_mul_fn("gelu_pytorch_tanh")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(x)
+        out, _ = self.down_proj(self.act_fn(gate_up))
+        return out
+
+
+class SelfConditioning(GatedMLP):
+    """post_norm(embeds + MLP(pre_norm(soft))); post_norm has no scale, so it always applies."""
+
+    def __init__(self, cfg: BackboneConfig, prefix: str):
+        super().__init__(cfg.hidden_size, cfg.self_conditioning_size, prefix=prefix)
+        self.pre_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, has_weight=False)
+
+    def forward(self, embeds: torch.Tensor, soft_embeds: torch.Tensor | None) -> torch.Tensor:
+        if soft_embeds is None:  # first pass: a zero signal gives a zero MLP output
+            return self.post_norm(embeds)
+        return self.post_norm(embeds + super().forward(self.pre_norm(soft_embeds)))
+
+
+class Router(nn.Module):
+    """Routes on the un-normed residual: fp32 softmax over all experts, top-k, renormalise,
+    then scale each chosen weight by its expert's `per_expert_scale`."""
+
+    def __init__(self, cfg: BackboneConfig, prefix: str):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, has_weight=False)
+        self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
+        self.root_size = cfg.hidden_size**-0.5
+        self.proj = GateLinear(cfg.hidden_size, cfg.num_experts, bias=False, out_dtype=torch.float32,
+                               prefix=f"{prefix}.proj")
+
+    def forward(self, residual: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.proj(self.norm(residual) * self.scale * self.root_size)
+        return logits
+
+    def routing_function(self, hidden_states, gating_output, topk: int, renormalize: bool):
+        probs = torch.softmax(gating_output.float(), dim=-1)
+        weights, ids = torch.topk(probs, k=topk, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights * self.per_expert_scale[ids].float()
+        return weights.float(), ids.to(torch.int32)
+
+
+class DiffusionGemmaAttention(nn.Module):
+    def __init__(self, cfg: BackboneConfig, layer: LayerAttention, cache_config, quant_config, prefix: str):
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        self.num_heads = cfg.num_heads // tp
+        self.num_kv_heads = max(1, layer.num_kv_heads // tp)
+        self.head_dim = layer.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.sliding_window = cfg.sliding_window if layer.is_sliding else None
+        # Full layers have no v_proj: the loader writes k_proj into both the K and V shards.
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, self.head_dim, cfg.num_heads, layer.num_kv_heads,
+                                          bias=False, quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False,
+                                        quant_config=quant_config, prefix=f"{prefix}.o_proj")
+        self.q_norm = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
+        self.v_norm = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps, has_weight=False)
+        rope = {"rope_type": layer.rope_type, "rope_theta": layer.rope_theta}
+        if layer.rope_type == "proportional":
+            rope["partial_rotary_factor"] = layer.partial_rotary_factor
+        self.rotary_emb = get_rope(self.head_dim, max_position=cfg.max_position_embeddings,
+                                   rope_parameters=rope, is_neox_style=True)
+        self.attn = Attention(self.num_heads, self.head_dim, 1.0, num_kv_heads=self.num_kv_heads,
+                              cache_config=cache_config, quant_config=quant_config,
+                              per_layer_sliding_window=self.sliding_window, prefix=f"{prefix}.attn")
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.unflatten(-1, (self.num_heads, self.head_dim))).flatten(-2)
+        k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim))).flatten(-2)
+        q, k = self.rotary_emb(positions, q, k)
+        v = self.v_norm(v.unflatten(-1, (self.num_kv_heads, self.head_dim))).flatten(-2)
+        spec = current_canvas_pass()
+        if spec is None:
+            out = self.attn(q, k, v)
+        else:
+            out = self._canvas_attention(spec, q, k, v)
+        out, _ = self.o_proj(out)
+        return out
+
+    def _canvas_attention(self, spec, q, k, v) -> torch.Tensor:
+        canvas = spec.canvas_length
+        q = q.view(-1, canvas, self.num_heads, self.head_dim)
+        k = k.view(-1, canvas, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, canvas, self.num_kv_heads, self.head_dim)
+        key_cache, value_cache, block_table = spec.kv_lookup(self.attn.layer_name)
+        out = naive_canvas_attention(q, k, v, key_cache, value_cache, block_table, spec.prefix_lens,
+                                     self.sliding_window, causal=spec.causal)
+        if spec.write_kv:
+            write_canvas_kv(k, v, key_cache, value_cache, block_table, spec.prefix_lens)
+        return out.flatten(0, 1).flatten(-2)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: BackboneConfig, index: int, cache_config, quant_config, prefix: str):
+        super().__init__()
+        self.self_attn = DiffusionGemmaAttention(cfg, cfg.layers[index], cache_config, quant_config,
+                                                 prefix=f"{prefix}.self_attn")
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, prefix=f"{prefix}.mlp",
+                            quant_config=quant_config)
+        self.router = Router(cfg, prefix=f"{prefix}.router")
+        self.experts = FusedMoEFactory(
+            num_experts=cfg.num_experts, top_k=cfg.top_k_experts, hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.moe_intermediate_size, renormalize=True, quant_config=quant_config,
+            prefix=f"{prefix}.experts", custom_routing_function=self.router.routing_function,
+            activation="gelu_tanh",
+        )
+        norm = lambda: RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)  # noqa: E731
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        self.pre_feedforward_layernorm = norm()
+        self.post_feedforward_layernorm = norm()
+        self.pre_feedforward_layernorm_2 = norm()
+        self.post_feedforward_layernorm_1 = norm()
+        self.post_feedforward_layernorm_2 = norm()
+        self.register_buffer("layer_scalar", torch.ones(1))
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        attn = self.self_attn(positions, self.input_layernorm(hidden_states))
+        residual = hidden_states + self.post_attention_layernorm(attn)
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(residual)))
+        routed = self.experts(self.pre_feedforward_layernorm_2(residual), self.router(residual))
+        routed = self.post_feedforward_layernorm_2(routed)
+        hidden_states = residual + self.post_feedforward_layernorm(dense + routed)
+        return hidden_states * self.layer_scalar
+
+
+class DiffusionGemmaForBlockDiffusion(nn.Module):
+    """vLLM model class for the `DiffusionGemmaForBlockDiffusion` architecture."""
+
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        cfg = BackboneConfig.from_hf(vllm_config.model_config.hf_config)
+        self.cfg = cfg
+        cache_config, quant_config = vllm_config.cache_config, vllm_config.quant_config
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, prefix="embed_tokens")
+        self.register_buffer("normalizer", torch.tensor(cfg.hidden_size**0.5), persistent=False)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, cache_config, quant_config, prefix=f"layers.{i}") for i in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(cfg, prefix="self_conditioning")
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, prefix="lm_head").tie_weights(self.embed_tokens)
+        self.logits_processor = LogitsProcessor(cfg.vocab_size)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Prefill inputs: E[ids] * sqrt(hidden), the scale rounded to the weight dtype as in HF."""
+        embeds = self.embed_tokens(input_ids)
+        return embeds * self.normalizer.to(embeds.dtype)
+
+    def embed_canvas(self, canvas_ids: torch.Tensor, soft_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Denoise inputs: the scaled canvas embeddings through the self-conditioning block."""
+        return self.self_conditioning(self.embed_input_ids(canvas_ids), soft_embeds)
+
+    def soft_embeddings(self, probs: torch.Tensor) -> torch.Tensor:
+        """Self-conditioning signal from next-pass probabilities: probs @ E * sqrt(hidden)."""
+        weight = self.embed_tokens.weight
+        return (probs.to(weight.dtype) @ weight) * self.normalizer.to(weight.dtype)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
+                inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        for layer in self.layers:
+            hidden_states = layer(positions, hidden_states)
+        return self.norm(hidden_states)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """fp32 logits, soft-capped after the cast as transformers does."""
+        logits = self.logits_processor(self.lm_head, hidden_states).float()
+        cap = self.cfg.final_logit_softcap
+        return torch.tanh(logits / cap) * cap
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loader = AutoWeightsLoader(self)
+        return loader.load_weights(checked_text_weights(self.cfg, weights), mapper=_weights_mapper(self.cfg))
+
+
+def _weights_mapper(cfg: BackboneConfig) -> WeightsMapper:
+    stacked = {".mlp.gate_proj.": (".mlp.gate_up_proj.", 0), ".mlp.up_proj.": (".mlp.gate_up_proj.", 1),
+               "self_conditioning.gate_proj.": ("self_conditioning.gate_up_proj.", 0),
+               "self_conditioning.up_proj.": ("self_conditioning.gate_up_proj.", 1)}
+    for i, layer in enumerate(cfg.layers):
+        stacked[f"layers.{i}.self_attn.q_proj."] = (f"layers.{i}.self_attn.qkv_proj.", "q")
+        stacked[f"layers.{i}.self_attn.k_proj."] = (
+            f"layers.{i}.self_attn.qkv_proj.", ["k", "v"] if layer.k_eq_v else "k")
+        if not layer.k_eq_v:
+            stacked[f"layers.{i}.self_attn.v_proj."] = (f"layers.{i}.self_attn.qkv_proj.", "v")
+    return WeightsMapper(orig_to_new_stacked=stacked)

@@ -1,0 +1,227 @@
+"""Tiny random checkpoints in the exact layout of `google/diffusiongemma-26B-A4B-it`.
+
+The real weights cannot be downloaded on our machines, so tests build small copies of the
+release: `config.json` in the release's field structure (`global_head_dim` and
+`num_global_key_value_heads`, not transformers' `per_layer_config`), `generation_config.json`
+with the release's sampler defaults, `model.safetensors` with the release's tensor names
+(text stack under `model.decoder.*`, encoder `layer_scalar` duplicates, a vision tower, no
+`v_proj` on full-attention layers) and a Gemma-shaped tokenizer (see `tiny_tokenizer.py`).
+
+The weights come from transformers' own `DiffusionGemmaForBlockDiffusion`, so the tensor
+names and shapes are transformers' by construction. Every 1-D weight and every
+`layer_scalar` is then randomized around 1 so that no norm or scale is trivially identity.
+
+The same builder writes an autoregressive twin (`Gemma4ForConditionalGeneration`, the
+`google/gemma-4-26B-A4B-it` layout) with identical backbone dimensions, for AR comparisons.
+
+CLI: `python -m diffusiongemma_vllm.tiny_checkpoint OUT_DIR [--seed N] [--ar-twin] ...`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .tiny_tokenizer import save_tokenizer
+
+# The released generation_config.json of google/diffusiongemma-26B-A4B-it.
+RELEASE_GENERATION_CONFIG = {
+    "confidence_threshold": 0.005,
+    "eos_token_id": [1, 106, 50],
+    "max_denoising_steps": 48,
+    "max_new_tokens": 256,
+    "pad_token_id": 0,
+    "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
+    "stability_threshold": 1,
+    "t_max": 0.8,
+    "t_min": 0.4,
+}
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Backbone sizes of a tiny checkpoint; the defaults run in seconds on a CPU."""
+
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 96
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 32
+    global_head_dim: int = 64
+    num_global_key_value_heads: int = 1
+    # Release pattern is ["sliding"]*5 + ["full"], repeated.
+    layer_types: tuple[str, ...] = ("sliding_attention", "full_attention")
+    sliding_window: int = 16
+    num_experts: int = 4
+    top_k_experts: int = 2
+    moe_intermediate_size: int = 32
+    max_position_embeddings: int = 4096
+    canvas_length: int = 32
+    vision_hidden_size: int = 16
+    generation: dict = field(default_factory=dict)
+
+    def text_config(self) -> dict:
+        return {
+            "model_type": "diffusion_gemma_text",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": len(self.layer_types),
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "global_head_dim": self.global_head_dim,
+            "num_global_key_value_heads": self.num_global_key_value_heads,
+            "layer_types": list(self.layer_types),
+            "sliding_window": self.sliding_window,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {
+                    "rope_type": "proportional",
+                    "partial_rotary_factor": 0.25,
+                    "rope_theta": 1000000.0,
+                },
+            },
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "rms_norm_eps": 1e-6,
+            "final_logit_softcapping": 30.0,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "num_experts": self.num_experts,
+            "top_k_experts": self.top_k_experts,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "use_bidirectional_attention": "vision",
+            "tie_word_embeddings": True,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+            "bos_token_id": 2,
+        }
+
+    def vision_config(self) -> dict:
+        return {
+            "model_type": "gemma4_vision",
+            "hidden_size": self.vision_hidden_size,
+            "intermediate_size": 2 * self.vision_hidden_size,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": self.vision_hidden_size // 2,
+            "patch_size": 4,
+            "pooling_kernel_size": 2,
+        }
+
+    def release_config(self) -> dict:
+        """config.json exactly as the release structures it."""
+        return {
+            "architectures": ["DiffusionGemmaForBlockDiffusion"],
+            "model_type": "diffusion_gemma",
+            "canvas_length": self.canvas_length,
+            "boi_token_id": 255999,
+            "eoi_token_id": 258882,
+            "image_token_id": 258880,
+            "eos_token_id": [1, 106, 50],
+            "initializer_range": 0.02,
+            "tie_word_embeddings": True,
+            "dtype": "float32",
+            "vision_soft_tokens_per_image": 280,
+            "text_config": self.text_config(),
+            "vision_config": self.vision_config(),
+        }
+
+    def generation_config(self) -> dict:
+        return {**RELEASE_GENERATION_CONFIG, **self.generation}
+
+
+def _randomize_scales(model, generator) -> None:
+    """Move every 1-D weight and layer_scalar off 1 so parity tests exercise them."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
+        decoder_scalars = {}
+        for name, buf in model.named_buffers():
+            if name.endswith("layer_scalar") and ".decoder." in name:
+                buf.copy_(0.6 + 0.8 * torch.rand(buf.shape, generator=generator))
+                decoder_scalars[name.split(".layers.")[1]] = buf
+        for name, buf in model.named_buffers():
+            if name.endswith("layer_scalar") and ".encoder." in name:
+                buf.copy_(decoder_scalars[name.split(".layers.")[1]])
+
+
+def build_tiny_checkpoint(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
+    """Write a random DiffusionGemma checkpoint in the release layout; returns its path."""
+    import torch
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = DiffusionGemmaConfig(**spec.release_config())
+    model = DiffusionGemmaForBlockDiffusion(config).to(torch.float32)
+    _randomize_scales(model, torch.Generator().manual_seed(seed + 1))
+    model.save_pretrained(str(out), safe_serialization=True)
+    # transformers rewrites the text config with `per_layer_config`; restore the release form.
+    (out / "config.json").write_text(json.dumps(spec.release_config(), indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(spec.generation_config(), indent=2) + "\n")
+    save_tokenizer(out, spec.vocab_size)
+    return out
+
+
+def build_ar_twin(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
+    """Write the autoregressive Gemma 4 twin of the same backbone (gemma-4-26B-A4B layout)."""
+    import torch
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    text = {**spec.text_config(), "model_type": "gemma4_text", "attention_k_eq_v": True,
+            "enable_moe_block": True}
+    text.pop("use_bidirectional_attention")
+    config = Gemma4Config(text_config=text, vision_config=spec.vision_config(),
+                          architectures=["Gemma4ForConditionalGeneration"],
+                          eos_token_id=[1, 106, 50], tie_word_embeddings=True)
+    model = Gemma4ForConditionalGeneration(config).to(torch.float32)
+    _randomize_scales(model, torch.Generator().manual_seed(seed + 1))
+    model.save_pretrained(str(out), safe_serialization=True)
+    generation = {"eos_token_id": [1, 106, 50], "pad_token_id": 0, "bos_token_id": 2}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    save_tokenizer(out, spec.vocab_size)
+    return out
+
+
+def _parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ar-twin", action="store_true", help="write the autoregressive Gemma 4 twin instead")
+    defaults = asdict(TinySpec())
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "global_head_dim", "num_global_key_value_heads",
+                 "sliding_window", "num_experts", "top_k_experts", "moe_intermediate_size",
+                 "canvas_length"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name])
+    parser.add_argument("--layer-pattern", default="SF",
+                        help="one letter per layer: S sliding, F full (release: SSSSSF x5)")
+    parser.add_argument("--max-denoising-steps", type=int, default=RELEASE_GENERATION_CONFIG["max_denoising_steps"])
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = _parse_args(argv)
+    kinds = {"S": "sliding_attention", "F": "full_attention"}
+    sizes = {k: v for k, v in vars(args).items() if k in TinySpec.__dataclass_fields__}
+    spec = TinySpec(**sizes, layer_types=tuple(kinds[c] for c in args.layer_pattern.upper()),
+                    generation={"max_denoising_steps": args.max_denoising_steps})
+    build = build_ar_twin if args.ar_twin else build_tiny_checkpoint
+    print(build(args.out_dir, spec, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()
