@@ -4,8 +4,9 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# pip prints one warning per package for this machine's empty local index folders.
-QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+# pip prints one warning per package for this machine's empty local index folders; sed (unlike
+# grep) exits 0 when it drops every line, so a failing pip still fails the pipeline.
+QUIET_PIP := sed "/is ignored: it is neither a file nor a directory/d"
 MODEL ?= tiny-models/default
 PORT ?= 8000
 

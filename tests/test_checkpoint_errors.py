@@ -1,0 +1,78 @@
+"""Broken checkpoints fail at load with an error that names the tensor or field."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffusiongemma_vllm.config import BackboneConfig, CheckpointError
+from diffusiongemma_vllm.standalone import load_standalone
+
+WEIGHTS = "model.safetensors"
+
+
+def broken_copy(src, dst, edit_tensors=None, edit_config=None):
+    shutil.copytree(src, dst)
+    if edit_tensors:
+        tensors = load_file(dst / WEIGHTS)
+        edit_tensors(tensors)
+        save_file(tensors, dst / WEIGHTS)
+    if edit_config:
+        config = json.loads((dst / "config.json").read_text())
+        edit_config(config)
+        (dst / "config.json").write_text(json.dumps(config))
+    return str(dst)
+
+
+def test_missing_tensor_is_named(tiny_dir, tmp_path):
+    """Catches a checkpoint with a dropped tensor loading as zero/garbage parameters."""
+    name = "model.decoder.layers.1.router.per_expert_scale"
+    path = broken_copy(tiny_dir, tmp_path / "ckpt", edit_tensors=lambda t: t.pop(name))
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        load_standalone(path)
+
+
+def test_wrong_shape_is_named(tiny_dir, tmp_path):
+    """Catches a bare shape assertion deep in a weight loader instead of a named error."""
+    name = "model.decoder.layers.0.self_attn.q_proj.weight"
+
+    def widen(tensors):
+        tensors[name] = torch.zeros(tensors[name].shape[0] + 1, tensors[name].shape[1])
+
+    path = broken_copy(tiny_dir, tmp_path / "ckpt", edit_tensors=widen)
+    with pytest.raises(CheckpointError, match=r"q_proj\.weight.*shape"):
+        load_standalone(path)
+
+
+def test_unexpected_tensor_is_named(tiny_dir, tmp_path):
+    """Catches a checkpoint from another layout (e.g. a v_proj on a k_eq_v layer) loading silently."""
+    name = "model.decoder.layers.1.self_attn.v_proj.weight"
+
+    def add(tensors):
+        tensors[name] = tensors["model.decoder.layers.1.self_attn.k_proj.weight"].clone()
+
+    path = broken_copy(tiny_dir, tmp_path / "ckpt", edit_tensors=add)
+    with pytest.raises(CheckpointError, match=r"layers\.1\.self_attn\.v_proj"):
+        load_standalone(path)
+
+
+def test_wrong_model_type_is_named():
+    """Catches serving a different model family through this plugin's class."""
+    from transformers import LlamaConfig
+
+    with pytest.raises(CheckpointError, match="model_type"):
+        BackboneConfig.from_hf(LlamaConfig())
+
+
+def test_missing_config_field_is_named(tiny_dir):
+    """Catches a config.json without the MoE fields turning into an obscure error later."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_dir)
+    config.text_config.num_experts = None
+    with pytest.raises(CheckpointError, match="num_experts"):
+        BackboneConfig.from_hf(config)
