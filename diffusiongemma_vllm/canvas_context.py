@@ -1,10 +1,10 @@
 """The phase of a forward pass, carried beside the model rather than through it.
 
-The model keeps vLLM's forward signature. A pass over canvases (`denoise`, or a commit run
-by our own attention) is announced by entering `canvas_pass(...)`; every attention layer
-then reads `current_canvas_pass()` and attends with the canvas op instead of vLLM's paged
-attention. With no canvas pass active, a forward is an ordinary vLLM prefill: causal,
-writing KV through vLLM's attention backend.
+The model keeps vLLM's forward signature. A pass over canvases (`denoise`, or a causal
+commit computed outside vLLM's attention) is announced by entering `canvas_pass(...)`;
+every attention layer then reads `current_canvas_pass()` and attends with the canvas op
+instead of vLLM's paged attention. With no canvas pass active, a forward is an ordinary
+vLLM `prefill`: causal, writing KV through vLLM's attention backend.
 """
 
 from __future__ import annotations
@@ -15,21 +15,29 @@ from dataclasses import dataclass
 
 import torch
 
-# layer name -> (key_cache, value_cache, block_table), caches as [blocks, block_size, kv_heads, head_dim]
-KVLookup = Callable[[str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+@dataclass(frozen=True)
+class PrefixKV:
+    """Committed K/V a layer's canvas queries may read: rows left-aligned, `lens` valid."""
+
+    key: torch.Tensor  # [n, P, kv_heads, head_dim]
+    value: torch.Tensor  # [n, P, kv_heads, head_dim]
+    lens: torch.Tensor  # [n]
 
 
 @dataclass(frozen=True)
 class CanvasPass:
-    prefix_lens: torch.Tensor  # [num_canvases] committed tokens before each canvas
+    context_lens: torch.Tensor  # [n] committed tokens before each canvas = its first position
     canvas_length: int
-    kv_lookup: KVLookup
+    prefix: Callable[[str], PrefixKV]  # attention layer name -> its prefix K/V
     causal: bool = False  # False: denoise (bidirectional, read-only). True: commit.
-    write_kv: bool = False  # store the canvas K/V at its positions (commit only)
+    # Receives (layer name, canvas K, canvas V) of a causal pass; only the standalone
+    # runner uses it, to keep its own cache. The engine commits through vLLM attention.
+    kv_sink: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
 
     def __post_init__(self):
-        if self.write_kv and not self.causal:
-            raise ValueError("only a causal (commit) pass may write the KV cache")
+        if self.kv_sink is not None and not self.causal:
+            raise ValueError("a denoise pass is read-only: only a causal pass may store K/V")
 
 
 _current: CanvasPass | None = None

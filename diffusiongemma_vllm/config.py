@@ -136,3 +136,63 @@ def _layer_attention(text, index: int, kind: str, rope: dict) -> LayerAttention:
         partial_rotary_factor=params.get("partial_rotary_factor", 1.0),
         rope_type=params.get("rope_type", "default"),
     )
+
+
+# Per-request knobs (SamplingParams.extra_args / vllm_xargs) carry the names of the
+# checkpoint's generation_config.json, so one vocabulary describes both.
+SAMPLER_FIELDS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max",
+                  "stability_threshold", "confidence_threshold")
+MAX_DENOISING_STEPS_LIMIT = 1024
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """The entropy-bound sampler's settings for one request (research/hf_reference.md s.3)."""
+
+    max_denoising_steps: int = 48
+    entropy_bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+
+    def __post_init__(self):
+        _check_int(self, "max_denoising_steps", 1, MAX_DENOISING_STEPS_LIMIT)
+        _check_int(self, "stability_threshold", 0, MAX_DENOISING_STEPS_LIMIT)
+        for name in ("entropy_bound", "t_min", "t_max", "confidence_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if self.t_min <= 0:
+            raise ValueError(f"t_min must be > 0, got {self.t_min!r}")
+        if self.t_max < self.t_min:
+            raise ValueError(f"t_max must be >= t_min, got t_max={self.t_max!r} < t_min={self.t_min!r}")
+
+    @classmethod
+    def from_generation_config(cls, generation: dict) -> "SamplerConfig":
+        """Server defaults from generation_config.json (missing keys keep the release values)."""
+        values = {name: generation[name] for name in SAMPLER_FIELDS if name in generation and name != "entropy_bound"}
+        sampler = generation.get("sampler_config") or {}
+        if "entropy_bound" in sampler:
+            values["entropy_bound"] = sampler["entropy_bound"]
+        return cls(**values)
+
+    def with_request_overrides(self, extra_args: dict | None) -> "SamplerConfig":
+        """Apply a request's knobs; raises ValueError naming the field for a bad value."""
+        overrides = {k: v for k, v in (extra_args or {}).items() if k in SAMPLER_FIELDS}
+        if not overrides:
+            return self
+        return type(self)(**{**self.__dict__, **overrides})
+
+    def temperature(self, step: int) -> float:
+        """Temperature of pass `step` (0-based): t_max at the first pass, falling linearly so
+        that the last allowed pass runs at t_min + (t_max - t_min) / N, as transformers'
+        schedule does with `cur_step` counting the passes that remain."""
+        remaining = self.max_denoising_steps - step
+        return self.t_min + (self.t_max - self.t_min) * remaining / self.max_denoising_steps
+
+
+def _check_int(obj, name: str, low: int, high: int) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")

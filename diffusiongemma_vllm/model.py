@@ -42,7 +42,7 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 from .canvas_context import current_canvas_pass
 from .checkpoint import checked_text_weights
 from .config import BackboneConfig, LayerAttention
-from .kernels.canvas_attention import naive_canvas_attention, write_canvas_kv
+from .kernels.canvas_attention import naive_canvas_attention
 
 
 class GatedMLP(nn.Module):
@@ -150,11 +150,12 @@ class DiffusionGemmaAttention(nn.Module):
         q = q.view(-1, canvas, self.num_heads, self.head_dim)
         k = k.view(-1, canvas, self.num_kv_heads, self.head_dim)
         v = v.view(-1, canvas, self.num_kv_heads, self.head_dim)
-        key_cache, value_cache, block_table = spec.kv_lookup(self.attn.layer_name)
-        out = naive_canvas_attention(q, k, v, key_cache, value_cache, block_table, spec.prefix_lens,
+        name = self.attn.layer_name
+        prefix = spec.prefix(name)
+        out = naive_canvas_attention(q, k, v, prefix.key, prefix.value, prefix.lens, spec.context_lens,
                                      self.sliding_window, causal=spec.causal)
-        if spec.write_kv:
-            write_canvas_kv(k, v, key_cache, value_cache, block_table, spec.prefix_lens)
+        if spec.kv_sink is not None:
+            spec.kv_sink(name, k, v)
         return out.flatten(0, 1).flatten(-2)
 
 

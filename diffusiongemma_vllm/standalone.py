@@ -3,10 +3,9 @@
 Parity tests and the reference generator need to drive the model pass by pass (prefill a
 prompt, denoise a canvas with chosen inputs, commit it) without a scheduler. This module
 loads `DiffusionGemmaForBlockDiffusion` through vLLM's own model loader in this process
-(single rank, gloo) and gives each attention layer a paged cache in the layout
-`kernels/canvas_attention.py` reads, one block table per request. Every pass, the prompt
-prefill included, runs through the canvas attention op: prefill and commit as causal passes
-that write the cache, denoise as a bidirectional read-only pass.
+(single rank, gloo) and keeps each attention layer's K/V in a plain position-indexed store.
+Every pass, the prompt prefill included, runs through the canvas attention op: prefill and
+commit as causal passes whose K/V the store keeps, denoise as a bidirectional read-only pass.
 
 vLLM's paged-attention prefill path is exercised by the engine tests instead.
 """
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .canvas_context import CanvasPass, canvas_pass
+from .canvas_context import CanvasPass, PrefixKV, canvas_pass
 
 
 def _free_port() -> int:
@@ -58,43 +57,50 @@ def load_standalone(model_dir: str, dtype: str = "float32", max_model_len: int =
 
 
 @dataclass
-class PagedKV:
-    """Per-layer paged caches plus one contiguous block table per request."""
+class KVStore:
+    """Per-layer K/V of every request, position-indexed: `[requests, max_len, kv_heads, head_dim]`."""
 
-    caches: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    block_tables: torch.Tensor  # [num_requests, blocks_per_request]
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
-    def lookup(self, rows: torch.Tensor):
-        def kv(layer_name: str):
-            key_cache, value_cache = self.caches[layer_name]
-            return key_cache, value_cache, self.block_tables[rows]
+    def prefix(self, rows: torch.Tensor, context_lens: torch.Tensor):
+        width = int(context_lens.max())
 
-        return kv
+        def lookup(layer_name: str) -> PrefixKV:
+            key, value = self.tensors[layer_name]
+            return PrefixKV(key[rows, :width], value[rows, :width], context_lens)
+
+        return lookup
+
+    def sink(self, rows: torch.Tensor, context_lens: torch.Tensor):
+        def store(layer_name: str, key: torch.Tensor, value: torch.Tensor) -> None:
+            keys, values = self.tensors[layer_name]
+            for i, (row, start) in enumerate(zip(rows.tolist(), context_lens.tolist())):
+                keys[row, start:start + key.shape[1]] = key[i]
+                values[row, start:start + key.shape[1]] = value[i]
+
+        return store
 
 
 @dataclass
 class StandaloneModel:
     model: torch.nn.Module
     vllm_config: object
-    block_size: int = 16
-    kv: PagedKV | None = field(default=None)
+    kv: KVStore | None = field(default=None)
 
     @property
     def canvas_length(self) -> int:
         return self.model.cfg.canvas_length
 
     def allocate(self, num_requests: int, max_len: int) -> None:
-        blocks = -(-max_len // self.block_size)
-        caches = {}
         dtype = next(self.model.parameters()).dtype
+        tensors = {}
         for layer in self.model.layers:
             attn = layer.self_attn
-            shape = (num_requests * blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
-            # NaN-poisoned so that reading a slot nobody wrote shows up in every output.
-            caches[attn.attn.layer_name] = (torch.full(shape, float("nan"), dtype=dtype),
-                                            torch.full(shape, float("nan"), dtype=dtype))
-        table = torch.arange(num_requests * blocks, dtype=torch.int32).view(num_requests, blocks)
-        self.kv = PagedKV(caches, table)
+            shape = (num_requests, max_len, attn.num_kv_heads, attn.head_dim)
+            # NaN-poisoned: reading a position nobody wrote shows up in every output.
+            tensors[attn.attn.layer_name] = (torch.full(shape, float("nan"), dtype=dtype),
+                                             torch.full(shape, float("nan"), dtype=dtype))
+        self.kv = KVStore(tensors)
 
     def _run(self, embeds, positions, spec: CanvasPass) -> torch.Tensor:
         from vllm.config import set_current_vllm_config
@@ -104,24 +110,25 @@ class StandaloneModel:
                 set_forward_context(None, self.vllm_config), canvas_pass(spec):
             return self.model(None, positions, inputs_embeds=embeds)
 
-    def prefill(self, rows: torch.Tensor, ids: torch.Tensor, prefix_lens: torch.Tensor) -> torch.Tensor:
-        """Causal pass over `ids` [n, T] at positions prefix_lens + [0, T); writes KV; returns hidden."""
+    def prefill(self, rows: torch.Tensor, ids: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+        """Causal pass over `ids` [n, T] at positions context_lens + [0, T); stores K/V; returns hidden."""
         n, length = ids.shape
-        positions = (prefix_lens[:, None] + torch.arange(length)).flatten()
+        positions = (context_lens[:, None] + torch.arange(length)).flatten()
         with torch.inference_mode():
             embeds = self.model.embed_input_ids(ids.flatten())
-        spec = CanvasPass(prefix_lens, length, self.kv.lookup(rows), causal=True, write_kv=True)
+        spec = CanvasPass(context_lens, length, self.kv.prefix(rows, context_lens), causal=True,
+                          kv_sink=self.kv.sink(rows, context_lens))
         return self._run(embeds, positions, spec).view(n, length, -1)
 
-    def denoise(self, rows: torch.Tensor, canvas: torch.Tensor, prefix_lens: torch.Tensor,
+    def denoise(self, rows: torch.Tensor, canvas: torch.Tensor, context_lens: torch.Tensor,
                 soft_embeds: torch.Tensor | None) -> torch.Tensor:
         """Bidirectional read-only pass over `canvas` [n, C]; returns hidden [n, C, H]."""
         n, length = canvas.shape
-        positions = (prefix_lens[:, None] + torch.arange(length)).flatten()
+        positions = (context_lens[:, None] + torch.arange(length)).flatten()
         with torch.inference_mode():
             flat_soft = None if soft_embeds is None else soft_embeds.flatten(0, 1)
             embeds = self.model.embed_canvas(canvas.flatten(), flat_soft)
-        spec = CanvasPass(prefix_lens, length, self.kv.lookup(rows))
+        spec = CanvasPass(context_lens, length, self.kv.prefix(rows, context_lens))
         return self._run(embeds, positions, spec).view(n, length, -1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
