@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 EXPECTED_MODEL_TYPE = "diffusion_gemma"
-# Where the engine hook keeps `canvas_length` once it hides it from vLLM (engine_config.py).
-PLUGIN_CANVAS_ATTR = "diffusiongemma_canvas_length"
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
@@ -89,7 +87,7 @@ class BackboneConfig:
             rms_norm_eps=_require(text, "rms_norm_eps", "text_config"),
             final_logit_softcap=_require(text, "final_logit_softcapping", "text_config"),
             max_position_embeddings=_require(text, "max_position_embeddings", "text_config"),
-            canvas_length=_canvas_length(hf_config),
+            canvas_length=_require(hf_config, "canvas_length", "config.json"),
             self_conditioning_size=getattr(hf_config, "self_conditioning_size", None)
             or _require(text, "intermediate_size", "text_config"),
             pad_token_id=_require(text, "pad_token_id", "text_config"),
@@ -101,13 +99,6 @@ def _require(obj, name: str, where: str):
     value = getattr(obj, name, None)
     if value is None:
         raise CheckpointError(f"{where} is missing the required field {name!r}")
-    return value
-
-
-def _canvas_length(hf_config) -> int:
-    value = getattr(hf_config, PLUGIN_CANVAS_ATTR, None) or getattr(hf_config, "canvas_length", None)
-    if value is None:
-        raise CheckpointError("config.json is missing the required field 'canvas_length'")
     return value
 
 

@@ -1,23 +1,55 @@
 """How vLLM is configured for DiffusionGemma: its per-architecture config hook.
 
-vLLM keys its diffusion machinery (Model Runner V2 only, the `DiffusionScheduler`, one
-denoise pass per scheduler step, diffusion-specific request validation) on
-`hf_config.canvas_length`. This plugin runs its own multi-pass worker step on the ordinary
-scheduler instead, so the hook moves the canvas length to `config.PLUGIN_CANVAS_ATTR`
-before vLLM reads it; `BackboneConfig.from_hf` reads it from either place.
-Registering this class under the architecture name replaces vLLM's in-tree hook.
+vLLM 0.32 keys its own diffusion path on `hf_config.canvas_length` (`model_config.is_diffusion`):
+Model Runner V2 only, the `DiffusionScheduler`, one denoise pass per scheduler step, and
+diffusion-specific request validation. This plugin replaces that path with its own worker
+step on the ordinary scheduler (see model_runner.py), so the hook, registered under the
+architecture name in place of vLLM's in-tree one:
+- marks the model as not-diffusion for vLLM (the cached `is_diffusion` is set to False;
+  `canvas_length` stays in the HF config, where the plugin reads it);
+- keeps vLLM's Gemma 4 attention-backend choice for the two head dims (GPU);
+- turns off async scheduling, which assumes one sampled token per request and step;
+- selects the V1 model runner (the only runner whose sampler the plugin replaces), through
+  `VLLM_USE_V2_MODEL_RUNNER=0`, the only switch vLLM 0.32 has; spawned engine processes
+  inherit it;
+- installs the plugin's worker and its request validator;
+- lifts the checkpoint's `max_new_tokens=256` default so `max_tokens` alone bounds a reply.
 """
 
-from vllm.model_executor.models.config import VerifyAndUpdateConfig
+from __future__ import annotations
 
-from .config import PLUGIN_CANVAS_ATTR
+import os
+
+from vllm.model_executor.models.config import Gemma4Config, VerifyAndUpdateConfig
+
+WORKERS = {
+    "cpu": "diffusiongemma_vllm.worker.DiffusionGemmaCPUWorker",
+    "gpu": "diffusiongemma_vllm.worker.DiffusionGemmaGPUWorker",
+}
+VALIDATOR = "diffusiongemma_vllm.request_validator:DiffusionRequestValidator"
 
 
 class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
-        hf_config = model_config.hf_config
-        canvas_length = getattr(hf_config, "canvas_length", None)
-        if canvas_length is not None:
-            setattr(hf_config, PLUGIN_CANVAS_ATTR, canvas_length)
-            hf_config.canvas_length = None
+        model_config.__dict__["is_diffusion"] = False
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        from vllm.platforms import current_platform
+
+        model_config = vllm_config.model_config
+        model_config.__dict__["is_diffusion"] = False
+        vllm_config.diffusion_config = None
+        if not current_platform.is_cpu():
+            Gemma4Config.verify_and_update_config(vllm_config)
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        vllm_config.scheduler_config.async_scheduling = False
+        if vllm_config.parallel_config.worker_cls == "auto":
+            vllm_config.parallel_config.worker_cls = WORKERS["cpu" if current_platform.is_cpu() else "gpu"]
+        processors = list(model_config.logits_processors or [])
+        if VALIDATOR not in processors:
+            model_config.logits_processors = [*processors, VALIDATOR]
+        overrides = dict(model_config.override_generation_config or {})
+        overrides.setdefault("max_new_tokens", None)
+        model_config.override_generation_config = overrides

@@ -1,0 +1,161 @@
+"""The plugin's worker step: after vLLM's causal pass, denoise one canvas per ready request.
+
+A scheduler step on the V1 runner already ran vLLM's paged-attention forward over the
+scheduled tokens: a prompt (or a chunk of one) or the previous canvas being committed. Both
+are causal and write KV. A request is *ready* when that pass reached the end of its known
+tokens (vLLM's `discard_request_mask` is False for it). For every ready request this step:
+1. reads its committed prefix K/V from the paged cache, once per layer (kv_layout.py);
+   sliding layers read only the last window-1 tokens, the only ones vLLM keeps;
+2. denoises a fresh canvas at positions [L, L + C) with all other ready canvases in the
+   same passes, until each halts (denoise.py), without returning to the scheduler;
+3. emits the argmax canvas (trimmed at max_model_len) as the request's sampled tokens.
+The scheduler appends them, applies EOS / stop ids / max_tokens (trimming inside the
+canvas), and next step schedules the emitted tokens again: that pass is the commit.
+
+Per-request settings: the checkpoint's generation_config.json, overridden by the request's
+`extra_args` (validated at admission by request_validator.py); the seed is the request's
+`seed`, or a random one kept for its lifetime.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .canvas_context import CanvasPass, PrefixKV, canvas_pass
+from .config import SamplerConfig
+from .denoise import CanvasJob, denoise_canvases
+from .kv_layout import read_tokens
+from .noise import CanvasNoise
+
+
+@dataclass
+class DiffusionStats:
+    """Cumulative counters of this worker, readable through `collective_rpc("diffusion_stats")`."""
+
+    steps: int = 0  # scheduler steps that denoised at least one canvas
+    passes: int = 0  # batched denoise passes
+    canvases: int = 0
+    canvas_passes: list[int] = field(default_factory=list)  # passes each canvas took
+
+    def as_dict(self) -> dict:
+        return {"steps": self.steps, "passes": self.passes, "canvases": self.canvases,
+                "passes_per_step": self.passes / max(self.steps, 1), "canvas_passes": list(self.canvas_passes)}
+
+
+@dataclass(frozen=True)
+class _RequestSettings:
+    seed: int
+    sampler: SamplerConfig
+
+
+class DenoiseStep:
+    def __init__(self, model, vllm_config, device: torch.device):
+        self.model = model
+        self.vllm_config = vllm_config
+        self.device = device
+        self.canvas_length = model.cfg.canvas_length
+        generation = vllm_config.model_config.try_get_generation_config() or {}
+        self.default_sampler = SamplerConfig.from_generation_config(generation)
+        self.settings: dict[str, _RequestSettings] = {}
+        self.stats = DiffusionStats()
+
+    def _settings(self, req_id: str, sampling_params) -> _RequestSettings:
+        if req_id not in self.settings:
+            seed = sampling_params.seed if sampling_params.seed is not None else random.getrandbits(62)
+            sampler = self.default_sampler.with_request_overrides(sampling_params.extra_args)
+            self.settings[req_id] = _RequestSettings(seed, sampler)
+        return self.settings[req_id]
+
+    def run(self, runner) -> torch.Tensor:
+        """Sampled token ids `[num_reqs, C]` for the runner's batch, -1 where nothing is emitted."""
+        batch = runner.input_batch
+        num_reqs = batch.num_reqs
+        out = torch.full((num_reqs, self.canvas_length), -1, dtype=torch.int64)
+        live = set(batch.req_ids)
+        self.settings = {k: v for k, v in self.settings.items() if k in live}
+        ready = np.nonzero(~runner.discard_request_mask.np[:num_reqs])[0].tolist()
+        if not ready:
+            return out
+        context = [int(runner.optimistic_seq_lens_cpu[i]) for i in ready]
+        jobs = []
+        for i, length in zip(ready, context):
+            state = runner.requests[batch.req_ids[i]]
+            settings = self._settings(state.req_id, state.sampling_params)
+            block = (length - len(state.prompt_token_ids)) // self.canvas_length
+            jobs.append(CanvasJob(block, settings.sampler,
+                                  CanvasNoise(settings.seed, self.model.cfg.vocab_size, self.canvas_length)))
+        prefixes = self._read_prefixes(runner, ready, context)
+        context_lens = torch.tensor(context, device=self.device)
+        with torch.inference_mode():
+            result = denoise_canvases(jobs, self._pass_runner(context_lens, prefixes),
+                                      self.model.soft_embeddings, self.model.embed_tokens.weight.dtype,
+                                      device=self.device)
+        for slot, (i, length) in enumerate(zip(ready, context)):
+            emit = min(self.canvas_length, runner.max_model_len - length)
+            out[i, :emit] = result.tokens[slot, :emit].cpu()
+        self.stats.steps += 1
+        self.stats.passes += int(result.passes.max())
+        self.stats.canvases += len(ready)
+        self.stats.canvas_passes.extend(result.passes.tolist())
+        return out
+
+    def _pass_runner(self, context_lens: torch.Tensor, prefixes: dict[str, PrefixKV]):
+        from vllm.forward_context import set_forward_context
+
+        canvas_length = self.canvas_length
+        offsets = torch.arange(canvas_length, device=self.device)
+
+        def run_pass(rows: torch.Tensor, canvas: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
+            rows = rows.to(self.device)
+            lens = context_lens[rows]
+            positions = (lens[:, None] + offsets).flatten()
+            embeds = self.model.embed_canvas(canvas.flatten(), None if soft is None else soft.flatten(0, 1))
+
+            def prefix(name: str) -> PrefixKV:
+                full = prefixes[name]
+                return PrefixKV(full.key[rows], full.value[rows], full.lens[rows])
+
+            spec = CanvasPass(lens, canvas_length, prefix)
+            with set_forward_context(None, self.vllm_config), canvas_pass(spec):
+                hidden = self.model(None, positions, inputs_embeds=embeds)
+            return self.model.compute_logits(hidden).view(len(rows), canvas_length, -1)
+
+        return run_pass
+
+    def _read_prefixes(self, runner, ready: list[int], context: list[int]) -> dict[str, PrefixKV]:
+        """Each layer's committed K/V of the ready requests, left-aligned and zero-padded."""
+        layers = runner.compilation_config.static_forward_context
+        prefixes = {}
+        for group_id, group in enumerate(runner.kv_cache_config.kv_cache_groups):
+            spec = group.kv_cache_spec
+            window = getattr(spec, "sliding_window", None)
+            table = runner.input_batch.block_table[group_id].get_numpy_array()
+            spans = [(max(0, length - (window - 1)) if window else 0, length) for length in context]
+            lens = torch.tensor([end - start for start, end in spans], device=self.device)
+            for name in group.layer_names:
+                layer = layers[name]
+                kv_cache = layer.kv_cache
+                kernel_block = kv_cache.shape[2]
+                keys, values = [], []
+                for row, (start, end) in zip(ready, spans):
+                    positions = np.arange(start, end)
+                    slots = table[row][positions // spec.block_size].astype(np.int64) * spec.block_size \
+                        + positions % spec.block_size
+                    slots = torch.from_numpy(slots).to(kv_cache.device)
+                    key, value = read_tokens(layer, kv_cache, slots // kernel_block, slots % kernel_block)
+                    keys.append(key)
+                    values.append(value)
+                prefixes[name] = PrefixKV(_pad(keys), _pad(values), lens)
+        return prefixes
+
+
+def _pad(rows: list[torch.Tensor]) -> torch.Tensor:
+    width = max(1, max(r.shape[0] for r in rows))
+    out = rows[0].new_zeros((len(rows), width, *rows[0].shape[1:]))
+    for i, r in enumerate(rows):
+        out[i, :r.shape[0]] = r
+    return out

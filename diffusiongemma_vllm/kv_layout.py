@@ -1,0 +1,63 @@
+"""Reading committed K/V back out of vLLM's paged cache, per attention backend.
+
+Every backend in vLLM 0.32 gives a layer the logical cache `[num_blocks, kv_heads,
+block_size, 2 * head_dim]`, but what lives inside a (block, head) page differs:
+- GPU backends (FLASH_ATTN, TRITON_ATTN) store each token as [K | V]: a strided view reads it.
+- CPU_ATTN stores the page's K half then its V half, each in an ISA-specific order (K
+  transposed for the vector ISAs, VNNI tiles for AMX). We do not hard-code those orders: the
+  first read of a (isa, dtype, head_dim, block_size) writes index-coded K/V through vLLM's
+  own `cpu_attn_reshape_and_cache` into a scratch page and records where each (token, dim)
+  landed, then reads with that permutation.
+
+`read_tokens` returns `[T, kv_heads, head_dim]` K and V for given slots (block ids are the
+layer's kernel blocks).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_page_permutation(isa: str, dtype: torch.dtype, head_dim: int, block_size: int):
+    """(k_perm, v_perm) [block_size, head_dim]: flat index of (token, dim) within a page half."""
+    from vllm import _custom_ops as ops
+
+    page = torch.zeros(1, 1, 2 * block_size, head_dim, dtype=dtype)
+    key_half, value_half = page.chunk(2, dim=2)
+    slots = torch.arange(block_size)
+    token = torch.arange(block_size).view(-1, 1, 1).expand(block_size, 1, head_dim).float()
+    dim = torch.arange(head_dim).view(1, 1, -1).expand(block_size, 1, head_dim).float()
+    perms = []
+    for half in (key_half, value_half):
+        # Three codes, each exact in bf16: token + 1, dim % 256 + 1, dim // 256 + 1.
+        landed = []
+        for code in (token + 1, dim % 256 + 1, dim // 256 + 1):
+            page.zero_()
+            ops.cpu_attn_reshape_and_cache(code.to(dtype), code.to(dtype), key_half, value_half, slots, isa)
+            landed.append(half[0, 0].contiguous().view(-1).float().long() - 1)
+        where_token, where_dim = landed[0], landed[1] + 256 * landed[2]
+        if (where_token < 0).any():
+            raise RuntimeError(f"CPU KV layout calibration left cells unwritten (isa={isa}, dtype={dtype})")
+        perm = torch.empty(block_size, head_dim, dtype=torch.long)
+        perm[where_token, where_dim] = torch.arange(block_size * head_dim)
+        perms.append(perm)
+    return tuple(perms)
+
+
+def read_tokens(layer, kv_cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor):
+    """K, V `[T, kv_heads, head_dim]` of the tokens at (blocks[t], offsets[t])."""
+    num_blocks, heads, block_size, twice_dim = kv_cache.shape
+    head_dim = twice_dim // 2
+    if kv_cache.device.type != "cpu":
+        per_token = kv_cache[blocks, :, offsets]  # [T, heads, 2 * head_dim]
+        return per_token[..., :head_dim], per_token[..., head_dim:]
+    k_perm, v_perm = _cpu_page_permutation(layer.isa, kv_cache.dtype, head_dim, block_size)
+    pages = kv_cache.view(num_blocks, heads, 2, block_size * head_dim)[blocks]  # [T, heads, 2, BS*D]
+    out = []
+    for half, perm in ((0, k_perm), (1, v_perm)):
+        index = perm[offsets].unsqueeze(1).expand(-1, heads, -1)  # [T, heads, D]
+        out.append(torch.gather(pages[:, :, half], 2, index))
+    return tuple(out)

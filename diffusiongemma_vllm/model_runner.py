@@ -1,0 +1,39 @@
+"""vLLM's V1 model runners with the plugin's worker step in place of token sampling.
+
+The only override is `_sample`: vLLM has just run the causal forward of the scheduled
+tokens; instead of sampling one token per request from the last logits, the runner hands
+over to `DenoiseStep` (denoise_step.py), which returns up to one canvas of tokens per
+request (`[num_reqs, C]`, -1 padded). vLLM's own bookkeeping then records them exactly as it
+records multi-token speculative output. Everything diffusion-specific lives in
+denoise_step.py; this file only wires it into the CPU and GPU runner classes.
+"""
+
+from __future__ import annotations
+
+from vllm.v1.outputs import SamplerOutput
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+from .denoise_step import DenoiseStep
+
+
+class DenoiseStepRunnerMixin:
+    denoise_step: DenoiseStep | None = None
+
+    def load_model(self, *args, **kwargs):
+        super().load_model(*args, **kwargs)
+        self.denoise_step = DenoiseStep(self.get_model(), self.vllm_config, self.device)
+
+    def _sample(self, logits, spec_decode_metadata) -> SamplerOutput:
+        if spec_decode_metadata is not None:
+            raise NotImplementedError("speculative decoding is not supported with DiffusionGemma")
+        return SamplerOutput(sampled_token_ids=self.denoise_step.run(self).to(self.device),
+                             logprobs_tensors=None)
+
+
+class DiffusionGemmaCPURunner(DenoiseStepRunnerMixin, CPUModelRunner):
+    pass
+
+
+class DiffusionGemmaGPURunner(DenoiseStepRunnerMixin, GPUModelRunner):
+    pass

@@ -1,0 +1,106 @@
+"""Ground truth: transformers' own `generate`, replaying the plugin's seeded draws.
+
+`reference_generate` runs `DiffusionGemmaForBlockDiffusion.generate` unchanged for one
+prompt, with its three sources of randomness (the initial canvas `torch.randint`, the
+per-pass `torch.multinomial`, the re-noise `torch.randint`) answered from a `CanvasNoise`
+with the request's seed. transformers draws in a fixed order per block (canvas, then per
+pass: sample, re-noise), which tells each call its (block, pass) address. Sampling replays
+Gumbel-max on transformers' own probabilities, exactly what `sampler.sample_pass` computes.
+
+It also records, per pass, the argmax canvas (through the draft streamer) and the accepted
+positions, so tests compare the plugin's decisions pass by pass, not just the output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from unittest import mock
+
+import torch
+
+from .config import SamplerConfig
+from .noise import CanvasNoise
+
+
+@dataclass
+class ReferenceTrace:
+    sequences: torch.Tensor | None = None  # [1, prompt + k*C]
+    argmax: list[list[torch.Tensor]] = field(default_factory=list)  # [block][pass] -> [C]
+    accepted: list[list[torch.Tensor]] = field(default_factory=list)  # [block][pass] -> [C]
+
+
+class _Replay:
+    """Answers transformers' random calls from `noise`, tracking (block, pass)."""
+
+    def __init__(self, noise: CanvasNoise, trace: ReferenceTrace):
+        self.noise, self.trace = noise, trace
+        self.block, self.step, self.after_sample = -1, 0, False
+        self._randint, self._multinomial = torch.randint, torch.multinomial
+
+    def randint(self, *args, **kwargs):
+        if not self.after_sample:  # the first draw of a block: its initial canvas
+            self.block, self.step = self.block + 1, 0
+            self.trace.argmax.append([])
+            self.trace.accepted.append([])
+            return self.noise.initial_canvas(self.block)[None]
+        self.after_sample = False
+        tokens = self.noise.renoise(self.block, self.step)[None]
+        self.step += 1
+        return tokens
+
+    def multinomial(self, probs, num_samples, *args, **kwargs):
+        self.after_sample = True
+        gumbel = self.noise.gumbel(self.block, self.step).to(probs.device)
+        return torch.argmax(torch.log(probs) + gumbel, dim=-1, keepdim=True)
+
+
+class _DraftRecorder:
+    """A draft-capable streamer: records the argmax canvas after every pass."""
+
+    def __init__(self, trace: ReferenceTrace):
+        self.trace = trace
+
+    def put(self, value):
+        pass
+
+    def put_draft(self, value):
+        self.trace.argmax[-1].append(value[0].clone())
+
+    def end(self):
+        pass
+
+
+def reference_generate(model, prompt_ids: list[int], seed: int, num_blocks: int,
+                       sampler: SamplerConfig) -> ReferenceTrace:
+    """One prompt through transformers' generate for exactly `num_blocks` canvases."""
+    from transformers.models.diffusion_gemma import generation_diffusion_gemma as hf_generation
+
+    config = model.config
+    noise = CanvasNoise(seed, config.text_config.vocab_size, config.canvas_length)
+    trace = ReferenceTrace()
+    replay = _Replay(noise, trace)
+    accept = hf_generation.EntropyBoundSampler.accept_canvas
+
+    def recording_accept(self, *args, **kwargs):
+        accepted = accept(self, *args, **kwargs)
+        trace.accepted[-1].append(self.accepted_token_mask[0].clone())
+        return accepted
+
+    with mock.patch.object(torch, "randint", replay.randint), \
+            mock.patch.object(torch, "multinomial", replay.multinomial), \
+            mock.patch.object(hf_generation.EntropyBoundSampler, "accept_canvas", recording_accept), \
+            torch.no_grad():
+        trace.sequences = model.generate(
+            input_ids=torch.tensor([prompt_ids]),
+            max_new_tokens=num_blocks * config.canvas_length,
+            max_denoising_steps=sampler.max_denoising_steps,
+            t_min=sampler.t_min,
+            t_max=sampler.t_max,
+            stability_threshold=sampler.stability_threshold,
+            confidence_threshold=sampler.confidence_threshold,
+            sampler_config=hf_generation.EntropyBoundSamplerConfig(entropy_bound=sampler.entropy_bound),
+            eos_token_id=[config.text_config.vocab_size],  # unreachable: every block runs
+            streamer=_DraftRecorder(trace),
+            return_dict_in_generate=False,
+        )
+    return trace

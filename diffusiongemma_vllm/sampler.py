@@ -1,0 +1,66 @@
+"""The entropy-bound sampler of one denoise pass, on a batch of canvases (pure torch).
+
+Semantics are transformers' `DiffusionGemmaGenerationMixin._denoising_step` with its
+`EntropyBoundSampler` and `StableAndConfidentStoppingCriteria` (research/hf_reference.md
+section 3), for canvases that may each have their own settings:
+- scale the logits by the pass temperature: z = logits / T;
+- per position: a sample from softmax(z) (Gumbel-max on log-probabilities), argmax(z), and
+  the entropy of softmax(z);
+- accept the k lowest-entropy positions whose entropy sum minus its largest term stays
+  within the entropy bound (the lowest one always), keep their samples, re-noise every
+  other position with fresh uniform tokens;
+- halt when the argmax repeated over the last `stability_threshold` passes and the mean
+  entropy is below `confidence_threshold`, or when the pass budget is spent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PassResult:
+    scaled_logits: torch.Tensor  # [n, C, V] z = logits / T, fed back as self-conditioning
+    argmax: torch.Tensor  # [n, C] what a halted canvas commits
+    accepted: torch.Tensor  # [n, C] bool
+    next_canvas: torch.Tensor  # [n, C] accepted samples, fresh noise elsewhere
+    mean_entropy: torch.Tensor  # [n]
+
+
+def entropy_bound_mask(entropy: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """[n, C] bool: the lowest-entropy prefix whose sum minus its max is <= bound[n]."""
+    sorted_entropy, order = torch.sort(entropy, dim=-1)
+    within = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= bound[:, None]
+    return torch.zeros_like(within).scatter(-1, order, within)
+
+
+def sample_pass(
+    logits: torch.Tensor,  # [n, C, V] fp32
+    temperature: torch.Tensor,  # [n]
+    gumbel: torch.Tensor,  # [n, C, V]
+    renoise: torch.Tensor,  # [n, C]
+    entropy_bound: torch.Tensor,  # [n]
+) -> PassResult:
+    scaled = logits / temperature[:, None, None]
+    log_probs = torch.log_softmax(scaled, dim=-1)
+    probs = log_probs.exp()
+    entropy = -(probs * log_probs).sum(-1)
+    sample = torch.argmax(torch.log(probs) + gumbel, dim=-1)
+    accepted = entropy_bound_mask(entropy, entropy_bound)
+    return PassResult(
+        scaled_logits=scaled,
+        argmax=torch.argmax(scaled, dim=-1),
+        accepted=accepted,
+        next_canvas=torch.where(accepted, sample, renoise),
+        mean_entropy=entropy.mean(-1),
+    )
+
+
+def stable(history: torch.Tensor, argmax: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """[n] bool: argmax equals each of the last `threshold[n]` argmaxes in `history`
+    [n, S_max, C] (newest last, -1 where no pass ran yet); threshold 0 is always stable."""
+    same = (history == argmax[:, None, :]).all(-1)  # [n, S_max]
+    recent = torch.arange(history.shape[1], device=history.device) >= history.shape[1] - threshold[:, None]
+    return (same | ~recent).all(-1)
