@@ -11,8 +11,8 @@ The weights come from transformers' own `DiffusionGemmaForBlockDiffusion`, so th
 names and shapes are transformers' by construction. Every 1-D weight and every
 `layer_scalar` is then randomized around 1 so that no norm or scale is trivially identity.
 
-The same builder writes an autoregressive twin (`Gemma4ForConditionalGeneration`, the
-`google/gemma-4-26B-A4B-it` layout) with identical backbone dimensions, for AR comparisons.
+The same builder writes an autoregressive twin (`Gemma4ForCausalLM`, the text stack of
+`google/gemma-4-26B-A4B-it`) with identical backbone dimensions, for AR comparisons.
 
 CLI: `python -m diffusiongemma_vllm.tiny_checkpoint OUT_DIR [--seed N] [--ar-twin] ...`
 """
@@ -144,14 +144,14 @@ def _randomize_scales(model, generator) -> None:
         for name, param in model.named_parameters():
             if param.dim() == 1:
                 param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
-        decoder_scalars = {}
-        for name, buf in model.named_buffers():
-            if name.endswith("layer_scalar") and ".decoder." in name:
-                buf.copy_(0.6 + 0.8 * torch.rand(buf.shape, generator=generator))
-                decoder_scalars[name.split(".layers.")[1]] = buf
-        for name, buf in model.named_buffers():
-            if name.endswith("layer_scalar") and ".encoder." in name:
-                buf.copy_(decoder_scalars[name.split(".layers.")[1]])
+        # The encoder's layer_scalar buffers duplicate the decoder's (AR twin: one stack).
+        scalars = {}
+        for name, buf in sorted(model.named_buffers()):
+            if name.endswith("layer_scalar"):
+                layer = name.split(".layers.")[1]
+                if layer not in scalars:
+                    scalars[layer] = 0.6 + 0.8 * torch.rand(buf.shape, generator=generator)
+                buf.copy_(scalars[layer])
 
 
 def build_tiny_checkpoint(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
@@ -174,20 +174,23 @@ def build_tiny_checkpoint(out_dir: str | Path, spec: TinySpec = TinySpec(), seed
 
 
 def build_ar_twin(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
-    """Write the autoregressive Gemma 4 twin of the same backbone (gemma-4-26B-A4B layout)."""
+    """Write the autoregressive Gemma 4 twin of the same backbone, text-only (`Gemma4ForCausalLM`).
+
+    Same layers, heads, experts, window and vocabulary as the diffusion checkpoint, so both
+    cost the same per token; only the generation procedure differs. Text-only because the
+    multimodal Gemma 4 class needs torchvision, which the CPU setup removes."""
     import torch
-    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    text = {**spec.text_config(), "model_type": "gemma4_text", "attention_k_eq_v": True,
-            "enable_moe_block": True}
-    text.pop("use_bidirectional_attention")
-    config = Gemma4Config(text_config=text, vision_config=spec.vision_config(),
-                          architectures=["Gemma4ForConditionalGeneration"],
-                          eos_token_id=[1, 106, 50], tie_word_embeddings=True)
-    model = Gemma4ForConditionalGeneration(config).to(torch.float32)
+    text = {**spec.text_config(), "attention_k_eq_v": True, "enable_moe_block": True,
+            "hidden_size_per_layer_input": 0}
+    for key in ("model_type", "use_bidirectional_attention"):
+        text.pop(key)
+    config = Gemma4TextConfig(**text, architectures=["Gemma4ForCausalLM"])
+    model = Gemma4ForCausalLM(config).to(torch.float32)
     _randomize_scales(model, torch.Generator().manual_seed(seed + 1))
     model.save_pretrained(str(out), safe_serialization=True)
     generation = {"eos_token_id": [1, 106, 50], "pad_token_id": 0, "bos_token_id": 2}
