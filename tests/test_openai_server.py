@@ -13,7 +13,7 @@ import requests
 
 from diffusiongemma_vllm.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
-from .openai_server import OpenAIServer
+from benchmarks.openai_server import OpenAIServer
 
 pytestmark = pytest.mark.engine
 

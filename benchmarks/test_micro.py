@@ -1,0 +1,45 @@
+"""pytest-benchmark micro-benchmarks on CPU: one sampler pass and one denoise pass.
+
+They report, they do not assert timings. Run: `.venv/bin/python -m pytest benchmarks/test_micro.py`
+(CI runs only tests/; these are for comparing changes on one machine).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusiongemma_vllm.sampler import sample_pass
+
+
+@pytest.mark.parametrize("canvases", [1, 8])
+def test_sampler_pass(benchmark, canvases):
+    gen = torch.Generator().manual_seed(0)
+    vocab, canvas = 32768, 256
+    logits = torch.randn(canvases, canvas, vocab, generator=gen) * 4
+    gumbel = -torch.log(-torch.log(torch.rand(canvases, canvas, vocab, generator=gen)))
+    renoise = torch.randint(0, vocab, (canvases, canvas), generator=gen)
+    temperature = torch.full((canvases,), 0.7)
+    bound = torch.full((canvases,), 0.1)
+    benchmark(sample_pass, logits, temperature, gumbel, renoise, bound)
+
+
+@pytest.fixture(scope="module")
+def standalone(tmp_path_factory):
+    from diffusiongemma_vllm.standalone import load_standalone
+    from diffusiongemma_vllm.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+
+    spec = TinySpec(canvas_length=256, sliding_window=128, layer_types=("sliding_attention",) * 5 + ("full_attention",))
+    model = load_standalone(str(build_tiny_checkpoint(tmp_path_factory.mktemp("micro"), spec)))
+    model.allocate(8, 1024)
+    return model
+
+
+@pytest.mark.parametrize("canvases", [1, 8])
+def test_denoise_pass(benchmark, standalone, canvases):
+    rows = torch.arange(canvases)
+    for r in range(canvases):
+        standalone.prefill(rows[r:r + 1], torch.randint(3, 500, (1, 300)), torch.tensor([0]))
+    canvas = torch.randint(0, 512, (canvases, 256))
+    context = torch.full((canvases,), 300)
+    benchmark(lambda: standalone.logits(standalone.denoise(rows, canvas, context, None)))
