@@ -26,10 +26,20 @@ class PrefixKV:
 
 
 @dataclass(frozen=True)
+class PagedPrefix:
+    """Committed K/V left in vLLM's paged cache (GPU), read in place by the Triton kernel."""
+
+    key_cache: torch.Tensor  # [num_blocks, block_size, kv_heads, head_dim] view
+    value_cache: torch.Tensor
+    block_table: torch.Tensor  # [n, max_blocks] int32, in blocks of `table_block_size` tokens
+    table_block_size: int
+
+
+@dataclass(frozen=True)
 class CanvasPass:
     context_lens: torch.Tensor  # [n] committed tokens before each canvas = its first position
     canvas_length: int
-    prefix: Callable[[str], PrefixKV]  # attention layer name -> its prefix K/V
+    prefix: Callable[[str], PrefixKV | PagedPrefix]  # attention layer name -> its committed K/V
     causal: bool = False  # False: denoise (bidirectional, read-only). True: commit.
     # Receives (layer name, canvas K, canvas V) of a causal pass; only the standalone
     # runner uses it, to keep its own cache. The engine commits through vLLM attention.

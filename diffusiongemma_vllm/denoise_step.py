@@ -4,8 +4,9 @@ A scheduler step on the V1 runner already ran vLLM's paged-attention forward ove
 scheduled tokens: a prompt (or a chunk of one) or the previous canvas being committed. Both
 are causal and write KV. A request is *ready* when that pass reached the end of its known
 tokens (vLLM's `discard_request_mask` is False for it). For every ready request this step:
-1. reads its committed prefix K/V from the paged cache, once per layer (kv_layout.py);
-   sliding layers read only the last window-1 tokens, the only ones vLLM keeps;
+1. locates its committed prefix K/V in the paged cache (kv_layout.py): on GPU the Triton
+   kernel reads the cache in place through the block table; on CPU it is gathered once per
+   layer and step; sliding layers read only the last window-1 tokens, the only ones vLLM keeps;
 2. denoises a fresh canvas at positions [L, L + C) with all other ready canvases in the
    same passes, until each halts (denoise.py), without returning to the scheduler;
 3. emits the argmax canvas (trimmed at max_model_len) as the request's sampled tokens.
@@ -20,15 +21,15 @@ Per-request settings: the checkpoint's generation_config.json, overridden by the
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from .canvas_context import CanvasPass, PrefixKV, canvas_pass
+from .canvas_context import CanvasPass, PagedPrefix, PrefixKV, canvas_pass
 from .config import SamplerConfig
 from .denoise import CanvasJob, denoise_canvases
-from .kv_layout import read_tokens
+from .kv_layout import paged_views, read_tokens
 from .noise import CanvasNoise
 
 
@@ -115,8 +116,10 @@ class DenoiseStep:
             positions = (lens[:, None] + offsets).flatten()
             embeds = self.model.embed_canvas(canvas.flatten(), None if soft is None else soft.flatten(0, 1))
 
-            def prefix(name: str) -> PrefixKV:
+            def prefix(name: str) -> PrefixKV | PagedPrefix:
                 full = prefixes[name]
+                if isinstance(full, PagedPrefix):
+                    return replace(full, block_table=full.block_table[rows])
                 return PrefixKV(full.key[rows], full.value[rows], full.lens[rows])
 
             spec = CanvasPass(lens, canvas_length, prefix)
@@ -126,9 +129,12 @@ class DenoiseStep:
 
         return run_pass
 
-    def _read_prefixes(self, runner, ready: list[int], context: list[int]) -> dict[str, PrefixKV]:
-        """Each layer's committed K/V of the ready requests, left-aligned and zero-padded."""
+    def _read_prefixes(self, runner, ready: list[int], context: list[int]) -> dict[str, PrefixKV | PagedPrefix]:
+        """Each layer's committed K/V of the ready requests: on GPU the paged cache itself, on
+        CPU a gathered copy (left-aligned, zero-padded; CPU_ATTN pages are ISA-specific)."""
         layers = runner.compilation_config.static_forward_context
+        if self.device.type == "cuda":
+            return self._paged_prefixes(runner, ready, layers)
         prefixes = {}
         for group_id, group in enumerate(runner.kv_cache_config.kv_cache_groups):
             spec = group.kv_cache_spec
@@ -150,6 +156,17 @@ class DenoiseStep:
                     keys.append(key)
                     values.append(value)
                 prefixes[name] = PrefixKV(_pad(keys), _pad(values), lens)
+        return prefixes
+
+
+    def _paged_prefixes(self, runner, ready: list[int], layers) -> dict[str, PagedPrefix]:
+        prefixes = {}
+        rows = torch.tensor(ready)
+        for group_id, group in enumerate(runner.kv_cache_config.kv_cache_groups):
+            table = runner.input_batch.block_table[group_id].get_device_tensor(runner.input_batch.num_reqs)[rows]
+            for name in group.layer_names:
+                key, value = paged_views(layers[name].kv_cache)
+                prefixes[name] = PagedPrefix(key, value, table.to(torch.int32), group.kv_cache_spec.block_size)
         return prefixes
 
 

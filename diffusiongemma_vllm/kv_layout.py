@@ -10,7 +10,9 @@ block_size, 2 * head_dim]`, but what lives inside a (block, head) page differs:
   landed, then reads with that permutation.
 
 `read_tokens` returns `[T, kv_heads, head_dim]` K and V for given slots (block ids are the
-layer's kernel blocks).
+layer's kernel blocks); `paged_views` returns zero-copy `[blocks, block_size, kv_heads,
+head_dim]` K and V views of a GPU cache for the Triton kernel. The GPU layout comes from
+reading vLLM 0.32's FLASH_ATTN/TRITON_ATTN code and is not yet exercised on a GPU.
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ def _cpu_page_permutation(isa: str, dtype: torch.dtype, head_dim: int, block_siz
         perm[where_token, where_dim] = torch.arange(block_size * head_dim)
         perms.append(perm)
     return tuple(perms)
+
+
+def paged_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V as `[num_blocks, block_size, kv_heads, head_dim]` views of a GPU layer cache."""
+    assert kv_cache.device.type != "cpu", "CPU_ATTN pages are ISA-specific: use read_tokens"
+    head_dim = kv_cache.shape[-1] // 2
+    return kv_cache[..., :head_dim].transpose(1, 2), kv_cache[..., head_dim:].transpose(1, 2)
 
 
 def read_tokens(layer, kv_cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor):

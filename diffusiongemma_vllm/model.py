@@ -3,8 +3,9 @@
 The same weights run
 - `prefill` (also each commit of a finished canvas): causal, through vLLM's paged attention,
   which writes the KV cache; inputs are the sqrt(hidden)-scaled token embeddings;
-- `denoise`: bidirectional over a canvas, reading the committed prefix from the paged cache
-  without writing it (`kernels/canvas_attention.py`); inputs are the scaled embeddings
+- `denoise`: bidirectional over a canvas, reading the committed prefix without writing it
+  (`kernels/canvas_attention.py` on CPU, the Triton `kernels/paged_canvas_attention.py`
+  reading vLLM's paged cache in place on GPU); inputs are the scaled embeddings
   mixed with the self-conditioning signal and RMS-normalised (`embed_canvas`).
 The phase reaches attention through `canvas_context.current_canvas_pass()`, so `forward`
 keeps vLLM's signature.
@@ -39,10 +40,11 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
-from .canvas_context import current_canvas_pass
+from .canvas_context import PagedPrefix, current_canvas_pass
 from .checkpoint import checked_text_weights
 from .config import BackboneConfig, LayerAttention
 from .kernels.canvas_attention import naive_canvas_attention
+from .kernels.paged_canvas_attention import paged_canvas_attention
 
 
 class GatedMLP(nn.Module):
@@ -152,8 +154,13 @@ class DiffusionGemmaAttention(nn.Module):
         v = v.view(-1, canvas, self.num_kv_heads, self.head_dim)
         name = self.attn.layer_name
         prefix = spec.prefix(name)
-        out = naive_canvas_attention(q, k, v, prefix.key, prefix.value, prefix.lens, spec.context_lens,
-                                     self.sliding_window, causal=spec.causal)
+        if isinstance(prefix, PagedPrefix):
+            out = paged_canvas_attention(q, k, v, prefix.key_cache, prefix.value_cache, prefix.block_table,
+                                         spec.context_lens.to(torch.int32), self.sliding_window, spec.causal,
+                                         table_block_size=prefix.table_block_size)
+        else:
+            out = naive_canvas_attention(q, k, v, prefix.key, prefix.value, prefix.lens, spec.context_lens,
+                                         self.sliding_window, causal=spec.causal)
         if spec.kv_sink is not None:
             spec.kv_sink(name, k, v)
         return out.flatten(0, 1).flatten(-2)

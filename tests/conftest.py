@@ -9,6 +9,10 @@ import pytest
 from diffusiongemma_vllm.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Triton kernels run on CPU tensors in Triton's interpreter. Set before anything imports a
+# kernel: the interpreter is chosen when @triton.jit decorates. vLLM ignores it (its Triton
+# use depends on a CPU backend, which PyPI's triton lacks).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Two backbones: the default (one sliding, one full layer) and one with the release's

@@ -1,4 +1,5 @@
-"""The Triton paged canvas attention against the pure-torch reference, on CPU (TRITON_INTERPRET=1).
+"""The Triton paged canvas attention against the pure-torch reference, on CPU in Triton's
+interpreter (conftest.py sets TRITON_INTERPRET=1).
 
 The caches are paged through a shuffled block table; every cache cell the kernel must not
 read (unused blocks, prefix positions older than the sliding window, stale table entries
@@ -7,15 +8,12 @@ past the window) holds NaN, so a stray read poisons the output.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
+from diffusiongemma_vllm.canvas_context import CanvasPass, PagedPrefix  # noqa: E402
 from diffusiongemma_vllm.kernels.canvas_attention import naive_canvas_attention  # noqa: E402
 from diffusiongemma_vllm.kernels.paged_canvas_attention import paged_canvas_attention  # noqa: E402
 
@@ -78,6 +76,28 @@ def test_matches_reference(contexts, canvas, heads, kv_heads, head_dim, window, 
     torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-5)
 
 
+def test_block_table_in_larger_blocks_than_the_cache():
+    """Catches a kernel that assumes vLLM's scheduler blocks equal the attention kernel's blocks."""
+    q, k, v, kc, vc, table, ctx, (pk, pv, lens) = make_case((30, 45), 10, 2, 1, 32, 16, torch.float32, seed=3)
+    # Re-express the table in blocks of 2 * BLOCK_SIZE: relocate each pair of cache blocks
+    # to two adjacent blocks of a fresh cache, as vLLM lays scheduler blocks out.
+    pairs = table.shape[1] // 2 + 1
+    big_kc = torch.full((2 * pairs * len(ctx) + 2, BLOCK_SIZE, *kc.shape[2:]), float("nan"))
+    big_vc = big_kc.clone()
+    big_table = torch.zeros(len(ctx), pairs, dtype=torch.int32)
+    for r in range(len(ctx)):
+        for j in range(pairs):
+            big = 1 + r * pairs + j
+            big_table[r, j] = big
+            for half in range(2):
+                if 2 * j + half < table.shape[1]:
+                    big_kc[2 * big + half] = kc[table[r, 2 * j + half]]
+                    big_vc[2 * big + half] = vc[table[r, 2 * j + half]]
+    got = paged_canvas_attention(q, k, v, big_kc, big_vc, big_table, ctx, 16, False, table_block_size=2 * BLOCK_SIZE)
+    want = naive_canvas_attention(q, k, v, pk, pv, lens, ctx, 16, False)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-5)
+
+
 def test_bf16_and_strided_cache_views():
     """Catches a kernel that assumes a contiguous cache: vLLM hands over permuted views."""
     q, k, v, kc, vc, table, ctx, (pk, pv, lens) = make_case((21, 9), 12, 4, 2, 32, 16, torch.bfloat16)
@@ -87,3 +107,35 @@ def test_bf16_and_strided_cache_views():
     got = paged_canvas_attention(q, k, v, kc_strided, vc_strided, table, ctx, 16, False)
     want = naive_canvas_attention(q, k, v, pk, pv, lens, ctx, 16, False)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_model_denoise_through_the_paged_kernel_matches_the_dense_path(tiny_dir):
+    """Catches wiring errors between the model and the kernel (dtype of context lengths,
+    per-layer window, block-table slicing) that kernel-only tests cannot see."""
+    from diffusiongemma_vllm.standalone import load_standalone
+
+    model = load_standalone(tiny_dir)
+    cfg = model.model.cfg
+    gen = torch.Generator().manual_seed(4)
+    contexts = [cfg.sliding_window + 9, 3]
+    model.allocate(2, 128)
+    rows = torch.arange(2)
+    for r, n in enumerate(contexts):
+        model.prefill(rows[r:r + 1], torch.randint(3, 500, (1, n), generator=gen), torch.tensor([0]))
+    canvas = torch.randint(0, cfg.vocab_size, (2, cfg.canvas_length), generator=gen)
+    context = torch.tensor(contexts)
+    dense = model.logits(model.denoise(rows, canvas, context, None))
+
+    blocks = 128 // BLOCK_SIZE
+    table = (rows[:, None] * blocks + torch.arange(blocks)).int()
+
+    def paged(name):
+        key, value = model.kv.tensors[name]
+        shape = (-1, BLOCK_SIZE, *key.shape[2:])
+        return PagedPrefix(key.reshape(shape), value.reshape(shape), table, BLOCK_SIZE)
+
+    positions = (context[:, None] + torch.arange(cfg.canvas_length)).flatten()
+    with torch.inference_mode():
+        embeds = model.model.embed_canvas(canvas.flatten(), None)
+    hidden = model._run(embeds, positions, CanvasPass(context, cfg.canvas_length, paged))
+    torch.testing.assert_close(model.logits(hidden.view(2, cfg.canvas_length, -1)), dense, rtol=1e-4, atol=1e-4)

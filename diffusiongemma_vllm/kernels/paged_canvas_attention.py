@@ -10,7 +10,9 @@ Many requests with different prefix lengths share one launch; GQA maps query hea
 head h // (heads / kv_heads). Scores and the softmax are fp32; Gemma 4's scale is 1.0.
 
 The caches are passed as `[num_blocks, block_size, kv_heads, head_dim]` views with any
-strides (the engine builds them from the backend's layout), so nothing is copied.
+strides (the engine builds them from the backend's layout), so nothing is copied. The block
+table may count in larger blocks than the cache tensor (vLLM's scheduler blocks vs the
+attention kernel's blocks): `table_block_size` says how many tokens one entry covers.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ if triton is not None:
         skc_b, skc_t, skc_h,  # key cache strides: block, token in block, head
         svc_b, svc_t, svc_h,  # value cache strides
         st_n,  # block table row stride
-        heads, group, canvas, block_size, window, scale,
+        heads, group, canvas, table_block_size, cache_block_size, window, scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, SLIDING: tl.constexpr,
     ):
@@ -68,8 +70,11 @@ if triton is not None:
         for s in range(start, context, BLOCK_N):  # phase 1: the paged prefix
             pos = s + tl.arange(0, BLOCK_N)
             p_mask = pos < context
-            blk = tl.load(table_ptr + r * st_n + pos // block_size, mask=p_mask, other=0).to(tl.int64)
-            slot = pos % block_size
+            # The scheduler's blocks may span several kernel blocks of the cache tensor.
+            table_blk = tl.load(table_ptr + r * st_n + pos // table_block_size, mask=p_mask, other=0).to(tl.int64)
+            flat = table_blk * table_block_size + pos % table_block_size
+            blk = flat // cache_block_size
+            slot = flat % cache_block_size
             kv_mask = p_mask[:, None] & d_mask[None, :]
             keys = tl.load(kc_ptr + blk[:, None] * skc_b + slot[:, None] * skc_t + kvh * skc_h + offs_d[None, :],
                            mask=kv_mask, other=0.0).to(tl.float32)
@@ -113,6 +118,7 @@ def paged_canvas_attention(
     sliding_window: int | None,
     causal: bool,
     scale: float = 1.0,
+    table_block_size: int | None = None,  # tokens per block-table entry; default: the cache's block size
     block_m: int = 16,
     block_n: int = 32,
 ) -> torch.Tensor:
@@ -135,7 +141,8 @@ def paged_canvas_attention(
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_table.stride(0),
-        heads, heads // kv_heads, canvas, key_cache.shape[1], sliding_window or 0, scale,
+        heads, heads // kv_heads, canvas, table_block_size or key_cache.shape[1], key_cache.shape[1],
+        sliding_window or 0, scale,
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=causal, SLIDING=sliding_window is not None,
     )
