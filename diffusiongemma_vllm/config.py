@@ -138,7 +138,8 @@ MAX_DENOISING_STEPS_LIMIT = 1024
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """The entropy-bound sampler's settings for one request (research/hf_reference.md s.3)."""
+    """The entropy-bound sampler's settings for one request (research/hf_reference.md s.3);
+    the defaults are the release's generation_config.json values."""
 
     max_denoising_steps: int = 48
     entropy_bound: float = 0.1
@@ -154,8 +155,9 @@ class SamplerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-        if self.t_min <= 0:
-            raise ValueError(f"t_min must be > 0, got {self.t_min!r}")
+        for name in ("entropy_bound", "t_min"):  # transformers rejects 0 for both
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.t_max < self.t_min:
             raise ValueError(f"t_max must be >= t_min, got t_max={self.t_max!r} < t_min={self.t_min!r}")
 
@@ -167,6 +169,12 @@ class SamplerConfig:
         if "entropy_bound" in sampler:
             values["entropy_bound"] = sampler["entropy_bound"]
         return cls(**values)
+
+    def to_generation_config(self) -> dict:
+        """The generation_config.json fields (inverse of `from_generation_config`)."""
+        fields = {name: getattr(self, name) for name in SAMPLER_FIELDS if name != "entropy_bound"}
+        return {**fields, "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig",
+                                             "entropy_bound": self.entropy_bound}}
 
     def with_request_overrides(self, extra_args: dict | None) -> "SamplerConfig":
         """Apply a request's knobs; raises ValueError naming the field for a bad value."""

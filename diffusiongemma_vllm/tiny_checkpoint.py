@@ -24,19 +24,15 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .config import SamplerConfig
 from .tiny_tokenizer import save_tokenizer
 
 # The released generation_config.json of google/diffusiongemma-26B-A4B-it.
 RELEASE_GENERATION_CONFIG = {
-    "confidence_threshold": 0.005,
+    **SamplerConfig().to_generation_config(),
     "eos_token_id": [1, 106, 50],
-    "max_denoising_steps": 48,
     "max_new_tokens": 256,
     "pad_token_id": 0,
-    "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
-    "stability_threshold": 1,
-    "t_max": 0.8,
-    "t_min": 0.4,
 }
 
 

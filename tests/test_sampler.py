@@ -1,0 +1,98 @@
+"""Sampler pieces against transformers' own classes, and the per-request settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+    EntropyBoundSampler,
+    EntropyBoundSamplerConfig,
+    LinearTemperatureScheduleLogitsProcessor,
+    StableAndConfidentStoppingCriteria,
+)
+
+from diffusiongemma_vllm.config import SamplerConfig
+from diffusiongemma_vllm.noise import CanvasNoise
+from diffusiongemma_vllm.sampler import entropy_bound_mask, sample_pass, stable
+
+
+@pytest.mark.parametrize("scale, bound", [(1.0, 0.1), (4.0, 0.1), (12.0, 0.1), (12.0, 2.0), (12.0, 1e-4)])
+def test_entropy_bound_mask_matches_transformers(scale, bound):
+    """Catches an off-by-one in the accepted prefix (sum minus max vs sum) and a lost
+    'at least one token' guarantee."""
+    logits = torch.randn(3, 32, 50, generator=torch.Generator().manual_seed(0)) * scale
+    hf = EntropyBoundSampler(EntropyBoundSamplerConfig(entropy_bound=bound), 32, 50, 48)
+    hf.accept_canvas(torch.zeros(3, 32, dtype=torch.long), torch.ones(3, 32, dtype=torch.long), logits, 1)
+    entropy = torch.distributions.Categorical(logits=logits).entropy()
+    ours = entropy_bound_mask(entropy, torch.full((3,), bound))
+    assert torch.equal(ours, hf.accepted_token_mask)
+    assert (ours.sum(-1) >= 1).all()
+
+
+def test_temperature_schedule_matches_transformers():
+    """Catches a schedule counting passes done instead of passes remaining."""
+    cfg = SamplerConfig(max_denoising_steps=48)
+    hf = LinearTemperatureScheduleLogitsProcessor(0.4, 0.8, 48)
+    ones = torch.ones(1, 1)
+    for step in (0, 1, 24, 46, 47):
+        assert cfg.temperature(step) == pytest.approx(1.0 / hf(None, ones, 48 - step).item())
+
+
+def test_stability_matches_transformers_history():
+    """Catches halting on the first pass (history starts empty) or a wrong window of passes."""
+    for threshold in (0, 1, 2):
+        hf = StableAndConfidentStoppingCriteria(threshold, confidence_threshold=1e9)
+        history = torch.full((1, max(1, threshold), 4), -1)
+        for argmax in ([1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3, 5], [1, 2, 3, 5]):
+            canvas = torch.tensor([argmax])
+            want = hf(canvas, torch.zeros(1, 4, 8)).item()
+            got = stable(history, canvas, torch.tensor([threshold])).item()
+            history = torch.cat([history[:, 1:], canvas[:, None]], dim=1)
+            assert got == want
+
+
+def test_sample_pass_draws_follow_the_distribution():
+    """Catches Gumbel-max on the wrong quantity (e.g. unscaled logits): sample frequencies
+    must match softmax(logits / T). 4000 draws over 4 tokens: the total variation of the
+    empirical distribution stays under 0.05 with overwhelming probability."""
+    noise = CanvasNoise(seed=3, vocab_size=4, canvas_length=1)
+    logits = torch.tensor([[[2.0, 1.0, 0.0, -1.0]]])
+    counts = torch.zeros(4)
+    for step in range(4000):
+        result = sample_pass(logits, torch.tensor([0.7]), noise.gumbel(0, step)[None], torch.zeros(1, 1, dtype=torch.long),
+                             torch.tensor([100.0]))
+        counts[result.next_canvas[0, 0]] += 1
+    want = torch.softmax(logits[0, 0] / 0.7, dim=-1)
+    assert 0.5 * (counts / 4000 - want).abs().sum() < 0.05
+
+
+def test_noise_depends_only_on_seed_block_and_pass():
+    """Catches draws that depend on call order, which would break reproducible seeds."""
+    a, b = CanvasNoise(7, 100, 16), CanvasNoise(7, 100, 16)
+    b.renoise(3, 3)
+    assert torch.equal(a.renoise(0, 2), b.renoise(0, 2))
+    assert torch.equal(a.initial_canvas(1), b.initial_canvas(1))
+    assert not torch.equal(a.renoise(0, 2), a.renoise(0, 3))
+    assert not torch.equal(a.initial_canvas(1), CanvasNoise(8, 100, 16).initial_canvas(1))
+
+
+def test_generation_config_round_trip_and_overrides():
+    """Catches knobs read from the wrong generation_config.json fields."""
+    release = SamplerConfig().to_generation_config()
+    assert SamplerConfig.from_generation_config(release) == SamplerConfig()
+    custom = SamplerConfig.from_generation_config({**release, "max_denoising_steps": 12,
+                                                   "sampler_config": {"entropy_bound": 0.3}})
+    assert (custom.max_denoising_steps, custom.entropy_bound) == (12, 0.3)
+    assert custom.with_request_overrides({"t_min": 0.2, "unrelated": 1}).t_min == 0.2
+
+
+@pytest.mark.parametrize("knobs, field", [
+    ({"max_denoising_steps": 0}, "max_denoising_steps"), ({"max_denoising_steps": 2.5}, "max_denoising_steps"),
+    ({"max_denoising_steps": True}, "max_denoising_steps"), ({"entropy_bound": float("nan")}, "entropy_bound"), ({"entropy_bound": 0}, "entropy_bound"),
+    ({"t_min": 0}, "t_min"), ({"t_max": 0.1}, "t_max"), ({"stability_threshold": -1}, "stability_threshold"),
+    ({"confidence_threshold": "0.1"}, "confidence_threshold"),
+])
+def test_invalid_knobs_name_the_field(knobs, field):
+    """Catches a bad request value reaching the sampler (a crash or a silent default)."""
+    with pytest.raises(ValueError, match=field):
+        SamplerConfig().with_request_overrides(knobs)
