@@ -19,10 +19,20 @@ import torch
 
 from .config import SamplerConfig
 from .noise import CanvasNoise
-from .sampler import sample_pass, stable
+from .kernels.vocab_tiled_sampler import vocab_tiled_row_stats
+from .sampler import decide, stable
 
 RunPass = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-SoftEmbed = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Unembedding:
+    """The tied embedding as the sampler uses it: logits = softcap(h . E), and the
+    self-conditioning signal softmax(z) @ E * scale."""
+
+    weight: torch.Tensor  # [V, H]
+    softcap: float
+    scale: float
 
 
 @dataclass(frozen=True)
@@ -52,9 +62,8 @@ class DenoiseResult:
     records: list[PassRecord] = field(default_factory=list)
 
 
-def denoise_canvases(jobs: list[CanvasJob], run_pass: RunPass, soft_embed: SoftEmbed,
-                     sc_dtype: torch.dtype, device: torch.device | str = "cpu",
-                     record: bool = False) -> DenoiseResult:
+def denoise_canvases(jobs: list[CanvasJob], run_pass: RunPass, unembedding: Unembedding,
+                     device: torch.device | str = "cpu", record: bool = False) -> DenoiseResult:
     n = len(jobs)
     canvas = torch.stack([job.noise.initial_canvas(job.block) for job in jobs]).to(device)
     argmax = canvas.clone()
@@ -71,13 +80,16 @@ def denoise_canvases(jobs: list[CanvasJob], run_pass: RunPass, soft_embed: SoftE
     while active.any():
         rows = active.nonzero().squeeze(-1)
         row_list = rows.tolist()
-        logits = run_pass(rows, canvas[rows], None if soft is None else soft[rows])
+        hidden = run_pass(rows, canvas[rows], None if soft is None else soft[rows])  # [m, C, H]
+        m, length, width = hidden.shape
         temperature = torch.tensor([jobs[r].sampler.temperature(int(steps[r])) for r in row_list],
-                                   device=device, dtype=torch.float32)
-        gumbel = torch.stack([jobs[r].noise.gumbel(jobs[r].block, int(steps[r])) for r in row_list])
+                                   device=device, dtype=torch.float32).repeat_interleave(length)
+        keys = torch.cat([jobs[r].noise.gumbel_keys(jobs[r].block, int(steps[r])) for r in row_list]).to(device)
         renoise = torch.stack([jobs[r].noise.renoise(jobs[r].block, int(steps[r])) for r in row_list])
-        result = sample_pass(logits.float(), temperature, gumbel.to(device), renoise.to(device),
-                             settings["entropy_bound"][rows])
+        stats = vocab_tiled_row_stats(hidden.reshape(m * length, width), unembedding.weight, unembedding.softcap,
+                                      temperature, keys, with_soft=True)
+        result = decide(stats.argmax.view(m, length), stats.sample.view(m, length), stats.entropy.view(m, length),
+                        renoise.to(device), settings["entropy_bound"][rows])
         is_stable = stable(history[rows], result.argmax, settings["stability_threshold"][rows])
         confident = result.mean_entropy < settings["confidence_threshold"][rows]
         steps[rows] += 1
@@ -86,11 +98,9 @@ def denoise_canvases(jobs: list[CanvasJob], run_pass: RunPass, soft_embed: SoftE
         canvas[rows] = result.next_canvas
         argmax[rows] = result.argmax
         history[rows] = torch.cat([history[rows, 1:], result.argmax[:, None]], dim=1)
-        # transformers feeds the scaled logits back in the embedding dtype, then softmaxes in fp32.
-        probs = torch.softmax(result.scaled_logits.to(sc_dtype).float(), dim=-1)
-        next_soft = soft_embed(probs)
+        next_soft = (stats.soft * unembedding.scale).view(m, length, width).to(hidden.dtype)
         if soft is None:
-            soft = torch.zeros((n, *next_soft.shape[1:]), dtype=next_soft.dtype, device=device)
+            soft = torch.zeros((n, length, width), dtype=hidden.dtype, device=device)
         soft[rows] = next_soft
         if record:
             records.append(PassRecord(step, row_list, result.argmax.cpu(), result.accepted.cpu(), halted.cpu()))

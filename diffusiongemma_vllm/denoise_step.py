@@ -92,8 +92,7 @@ class DenoiseStep:
         prefixes = self._read_prefixes(runner, ready, context)
         context_lens = torch.tensor(context, device=self.device)
         with torch.inference_mode():
-            result = denoise_canvases(jobs, self._pass_runner(context_lens, prefixes),
-                                      self.model.soft_embeddings, self.model.embed_tokens.weight.dtype,
+            result = denoise_canvases(jobs, self._pass_runner(context_lens, prefixes), self.model.unembedding(),
                                       device=self.device)
         for slot, (i, length) in enumerate(zip(ready, context)):
             emit = min(self.canvas_length, runner.max_model_len - length)
@@ -125,7 +124,7 @@ class DenoiseStep:
             spec = CanvasPass(lens, canvas_length, prefix)
             with set_forward_context(None, self.vllm_config), canvas_pass(spec):
                 hidden = self.model(None, positions, inputs_embeds=embeds)
-            return self.model.compute_logits(hidden).view(len(rows), canvas_length, -1)
+            return hidden.view(len(rows), canvas_length, -1)
 
         return run_pass
 

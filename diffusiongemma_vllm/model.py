@@ -43,6 +43,7 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 from .canvas_context import PagedPrefix, current_canvas_pass
 from .checkpoint import checked_text_weights
 from .config import BackboneConfig, LayerAttention
+from .denoise import Unembedding
 from .kernels.canvas_attention import naive_canvas_attention
 from .kernels.paged_canvas_attention import paged_canvas_attention
 
@@ -229,10 +230,10 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
         """Denoise inputs: the scaled canvas embeddings through the self-conditioning block."""
         return self.self_conditioning(self.embed_input_ids(canvas_ids), soft_embeds)
 
-    def soft_embeddings(self, probs: torch.Tensor) -> torch.Tensor:
-        """Self-conditioning signal from next-pass probabilities: probs @ E * sqrt(hidden)."""
-        weight = self.embed_tokens.weight
-        return (probs.to(weight.dtype) @ weight) * self.normalizer.to(weight.dtype)
+    def unembedding(self) -> Unembedding:
+        """The tied embedding as the denoise sampler reads it (logits and self-conditioning)."""
+        weight = self.embed_tokens.weight[: self.cfg.vocab_size]
+        return Unembedding(weight, self.cfg.final_logit_softcap, self.normalizer.to(weight.dtype).item())
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
                 inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:

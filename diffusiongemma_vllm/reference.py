@@ -5,7 +5,8 @@ prompt, with its three sources of randomness (the initial canvas `torch.randint`
 per-pass `torch.multinomial`, the re-noise `torch.randint`) answered from a `CanvasNoise`
 with the request's seed. transformers draws in a fixed order per block (canvas, then per
 pass: sample, re-noise), which tells each call its (block, pass) address. Sampling replays
-Gumbel-max on transformers' own probabilities, exactly what `sampler.sample_pass` computes.
+Gumbel-max with the same noise on transformers' own probabilities (argmax(log p + g); the
+plugin computes argmax(z + g), identical but for float ties).
 
 It also records, per pass, the argmax canvas (through the draft streamer) and the accepted
 positions, so tests compare the plugin's decisions pass by pass, not just the output.

@@ -1,11 +1,11 @@
-"""The entropy-bound sampler of one denoise pass, on a batch of canvases (pure torch).
+"""The entropy-bound sampler's decisions for one denoise pass, on a batch of canvases.
 
 Semantics are transformers' `DiffusionGemmaGenerationMixin._denoising_step` with its
 `EntropyBoundSampler` and `StableAndConfidentStoppingCriteria` (research/hf_reference.md
 section 3), for canvases that may each have their own settings:
 - scale the logits by the pass temperature: z = logits / T;
-- per position: a sample from softmax(z) (Gumbel-max on log-probabilities), argmax(z), and
-  the entropy of softmax(z);
+- per position: a sample from softmax(z) (Gumbel-max), argmax(z), and the entropy of
+  softmax(z), computed without materialising z (kernels/vocab_tiled_sampler.py);
 - accept the k lowest-entropy positions whose entropy sum minus its largest term stays
   within the entropy bound (the lowest one always), keep their samples, re-noise every
   other position with fresh uniform tokens;
@@ -22,7 +22,6 @@ import torch
 
 @dataclass(frozen=True)
 class PassResult:
-    scaled_logits: torch.Tensor  # [n, C, V] z = logits / T, fed back as self-conditioning
     argmax: torch.Tensor  # [n, C] what a halted canvas commits
     accepted: torch.Tensor  # [n, C] bool
     next_canvas: torch.Tensor  # [n, C] accepted samples, fresh noise elsewhere
@@ -36,26 +35,16 @@ def entropy_bound_mask(entropy: torch.Tensor, bound: torch.Tensor) -> torch.Tens
     return torch.zeros_like(within).scatter(-1, order, within)
 
 
-def sample_pass(
-    logits: torch.Tensor,  # [n, C, V] fp32
-    temperature: torch.Tensor,  # [n]
-    gumbel: torch.Tensor,  # [n, C, V]
-    renoise: torch.Tensor,  # [n, C]
+def decide(
+    argmax: torch.Tensor,  # [n, C] argmax of z = logits / T
+    sample: torch.Tensor,  # [n, C] a draw from softmax(z)
+    entropy: torch.Tensor,  # [n, C] entropy of softmax(z)
+    renoise: torch.Tensor,  # [n, C] fresh uniform tokens
     entropy_bound: torch.Tensor,  # [n]
 ) -> PassResult:
-    scaled = logits / temperature[:, None, None]
-    log_probs = torch.log_softmax(scaled, dim=-1)
-    probs = log_probs.exp()
-    entropy = -(probs * log_probs).sum(-1)
-    sample = torch.argmax(torch.log(probs) + gumbel, dim=-1)
+    """Keep the entropy-bounded samples, re-noise every other position."""
     accepted = entropy_bound_mask(entropy, entropy_bound)
-    return PassResult(
-        scaled_logits=scaled,
-        argmax=torch.argmax(scaled, dim=-1),
-        accepted=accepted,
-        next_canvas=torch.where(accepted, sample, renoise),
-        mean_entropy=entropy.mean(-1),
-    )
+    return PassResult(argmax, accepted, torch.where(accepted, sample, renoise), entropy.mean(-1))
 
 
 def stable(history: torch.Tensor, argmax: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:

@@ -83,7 +83,8 @@ def test_denoise_logits_match_with_and_without_self_conditioning(pair):
 
     # Self-conditioning: feed back temperature-scaled logits of the first pass.
     scaled = want_first / 0.7
-    soft = ours.model.soft_embeddings(torch.softmax(scaled.float(), dim=-1))
+    unembedding = ours.model.unembedding()
+    soft = torch.softmax(scaled.float(), dim=-1) @ unembedding.weight * unembedding.scale
     second = ours.logits(ours.denoise(rows, canvas, torch.tensor([prompt_len]), soft))
     want_second = hf_denoise(ref, canvas, cache, sc_logits=scaled)
     assert relative_error(second, want_second) < TOLERANCE

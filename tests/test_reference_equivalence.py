@@ -62,9 +62,9 @@ def test_pass_by_pass_decisions_match_reference(tiny_dir, references):
                 for _, seed, knobs in REQUESTS]
 
         def run_pass(subset, canvas, soft):
-            return model.logits(model.denoise(rows[subset], canvas, context[subset], soft))
+            return model.denoise(rows[subset], canvas, context[subset], soft)
 
-        result = denoise_canvases(jobs, run_pass, model.model.soft_embeddings, torch.float32, record=True)
+        result = denoise_canvases(jobs, run_pass, model.model.unembedding(), record=True)
         for r, ref in enumerate(references):
             assert int(result.passes[r]) == len(ref.argmax[block])
         assert len(set(result.passes.tolist())) == len(REQUESTS), "requests should halt at different passes"

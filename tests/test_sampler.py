@@ -13,7 +13,8 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
 
 from diffusiongemma_vllm.config import SamplerConfig
 from diffusiongemma_vllm.noise import CanvasNoise
-from diffusiongemma_vllm.sampler import entropy_bound_mask, sample_pass, stable
+from diffusiongemma_vllm.kernels.vocab_tiled_sampler import vocab_tiled_row_stats
+from diffusiongemma_vllm.sampler import decide, entropy_bound_mask, stable
 
 
 @pytest.mark.parametrize("scale, bound", [(1.0, 0.1), (4.0, 0.1), (12.0, 0.1), (12.0, 2.0), (12.0, 1e-4)])
@@ -51,19 +52,30 @@ def test_stability_matches_transformers_history():
             assert got == want
 
 
-def test_sample_pass_draws_follow_the_distribution():
-    """Catches Gumbel-max on the wrong quantity (e.g. unscaled logits): sample frequencies
-    must match softmax(logits / T). 4000 draws over 4 tokens: the total variation of the
-    empirical distribution stays under 0.05 with overwhelming probability."""
-    noise = CanvasNoise(seed=3, vocab_size=4, canvas_length=1)
-    logits = torch.tensor([[[2.0, 1.0, 0.0, -1.0]]])
-    counts = torch.zeros(4)
-    for step in range(4000):
-        result = sample_pass(logits, torch.tensor([0.7]), noise.gumbel(0, step)[None], torch.zeros(1, 1, dtype=torch.long),
-                             torch.tensor([100.0]))
-        counts[result.next_canvas[0, 0]] += 1
-    want = torch.softmax(logits[0, 0] / 0.7, dim=-1)
+def test_draws_follow_the_distribution():
+    """Catches Gumbel-max on the wrong quantity (e.g. unscaled or un-capped logits): sample
+    frequencies must match softmax(softcap(h . E) / T). 4000 draws over 4 tokens: the total
+    variation of the empirical distribution stays under 0.05 with overwhelming probability."""
+    hidden = torch.tensor([[1.0, 0.5]]).repeat(4000, 1)
+    embedding = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 0.0], [-1.0, 0.0]])
+    temperature = torch.full((4000,), 0.7)
+    stats = vocab_tiled_row_stats(hidden, embedding, 30.0, temperature, torch.arange(4000) * 7919, False)
+    counts = torch.bincount(stats.sample, minlength=4).float()
+    logits = torch.tanh(embedding @ hidden[0] / 30.0) * 30.0
+    want = torch.softmax(logits / 0.7, dim=-1)
     assert 0.5 * (counts / 4000 - want).abs().sum() < 0.05
+
+
+def test_decide_keeps_accepted_samples_and_renoises_the_rest():
+    """Catches re-noising accepted positions, or keeping stale tokens where it must re-noise.
+    The bound applies to the sum minus the largest term, so 5.0 is accepted after 0.01 and
+    0.02 (0.03 <= 0.1) and 6.0 is not (5.03 > 0.1)."""
+    entropy = torch.tensor([[0.01, 5.0, 0.02, 6.0]])
+    result = decide(torch.tensor([[9, 9, 9, 9]]), torch.tensor([[1, 2, 3, 4]]), entropy,
+                    torch.tensor([[50, 60, 70, 80]]), torch.tensor([0.1]))
+    assert result.accepted.tolist() == [[True, True, True, False]]
+    assert result.next_canvas.tolist() == [[1, 2, 3, 80]]
+    assert result.mean_entropy.item() == pytest.approx(entropy.mean().item())
 
 
 def test_noise_depends_only_on_seed_block_and_pass():

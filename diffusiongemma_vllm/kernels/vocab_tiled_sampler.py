@@ -11,10 +11,7 @@ accumulated as sum exp(z - m) E_v, rescaled whenever m grows. Rows are processed
 too, so peak memory is `row_chunk x vocab_chunk`, independent of how many canvases a pass has.
 
 `naive_row_stats` materialises everything and is the reference. The draw is argmax(z + g)
-with g from `noise.gumbel_noise` (counter-based, so a chunk computes its own noise); the
-naive reference uses the same expression. (The sampler reference path, `sampler.sample_pass`,
-uses argmax(log softmax + g) to replay transformers' multinomial bit for bit; the two agree
-except on float ties.)
+with g from `noise.gumbel_noise` (counter-based, so a chunk computes its own noise).
 """
 
 from __future__ import annotations
