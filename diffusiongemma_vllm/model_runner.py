@@ -27,6 +27,10 @@ class DenoiseStepRunnerMixin:
     def _sample(self, logits, spec_decode_metadata) -> SamplerOutput:
         if spec_decode_metadata is not None:
             raise NotImplementedError("speculative decoding is not supported with DiffusionGemma")
+        # The plugin draws from its own keyed noise, never from vLLM's per-request generators.
+        # vLLM rewinds those for requests whose prefill chunk sampled nothing, and a CPU
+        # generator cannot rewind ("CPU Generator does not use offset"): drop them.
+        self.input_batch.generators.clear()
         return SamplerOutput(sampled_token_ids=self.denoise_step.run(self).to(self.device),
                              logprobs_tensors=None)
 

@@ -17,8 +17,9 @@ MAX_MODEL_LEN = 400
 def llm(tiny_dir):
     from vllm import LLM
 
+    # A small token budget splits long prompts and many commits across steps (chunked prefill).
     engine = LLM(model=tiny_dir, dtype="float32", max_model_len=MAX_MODEL_LEN, enforce_eager=True,
-                 max_num_seqs=32)
+                 max_num_seqs=32, max_num_batched_tokens=128)
     yield engine
     del engine
 
@@ -47,6 +48,17 @@ def test_sixteen_prompts_of_different_lengths_batch_like_one(llm):
     alone = [llm.generate([texts[i]], params[i])[0].outputs[0].token_ids for i in (0, 7, 15)]
     assert all(len(t) == 70 for t in together)
     assert [together[0], together[7], together[15]] == alone
+
+
+def test_seeded_requests_with_chunked_prefill(llm):
+    """Catches the engine dying when a seeded request's prompt is prefilled in chunks: vLLM
+    rewinds per-request generators for such steps, which CPU generators cannot do."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    long_prompts = [TokensPrompt(prompt_token_ids=list(range(3 + i, 203 + i))) for i in range(4)]  # 200 > 128
+    outs = llm.generate(long_prompts, [SamplingParams(max_tokens=40, ignore_eos=True, seed=i) for i in range(4)])
+    assert all(len(o.outputs[0].token_ids) == 40 for o in outs)
 
 
 def test_max_model_len_trims_the_last_canvas(llm):

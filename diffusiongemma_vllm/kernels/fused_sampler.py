@@ -1,0 +1,237 @@
+"""Fused unembedding + sampler: one denoise pass's decisions straight from the hidden states.
+
+For every canvas row h [H] against the tied embedding E [V, H] (fp32 arithmetic):
+    z_v = softcap(h . E_v) / T_row,   softcap(x) = cap * tanh(x / cap),
+and from softmax(z): argmax(z), a Gumbel-max draw, the entropy and, optionally, the
+self-conditioning embedding softmax(z) @ E * embed_scale. Same semantics as
+`vocab_tiled_sampler.py` (the torch path) and `sampler.py`; the Triton kernel never holds more
+than a [rows, vocab tile] block of z. The upstream sampler materialises fp32 logits
+[n * 256, 262144], 268 MB per canvas, and runs out of memory at 8 requests
+(research/vllm_intree.md 4.5 items 2-3, 6 idea 2).
+
+Design:
+- One program per (block of rows, vocabulary split) walks its vocabulary range in tiles, the
+  way flash attention walks keys (scores z, keys = values = E): a z tile by tl.dot over H
+  chunks, then a running max m, S = sum exp(z - m), W = sum exp(z - m) (z - m), the
+  first-index argmax, the Gumbel argmax, and acc = sum exp(z - m) E_v, rescaled when m grows.
+  Entropy = log S - W / S: W is taken relative to the max, so nothing cancels at |z| ~ cap / T.
+- acc [rows, H] is too wide for registers at H = 2816, so it lives in global memory (the fp32
+  output, or the split's partial), updated H chunk by H chunk; only its own program touches it.
+- Splits fill the GPU when few rows are sampled (one canvas is 4 row blocks of 64); a torch
+  epilogue merges the splits (the flash-decoding combine). Memory beyond the outputs is
+  splits x N x H fp32 for acc, bounded by the split choice (~2 programs per SM); never N x V.
+- The draw is argmax_v(z_v + g_v), g = -log(-log u), u_v = tl.rand(seed_row, v) (Philox
+  4x32-10): it depends on (seed, v) alone, not on tiles, splits or the batch. `philox_uniform`
+  is tl.rand in torch, so `naive_fused_sampler` draws the same noise without Triton. tl.rand
+  gives fp32 u in [0, 1): g <= 16.6, and u = 0 (p = 2^-30) gives g = -inf, a token not drawn.
+- Temperatures must be > 0 (not checked: that would synchronise the device).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs without Triton still import this module
+    triton = None
+
+
+class FusedSample(NamedTuple):
+    argmax: torch.Tensor  # [N] int64, first index on ties
+    sample: torch.Tensor  # [N] int64, a draw from softmax(z)
+    entropy: torch.Tensor  # [N] fp32
+    soft: torch.Tensor | None  # [N, H] fp32: softmax(z) @ E * embed_scale
+
+
+# Philox 4x32-10 constants and tl.rand's int -> [0, 1) scale (triton/language/random.py).
+_ROUND_A, _ROUND_B, _KEY_A, _KEY_B = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
+_M32 = 0xFFFFFFFF
+_UNIFORM_SCALE = 4.6566127342e-10
+
+
+def philox_uniform(seeds: torch.Tensor, count: int) -> torch.Tensor:
+    """[N, count] fp32, bit for bit tl.rand(seeds[n], v) for v in [0, count)."""
+    seed = seeds.to(torch.int64)[:, None]
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    c0 = torch.arange(count, dtype=torch.int64, device=seeds.device)[None, :].expand(seed.shape[0], count)
+    c1 = c2 = c3 = torch.zeros_like(c0)
+    for _ in range(10):
+        # Products of two uint32 fit 64 bits; int64 wraps, so the bits (and the high word) are exact.
+        pb, pa = _ROUND_B * c2, _ROUND_A * c0
+        c0, c1, c2, c3 = ((pb >> 32) & _M32) ^ c1 ^ k0, pb & _M32, ((pa >> 32) & _M32) ^ c3 ^ k1, pa & _M32
+        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
+    folded = torch.where(c0 >= 1 << 31, _M32 - c0, c0)  # tl.rand: int32 x < 0 -> ~x
+    return folded.float() * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=seeds.device)
+
+
+def naive_fused_sampler(hidden: torch.Tensor, embedding: torch.Tensor, temperature: torch.Tensor,
+                        seeds: torch.Tensor, softcap: float, embed_scale: float, with_soft: bool) -> FusedSample:
+    """The reference: fp32 logits [N, V] materialised, every statistic read off them."""
+    logits = hidden.float() @ embedding.float().T  # exact products of bf16 inputs, as the kernel's dot
+    z = torch.tanh(logits / softcap) * softcap / temperature.float()[:, None]
+    log_probs = torch.log_softmax(z, dim=-1)
+    probs = log_probs.exp()
+    gumbel = -torch.log(-torch.log(philox_uniform(seeds, z.shape[1])))
+    soft = probs @ embedding.float() * embed_scale if with_soft else None
+    return FusedSample(z.argmax(-1), (z + gumbel).argmax(-1), -(probs * log_probs).sum(-1), soft)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tanh(x):
+        t = tl.exp(-2.0 * tl.abs(x))  # no overflow at any |x|
+        y = (1.0 - t) / (1.0 + t)
+        return tl.where(x < 0, -y, y)
+
+    @triton.jit
+    def _dot(a, b, UPCAST: tl.constexpr):
+        if UPCAST:  # Triton 3.9's interpreter multiplies bf16 as raw uint16; bf16 products are exact in fp32
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if a.dtype == tl.float32:
+            return tl.dot(a, b, input_precision="ieee")  # fp32 inputs get fp32 logits, not tf32
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _fused_sampler_kernel(
+        h_ptr, e_ptr, t_ptr, seed_ptr, stats_ptr, ids_ptr, acc_ptr,
+        N, V, H, tiles_per_split, softcap,
+        s_hn, s_ev, s_an, s_as,  # row strides of hidden, embedding, acc; acc's split stride
+        WITH_SOFT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        split = tl.program_id(1)
+        splits = tl.num_programs(1)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        cols = tl.arange(0, BLOCK_H)
+        inv_t = 1.0 / tl.load(t_ptr + rows, mask=row_ok, other=1.0).to(tl.float32)
+        seed = tl.load(seed_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        h_rows = h_ptr + rows[:, None].to(tl.int64) * s_hn
+        acc_rows = acc_ptr + split.to(tl.int64) * s_as + rows[:, None].to(tl.int64) * s_an
+        if WITH_SOFT:
+            for k in range(0, H, BLOCK_H):
+                tl.store(acc_rows + k + cols[None, :], tl.zeros([BLOCK_N, BLOCK_H], tl.float32),
+                         mask=row_ok[:, None] & (k + cols < H)[None, :])
+            tl.debug_barrier()
+        m = tl.full([BLOCK_N], float("-inf"), tl.float32)  # also the argmax's value
+        total = tl.zeros([BLOCK_N], tl.float32)  # S
+        weighted = tl.zeros([BLOCK_N], tl.float32)  # W
+        best = tl.zeros([BLOCK_N], tl.int32)
+        drawn = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        drawn_id = tl.zeros([BLOCK_N], tl.int32)
+        v_begin = split * tiles_per_split * BLOCK_V
+        v_end = tl.minimum(V, v_begin + tiles_per_split * BLOCK_V)
+        for v0 in range(v_begin, v_end, BLOCK_V):
+            vocab = v0 + tl.arange(0, BLOCK_V)
+            v_ok = vocab < v_end
+            e_rows = e_ptr + vocab[:, None].to(tl.int64) * s_ev
+            logits = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+            for k in range(0, H, BLOCK_H):
+                h_ok = (k + cols < H)[None, :]
+                h = tl.load(h_rows + k + cols[None, :], mask=row_ok[:, None] & h_ok, other=0.0)
+                e = tl.load(e_rows + k + cols[None, :], mask=v_ok[:, None] & h_ok, other=0.0)
+                logits += _dot(h, tl.trans(e), UPCAST)
+            z = softcap * _tanh(logits / softcap) * inv_t[:, None]
+            z = tl.where(v_ok[None, :], z, float("-inf"))
+            tile_max = tl.max(z, axis=1)
+            best = tl.where(tile_max > m, v0 + tl.argmax(z, axis=1), best)  # strict: first index wins
+            m_new = tl.maximum(m, tile_max)  # finite: every tile holds a valid id
+            rescale = tl.exp(m - m_new)
+            centred = z - m_new[:, None]
+            p = tl.exp(centred)  # 0 at padded ids
+            # W relative to the new max; both guards keep 0 * -inf (NaN) out of the sums.
+            shift = tl.where(total > 0, m - m_new, 0.0)
+            centred = tl.where(v_ok[None, :], centred, 0.0)
+            weighted = rescale * (weighted + shift * total) + tl.sum(p * centred, axis=1)
+            total = total * rescale + tl.sum(p, axis=1)
+            m = m_new
+            key = z - tl.log(-tl.log(tl.rand(seed[:, None], vocab[None, :])))
+            key_max = tl.max(key, axis=1)
+            drawn_id = tl.where(key_max > drawn, v0 + tl.argmax(key, axis=1), drawn_id)
+            drawn = tl.maximum(drawn, key_max)
+            if WITH_SOFT:
+                p = p.to(e_ptr.dtype.element_ty)  # as flash attention's P @ V
+                for k in range(0, H, BLOCK_H):
+                    ok = (k + cols < H)[None, :]
+                    e = tl.load(e_rows + k + cols[None, :], mask=v_ok[:, None] & ok, other=0.0)
+                    acc = tl.load(acc_rows + k + cols[None, :], mask=row_ok[:, None] & ok, other=0.0)
+                    tl.store(acc_rows + k + cols[None, :], acc * rescale[:, None] + _dot(p, e, UPCAST),
+                             mask=row_ok[:, None] & ok)
+                tl.debug_barrier()  # next tile's loads of acc may come from other threads
+        out = split * N + rows
+        tl.store(stats_ptr + out, m, mask=row_ok)
+        tl.store(stats_ptr + splits * N + out, total, mask=row_ok)
+        tl.store(stats_ptr + 2 * splits * N + out, weighted, mask=row_ok)
+        tl.store(stats_ptr + 3 * splits * N + out, drawn, mask=row_ok)
+        tl.store(ids_ptr + out, best.to(tl.int64), mask=row_ok)
+        tl.store(ids_ptr + splits * N + out, drawn_id.to(tl.int64), mask=row_ok)
+
+
+def _merge(stats: torch.Tensor, ids: torch.Tensor, acc: torch.Tensor | None, embed_scale: float) -> FusedSample:
+    """Combine the vocabulary splits' partials [splits, N] (and acc [splits, N, H])."""
+    m, total, weighted, drawn = stats
+    top = m.max(0).values
+    w = torch.exp(m - top)
+    norm = (w * total).sum(0)
+    entropy = torch.log(norm) - (w * (weighted + (m - top) * total)).sum(0) / norm
+    # torch.argmax takes the first split on ties, i.e. the lowest vocabulary id.
+    argmax = ids[0].gather(0, m.argmax(0, keepdim=True))[0]
+    sample = ids[1].gather(0, drawn.argmax(0, keepdim=True))[0]
+    soft = None
+    if acc is not None:
+        soft = acc[0] if acc.shape[0] == 1 else acc.mul_(w[:, :, None]).sum(0)
+        soft.mul_((embed_scale / norm)[:, None])
+    return FusedSample(argmax, sample, entropy, soft)
+
+
+def _default_splits(row_blocks: int, tiles: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(tiles, -(-programs // row_blocks)))
+
+
+def fused_sampler(
+    hidden: torch.Tensor,  # [N, H] bf16 / fp16 / fp32, rows contiguous in H
+    embedding: torch.Tensor,  # [V, H] same dtype (the tied lm_head)
+    temperature: torch.Tensor,  # [N] > 0
+    seeds: torch.Tensor,  # [N] int64 / int32: the draw of row n is a function of (seeds[n], v)
+    softcap: float,
+    embed_scale: float,
+    with_soft: bool,
+    block_n: int = 64,
+    block_v: int = 128,
+    block_h: int = 64,
+    splits: int | None = None,  # vocabulary splits; None: about 2 programs per SM on CUDA, else 1
+    num_warps: int = 8,
+) -> FusedSample:
+    assert triton is not None, "fused_sampler needs Triton; naive_fused_sampler is the torch path"
+    n, width = hidden.shape
+    vocab = embedding.shape[0]
+    assert embedding.shape == (vocab, width) and embedding.dtype == hidden.dtype, (embedding.shape, embedding.dtype)
+    assert hidden.stride(1) == 1 and embedding.stride(1) == 1, (hidden.stride(), embedding.stride())
+    assert temperature.shape == seeds.shape == (n,) and temperature.is_floating_point()
+    assert seeds.dtype in (torch.int64, torch.int32), seeds.dtype
+    assert temperature.stride(0) == 1 and seeds.stride(0) == 1
+    assert min(block_n, block_v, block_h) >= 16, "tl.dot needs every tile dim >= 16"
+    tiles = triton.cdiv(vocab, block_v)
+    row_blocks = triton.cdiv(n, block_n)
+    splits = splits or _default_splits(row_blocks, tiles, hidden.device)
+    per_split = triton.cdiv(tiles, splits)
+    splits = triton.cdiv(tiles, per_split)  # no empty split
+    stats = torch.empty((4, splits, n), dtype=torch.float32, device=hidden.device)  # m, S, W, Gumbel max
+    ids = torch.empty((2, splits, n), dtype=torch.int64, device=hidden.device)  # argmax, sample
+    acc = torch.empty((splits, n, width), dtype=torch.float32, device=hidden.device) if with_soft else None
+    _fused_sampler_kernel[(row_blocks, splits)](
+        hidden, embedding, temperature, seeds, stats, ids, acc if with_soft else stats,
+        n, vocab, width, per_split, float(softcap),
+        hidden.stride(0), embedding.stride(0), width, n * width,
+        WITH_SOFT=with_soft, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
+        UPCAST=hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16, num_warps=num_warps)
+    return _merge(stats, ids, acc, embed_scale)
