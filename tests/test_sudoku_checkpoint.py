@@ -1,11 +1,12 @@
 """The shipped Sudoku checkpoint, served by the plugin, solves held-out puzzles.
 
-32 held-out puzzles (the evaluation's seed, never seen in training) in the easiest buckets
-go through `LLM.generate`. The untrained checkpoint of the same shape solves none (0 of 256
-in examples/sudoku/README.md's table: a random board keeps all givens and satisfies every
-constraint with negligible probability). The threshold is set well below the trained
-model's measured rate on these buckets (see MIN_SOLVED) so that sampling noise on 32
-puzzles cannot fail it, while a broken serving path (which scores 0) always does.
+32 held-out puzzles (the evaluation's seed, never seen in training), 16 with 45-49 givens and
+16 with 50-55, go through `LLM.generate` with the release sampler (cap 48 passes). Measured
+on 64 + 64 such puzzles (examples/sudoku/README.md): the trained checkpoint solves 40.6% and
+67.2% (about 54% together); the untrained checkpoint of the same shape solves 0 of 256 (a
+random board keeps every given and satisfies every constraint with negligible probability).
+On 32 puzzles at p = 0.54 the standard deviation is 2.8 puzzles, so MIN_SOLVED = 0.25 (8
+puzzles) sits 3.3 sd below the measured rate, and far above the untrained 0.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 pytestmark = pytest.mark.engine
 
 SUDOKU = Path(__file__).resolve().parents[1] / "examples" / "sudoku"
-MIN_SOLVED = 0.15
+MIN_SOLVED = 0.25
 
 
 def load(name: str):

@@ -1,0 +1,191 @@
+"""The fused sampler kernel against its materialising reference, on CPU in Triton's interpreter.
+
+Tolerances, against `naive_fused_sampler` (fp32 logits materialised):
+- argmax and sample: exactly equal (same fp32 products, same Philox draws; a near-tie closer
+  than the summation-order difference, ~1e-6, is improbable at these sizes);
+- entropy: atol = rtol = 1e-4 (only the summation order differs; measured <= 4e-6);
+- soft, fp32 inputs: atol 1e-4 * embed_scale (measured <= 1e-5 * embed_scale);
+- soft, bf16 inputs: the kernel rounds the probabilities to bf16 for P @ E, as flash attention
+  does: each term is off by at most 2^-9 relative, so |error| <= 2^-9 * max|E| * embed_scale
+  (2^-8 is asserted).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on CPU
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+from diffusiongemma_vllm.kernels.fused_sampler import (  # noqa: E402
+    FusedSample, fused_sampler, naive_fused_sampler, philox_uniform)
+
+SOFTCAP = 30.0
+SMALL = dict(block_n=16, block_v=64, block_h=32, num_warps=4)  # interpreter-sized tiles
+
+
+def make_inputs(rows, vocab, hidden, dtype, scale, seed=0, seed_dtype=torch.int64):
+    gen = torch.Generator().manual_seed(seed)
+    h = (torch.randn(rows, hidden, generator=gen) * scale).to(dtype)
+    e = torch.randn(vocab, hidden, generator=gen).to(dtype)
+    temperature = torch.rand(rows, generator=gen) * 0.4 + 0.4
+    seeds = torch.randint(-2**62, 2**62, (rows,), generator=gen).to(seed_dtype)
+    return h, e, temperature, seeds
+
+
+@triton.jit
+def _rand_kernel(seed_ptr, out_ptr, start, V, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    seed = tl.load(seed_ptr + row).to(tl.int64)
+    for v0 in range(0, V, BLOCK):
+        offs = v0 + tl.arange(0, BLOCK)
+        tl.store(out_ptr + row * V + offs, tl.rand(seed, start + offs), mask=offs < V)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_philox_uniform_is_tl_rand(dtype):
+    """Catches a torch Philox that drifts from Triton's (key split, round constants, the
+    int -> [0, 1) map): the reference would then draw other tokens than the kernel."""
+    seeds = torch.tensor([0, 1, 2**31 - 1, -1, -2**31, 12345, 987654321], dtype=dtype)
+    if dtype == torch.int64:
+        seeds = torch.cat([seeds, torch.tensor([2**32, 2**62 + 12345, -2**63, 2**63 - 1])])
+    for start in (0, 123_456):
+        want = torch.empty(seeds.shape[0], 300)
+        _rand_kernel[(seeds.shape[0],)](seeds, want, start, 300, BLOCK=128)
+        assert torch.equal(philox_uniform(seeds, torch.arange(start, start + 300)), want)
+
+
+@pytest.mark.parametrize("rows, vocab, hidden, dtype, scale, splits, with_soft, seed_dtype", [
+    (37, 1000, 32, torch.float32, 1.0, 1, True, torch.int64),  # odd rows, vocab % tile = 40
+    (37, 1000, 64, torch.bfloat16, 1.0, 3, True, torch.int64),  # bf16, merged vocab splits
+    (21, 777, 48, torch.float32, 6.0, 1, True, torch.int32),  # H = 1.5 chunks; softcap, peaked rows
+    (19, 500, 32, torch.bfloat16, 6.0, 2, True, torch.int64),  # bf16 with saturated logits
+    (5, 300, 32, torch.float32, 0.05, 2, False, torch.int64),  # flat rows, fewer rows than a block
+])
+def test_matches_reference(rows, vocab, hidden, dtype, scale, splits, with_soft, seed_dtype):
+    """Catches a wrong online rescale (entropy, soft), W kept relative to a stale max, argmax or
+    draw taken from the wrong tile or split, masked rows/ids/H columns leaking in, the softcap
+    or the temperature applied in the wrong place, and noise that differs from the reference's."""
+    h, e, t, seeds = make_inputs(rows, vocab, hidden, dtype, scale, seed_dtype=seed_dtype)
+    embed_scale = hidden**0.5
+    got = fused_sampler(h, e, t, seeds, SOFTCAP, embed_scale, with_soft, splits=splits, **SMALL)
+    want = naive_fused_sampler(h, e, t, seeds, SOFTCAP, embed_scale, with_soft)
+    assert torch.equal(got.argmax, want.argmax)
+    assert torch.equal(got.sample, want.sample)
+    torch.testing.assert_close(got.entropy, want.entropy, rtol=1e-4, atol=1e-4)
+    if not with_soft:
+        assert got.soft is None and want.soft is None
+        return
+    atol = 1e-4 * embed_scale if dtype == torch.float32 else 2**-8 * e.float().abs().max() * embed_scale
+    torch.testing.assert_close(got.soft, want.soft, rtol=0, atol=float(atol))
+
+
+def test_draws_do_not_depend_on_tiling_or_batch():
+    """Catches RNG streams keyed by tile, split or row position: a seeded request must draw the
+    same tokens whatever the tile sizes and whichever requests share its pass."""
+    h, e, t, seeds = make_inputs(20, 300, 32, torch.float32, 1.0, seed=3)
+    a = fused_sampler(h, e, t, seeds, SOFTCAP, 1.0, False, block_n=16, block_v=32, block_h=32, splits=1)
+    b = fused_sampler(h[7:], e, t[7:], seeds[7:], SOFTCAP, 1.0, False, block_n=32, block_v=64, block_h=16,
+                      splits=4)
+    assert torch.equal(a.sample[7:], b.sample)
+    assert torch.equal(a.argmax[7:], b.argmax)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_argmax_ties_take_the_first_id(splits):
+    """Catches `>=` across tiles or splits and last-index tie breaks within a tile: torch.argmax
+    (and so the reference and transformers) commits the lowest of equal-logit ids."""
+    gen = torch.Generator().manual_seed(5)
+    e = torch.randint(-2, 3, (300, 16), generator=gen).float()  # integer dots: ties are exact
+    h = torch.randint(-2, 3, (3, 16), generator=gen).float()
+    # Tiles 0, 1, 1, 3, 4 at block_v=64; with 3 splits: 0, 0, 0, 1, 2.
+    e[[40, 70, 100, 200, 290]] = h[0] * 3
+    t, seeds = torch.full((3,), 0.5), torch.arange(3)
+    got = fused_sampler(h, e, t, seeds, SOFTCAP, 1.0, False, splits=splits, **SMALL)
+    want = naive_fused_sampler(h, e, t, seeds, SOFTCAP, 1.0, False)
+    assert int(got.argmax[0]) == 40
+    assert torch.equal(got.argmax, want.argmax)
+
+
+def test_sample_frequencies_match_softmax():
+    """Catches a biased draw (Gumbel sign or transform wrong, temperature ignored, padded ids
+    drawn). 4096 seeds sample one row over 8 ids; Pearson's chi-square (7 degrees of freedom)
+    must have p > 1e-4, a bound a correct sampler fails for 1 seed set in 10^4 (the seeds are
+    fixed, so the test is deterministic). The same counts against softmax at temperature 1 must
+    fail it, showing the test can see a wrong temperature."""
+    n, logits, temperature = 4096, torch.tensor([0.0, 0.5, 1.0, 1.5, -1.0, 2.0, 0.2, -0.5]), 0.6
+    e = torch.zeros(8, 16)
+    e[:, 0] = logits
+    h = torch.zeros(n, 16)
+    h[:, 0] = 1.0
+    seeds = torch.arange(n) * 7919 + 11
+    got = fused_sampler(h, e, torch.full((n,), temperature), seeds, SOFTCAP, 1.0, False,
+                        block_n=64, block_v=16, block_h=16, num_warps=4)
+    counts = torch.bincount(got.sample, minlength=8).double()
+    assert counts.shape == (8,)  # no padded id (8..15) was drawn
+
+    def p_value(probs):
+        expected = n * probs.double()
+        chi2 = ((counts - expected) ** 2 / expected).sum()
+        return float(torch.special.gammaincc(torch.tensor(3.5, dtype=torch.float64), chi2 / 2))
+
+    capped = torch.tanh(logits / SOFTCAP) * SOFTCAP
+    assert p_value(torch.softmax(capped / temperature, 0)) > 1e-4
+    assert p_value(torch.softmax(capped, 0)) < 1e-4
+
+
+class _PoisonAndRecord(TorchDispatchMode):
+    """Fills every fresh torch.empty with NaN (floats) or -7 (ints) and records the size of every
+    new tensor (views and in-place results excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numels = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.empty.memory_format:
+            out.fill_(float("nan") if out.is_floating_point() else -7)
+        if all(r.alias_info is None for r in func._schema.returns):  # a new tensor, not a view or in-place
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                self.numels.append(t.numel() if isinstance(t, torch.Tensor) else 0)
+        return out
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_poisoned_buffers_are_overwritten_and_nothing_vocab_sized_is_allocated(splits):
+    """Catches an output row, split partial or soft column the kernel leaves unwritten (NaN or
+    -7 would surface), an uninitialised soft accumulator, and any [N, V] temporary: the launcher
+    may allocate its outputs and the splits' partials, O(splits * N * H), never O(N * V)."""
+    rows, vocab, hidden = 37, 1000, 32
+    h, e, t, seeds = make_inputs(rows, vocab, hidden, torch.float32, 1.0, seed=9)
+    with _PoisonAndRecord() as mode:
+        got = fused_sampler(h, e, t, seeds, SOFTCAP, 2.0, True, splits=splits, **SMALL)
+    assert isinstance(got, FusedSample)
+    assert got.argmax.shape == got.sample.shape == got.entropy.shape == (rows,)
+    assert got.argmax.dtype == got.sample.dtype == torch.int64 and got.entropy.dtype == torch.float32
+    assert got.soft.shape == (rows, hidden) and got.soft.dtype == torch.float32
+    assert max(mode.numels) <= splits * rows * hidden < rows * vocab
+    assert bool(((got.argmax >= 0) & (got.argmax < vocab) & (got.sample >= 0) & (got.sample < vocab)).all())
+    assert bool(got.entropy.isfinite().all() and got.soft.isfinite().all())
+    want = naive_fused_sampler(h, e, t, seeds, SOFTCAP, 2.0, True)
+    assert torch.equal(got.sample, want.sample)
+    torch.testing.assert_close(got.soft, want.soft, rtol=0, atol=2e-4)
+
+
+def test_launcher_rejects_mismatched_inputs():
+    """Catches a transposed [H, V] embedding view or mixed dtypes reaching the kernel, which
+    would read the wrong elements silently."""
+    h, e, t, seeds = make_inputs(4, 64, 32, torch.float32, 1.0)
+    with pytest.raises(AssertionError):
+        fused_sampler(h, e.T.contiguous().T, t, seeds, SOFTCAP, 1.0, False, **SMALL)
+    with pytest.raises(AssertionError):
+        fused_sampler(h, e.bfloat16(), t, seeds, SOFTCAP, 1.0, False, **SMALL)
+    with pytest.raises(AssertionError):
+        fused_sampler(h, e, t, seeds.float(), SOFTCAP, 1.0, False, **SMALL)
