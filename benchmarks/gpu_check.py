@@ -81,6 +81,8 @@ def _as_sampler(row_stats):
 fused = SimpleNamespace(fused_sampler=_as_sampler(vocab_tiled_row_stats),
                         naive_fused_sampler=_as_sampler(naive_row_stats))
 FUSED_MISSING = None
+# The one-kernel Triton sampler (Philox noise), checked and timed beside it.
+from diffusiongemma_vllm.kernels import fused_sampler as triton_fused  # noqa: E402
 
 TOTAL_LAYERS = 30
 PASSES_PER_CANVAS = (12, 16, 48)  # adaptive halting typically 12-16; the release caps at 48
@@ -669,6 +671,11 @@ def check_sampler_parity(rec: dict, run: Run) -> None:
     rec["ok"] = (rec["argmax_agreement"] >= 0.97 and rec["sample_agreement"] >= 0.97 and rec["finite"]
                  and rec["entropy_rel_err"] < 1e-2 and rec["soft_rel_err"] < 2e-2)
     rec["thresholds"] = "agreement >= 0.97 (bf16 near-ties), entropy rel_err < 1e-2, soft rel_err < 2e-2"
+    got = sampler_outputs(triton_fused.fused_sampler(*args))
+    want = sampler_outputs(triton_fused.naive_fused_sampler(*args))
+    rec["triton_fused"] = {"argmax_agreement": float((got[0] == want[0]).float().mean()),
+                           "sample_agreement": float((got[1] == want[1]).float().mean()),
+                           "entropy_rel_err": rel_err(got[2], want[2]), "soft_rel_err": rel_err(got[3], want[3])}
 
 
 def time_attention(rec: dict, run: Run) -> None:
@@ -711,7 +718,8 @@ def time_sampler(rec: dict, run: Run) -> None:
     if fused is None:
         rec["fused"] = f"skipped: {FUSED_MISSING}"
     else:
-        samplers = {"fused": fused.fused_sampler, **samplers}
+        samplers = {"fused": fused.fused_sampler, "triton_fused": triton_fused.fused_sampler,
+                    "triton_fused_no_soft": lambda *a: triton_fused.fused_sampler(*a[:-1], False), **samplers}
     s = sampler_inputs(run, p.canvas * max(p.canvas_counts), run.gen(4))
     for n in p.canvas_counts:
         rows_n = n * p.canvas

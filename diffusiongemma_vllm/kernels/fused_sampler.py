@@ -27,7 +27,8 @@ Design:
   gives fp32 u in [0, 1): g <= 16.6, and u = 0 (p = 2^-30) gives g = -inf, a token not drawn.
 - Temperatures must be > 0 (not checked: that would synchronise the device).
 
-Measured on an H100 (bf16, V = 262144, H = 2816), 256 / 1024 rows: with soft 8.0 / 28 ms and
+Measured on an H100 during development (raw output not kept; benchmarks/gpu_check.py times
+it beside the torch path) (bf16, V = 262144, H = 2816), 256 / 1024 rows: with soft 8.0 / 28 ms and
 0.37 GB of partials (flat up to ~34k rows), vs 4.7 / 18 ms and 1.3 / 5 GB for materialised
 fp32 logits; without soft 2.0 / 9.9 ms. With soft, time falls as block_v grows (15, 9.3, 8.0 ms
 at 64, 128, 256): the acc read-modify-write, not the two dots, looks like the bound.
