@@ -7,7 +7,8 @@ block of canvas queries) and streams keys in two phases through one online softm
    [start, context_len), start = context_len - (window - 1) on sliding layers, else 0;
 2. the canvas's own K/V (dense; bidirectional, or causal with the window for a commit).
 Many requests with different prefix lengths share one launch; GQA maps query head h to KV
-head h // (heads / kv_heads). Scores and the softmax are fp32; Gemma 4's scale is 1.0.
+head h // (heads / kv_heads). The dots take the cache dtype (bf16 tensor cores on GPU) and
+accumulate in fp32; the softmax is fp32; Gemma 4's scale is 1.0.
 
 The caches are passed as `[num_blocks, block_size, kv_heads, head_dim]` views with any
 strides (the engine builds them from the backend's layout), so nothing is copied. The block
@@ -34,7 +35,8 @@ if triton is not None:
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(scores - m_safe[:, None])
-        acc = acc * alpha[:, None] + tl.dot(p, values)
+        # P @ V in the cache dtype (bf16 tensor cores on GPU), accumulated in fp32.
+        acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values)
         return m_new, l_i * alpha + tl.sum(p, axis=1), acc
 
     @triton.jit
@@ -47,7 +49,7 @@ if triton is not None:
         st_n,  # block table row stride
         heads, group, canvas, table_block_size, cache_block_size, window, scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        CAUSAL: tl.constexpr, SLIDING: tl.constexpr,
+        CAUSAL: tl.constexpr, SLIDING: tl.constexpr, UPCAST: tl.constexpr,
     ):
         pid_nh = tl.program_id(0)
         r = pid_nh // heads
@@ -58,7 +60,9 @@ if triton is not None:
         d_mask = offs_d < HEAD_DIM
         m_mask = offs_m < canvas
         q = tl.load(q_ptr + r * sq_n + offs_m[:, None] * sq_c + h * sq_h + offs_d[None, :],
-                    mask=m_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
         context = tl.load(ctx_ptr + r)
         start = 0
         if SLIDING:
@@ -77,9 +81,11 @@ if triton is not None:
             slot = flat % cache_block_size
             kv_mask = p_mask[:, None] & d_mask[None, :]
             keys = tl.load(kc_ptr + blk[:, None] * skc_b + slot[:, None] * skc_t + kvh * skc_h + offs_d[None, :],
-                           mask=kv_mask, other=0.0).to(tl.float32)
+                           mask=kv_mask, other=0.0)
             values = tl.load(vc_ptr + blk[:, None] * svc_b + slot[:, None] * svc_t + kvh * svc_h + offs_d[None, :],
-                             mask=kv_mask, other=0.0).to(tl.float32)
+                             mask=kv_mask, other=0.0)
+            if UPCAST:
+                keys, values = keys.to(tl.float32), values.to(tl.float32)
             visible = p_mask[None, :] & m_mask[:, None]
             if CAUSAL and SLIDING:
                 visible = visible & ((context + offs_m)[:, None] - pos[None, :] < window)
@@ -91,9 +97,11 @@ if triton is not None:
             j_mask = j < canvas
             kv_mask = j_mask[:, None] & d_mask[None, :]
             keys = tl.load(k_ptr + r * sk_n + j[:, None] * sk_c + kvh * sk_h + offs_d[None, :],
-                           mask=kv_mask, other=0.0).to(tl.float32)
+                           mask=kv_mask, other=0.0)
             values = tl.load(v_ptr + r * sk_n + j[:, None] * sk_c + kvh * sk_h + offs_d[None, :],
-                             mask=kv_mask, other=0.0).to(tl.float32)
+                             mask=kv_mask, other=0.0)
+            if UPCAST:
+                keys, values = keys.to(tl.float32), values.to(tl.float32)
             visible = j_mask[None, :] & m_mask[:, None]
             if CAUSAL:
                 visible = visible & (j[None, :] <= offs_m[:, None])
@@ -145,5 +153,7 @@ def paged_canvas_attention(
         sliding_window or 0, scale,
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=causal, SLIDING=sliding_window is not None,
+        # Triton 3.9's interpreter multiplies bf16 dot operands as raw integers: upcast on CPU.
+        UPCAST=query.device.type == "cpu" and query.dtype != torch.float32,
     )
     return out
