@@ -31,9 +31,7 @@ def pair(request, tiny_dirs):
 
 
 def hf_encode(ref, ids, cache):
-    """Prefill logits from transformers' encoder pass (it writes `cache`)."""
-    from transformers import DynamicCache  # noqa: F401  (cache type documented for readers)
-
+    """Prefill logits from transformers' encoder pass (it writes `cache`, a DynamicCache)."""
     enc = ref.model.encoder(input_ids=ids, past_key_values=cache, use_cache=True)
     logits = ref.lm_head(enc.last_hidden_state).float()
     return torch.tanh(logits / 30.0) * 30.0
