@@ -1,28 +1,35 @@
-"""The denoise loop: every active canvas of a step, pass after pass, until each halts.
+"""The denoise loop: every canvas of a step, pass after pass, until each halts.
 
-All canvases of all requests go through each pass together; a canvas that halts leaves the
-batch, so it costs no further work. Between passes the sampler runs on device (sampler.py),
-each canvas with its own settings, pass counter and seeded draws (noise.py). The loop does
-not know how a pass is computed: the engine and the standalone runner each supply
-`run_pass(rows, canvas, soft_embeds) -> logits` over the subset `rows` of canvases.
+All canvases of all requests go through each pass together, each with its own settings,
+pass counter and seeded draws (noise.py). A canvas's whole state lives on the device in a
+`CanvasBatch`, and `denoise_pass` advances it by one pass with no host round trip: it runs
+the model, samples (sampler.py; the Triton fused sampler on CUDA, the vocab-tiled torch one
+elsewhere, drawing the same tokens), and updates only the canvases still running, so a
+halted canvas stays frozen however many passes follow. That makes a run of passes a fixed
+sequence of kernels, which `denoise_graphs.py` captures as CUDA graphs.
 
-The result is each canvas's argmax at its halting pass (what gets committed), the number of
-passes it took, and optionally a per-pass record for tracing and reference comparison.
+`denoise_canvases` drives the passes: after each pass (or each replayed run of passes) it
+reads which canvases halted, the loop's only host synchronisation, collects their argmax
+canvas (what gets committed) and pass count, and drops them from the batch, so a halted
+canvas costs no further work. The loop does not know how a pass is computed: the engine, the
+standalone runner and the GPU check each supply `run_pass(rows, canvas, soft) -> hidden`,
+where `rows` picks each canvas's request inputs (prefix, positions) by its index in `jobs`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
+from . import noise
 from .config import SamplerConfig
-from .noise import CanvasNoise
-from .kernels.vocab_tiled_sampler import vocab_tiled_row_stats
-from .sampler import decide, stable
+from .kernels.vocab_tiled_sampler import RowStats, vocab_tiled_row_stats
+from .sampler import PassResult, decide, unchanged_passes
 
-RunPass = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+RunPass = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+RowStatsFn = Callable[..., RowStats]
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,108 @@ class CanvasJob:
 
     block: int  # how many canvases this request has committed before
     sampler: SamplerConfig
-    noise: CanvasNoise
+    seed: int
+
+
+@dataclass
+class CanvasBatch:
+    """Device state of canvases denoised together; dim 0 of every tensor is the canvas."""
+
+    rows: torch.Tensor  # [n] index of each canvas's job (its request inputs in run_pass)
+    block_keys: torch.Tensor  # [n] int64: noise.block_key(seed, block)
+    canvas: torch.Tensor  # [n, C] tokens the next pass reads
+    argmax: torch.Tensor  # [n, C] the last pass's argmax (-1 before the first): what a halted canvas commits
+    soft: torch.Tensor  # [n, C, H] self-conditioning embeddings (zeros before the first pass: no signal)
+    unchanged: torch.Tensor  # [n] passes in a row the argmax has not changed
+    steps: torch.Tensor  # [n] passes run
+    halted: torch.Tensor  # [n] bool
+    entropy_bound: torch.Tensor  # [n] fp32
+    stability_threshold: torch.Tensor  # [n] int64
+    confidence_threshold: torch.Tensor  # [n] fp32
+    max_steps: torch.Tensor  # [n] int64
+    t_min: torch.Tensor  # [n] fp64: the schedule is evaluated as SamplerConfig.temperature does
+    t_max: torch.Tensor  # [n] fp64
+
+    @classmethod
+    def start(cls, jobs: list[CanvasJob], canvas_length: int, vocab_size: int, hidden_size: int,
+              dtype: torch.dtype, device: torch.device | str) -> "CanvasBatch":
+        n = len(jobs)
+
+        def per_job(name: str, tensor_dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor([getattr(job.sampler, name) for job in jobs], dtype=tensor_dtype, device=device)
+
+        block_keys = torch.tensor([noise.block_key(job.seed, job.block) for job in jobs], device=device)
+        return cls(
+            rows=torch.arange(n, device=device), block_keys=block_keys,
+            canvas=noise.initial_tokens(block_keys, canvas_length, vocab_size),
+            argmax=torch.full((n, canvas_length), -1, dtype=torch.long, device=device),
+            soft=torch.zeros((n, canvas_length, hidden_size), dtype=dtype, device=device),
+            unchanged=torch.zeros(n, dtype=torch.long, device=device),
+            steps=torch.zeros(n, dtype=torch.long, device=device),
+            halted=torch.zeros(n, dtype=torch.bool, device=device),
+            entropy_bound=per_job("entropy_bound", torch.float32),
+            stability_threshold=per_job("stability_threshold", torch.long),
+            confidence_threshold=per_job("confidence_threshold", torch.float32),
+            max_steps=per_job("max_denoising_steps", torch.long),
+            t_min=per_job("t_min", torch.float64), t_max=per_job("t_max", torch.float64))
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def take(self, index: torch.Tensor) -> "CanvasBatch":
+        """The canvases at `index` [m], as a new batch."""
+        return CanvasBatch(**{name: t[index] for name, t in self.tensors().items()})
+
+    def copy_(self, source: "CanvasBatch", count: int | None = None) -> None:
+        """Overwrite the first `count` (default: all) canvases with `source`'s, in place."""
+        count = len(source) if count is None else count
+        for name, t in self.tensors().items():
+            t[:count].copy_(getattr(source, name)[:count])
+
+    def temperature(self) -> torch.Tensor:
+        """[n] fp32 temperature of each canvas's next pass (config.SamplerConfig.temperature)."""
+        remaining = (self.max_steps - self.steps).double()
+        return (self.t_min + (self.t_max - self.t_min) * remaining / self.max_steps).float()
+
+
+def row_stats_for(device: torch.device) -> RowStatsFn:
+    """The sampler statistics kernel for `device`: the Triton fused sampler on CUDA, else torch."""
+    if device.type == "cuda":
+        from .kernels.fused_sampler import fused_row_stats, triton
+
+        if triton is not None:
+            return fused_row_stats
+    return vocab_tiled_row_stats
+
+
+def denoise_pass(batch: CanvasBatch, run_pass: RunPass, unembedding: Unembedding,
+                 row_stats: RowStatsFn) -> PassResult:
+    """One pass over every canvas of `batch`, in place; halted canvases keep their state.
+    No host synchronisation: safe to capture in a CUDA graph."""
+    hidden = run_pass(batch.rows, batch.canvas, batch.soft)  # [n, C, H]
+    n, length, width = hidden.shape
+    temperature = batch.temperature().repeat_interleave(length)
+    keys = noise.gumbel_row_keys(batch.block_keys, batch.steps, length).flatten()
+    stats = row_stats(hidden.reshape(n * length, width), unembedding.weight, unembedding.softcap, temperature,
+                      keys, True)
+    renoise = noise.renoise_tokens(batch.block_keys, batch.steps, length, unembedding.weight.shape[0])
+    result = decide(stats.argmax.view(n, length), stats.sample.view(n, length), stats.entropy.view(n, length),
+                    renoise, batch.entropy_bound)
+    unchanged = unchanged_passes(batch.argmax, result.argmax, batch.unchanged)
+    halts = ((unchanged >= batch.stability_threshold) & (result.mean_entropy < batch.confidence_threshold)) \
+        | (batch.steps + 1 >= batch.max_steps)
+    live = ~batch.halted
+    soft = (stats.soft * unembedding.scale).view(n, length, width).to(batch.soft.dtype)
+    batch.canvas.copy_(torch.where(live[:, None], result.next_canvas, batch.canvas))
+    batch.argmax.copy_(torch.where(live[:, None], result.argmax, batch.argmax))
+    batch.soft.copy_(torch.where(live[:, None, None], soft, batch.soft))
+    batch.unchanged.copy_(torch.where(live, unchanged, batch.unchanged))
+    batch.steps.add_(live.long())
+    batch.halted.logical_or_(live & halts)
+    return result
 
 
 @dataclass
@@ -57,53 +165,38 @@ class PassRecord:
 
 @dataclass
 class DenoiseResult:
-    tokens: torch.Tensor  # [n, C] committed argmax canvases
+    tokens: torch.Tensor  # [n, C] committed argmax canvases (on the host)
     passes: torch.Tensor  # [n] passes each canvas ran
     records: list[PassRecord] = field(default_factory=list)
 
 
-def denoise_canvases(jobs: list[CanvasJob], run_pass: RunPass, unembedding: Unembedding,
-                     device: torch.device | str = "cpu", record: bool = False) -> DenoiseResult:
-    n = len(jobs)
-    canvas = torch.stack([job.noise.initial_canvas(job.block) for job in jobs]).to(device)
-    argmax = canvas.clone()
-    max_history = max(1, max(job.sampler.stability_threshold for job in jobs))
-    history = torch.full((n, max_history, canvas.shape[1]), -1, dtype=canvas.dtype, device=device)
-    soft: torch.Tensor | None = None
-    steps = torch.zeros(n, dtype=torch.long)
-    active = torch.ones(n, dtype=torch.bool)
-    settings = {name: torch.tensor([getattr(job.sampler, name) for job in jobs], device=device)
-                for name in ("entropy_bound", "stability_threshold", "confidence_threshold",
-                             "max_denoising_steps")}
-    records = []
-    step = 0
-    while active.any():
-        rows = active.nonzero().squeeze(-1)
-        row_list = rows.tolist()
-        hidden = run_pass(rows, canvas[rows], None if soft is None else soft[rows])  # [m, C, H]
-        m, length, width = hidden.shape
-        temperature = torch.tensor([jobs[r].sampler.temperature(int(steps[r])) for r in row_list],
-                                   device=device, dtype=torch.float32).repeat_interleave(length)
-        keys = torch.cat([jobs[r].noise.gumbel_keys(jobs[r].block, int(steps[r])) for r in row_list]).to(device)
-        renoise = torch.stack([jobs[r].noise.renoise(jobs[r].block, int(steps[r])) for r in row_list])
-        stats = vocab_tiled_row_stats(hidden.reshape(m * length, width), unembedding.weight, unembedding.softcap,
-                                      temperature, keys, with_soft=True)
-        result = decide(stats.argmax.view(m, length), stats.sample.view(m, length), stats.entropy.view(m, length),
-                        renoise.to(device), settings["entropy_bound"][rows])
-        is_stable = stable(history[rows], result.argmax, settings["stability_threshold"][rows])
-        confident = result.mean_entropy < settings["confidence_threshold"][rows]
-        steps[rows] += 1
-        halted = (is_stable & confident) | (steps[rows].to(device) >= settings["max_denoising_steps"][rows])
-
-        canvas[rows] = result.next_canvas
-        argmax[rows] = result.argmax
-        history[rows] = torch.cat([history[rows, 1:], result.argmax[:, None]], dim=1)
-        next_soft = (stats.soft * unembedding.scale).view(m, length, width).to(hidden.dtype)
-        if soft is None:
-            soft = torch.zeros((n, length, width), dtype=hidden.dtype, device=device)
-        soft[rows] = next_soft
-        if record:
-            records.append(PassRecord(step, row_list, result.argmax.cpu(), result.accepted.cpu(), halted.cpu()))
-        active[rows[halted.cpu()]] = False
+def denoise_canvases(jobs: list[CanvasJob], canvas_length: int, run_pass: RunPass, unembedding: Unembedding,
+                     device: torch.device | str = "cpu", record: bool = False, graphs=None) -> DenoiseResult:
+    """Denoise one canvas per job until each halts. `graphs` (a `denoise_graphs.DenoiseGraphs`
+    built around a `run_pass` that reads only static inputs) replays captured passes; without
+    it, or for batches beyond its ladder, passes run eagerly."""
+    device = torch.device(device)
+    weight = unembedding.weight
+    row_stats = row_stats_for(device)
+    batch = CanvasBatch.start(jobs, canvas_length, weight.shape[0], weight.shape[1], weight.dtype, device)
+    tokens = torch.empty((len(jobs), canvas_length), dtype=torch.long)
+    passes = torch.zeros(len(jobs), dtype=torch.long)
+    slots = torch.arange(len(jobs))  # job index of each canvas still in the batch
+    records, step = [], 0
+    while len(slots):
+        if graphs is not None and graphs.covers(len(batch)) and not record:
+            batch = graphs.advance(batch)
+        else:
+            result = denoise_pass(batch, run_pass, unembedding, row_stats)
+            if record:
+                records.append(PassRecord(step, slots.tolist(), result.argmax.cpu(), result.accepted.cpu(),
+                                          batch.halted.cpu()))
         step += 1
-    return DenoiseResult(argmax, steps, records)
+        halted = batch.halted.cpu()
+        if halted.any():
+            done = halted.nonzero().squeeze(-1)
+            tokens[slots[done]] = batch.argmax[done.to(device)].cpu()
+            passes[slots[done]] = batch.steps[done.to(device)].cpu()
+            keep = (~halted).nonzero().squeeze(-1)
+            batch, slots = batch.take(keep.to(device)), slots[keep]
+    return DenoiseResult(tokens, passes, records)

@@ -30,7 +30,6 @@ from .canvas_context import CanvasPass, PagedPrefix, PrefixKV, canvas_pass
 from .config import SamplerConfig
 from .denoise import CanvasJob, denoise_canvases
 from .kv_layout import paged_views, read_tokens
-from .noise import CanvasNoise
 
 
 @dataclass
@@ -87,13 +86,12 @@ class DenoiseStep:
             state = runner.requests[batch.req_ids[i]]
             settings = self._settings(state.req_id, state.sampling_params)
             block = (length - len(state.prompt_token_ids)) // self.canvas_length
-            jobs.append(CanvasJob(block, settings.sampler,
-                                  CanvasNoise(settings.seed, self.model.cfg.vocab_size, self.canvas_length)))
+            jobs.append(CanvasJob(block, settings.sampler, settings.seed))
         prefixes = self._read_prefixes(runner, ready, context)
         context_lens = torch.tensor(context, device=self.device)
         with torch.inference_mode():
-            result = denoise_canvases(jobs, self._pass_runner(context_lens, prefixes), self.model.unembedding(),
-                                      device=self.device)
+            result = denoise_canvases(jobs, self.canvas_length, self._pass_runner(context_lens, prefixes),
+                                      self.model.unembedding(), device=self.device)
         for slot, (i, length) in enumerate(zip(ready, context)):
             emit = min(self.canvas_length, runner.max_model_len - length)
             out[i, :emit] = result.tokens[slot, :emit].cpu()

@@ -1,88 +1,112 @@
-"""Seeded random draws of the uniform-state sampler, addressed by (block, pass).
+"""Seeded random draws of the uniform-state sampler, addressed by (seed, block, pass).
 
 Each request owns a seed. Every draw it needs (the initial canvas of a block, the Gumbel
-noise that samples a pass, the tokens that re-noise the rejected positions) is keyed by
-(seed, block, pass, kind). A request's trajectory therefore depends on its seed only: not on
-batching, on which other requests share a pass, nor on call order. That makes seeded
-requests reproducible token for token and lets the reference generator replay the exact
-draws the engine made.
+noise that samples a pass, the tokens that re-noise the rejected positions) is a pure
+function of (seed, block, pass, kind, position[, vocabulary id]). A request's trajectory
+therefore depends on its seed only: not on batching, on which other requests share a pass,
+nor on call order. Seeded requests reproduce token for token, the reference generator
+replays the exact draws the engine made, and nothing here needs a host round trip: keys of
+a whole batch are computed on the device from `[n]` tensors, so the denoise loop can be
+captured in a CUDA graph.
 
-The Gumbel noise of (canvas position, vocabulary id) is a counter-based hash (splitmix64 of
-row key and id), so any tile of the [C, V] noise can be computed on its own: the
-vocab-tiled sampler never materialises it, and still draws exactly what the reference
-draws. Canvas and re-noise tokens ([C] each) come from a seeded torch generator.
+All draws are Philox 4x32-10 (counter-based): `philox_bits(key, counter)` is bit for bit
+Triton's `tl.randint(key, counter)`, `philox_uniform` its `tl.rand`. So the torch
+vocab-tiled sampler and the Triton fused sampler draw the same Gumbel noise for the same
+(row key, vocabulary id), whatever the tiling. Keys chain a 64-bit LCG step per address
+part (kept to 63 bits so they stay non-negative int64).
 """
 
 from __future__ import annotations
 
 import torch
 
-_INITIAL, _GUMBEL, _RENOISE = 0, 1, 2
-# Bound at import so that code patching torch's samplers (the reference generator replays
-# these draws inside transformers' generate) cannot reach them.
-_randint = torch.randint
+INITIAL, GUMBEL, RENOISE = 0, 1, 2
 _MASK = (1 << 63) - 1
+_LCG_A, _LCG_C = 6364136223846793005, 1442695040888963407
+
+# Philox 4x32-10 constants and tl.rand's int -> [0, 1) scale (triton/language/random.py).
+_ROUND_A, _ROUND_B, _KEY_A, _KEY_B = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
+_M32 = 0xFFFFFFFF
+_UNIFORM_SCALE = 4.6566127342e-10
 
 
-def _wrap(value: int) -> int:
-    """An unsigned 64-bit constant as the int64 torch stores."""
-    return value - (1 << 64) if value >= 1 << 63 else value
+def philox_bits(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """[N, T] int64 in [0, 2^32): tl.randint(keys[n], counters[t]) (keys [N], counters [T])."""
+    key = keys.to(torch.int64)[:, None]
+    k0, k1 = key & _M32, (key >> 32) & _M32
+    counters = counters.to(torch.int64)[None, :].expand(key.shape[0], -1)
+    c0, c1 = counters & _M32, (counters >> 32) & _M32
+    c2 = c3 = torch.zeros_like(c0)
+    for _ in range(10):
+        # Products of two uint32 fit 64 bits; int64 wraps, so the bits (and the high word) are exact.
+        pb, pa = _ROUND_B * c2, _ROUND_A * c0
+        c0, c1, c2, c3 = ((pb >> 32) & _M32) ^ c1 ^ k0, pb & _M32, ((pa >> 32) & _M32) ^ c3 ^ k1, pa & _M32
+        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
+    return c0
 
 
-_GOLDEN, _MIX1, _MIX2 = _wrap(0x9E3779B97F4A7C15), _wrap(0xBF58476D1CE4E5B9), _wrap(0x94D049BB133111EB)
-
-
-def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's `>>` is arithmetic)."""
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def _splitmix64(x: torch.Tensor) -> torch.Tensor:
-    x = x + _GOLDEN
-    x = (x ^ _shift_right(x, 30)) * _MIX1
-    x = (x ^ _shift_right(x, 27)) * _MIX2
-    return x ^ _shift_right(x, 31)
+def philox_uniform(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """[N, T] fp32 in [0, 1), bit for bit tl.rand(keys[n], counters[t])."""
+    bits = philox_bits(keys, counters)
+    folded = torch.where(bits >= 1 << 31, _M32 - bits, bits)  # tl.rand: int32 x < 0 -> ~x
+    return folded.float() * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=keys.device)
 
 
 def gumbel_noise(row_keys: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:
-    """[R, T] fp32 standard Gumbel noise for rows with int64 keys `row_keys` [R] at
-    vocabulary ids `vocab_ids` [T]; the same (key, id) always gives the same value."""
-    bits = _splitmix64(_splitmix64(row_keys[:, None]) ^ vocab_ids[None, :].to(torch.int64))
-    uniform = (_shift_right(bits, 11).to(torch.float64) + 0.5) * 2.0**-53  # in (0, 1)
-    return (-torch.log(-torch.log(uniform))).to(torch.float32)
+    """[R, T] fp32 standard Gumbel noise for rows keyed `row_keys` [R] at vocabulary ids
+    `vocab_ids` [T]: -log(-log(u)); u = 0 (p = 2^-31) gives -inf, a token never drawn."""
+    return -torch.log(-torch.log(philox_uniform(row_keys, vocab_ids)))
 
 
-def _key(seed: int, block: int, step: int, kind: int) -> int:
-    value = seed & _MASK
-    for part in (block, step, kind):
-        value = (value * 6364136223846793005 + 1442695040888963407 + part) & _MASK
-    return value
+def _chain(value, part):
+    """One LCG step: works on Python ints and on int64 tensors (which wrap mod 2^64)."""
+    return (value * _LCG_A + _LCG_C + part) & _MASK
+
+
+def block_key(seed: int, block: int) -> int:
+    """The key of a request's `block`-th canvas: every draw of that canvas derives from it."""
+    return _chain(seed & _MASK, block)
+
+
+def pass_keys(block_keys: torch.Tensor, steps: torch.Tensor, kind: int) -> torch.Tensor:
+    """[n] int64 keys of draw `kind` at pass `steps[n]` of canvases keyed `block_keys[n]`."""
+    return _chain(_chain(block_keys, steps), kind)
+
+
+def initial_tokens(block_keys: torch.Tensor, canvas_length: int, vocab_size: int) -> torch.Tensor:
+    """[n, C] starting canvases: tokens uniform over the whole vocabulary, special ones included."""
+    keys = pass_keys(block_keys, torch.zeros_like(block_keys), INITIAL)
+    return philox_bits(keys, torch.arange(canvas_length, device=keys.device)) % vocab_size
+
+
+def renoise_tokens(block_keys: torch.Tensor, steps: torch.Tensor, canvas_length: int, vocab_size: int) -> torch.Tensor:
+    """[n, C] fresh uniform tokens for the positions pass `steps[n]` does not accept."""
+    keys = pass_keys(block_keys, steps, RENOISE)
+    return philox_bits(keys, torch.arange(canvas_length, device=keys.device)) % vocab_size
+
+
+def gumbel_row_keys(block_keys: torch.Tensor, steps: torch.Tensor, canvas_length: int) -> torch.Tensor:
+    """[n, C] row keys of pass `steps[n]`'s Gumbel noise, one per canvas position."""
+    keys = pass_keys(block_keys, steps, GUMBEL)
+    return keys[:, None] ^ torch.arange(canvas_length, device=keys.device)
 
 
 class CanvasNoise:
-    def __init__(self, seed: int, vocab_size: int, canvas_length: int, device: torch.device | str = "cpu"):
-        self.seed = seed
-        self.vocab_size = vocab_size
-        self.canvas_length = canvas_length
-        self.device = torch.device(device)
+    """One request's draws, one canvas at a time (the reference generator's view)."""
 
-    def _generator(self, block: int, step: int, kind: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(_key(self.seed, block, step, kind))
+    def __init__(self, seed: int, vocab_size: int, canvas_length: int):
+        self.seed, self.vocab_size, self.canvas_length = seed, vocab_size, canvas_length
+
+    def _key(self, block: int) -> torch.Tensor:
+        return torch.tensor([block_key(self.seed, block)])
 
     def initial_canvas(self, block: int) -> torch.Tensor:
-        """[C] tokens drawn uniformly over the whole vocabulary, special tokens included."""
-        return _randint(0, self.vocab_size, (self.canvas_length,), device=self.device,
-                        generator=self._generator(block, 0, _INITIAL))
+        return initial_tokens(self._key(block), self.canvas_length, self.vocab_size)[0]
 
     def renoise(self, block: int, step: int) -> torch.Tensor:
-        """[C] fresh uniform tokens for the positions pass `step` did not accept."""
-        return _randint(0, self.vocab_size, (self.canvas_length,), device=self.device,
-                        generator=self._generator(block, step, _RENOISE))
-
-    def gumbel_keys(self, block: int, step: int) -> torch.Tensor:
-        """[C] int64 row keys of pass `step`'s Gumbel noise, one per canvas position."""
-        return torch.arange(self.canvas_length, device=self.device) ^ _key(self.seed, block, step, _GUMBEL)
+        return renoise_tokens(self._key(block), torch.tensor([step]), self.canvas_length, self.vocab_size)[0]
 
     def gumbel(self, block: int, step: int) -> torch.Tensor:
         """[C, V] standard Gumbel noise: argmax(log p + g) is a draw from p."""
-        return gumbel_noise(self.gumbel_keys(block, step), torch.arange(self.vocab_size, device=self.device))
+        keys = gumbel_row_keys(self._key(block), torch.tensor([step]), self.canvas_length)[0]
+        return gumbel_noise(keys, torch.arange(self.vocab_size))

@@ -11,6 +11,8 @@ section 3), for canvases that may each have their own settings:
   other position with fresh uniform tokens;
 - halt when the argmax repeated over the last `stability_threshold` passes and the mean
   entropy is below `confidence_threshold`, or when the pass budget is spent.
+Everything is batched tensor arithmetic with no host round trip, so a pass can be captured
+in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -47,9 +49,9 @@ def decide(
     return PassResult(argmax, accepted, torch.where(accepted, sample, renoise), entropy.mean(-1))
 
 
-def stable(history: torch.Tensor, argmax: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """[n] bool: argmax equals each of the last `threshold[n]` argmaxes in `history`
-    [n, S_max, C] (newest last, -1 where no pass ran yet); threshold 0 is always stable."""
-    same = (history == argmax[:, None, :]).all(-1)  # [n, S_max]
-    recent = torch.arange(history.shape[1], device=history.device) >= history.shape[1] - threshold[:, None]
-    return (same | ~recent).all(-1)
+def unchanged_passes(previous: torch.Tensor, argmax: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+    """[n] how many passes in a row before this one produced this argmax [n, C]: run[n] + 1
+    when it equals `previous` [n, C] (the last pass's argmax, -1 before the first), else 0.
+    A canvas is stable when this reaches its `stability_threshold`: transformers' check that
+    the argmax equals each of the last `threshold` argmaxes, without keeping them."""
+    return torch.where((previous == argmax).all(-1), run + 1, torch.zeros_like(run))

@@ -17,7 +17,6 @@ import torch
 
 from diffusiongemma_vllm.config import SamplerConfig
 from diffusiongemma_vllm.denoise import CanvasJob, denoise_canvases
-from diffusiongemma_vllm.noise import CanvasNoise
 from diffusiongemma_vllm.reference import reference_generate
 from diffusiongemma_vllm.standalone import load_standalone
 
@@ -57,14 +56,12 @@ def test_pass_by_pass_decisions_match_reference(tiny_dir, references):
         model.prefill(rows[r:r + 1], torch.tensor([prompt]), torch.tensor([0]))
     context = torch.tensor([len(p) for p in prompts])
     for block in range(BLOCKS):
-        jobs = [CanvasJob(block, SamplerConfig().with_request_overrides(knobs),
-                          CanvasNoise(seed, cfg.vocab_size, cfg.canvas_length))
-                for _, seed, knobs in REQUESTS]
+        jobs = [CanvasJob(block, SamplerConfig().with_request_overrides(knobs), seed) for _, seed, knobs in REQUESTS]
 
         def run_pass(subset, canvas, soft):
             return model.denoise(rows[subset], canvas, context[subset], soft)
 
-        result = denoise_canvases(jobs, run_pass, model.model.unembedding(), record=True)
+        result = denoise_canvases(jobs, cfg.canvas_length, run_pass, model.model.unembedding(), record=True)
         for r, ref in enumerate(references):
             assert int(result.passes[r]) == len(ref.argmax[block])
         assert len(set(result.passes.tolist())) == len(REQUESTS), "requests should halt at different passes"

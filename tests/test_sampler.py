@@ -14,7 +14,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
 from diffusiongemma_vllm.config import SamplerConfig
 from diffusiongemma_vllm.noise import CanvasNoise
 from diffusiongemma_vllm.kernels.vocab_tiled_sampler import vocab_tiled_row_stats
-from diffusiongemma_vllm.sampler import decide, entropy_bound_mask, stable
+from diffusiongemma_vllm.sampler import decide, entropy_bound_mask, unchanged_passes
 
 
 @pytest.mark.parametrize("scale, bound", [(1.0, 0.1), (4.0, 0.1), (12.0, 0.1), (12.0, 2.0), (12.0, 1e-4)])
@@ -40,16 +40,18 @@ def test_temperature_schedule_matches_transformers():
 
 
 def test_stability_matches_transformers_history():
-    """Catches halting on the first pass (history starts empty) or a wrong window of passes."""
-    for threshold in (0, 1, 2):
+    """Catches halting on the first pass (history starts empty) or a wrong window of passes:
+    the run-length count must agree with transformers' argmax history at every pass."""
+    for threshold in (0, 1, 2, 3):
         hf = StableAndConfidentStoppingCriteria(threshold, confidence_threshold=1e9)
-        history = torch.full((1, max(1, threshold), 4), -1)
-        for argmax in ([1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3, 5], [1, 2, 3, 5]):
+        previous, run = torch.full((1, 4), -1), torch.zeros(1, dtype=torch.long)
+        for argmax in ([1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3, 5], [1, 2, 3, 5], [1, 2, 3, 5],
+                       [0, 2, 3, 5]):
             canvas = torch.tensor([argmax])
             want = hf(canvas, torch.zeros(1, 4, 8)).item()
-            got = stable(history, canvas, torch.tensor([threshold])).item()
-            history = torch.cat([history[:, 1:], canvas[:, None]], dim=1)
-            assert got == want
+            run = unchanged_passes(previous, canvas, run)
+            previous = canvas
+            assert bool(run >= threshold) == want
 
 
 def test_draws_follow_the_distribution():

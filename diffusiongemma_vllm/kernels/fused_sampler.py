@@ -1,14 +1,15 @@
-"""Fused unembedding + sampler: one denoise pass's decisions straight from the hidden states.
+"""Fused unembedding + sampler: one denoise pass's statistics straight from the hidden states.
 
 For every canvas row h [H] against the tied embedding E [V, H] (fp32 arithmetic):
     z_v = softcap(h . E_v) / T_row,   softcap(x) = cap * tanh(x / cap),
 and from softmax(z): argmax(z), a Gumbel-max draw, the entropy and, optionally, the
-self-conditioning embedding softmax(z) @ E * embed_scale: what `sampler.py` consumes, as
-`vocab_tiled_sampler.py` computes it in torch, except the noise (keyed by a Philox seed per row
-here, by noise.py's splitmix64 keys there). The kernel never holds more than a [rows, vocab
-tile] block of z. The upstream sampler materialises fp32 logits
-[n * 256, 262144], 268 MB per canvas, and runs out of memory at 8 requests
-(research/vllm_intree.md 4.5 items 2-3, 6 idea 2).
+self-conditioning signal softmax(z) @ E: the `RowStats` that `vocab_tiled_sampler.py`
+computes in torch, with the same Philox noise (noise.py), so both draw the same tokens. The
+denoise loop uses this kernel on CUDA. The kernel never holds more than a [rows, vocab tile]
+block of z. The upstream sampler materialises fp32 logits [n * 256, 262144], 268 MB per
+canvas, and runs out of memory at 8 requests (research/vllm_intree.md 4.5 items 2-3, 6 idea 2).
+The reference is `vocab_tiled_sampler.naive_row_stats` on fp32 copies of the inputs (the
+kernel's dot products of bf16 inputs are exact in fp32; a bf16 matmul rounds its output).
 
 Design:
 - One program per (block of rows, vocabulary split) walks its vocabulary range in tiles, the
@@ -21,10 +22,9 @@ Design:
 - Splits fill the GPU when few rows are sampled (one canvas is 2 row blocks of 128); a torch
   epilogue merges the splits (the flash-decoding combine). Memory beyond the outputs is
   splits x N x H fp32 for acc, bounded by the split choice (~2 programs per SM); never N x V.
-- The draw is argmax_v(z_v + g_v), g = -log(-log u), u_v = tl.rand(seed_row, v) (Philox
-  4x32-10): it depends on (seed, v) alone, not on tiles, splits or the batch. `philox_uniform`
-  is tl.rand in torch, so `naive_fused_sampler` draws the same noise without Triton. tl.rand
-  gives fp32 u in [0, 1): g <= 16.6, and u = 0 (p = 2^-30) gives g = -inf, a token not drawn.
+- The draw is argmax_v(z_v + g_v), g = -log(-log u), u_v = tl.rand(key_row, v) (Philox
+  4x32-10): it depends on (key, v) alone, not on tiles, splits or the batch;
+  `noise.gumbel_noise` is the same noise in torch.
 - Temperatures must be > 0 (not checked: that would synchronise the device).
 
 Measured on an H100 during development (raw output not kept; benchmarks/gpu_check.py times
@@ -36,56 +36,15 @@ at 64, 128, 256): the acc read-modify-write, not the two dots, looks like the bo
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
+
+from .vocab_tiled_sampler import RowStats
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only installs without Triton still import this module
     triton = None
-
-
-class FusedSample(NamedTuple):
-    argmax: torch.Tensor  # [N] int64, first index on ties
-    sample: torch.Tensor  # [N] int64, a draw from softmax(z)
-    entropy: torch.Tensor  # [N] fp32
-    soft: torch.Tensor | None  # [N, H] fp32: softmax(z) @ E * embed_scale
-
-
-# Philox 4x32-10 constants and tl.rand's int -> [0, 1) scale (triton/language/random.py).
-_ROUND_A, _ROUND_B, _KEY_A, _KEY_B = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
-_M32 = 0xFFFFFFFF
-_UNIFORM_SCALE = 4.6566127342e-10
-
-
-def philox_uniform(seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """[N, T] fp32, bit for bit tl.rand(seeds[n], offsets[t]) (seeds [N], offsets [T] ints)."""
-    seed = seeds.to(torch.int64)[:, None]
-    k0, k1 = seed & _M32, (seed >> 32) & _M32
-    offsets = offsets.to(torch.int64)[None, :].expand(seed.shape[0], -1)
-    c0, c1 = offsets & _M32, (offsets >> 32) & _M32
-    c2 = c3 = torch.zeros_like(c0)
-    for _ in range(10):
-        # Products of two uint32 fit 64 bits; int64 wraps, so the bits (and the high word) are exact.
-        pb, pa = _ROUND_B * c2, _ROUND_A * c0
-        c0, c1, c2, c3 = ((pb >> 32) & _M32) ^ c1 ^ k0, pb & _M32, ((pa >> 32) & _M32) ^ c3 ^ k1, pa & _M32
-        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
-    folded = torch.where(c0 >= 1 << 31, _M32 - c0, c0)  # tl.rand: int32 x < 0 -> ~x
-    return folded.float() * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=seeds.device)
-
-
-def naive_fused_sampler(hidden: torch.Tensor, embedding: torch.Tensor, temperature: torch.Tensor,
-                        seeds: torch.Tensor, softcap: float, embed_scale: float, with_soft: bool) -> FusedSample:
-    """The reference: fp32 logits [N, V] materialised, every statistic read off them."""
-    logits = hidden.float() @ embedding.float().T  # exact products of bf16 inputs, as the kernel's dot
-    z = torch.tanh(logits / softcap) * softcap / temperature.float()[:, None]
-    log_probs = torch.log_softmax(z, dim=-1)
-    probs = log_probs.exp()
-    gumbel = -torch.log(-torch.log(philox_uniform(seeds, torch.arange(z.shape[1], device=z.device))))
-    soft = probs @ embedding.float() * embed_scale if with_soft else None
-    return FusedSample(z.argmax(-1), (z + gumbel).argmax(-1), -(probs * log_probs).sum(-1), soft)
 
 
 if triton is not None:
@@ -107,7 +66,7 @@ if triton is not None:
 
     @triton.jit
     def _fused_sampler_kernel(
-        h_ptr, e_ptr, t_ptr, seed_ptr, stats_ptr, ids_ptr, acc_ptr,
+        h_ptr, e_ptr, t_ptr, key_ptr, stats_ptr, ids_ptr, acc_ptr,
         N, V, H, tiles_per_split, softcap,
         s_hn, s_ev, s_an, s_as,  # row strides of hidden, embedding, acc; acc's split stride
         WITH_SOFT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -119,7 +78,7 @@ if triton is not None:
         row_ok = rows < N
         cols = tl.arange(0, BLOCK_H)
         inv_t = 1.0 / tl.load(t_ptr + rows, mask=row_ok, other=1.0).to(tl.float32)
-        seed = tl.load(seed_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        row_key = tl.load(key_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         h_rows = h_ptr + rows[:, None].to(tl.int64) * s_hn
         acc_rows = acc_ptr + split.to(tl.int64) * s_as + rows[:, None].to(tl.int64) * s_an
         if WITH_SOFT:
@@ -159,9 +118,9 @@ if triton is not None:
             weighted = rescale * (weighted + shift * total) + tl.sum(p * centred, axis=1)
             total = total * rescale + tl.sum(p, axis=1)
             m = m_new
-            key = z - tl.log(-tl.log(tl.rand(seed[:, None], vocab[None, :])))
-            key_max = tl.max(key, axis=1)
-            drawn_id = tl.where(key_max > drawn, v0 + tl.argmax(key, axis=1), drawn_id)
+            perturbed = z - tl.log(-tl.log(tl.rand(row_key[:, None], vocab[None, :])))
+            key_max = tl.max(perturbed, axis=1)
+            drawn_id = tl.where(key_max > drawn, v0 + tl.argmax(perturbed, axis=1), drawn_id)
             drawn = tl.maximum(drawn, key_max)
             if WITH_SOFT:
                 p = p.to(e_ptr.dtype.element_ty)  # as flash attention's P @ V
@@ -181,7 +140,7 @@ if triton is not None:
         tl.store(ids_ptr + splits * N + out, drawn_id.to(tl.int64), mask=row_ok)
 
 
-def _merge(stats: torch.Tensor, ids: torch.Tensor, acc: torch.Tensor | None, embed_scale: float) -> FusedSample:
+def _merge(stats: torch.Tensor, ids: torch.Tensor, acc: torch.Tensor | None) -> RowStats:
     """Combine the vocabulary splits' partials [splits, N] (and acc [splits, N, H])."""
     m, total, weighted, drawn = stats
     top = m.max(0).values
@@ -194,8 +153,8 @@ def _merge(stats: torch.Tensor, ids: torch.Tensor, acc: torch.Tensor | None, emb
     soft = None
     if acc is not None:
         soft = acc[0] if acc.shape[0] == 1 else acc.mul_(w[:, :, None]).sum(0)
-        soft.mul_((embed_scale / norm)[:, None])
-    return FusedSample(argmax, sample, entropy, soft)
+        soft.div_(norm[:, None])
+    return RowStats(argmax, sample, entropy, soft)
 
 
 def _default_splits(row_blocks: int, tiles: int, device: torch.device) -> int:
@@ -205,29 +164,28 @@ def _default_splits(row_blocks: int, tiles: int, device: torch.device) -> int:
     return max(1, min(tiles, -(-programs // row_blocks)))
 
 
-def fused_sampler(
+def fused_row_stats(
     hidden: torch.Tensor,  # [N, H] bf16 / fp16 / fp32, rows contiguous in H
     embedding: torch.Tensor,  # [V, H] same dtype (the tied lm_head)
-    temperature: torch.Tensor,  # [N] > 0
-    seeds: torch.Tensor,  # [N] int64 / int32: the draw of row n is a function of (seeds[n], v)
     softcap: float,
-    embed_scale: float,
+    temperature: torch.Tensor,  # [N] > 0
+    gumbel_keys: torch.Tensor,  # [N] int64 / int32: the draw of row n is a function of (key n, v)
     with_soft: bool,
     block_n: int | None = None,  # None: 128 with soft, else 64 (fastest in an H100 sweep)
     block_v: int | None = None,  # None: 256 with soft, else 128
     block_h: int = 64,  # 128 with block_v 256 exceeds an H100's shared memory
     splits: int | None = None,  # vocabulary splits; None: about 2 programs per SM on CUDA, else 1
     num_warps: int = 8,
-) -> FusedSample:
-    assert triton is not None, "fused_sampler needs Triton; naive_fused_sampler is the torch path"
+) -> RowStats:
+    assert triton is not None, "fused_row_stats needs Triton; vocab_tiled_row_stats is the torch path"
     n, width = hidden.shape
     vocab = embedding.shape[0]
     assert n > 0 and vocab > 0, (n, vocab)
     assert embedding.shape == (vocab, width) and embedding.dtype == hidden.dtype, (embedding.shape, embedding.dtype)
     assert hidden.stride(1) == 1 and embedding.stride(1) == 1, (hidden.stride(), embedding.stride())
-    assert temperature.shape == seeds.shape == (n,) and temperature.is_floating_point()
-    assert seeds.dtype in (torch.int64, torch.int32), seeds.dtype
-    assert temperature.stride(0) == 1 and seeds.stride(0) == 1
+    assert temperature.shape == gumbel_keys.shape == (n,) and temperature.is_floating_point()
+    assert gumbel_keys.dtype in (torch.int64, torch.int32), gumbel_keys.dtype
+    assert temperature.stride(0) == 1 and gumbel_keys.stride(0) == 1
     block_n = block_n or (128 if with_soft else 64)
     block_v = block_v or (256 if with_soft else 128)
     assert min(block_n, block_v, block_h) >= 16, "tl.dot needs every tile dim >= 16"
@@ -240,9 +198,9 @@ def fused_sampler(
     ids = torch.empty((2, splits, n), dtype=torch.int64, device=hidden.device)  # argmax, sample
     acc = torch.empty((splits, n, width), dtype=torch.float32, device=hidden.device) if with_soft else None
     _fused_sampler_kernel[(row_blocks, splits)](
-        hidden, embedding, temperature, seeds, stats, ids, acc if with_soft else stats,
+        hidden, embedding, temperature, gumbel_keys, stats, ids, acc if with_soft else stats,
         n, vocab, width, per_split, float(softcap),
         hidden.stride(0), embedding.stride(0), width, n * width,
         WITH_SOFT=with_soft, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
         UPCAST=hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16, num_warps=num_warps)
-    return _merge(stats, ids, acc, embed_scale)
+    return _merge(stats, ids, acc)

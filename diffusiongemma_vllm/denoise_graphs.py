@@ -1,0 +1,101 @@
+"""CUDA graphs of the denoise loop: captured runs of passes, one per batch size of a ladder.
+
+A denoise pass launches hundreds of kernels (30 layers of attention, MoE and norms, then the
+sampler); launched one by one from Python they cost milliseconds of host time per pass. Here
+`passes_per_replay` consecutive `denoise.denoise_pass` calls are captured once per ladder size
+(1, 2, 4, ..., 64 canvases) into a graph that reads and writes one static `CanvasBatch`, and
+each later run of passes is one replay.
+
+- Halting is masking: a canvas that halts inside a replay stays frozen for the remaining
+  passes (denoise_pass only updates running canvases), so nothing in a replay waits on the
+  host. Between replays `denoise_canvases` reads which canvases halted (one small device to
+  host copy) and drops them; the batch then moves to the smallest ladder size that holds it.
+- A batch smaller than its ladder size is padded with copies of its first canvas, marked
+  halted: valid inputs, frozen, never read back.
+- `run_pass` must read only tensors that outlive the graphs (the model's weights, the KV cache,
+  the caller's static per-step inputs indexed by `rows`): a replay re-runs exactly the
+  captured kernels on exactly the captured addresses.
+- The default is one pass per replay: the check between replays costs one device to host
+  copy, tens of microseconds against a pass of 15 ms or more on the release model, while each
+  extra pass per replay wastes, on average, half a pass of the whole batch after its last
+  canvas halts. `benchmarks/gpu_check.py` times both.
+Batches above the ladder run eagerly (`covers`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .denoise import CanvasBatch, RowStatsFn, RunPass, Unembedding, denoise_pass
+
+LADDER = (1, 2, 4, 8, 16, 32, 64)
+
+
+class CudaGraph:
+    """torch.cuda.CUDAGraph with the warm-up a capture needs (lazy inits, Triton compiles)."""
+
+    def __init__(self, pool):
+        self.graph, self.pool = torch.cuda.CUDAGraph(), pool
+
+    def capture(self, work: Callable[[], None]) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            work()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(self.graph, pool=self.pool):
+            work()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class DenoiseGraphs:
+    def __init__(self, run_pass: RunPass, unembedding: Unembedding, row_stats: RowStatsFn,
+                 ladder: tuple[int, ...] = LADDER, passes_per_replay: int = 1,
+                 graph_factory: Callable[[object], object] | None = None):
+        assert list(ladder) == sorted(set(ladder)) and ladder[0] >= 1, ladder
+        assert passes_per_replay >= 1
+        self.run_pass, self.unembedding, self.row_stats = run_pass, unembedding, row_stats
+        self.ladder, self.passes_per_replay = ladder, passes_per_replay
+        self.graph_factory = graph_factory or CudaGraph
+        self.pool = torch.cuda.graph_pool_handle() if graph_factory is None else None
+        self.captured: dict[int, tuple[object, CanvasBatch]] = {}  # ladder size -> (graph, static batch)
+        self.replays = 0
+
+    def covers(self, canvases: int) -> bool:
+        return canvases <= self.ladder[-1]
+
+    def size_for(self, canvases: int) -> int:
+        return next(size for size in self.ladder if size >= canvases)
+
+    def advance(self, batch: CanvasBatch) -> CanvasBatch:
+        """Run `passes_per_replay` passes over `batch`; returns the batch that now holds its
+        state (a view of the static batch of its ladder size, which the next call reuses)."""
+        n = len(batch)
+        size = self.size_for(n)
+        if size not in self.captured:
+            self.captured[size] = self._capture(size, batch)
+        graph, static = self.captured[size]
+        if batch.rows.data_ptr() != static.rows.data_ptr():
+            static.copy_(batch)
+            for t in static.tensors().values():
+                t[n:] = t[0]
+            static.halted[n:] = True
+        graph.replay()
+        self.replays += 1
+        return static.take(slice(0, n))
+
+    def _capture(self, size: int, like: CanvasBatch) -> tuple[object, CanvasBatch]:
+        static = CanvasBatch(**{name: t[:1].repeat_interleave(size, dim=0) for name, t in like.tensors().items()})
+        static.halted[1:] = True
+
+        def passes() -> None:
+            for _ in range(self.passes_per_replay):
+                denoise_pass(static, self.run_pass, self.unembedding, self.row_stats)
+
+        graph = self.graph_factory(self.pool)
+        graph.capture(passes)
+        return graph, static

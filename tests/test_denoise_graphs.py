@@ -1,0 +1,90 @@
+"""The graph-replayed denoise loop against the eager one, on CPU with a recorded stand-in graph.
+
+A CUDA graph replays the captured kernels on the captured addresses. `RecordedGraph` mimics
+that on CPU: capture keeps the work without running it, replay re-runs it against whatever
+the captured tensors hold then. So these tests catch what breaks graphs on a GPU: state kept
+outside the static batch, inputs read from per-step tensors instead of static ones, padding
+rows that change results, and canvases that keep changing after they halt inside a replay.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusiongemma_vllm.config import SamplerConfig
+from diffusiongemma_vllm.denoise import CanvasJob, denoise_canvases, row_stats_for
+from diffusiongemma_vllm.denoise_graphs import DenoiseGraphs
+from diffusiongemma_vllm.standalone import load_standalone
+
+# Halting after 3 passes, after 6, and after 1 (stability off, confidence always met).
+KNOBS = [{"max_denoising_steps": 3}, {"max_denoising_steps": 6, "entropy_bound": 0.5},
+         {"stability_threshold": 0, "confidence_threshold": 100.0}]
+PROMPTS = [[2, 17, 99, 4], [2] + list(range(30, 53)), [2] + list(range(60, 100))]
+
+
+class RecordedGraph:
+    def __init__(self, pool):
+        self.work = None
+
+    def capture(self, work):
+        self.work = work
+
+    def replay(self):
+        self.work()
+
+
+@pytest.fixture(scope="module")
+def standalone(tiny_dir):
+    return load_standalone(tiny_dir)
+
+
+@pytest.mark.parametrize("passes_per_replay, replays_per_block, sizes", [(1, 6, [1, 2, 4]), (3, 2, [1, 4])])
+def test_replayed_passes_equal_eager_passes(standalone, passes_per_replay, replays_per_block, sizes):
+    """Over two blocks, three requests halting after 1, 3 and 6 passes give the same tokens and
+    pass counts replayed as eagerly, while the batch shrinks through the ladder sizes. With 3
+    passes per replay two canvases halt inside the first replay and must stay frozen."""
+    model, cfg = standalone, standalone.model.cfg
+    model.allocate(len(PROMPTS), 256)
+    store_rows = torch.arange(len(PROMPTS))
+    for r, prompt in enumerate(PROMPTS):
+        model.prefill(store_rows[r:r + 1], torch.tensor([prompt]), torch.tensor([0]))
+    # Static per-step inputs, indexed by job: what the engine keeps for its graphs.
+    static_context = torch.tensor([len(p) for p in PROMPTS])
+
+    def run_pass(rows, canvas, soft):
+        return model.denoise(store_rows[rows], canvas, static_context[rows], soft)
+
+    unembedding = model.model.unembedding()
+    graphs = DenoiseGraphs(run_pass, unembedding, row_stats_for(torch.device("cpu")), ladder=(1, 2, 4),
+                           passes_per_replay=passes_per_replay, graph_factory=RecordedGraph)
+    for block in range(2):
+        jobs = [CanvasJob(block, SamplerConfig().with_request_overrides(k), seed=21 + i) for i, k in enumerate(KNOBS)]
+        eager = denoise_canvases(jobs, cfg.canvas_length, run_pass, unembedding)
+        replayed = denoise_canvases(jobs, cfg.canvas_length, run_pass, unembedding, graphs=graphs)
+        assert replayed.passes.tolist() == eager.passes.tolist() == [3, 6, 1]
+        assert torch.equal(replayed.tokens, eager.tokens)
+        model.prefill(store_rows, eager.tokens, static_context.clone())
+        static_context += cfg.canvas_length  # in place: the captured run_pass sees the new prefix
+    assert sorted(graphs.captured) == sizes
+    assert graphs.replays == 2 * replays_per_block
+
+
+def test_batches_beyond_the_ladder_run_eagerly(standalone):
+    """Catches a lookup past the largest ladder size (StopIteration) instead of the eager path."""
+    model, cfg = standalone, standalone.model.cfg
+    model.allocate(3, 256)
+    store_rows = torch.arange(3)
+    model.prefill(store_rows, torch.tensor([[2, 5, 6, 7]] * 3), torch.zeros(3, dtype=torch.long))
+    context = torch.full((3,), 4)
+
+    def run_pass(rows, canvas, soft):
+        return model.denoise(store_rows[rows], canvas, context[rows], soft)
+
+    graphs = DenoiseGraphs(run_pass, model.model.unembedding(), row_stats_for(torch.device("cpu")), ladder=(1, 2),
+                           graph_factory=RecordedGraph)
+    jobs = [CanvasJob(0, SamplerConfig(max_denoising_steps=2, stability_threshold=0, confidence_threshold=0.0),
+                      seed=s) for s in range(3)]
+    result = denoise_canvases(jobs, cfg.canvas_length, run_pass, model.model.unembedding(), graphs=graphs)
+    assert result.passes.tolist() == [2, 2, 2]
+    assert not graphs.captured and graphs.replays == 0
