@@ -5,10 +5,13 @@ scheduled tokens: a prompt (or a chunk of one) or the previous canvas being comm
 are causal and write KV. A request is *ready* when that pass reached the end of its known
 tokens (vLLM's `discard_request_mask` is False for it). For every ready request this step:
 1. locates its committed prefix K/V in the paged cache (kv_layout.py): on GPU the Triton
-   kernel reads the cache in place through the block table; on CPU it is gathered once per
-   layer and step; sliding layers read only the last window-1 tokens, the only ones vLLM keeps;
+   kernel reads the cache in place through the block table (copied, with the context
+   lengths, into static `PagedStepInputs`); on CPU it is gathered once per layer and step;
+   sliding layers read only the last window-1 tokens, the only ones vLLM keeps;
 2. denoises a fresh canvas at positions [L, L + C) with all other ready canvases in the
-   same passes, until each halts (denoise.py), without returning to the scheduler;
+   same passes, until each halts (denoise.py), without returning to the scheduler; on GPU
+   the passes replay CUDA graphs (denoise_graphs.py) unless the engine runs with
+   `enforce_eager`;
 3. emits the argmax canvas (trimmed at max_model_len) as the request's sampled tokens.
 The scheduler appends them, applies EOS / stop ids / max_tokens (trimming inside the
 canvas), and next step schedules the emitted tokens again: that pass is the commit.
@@ -28,7 +31,8 @@ import torch
 
 from .canvas_context import CanvasPass, PagedPrefix, PrefixKV, canvas_pass
 from .config import SamplerConfig
-from .denoise import CanvasJob, denoise_canvases
+from .denoise import CanvasJob, denoise_canvases, row_stats_for
+from .denoise_graphs import DenoiseGraphs
 from .kv_layout import paged_views, read_tokens
 
 
@@ -62,6 +66,10 @@ class DenoiseStep:
         self.default_sampler = SamplerConfig.from_generation_config(generation)
         self.settings: dict[str, _RequestSettings] = {}
         self.stats = DiffusionStats()
+        self.unembedding = model.unembedding()
+        self.paged_inputs: PagedStepInputs | None = None  # GPU: built at the first step
+        self.paged_run_pass = None  # GPU: the run_pass over paged_inputs
+        self.graphs: DenoiseGraphs | None = None
 
     def _settings(self, req_id: str, sampling_params) -> _RequestSettings:
         if req_id not in self.settings:
@@ -87,31 +95,35 @@ class DenoiseStep:
             settings = self._settings(state.req_id, state.sampling_params)
             block = (length - len(state.prompt_token_ids)) // self.canvas_length
             jobs.append(CanvasJob(block, settings.sampler, settings.seed))
-        prefixes = self._read_prefixes(runner, ready, context)
-        context_lens = torch.tensor(context, device=self.device)
         with torch.inference_mode():
-            result = denoise_canvases(jobs, self.canvas_length, self._pass_runner(context_lens, prefixes),
-                                      self.model.unembedding(), device=self.device)
+            if self.device.type == "cuda":
+                run_pass = self._load_paged_inputs(runner, ready, context)
+            else:
+                run_pass = self._pass_runner(torch.tensor(context), self._gather_prefixes(runner, ready, context))
+            result = denoise_canvases(jobs, self.canvas_length, run_pass, self.unembedding, device=self.device,
+                                      graphs=self.graphs)
         for slot, (i, length) in enumerate(zip(ready, context)):
             emit = min(self.canvas_length, runner.max_model_len - length)
-            out[i, :emit] = result.tokens[slot, :emit].cpu()
+            out[i, :emit] = result.tokens[slot, :emit]
         self.stats.steps += 1
         self.stats.passes += int(result.passes.max())
         self.stats.canvases += len(ready)
         self.stats.canvas_passes.extend(result.passes.tolist())
         return out
 
-    def _pass_runner(self, context_lens: torch.Tensor, prefixes: dict[str, PrefixKV]):
+    def _pass_runner(self, context_lens: torch.Tensor, prefixes: dict[str, PrefixKV | PagedPrefix]):
+        """run_pass over canvases whose request inputs sit at `rows` of `context_lens` and of
+        each prefix. Only device work: on GPU the same function is captured in graphs."""
         from vllm.forward_context import set_forward_context
 
         canvas_length = self.canvas_length
         offsets = torch.arange(canvas_length, device=self.device)
+        context_lens = context_lens.to(self.device)
 
-        def run_pass(rows: torch.Tensor, canvas: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
-            rows = rows.to(self.device)
+        def run_pass(rows: torch.Tensor, canvas: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
             lens = context_lens[rows]
             positions = (lens[:, None] + offsets).flatten()
-            embeds = self.model.embed_canvas(canvas.flatten(), None if soft is None else soft.flatten(0, 1))
+            embeds = self.model.embed_canvas(canvas.flatten(), soft.flatten(0, 1))
 
             def prefix(name: str) -> PrefixKV | PagedPrefix:
                 full = prefixes[name]
@@ -126,12 +138,23 @@ class DenoiseStep:
 
         return run_pass
 
-    def _read_prefixes(self, runner, ready: list[int], context: list[int]) -> dict[str, PrefixKV | PagedPrefix]:
-        """Each layer's committed K/V of the ready requests: on GPU the paged cache itself, on
-        CPU a gathered copy (left-aligned, zero-padded; CPU_ATTN pages are ISA-specific)."""
+    def _load_paged_inputs(self, runner, ready: list[int], context: list[int]):
+        """GPU: copy this step's context lengths and block-table rows into the static inputs
+        the passes (and their graphs) read; the first step builds them, the run_pass over them,
+        and, unless the engine runs eagerly, the graph ladder."""
+        if self.paged_inputs is None:
+            self.paged_inputs = PagedStepInputs.build(runner, self.vllm_config.scheduler_config.max_num_seqs)
+            self.paged_run_pass = self._pass_runner(self.paged_inputs.context_lens, self.paged_inputs.prefixes)
+            if not self.vllm_config.model_config.enforce_eager:
+                self.graphs = DenoiseGraphs(self.paged_run_pass, self.unembedding, row_stats_for(self.device))
+        self.paged_inputs.load(runner, ready, context)
+        return self.paged_run_pass
+
+    def _gather_prefixes(self, runner, ready: list[int], context: list[int]) -> dict[str, PrefixKV]:
+        """CPU: each layer's committed K/V of the ready requests, gathered once per step
+        (left-aligned, zero-padded; CPU_ATTN pages are ISA-specific); sliding layers keep only
+        the last window-1 tokens, the only ones vLLM keeps."""
         layers = runner.compilation_config.static_forward_context
-        if self.device.type == "cuda":
-            return self._paged_prefixes(runner, ready, layers)
         prefixes = {}
         for group_id, group in enumerate(runner.kv_cache_config.kv_cache_groups):
             spec = group.kv_cache_spec
@@ -156,15 +179,37 @@ class DenoiseStep:
         return prefixes
 
 
-    def _paged_prefixes(self, runner, ready: list[int], layers) -> dict[str, PagedPrefix]:
-        prefixes = {}
-        rows = torch.tensor(ready)
+@dataclass
+class PagedStepInputs:
+    """GPU: the per-request inputs of a step's canvases at fixed addresses, rows in job order:
+    context lengths and each KV group's block-table rows; every layer's prefix is vLLM's paged
+    cache read in place. Graphs captured over these stay valid from step to step."""
+
+    context_lens: torch.Tensor  # [max_num_seqs] int64
+    tables: list[torch.Tensor]  # per KV cache group: [max_num_seqs, max_blocks_per_request] int32
+    prefixes: dict[str, PagedPrefix]
+
+    @classmethod
+    def build(cls, runner, max_num_seqs: int) -> "PagedStepInputs":
+        layers = runner.compilation_config.static_forward_context
+        device = runner.device
+        tables, prefixes = [], {}
         for group_id, group in enumerate(runner.kv_cache_config.kv_cache_groups):
-            table = runner.input_batch.block_table[group_id].get_device_tensor(runner.input_batch.num_reqs)[rows]
+            width = runner.input_batch.block_table[group_id].get_device_tensor(1).shape[1]
+            table = torch.zeros((max_num_seqs, width), dtype=torch.int32, device=device)
+            tables.append(table)
             for name in group.layer_names:
                 key, value = paged_views(layers[name].kv_cache)
-                prefixes[name] = PagedPrefix(key, value, table.to(torch.int32), group.kv_cache_spec.block_size)
-        return prefixes
+                prefixes[name] = PagedPrefix(key, value, table, group.kv_cache_spec.block_size)
+        return cls(torch.zeros(max_num_seqs, dtype=torch.long, device=device), tables, prefixes)
+
+    def load(self, runner, ready: list[int], context: list[int]) -> None:
+        n = len(ready)
+        self.context_lens[:n].copy_(torch.tensor(context), non_blocking=True)
+        index = torch.tensor(ready, device=self.context_lens.device)
+        num_reqs = runner.input_batch.num_reqs
+        for group_id, table in enumerate(self.tables):
+            table[:n].copy_(runner.input_batch.block_table[group_id].get_device_tensor(num_reqs)[index])
 
 
 def _pad(rows: list[torch.Tensor]) -> torch.Tensor:
