@@ -6,11 +6,15 @@ each section, so a run cut short still leaves what it measured. The sections, mo
 first:
   environment        card, versions, HBM copy bandwidth and bf16 matmul rate (the two ceilings)
   attention_parity   paged canvas attention vs `naive_canvas_attention`, release shapes, bf16
-  sampler_parity     vocab-tiled sampler vs the materialising reference at V=262144, H=2816, 256 rows
+  sampler_parity     Triton fused and torch vocab-tiled samplers vs the materialising reference,
+                     and against each other, at V=262144, H=2816, 256 rows
   attention          the paged kernel per layer at 1..64 canvases (ms, TFLOP/s, GB/s)
-  sampler            vocab-tiled ("fused") vs materialised sampler per pass: ms and peak memory
-  backbone           one denoise pass of the 26B-A4B backbone (random bf16 weights), eager vs
-                     CUDA graph, per-pass overhead
+  sampler            Triton fused (with and without the soft embedding), torch vocab-tiled and
+                     materialised sampler per pass: ms and peak memory
+  backbone           one denoise pass of the 26B-A4B backbone (random bf16 weights) through the
+                     plugin's `denoise_pass`, eager vs CUDA graph, per-pass overhead
+  plugin_loop        the plugin's whole loop (`denoise_canvases`), a canvas of 16 passes at
+                     1..64 canvases, eager vs its graph ladder (1 and 4 passes per replay)
   ar_decode          one autoregressive step of the same backbone at batch 1 and 64, and the
                      diffusion/AR tokens/s ratios at 12, 16 and 48 passes per canvas
   roofline           bytes a pass must read vs the measured copy bandwidth
@@ -58,31 +62,14 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from diffusiongemma_vllm.config import BackboneConfig
+from diffusiongemma_vllm.config import MAX_DENOISING_STEPS_LIMIT, BackboneConfig, SamplerConfig
+from diffusiongemma_vllm.denoise import (CanvasBatch, CanvasJob, Unembedding, denoise_canvases, denoise_pass,
+                                         row_stats_for)
+from diffusiongemma_vllm.denoise_graphs import DenoiseGraphs
 from diffusiongemma_vllm.kernels.canvas_attention import naive_canvas_attention
+from diffusiongemma_vllm.kernels.fused_sampler import fused_row_stats
 from diffusiongemma_vllm.kernels.paged_canvas_attention import paged_canvas_attention
-from diffusiongemma_vllm.sampler import entropy_bound_mask
-
-from diffusiongemma_vllm.kernels.vocab_tiled_sampler import naive_row_stats, vocab_tiled_row_stats
-
-
-def _as_sampler(row_stats):
-    """(hidden, embedding, temperature, keys, softcap, scale, with_soft) -> (argmax, sample,
-    entropy, soft * scale), the signature this script's sections call."""
-
-    def sample(hidden, embedding, temperature, seeds, softcap, scale, with_soft):
-        stats = row_stats(hidden, embedding, softcap, temperature, seeds, with_soft)
-        return stats.argmax, stats.sample, stats.entropy, None if stats.soft is None else stats.soft * scale
-
-    return sample
-
-
-# The plugin's sampler (vocab-tiled, bounded memory) and its materialising reference.
-fused = SimpleNamespace(fused_sampler=_as_sampler(vocab_tiled_row_stats),
-                        naive_fused_sampler=_as_sampler(naive_row_stats))
-FUSED_MISSING = None
-# The one-kernel Triton sampler (Philox noise), checked and timed beside it.
-from diffusiongemma_vllm.kernels import fused_sampler as triton_fused  # noqa: E402
+from diffusiongemma_vllm.kernels.vocab_tiled_sampler import RowStats, naive_row_stats, vocab_tiled_row_stats
 
 TOTAL_LAYERS = 30
 PASSES_PER_CANVAS = (12, 16, 48)  # adaptive halting typically 12-16; the release caps at 48
@@ -118,6 +105,8 @@ class Plan:
     warmup: int
     reps: int
     graph_passes: int  # passes captured in one CUDA graph
+    loop_passes: int  # passes per canvas in the plugin_loop section
+    loop_reps: int
     copy_bytes: int
     matmul_size: int
     block_candidates: dict = field(default_factory=dict)  # head_dim -> [(block_m, block_n)]
@@ -125,13 +114,13 @@ class Plan:
 
 def gpu_plan(layers: int) -> Plan:
     return Plan(RELEASE, layers, 256, (1, 4, 16, 64), (1, 64), 2048, 4096, (300, 4000), (1, 16), 256,
-                warmup=3, reps=10, graph_passes=4, copy_bytes=2 << 30, matmul_size=8192,
+                warmup=3, reps=10, graph_passes=4, loop_passes=16, loop_reps=1, copy_bytes=2 << 30, matmul_size=8192,
                 block_candidates={256: [(16, 32), (32, 32), (64, 32), (32, 64)],
                                   512: [(16, 32), (16, 16), (32, 16), (32, 32)]})
 
 
 def smoke_plan() -> Plan:
-    return Plan(TOY, 2, 16, (1, 2), (1, 2), 40, 40, (5, 60), (1, 3), 24, warmup=1, reps=2, graph_passes=2,
+    return Plan(TOY, 2, 16, (1, 2), (1, 2), 40, 40, (5, 60), (1, 3), 24, warmup=1, reps=2, graph_passes=2, loop_passes=3, loop_reps=1,
                 copy_bytes=1 << 20, matmul_size=64, block_candidates={32: [(16, 16)], 64: [(16, 16)]})
 
 
@@ -396,30 +385,31 @@ def sampler_inputs(run: Run, rows: int, gen) -> SimpleNamespace:
         hidden=(torch.randn(rows, hidden_size, generator=gen, device=run.device) * scale).bfloat16(),
         embedding=(torch.randn(vocab, hidden_size, generator=gen, device=run.device) * 8 / hidden_size**0.5).bfloat16(),
         temperature=torch.rand(rows, generator=gen, device=run.device) * 0.4 + 0.4,
-        seeds=torch.randint(0, 2**62, (rows,), generator=gen, device=run.device))
+        keys=torch.randint(0, 2**62, (rows,), generator=gen, device=run.device))
 
 
 def embed_scale(cfg: BackboneConfig) -> float:
     return float(torch.tensor(cfg.hidden_size**0.5, dtype=torch.bfloat16))  # 53.0 at the release
 
 
-def materialized_sampler(hidden, embedding, temperature, seeds, softcap, scale, with_soft):
+def materialized_row_stats(hidden, embedding, softcap, temperature, keys, with_soft) -> RowStats:
     """The baseline of a plain torch engine: fp32 logits [N, V] and every statistic from them.
-    `seeds` is unused: the Gumbel noise is drawn, materialised, from torch's generator."""
+    `keys` is unused: the Gumbel noise is drawn, materialised, from torch's generator."""
     z = torch.tanh((hidden @ embedding.T).float() / softcap) * softcap / temperature[:, None]
     log_probs = torch.log_softmax(z, dim=-1)
     probs = log_probs.exp()
     gumbel = -torch.log(-torch.log(torch.rand_like(z).clamp_(min=1e-20)))
-    soft = (probs.to(embedding.dtype) @ embedding) * scale if with_soft else None
-    return z.argmax(-1), (z + gumbel).argmax(-1), -(probs * log_probs).sum(-1), soft
+    soft = probs.to(embedding.dtype) @ embedding if with_soft else None
+    return RowStats(z.argmax(-1), (z + gumbel).argmax(-1), -(probs * log_probs).sum(-1), soft)
 
 
-def sampler_outputs(result) -> tuple:
-    """(argmax, sample, entropy, soft) from a plain tuple or from a result with named fields."""
-    if isinstance(result, tuple) and not hasattr(result, "argmax"):
-        return tuple(result) + (None,) * (4 - len(result))
-    soft = next((getattr(result, n) for n in ("soft", "soft_embeds", "soft_embeddings") if hasattr(result, n)), None)
-    return result.argmax, result.sample, result.entropy, soft
+# Sampler statistics per pass, (hidden, embedding, softcap, temperature, keys, with_soft) -> RowStats:
+# the plugin's CUDA sampler (Triton, one kernel), its torch path (vocab-tiled, used off CUDA),
+# and the materialising baseline.
+SAMPLERS = {"triton_fused": fused_row_stats,
+            "triton_fused_no_soft": lambda *args: fused_row_stats(*args[:-1], False),
+            "torch_tiled": vocab_tiled_row_stats,
+            "materialized": materialized_row_stats}
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
@@ -475,7 +465,8 @@ class Backbone:
         self.experts = grouped_experts if hasattr(torch, "_grouped_mm") else looped_experts
         self.caches = []
         self.launch = {}  # head_dim -> attention block sizes that compiled (attention_parity)
-        self.sample = fused.fused_sampler if fused is not None else materialized_sampler
+        self.unembedding = Unembedding(self.embedding, SOFTCAP, self.scale)
+        self.row_stats = row_stats_for(device)
 
     def _matrix(self, *shape) -> torch.Tensor:
         return torch.randn(*shape, generator=self.gen, device=self.device, dtype=torch.bfloat16).mul_(shape[-1] ** -0.5)
@@ -504,7 +495,7 @@ class Backbone:
             self.caches.append(paged_prefix([context] * n, attn.num_kv_heads, attn.head_dim, window,
                                             self.device, self.gen))
 
-    def attention(self, w, x, cache, n: int, canvas: int, causal: bool) -> torch.Tensor:
+    def attention(self, w, x, cache, rows, n: int, canvas: int, causal: bool) -> torch.Tensor:
         attn, heads = w.attn, self.cfg.num_heads
         q_size, kv_size = heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
         qkv = x @ w.qkv.T
@@ -514,7 +505,8 @@ class Backbone:
         v = rms_norm(v.reshape(n, canvas, attn.num_kv_heads, attn.head_dim), None)
         k = rms_norm(k.reshape(n, canvas, attn.num_kv_heads, attn.head_dim), w.k_norm)
         window = self.cfg.sliding_window if attn.is_sliding else None
-        out = paged_canvas_attention(q, k, v, cache.key, cache.value, cache.table, cache.context, window, causal,
+        table, context = (cache.table, cache.context) if rows is None else (cache.table[rows], cache.context[rows])
+        out = paged_canvas_attention(q, k, v, cache.key, cache.value, table, context, window, causal,
                                      **self.launch.get(attn.head_dim, {}))
         return out.reshape(n * canvas, q_size) @ w.o.T
 
@@ -526,41 +518,47 @@ class Backbone:
             touched.append(int(ids.unique().numel()))
         return self.experts(x, weights, ids, w.w1, w.w2)
 
-    def run_layers(self, x, n: int, canvas: int, causal: bool, touched: list | None = None) -> torch.Tensor:
+    def run_layers(self, x, n: int, canvas: int, causal: bool, touched: list | None = None,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The layers over n canvases whose prefixes are the caches' rows `rows` (default: 0..n-1)."""
         for w, cache in zip(self.layers, self.caches):
             in_norm, post_attn, pre_ff, post_ff, pre_ff2, post_ff1, post_ff2 = w.norms
-            residual = x + rms_norm(self.attention(w, rms_norm(x, in_norm), cache, n, canvas, causal), post_attn)
+            attended = self.attention(w, rms_norm(x, in_norm), cache, rows, n, canvas, causal)
+            residual = x + rms_norm(attended, post_attn)
             dense = rms_norm(gated_mlp(rms_norm(residual, pre_ff), w.gate_up, w.down), post_ff1)
             routed = rms_norm(self.moe(w, rms_norm(residual, pre_ff2), residual, touched), post_ff2)
             x = (residual + rms_norm(dense + routed, post_ff)) * w.scalar
         return x
 
     def embed_canvas(self, ids, soft) -> torch.Tensor:
-        """Scaled embeddings through the self-conditioning block (steady state: soft != 0)."""
+        """Scaled embeddings through the self-conditioning block."""
         embeds = self.embedding[ids] * self.scale
         return rms_norm(embeds + gated_mlp(rms_norm(soft, self.sc.pre_norm), self.sc.gate_up, self.sc.down), None)
 
+    def run_pass(self, rows: torch.Tensor, canvas: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        """The plugin's `run_pass` contract: hidden states [n, C, H] of canvases at cache rows `rows`."""
+        n, length = canvas.shape
+        x = self.run_layers(self.embed_canvas(canvas.flatten(), soft.flatten(0, 1)), n, length, causal=False,
+                            rows=rows)
+        return rms_norm(x, self.final_norm).view(n, length, -1)
+
+    def jobs(self, n: int, max_passes: int) -> list[CanvasJob]:
+        """n canvases that never halt early (random weights are never confident): `max_passes` each."""
+        sampler = SamplerConfig(max_denoising_steps=max_passes, t_min=TEMPERATURE, t_max=TEMPERATURE,
+                                entropy_bound=ENTROPY_BOUND, confidence_threshold=0.0)
+        return [CanvasJob(0, sampler, seed=i) for i in range(n)]
+
     def denoise_state(self, n: int) -> SimpleNamespace:
-        rows, cfg = n * self.cfg.canvas_length, self.cfg
-        ids = torch.randint(0, cfg.vocab_size, (rows,), generator=self.gen, device=self.device)
-        soft = torch.randn(rows, cfg.hidden_size, generator=self.gen, device=self.device).bfloat16()
-        return SimpleNamespace(
-            n=n, ids=ids, soft=soft, x=self.embed_canvas(ids, soft),
-            renoise=torch.randint(0, cfg.vocab_size, (rows,), generator=self.gen, device=self.device),
-            seeds=torch.randint(0, 2**62, (rows,), generator=self.gen, device=self.device),
-            temperature=torch.full((rows,), TEMPERATURE, device=self.device),
-            bound=torch.full((n,), ENTROPY_BOUND, device=self.device))
+        """A CanvasBatch in the steady state (self-conditioning signal present) and its embeddings."""
+        cfg = self.cfg
+        batch = CanvasBatch.start(self.jobs(n, MAX_DENOISING_STEPS_LIMIT), cfg.canvas_length, cfg.vocab_size,
+                                  cfg.hidden_size, torch.bfloat16, self.device)
+        batch.soft.copy_(torch.randn(batch.soft.shape, generator=self.gen, device=self.device))
+        return SimpleNamespace(n=n, batch=batch, x=self.embed_canvas(batch.canvas.flatten(), batch.soft.flatten(0, 1)))
 
     def denoise_pass(self, s: SimpleNamespace) -> None:
-        """Canvas ids + soft embeddings -> layers -> sampler -> accepted ids and soft, in place."""
-        canvas = self.cfg.canvas_length
-        x = self.run_layers(self.embed_canvas(s.ids, s.soft), s.n, canvas, causal=False)
-        argmax, sample, entropy, soft = sampler_outputs(self.sample(
-            rms_norm(x, self.final_norm), self.embedding, s.temperature, s.seeds, SOFTCAP, self.scale, True))
-        accepted = entropy_bound_mask(entropy.view(s.n, canvas).float(), s.bound).flatten()
-        s.ids.copy_(torch.where(accepted, sample.view(-1), s.renoise))
-        s.soft.copy_(soft.view_as(s.soft))
-        s.seeds.add_(1)
+        """One pass of the plugin's loop: layers, sampler, acceptance, re-noise, halting, in place."""
+        denoise_pass(s.batch, self.run_pass, self.unembedding, self.row_stats)
 
     def denoise_layers(self, s: SimpleNamespace) -> torch.Tensor:
         return self.run_layers(s.x, s.n, self.cfg.canvas_length, causal=False)
@@ -655,27 +653,34 @@ def launch_first_that_compiles(rec: dict, run: Run, attn, q, k, v, cache, causal
 
 
 def check_sampler_parity(rec: dict, run: Run) -> None:
-    if fused is None:
-        rec["skipped"] = FUSED_MISSING
-        return
+    """The plugin's two samplers against the materialising reference at the release vocabulary:
+    the Triton kernel (CUDA) against fp32 copies of its inputs (its dots are exact products of
+    bf16 inputs), the torch path against the bf16 matmul it runs; then the two against each other
+    (same Philox noise: equal draws but for logits the bf16 rounding moves across a tie)."""
     s = sampler_inputs(run, run.plan.sampler_rows, run.gen(2))
-    args = (s.hidden, s.embedding, s.temperature, s.seeds, SOFTCAP, embed_scale(run.cfg), True)
-    got = sampler_outputs(fused.fused_sampler(*args))
-    want = sampler_outputs(fused.naive_fused_sampler(*args))
     rec.update(sampler_rows=s.hidden.shape[0], vocab=s.embedding.shape[0], hidden=s.embedding.shape[1],
-               argmax_agreement=float((got[0] == want[0]).float().mean()),
-               sample_agreement=float((got[1] == want[1]).float().mean()),
-               entropy_max_abs_err=float((got[2].float() - want[2].float()).abs().max()),
-               entropy_rel_err=rel_err(got[2], want[2]), soft_rel_err=rel_err(got[3], want[3]),
-               finite=all(bool(torch.isfinite(t.float()).all()) for t in (got[2], got[3])))
-    rec["ok"] = (rec["argmax_agreement"] >= 0.97 and rec["sample_agreement"] >= 0.97 and rec["finite"]
-                 and rec["entropy_rel_err"] < 1e-2 and rec["soft_rel_err"] < 2e-2)
-    rec["thresholds"] = "agreement >= 0.97 (bf16 near-ties), entropy rel_err < 1e-2, soft rel_err < 2e-2"
-    got = sampler_outputs(triton_fused.fused_sampler(*args))
-    want = sampler_outputs(triton_fused.naive_fused_sampler(*args))
-    rec["triton_fused"] = {"argmax_agreement": float((got[0] == want[0]).float().mean()),
-                           "sample_agreement": float((got[1] == want[1]).float().mean()),
-                           "entropy_rel_err": rel_err(got[2], want[2]), "soft_rel_err": rel_err(got[3], want[3])}
+               thresholds="agreement >= 0.97 (bf16 near-ties), entropy rel_err < 1e-2, soft rel_err < 2e-2")
+    args = (SOFTCAP, s.temperature, s.keys, True)
+    triton_stats = fused_row_stats(s.hidden, s.embedding, *args)
+    torch_stats = vocab_tiled_row_stats(s.hidden, s.embedding, *args)
+    rows = rec["rows"] = []
+    for name, got, want in (
+            ("triton_fused", triton_stats, lambda: naive_row_stats(s.hidden.float(), s.embedding.float(), *args)),
+            ("torch_tiled", torch_stats, lambda: naive_row_stats(s.hidden, s.embedding, *args)),
+            ("triton_fused vs torch_tiled", triton_stats, lambda: torch_stats)):
+        row = compare_stats(name, got, want())
+        rows.append(row)
+        gc.collect()
+
+
+def compare_stats(name: str, got: RowStats, want: RowStats) -> dict:
+    row = {"sampler": name, "argmax_agreement": float((got.argmax == want.argmax).float().mean()),
+           "sample_agreement": float((got.sample == want.sample).float().mean()),
+           "entropy_rel_err": rel_err(got.entropy, want.entropy), "soft_rel_err": rel_err(got.soft, want.soft),
+           "finite": bool(torch.isfinite(got.entropy).all() and torch.isfinite(got.soft).all())}
+    row["ok"] = (row["argmax_agreement"] >= 0.97 and row["sample_agreement"] >= 0.97 and row["finite"]
+                 and row["entropy_rel_err"] < 1e-2 and row["soft_rel_err"] < 2e-2)
+    return row
 
 
 def time_attention(rec: dict, run: Run) -> None:
@@ -711,22 +716,15 @@ def l2_bytes(run: Run) -> int:
 
 
 def time_sampler(rec: dict, run: Run) -> None:
-    """ms and peak memory per pass, fused vs materialised, at each canvas count."""
+    """ms and peak memory per pass of each sampler at each canvas count."""
     p, cfg = run.plan, run.cfg
     rows = rec["rows"] = []
-    samplers = {"materialized": materialized_sampler}
-    if fused is None:
-        rec["fused"] = f"skipped: {FUSED_MISSING}"
-    else:
-        samplers = {"fused": fused.fused_sampler, "triton_fused": triton_fused.fused_sampler,
-                    "triton_fused_no_soft": lambda *a: triton_fused.fused_sampler(*a[:-1], False), **samplers}
     s = sampler_inputs(run, p.canvas * max(p.canvas_counts), run.gen(4))
     for n in p.canvas_counts:
         rows_n = n * p.canvas
-        args = (s.hidden[:rows_n], s.embedding, s.temperature[:rows_n], s.seeds[:rows_n], SOFTCAP, embed_scale(cfg),
-                True)
+        args = (s.hidden[:rows_n], s.embedding, SOFTCAP, s.temperature[:rows_n], s.keys[:rows_n], True)
         output_mib = rows_n * (cfg.hidden_size * 4 + 3 * 8) / 2**20
-        for name, sampler in samplers.items():
+        for name, sampler in SAMPLERS.items():
             run.report.check()
             row = {"sampler": name, "canvases": n, "outputs_mib": output_mib}
             need = 7 * rows_n * cfg.vocab_size * 4
@@ -752,7 +750,7 @@ def time_backbone(rec: dict, run: Run) -> None:
     model = run.backbone = Backbone(cfg, run.device, run.gen(5))
     model.launch = run.blocks
     rec.update(layers_built=p.layers, context=p.context, rope="omitted (elementwise; not timed)",
-               sampler="fused_sampler" if fused is not None else f"materialized ({FUSED_MISSING})",
+               sampler=getattr(model.row_stats, "__name__", str(model.row_stats)),
                extrapolation=f"t30 = t_pass + ({TOTAL_LAYERS}/{p.layers} - 1) * t_layers, same mode")
     check_experts(rec, model)
     rows = rec["rows"] = []
@@ -774,6 +772,60 @@ def time_backbone(rec: dict, run: Run) -> None:
             row["error"] = "OOM"
         rows.append(row)
         model.caches, state = [], None
+        gc.collect()
+
+
+def time_plugin_loop(rec: dict, run: Run) -> None:
+    """The plugin's whole loop (`denoise_canvases`) on this backbone: one canvas of `loop_passes`
+    passes per request at each canvas count, eager, then replayed from the graph ladder
+    (`DenoiseGraphs`) with 1 and 4 passes per replay; replayed tokens are compared with eager ones."""
+    p = run.plan
+    model = run.backbone or Backbone(run.cfg, run.device, run.gen(5))
+    model.launch = run.blocks
+    rec.update(passes_per_canvas=p.loop_passes, layers_built=p.layers, context=p.context,
+               extrapolation=f"t30 = t + passes * ({TOTAL_LAYERS}/{p.layers} - 1) * t_layers (backbone section)")
+    layer_ms = {r["canvases"]: r.get("graph_layers_ms", r.get("eager_layers_ms"))
+                for r in run.report.data["sections"].get("backbone", {}).get("rows", [])}
+    rows = rec["rows"] = []
+    for n in p.canvas_counts:
+        run.report.check()
+        row = {"canvases": n}
+        model.allocate(n, p.context)
+        jobs = model.jobs(n, p.loop_passes)
+
+        def loop(graphs=None):
+            return denoise_canvases(jobs, p.canvas, model.run_pass, model.unembedding, run.device, graphs=graphs)
+
+        try:
+            eager = loop()
+            if n == p.canvas_counts[0]:  # graph agreement below 1 means something only if eager repeats
+                row["eager_repeat_agreement"] = float((loop().tokens == eager.tokens).float().mean())
+            modes = {"eager": median_ms(loop, run.device, 0, p.loop_reps)}
+            if run.device.type == "cuda":
+                for per_replay in (1, 4):
+                    graphs = DenoiseGraphs(model.run_pass, model.unembedding, model.row_stats,
+                                           passes_per_replay=per_replay)
+                    try:
+                        replayed = loop(graphs)  # captures this size's graph
+                        modes[f"graph_k{per_replay}"] = median_ms(lambda: loop(graphs), run.device, 0, p.loop_reps)
+                        row[f"graph_k{per_replay}_agreement"] = float((replayed.tokens == eager.tokens).float().mean())
+                    except Exception as error:  # noqa: BLE001 - a capture failure is a finding
+                        if is_oom(error):
+                            raise
+                        row[f"graph_k{per_replay}_error"] = f"{type(error).__name__}: {error}"[:400]
+                    graphs = None
+                    torch.cuda.empty_cache()
+            for mode, ms in modes.items():
+                row[f"{mode}_ms_per_pass"] = ms / p.loop_passes
+                if layer_ms.get(n):
+                    ms30 = ms + p.loop_passes * (TOTAL_LAYERS / p.layers - 1) * layer_ms[n]
+                    row[f"{mode}_tokens_per_s_30"] = 1e3 * p.canvas * n / ms30
+        except Exception as error:  # noqa: BLE001
+            if not is_oom(error):
+                raise
+            row["error"] = "OOM"
+        rows.append(row)
+        model.caches = []
         gc.collect()
 
 
@@ -1026,7 +1078,8 @@ def speedup_over_transformers(sections: dict, canvases: int, theirs: dict | None
 
 def sampler_growth(sections: dict) -> float | None:
     """Fused peak memory at the most canvases over the fewest, outputs subtracted (+64 MiB slack)."""
-    rows = [r for r in sections.get("sampler", {}).get("rows", []) if r["sampler"] == "fused" and r.get("peak_mib")]
+    rows = [r for r in sections.get("sampler", {}).get("rows", [])
+            if r["sampler"] == "triton_fused" and r.get("peak_mib")]
     if len(rows) < 2:
         return None
     work = [max(0.0, r["peak_mib"] - r["outputs_mib"]) + 64 for r in (rows[0], rows[-1])]
@@ -1036,7 +1089,7 @@ def sampler_growth(sections: dict) -> float | None:
 SECTIONS = [("environment", measure_environment, False), ("attention_parity", check_attention_parity, False),
             ("sampler_parity", check_sampler_parity, False), ("attention", time_attention, False),
             ("sampler", time_sampler, False), ("backbone", time_backbone, False),
-            ("ar_decode", time_ar_decode, False), ("roofline", roofline, True),
+            ("plugin_loop", time_plugin_loop, False), ("ar_decode", time_ar_decode, False), ("roofline", roofline, True),
             ("transformers", time_transformers, False), ("block_sweep", sweep_attention_blocks, False),
             ("goals", judge_goals, True)]
 
@@ -1086,7 +1139,6 @@ def metadata(args, device: torch.device) -> dict:
             "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
             "numpy": numpy.__version__, "python": platform.python_version(), "cuda": torch.version.cuda,
             "smoke": args.smoke, "layers_built": args.layers, "deadline_s": args.deadline,
-            "fused_sampler": "present" if fused is not None else FUSED_MISSING,
             "vllm_imported": "vllm" in sys.modules}
 
 

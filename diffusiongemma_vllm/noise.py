@@ -49,7 +49,7 @@ def philox_uniform(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     """[N, T] fp32 in [0, 1), bit for bit tl.rand(keys[n], counters[t])."""
     bits = philox_bits(keys, counters)
     folded = torch.where(bits >= 1 << 31, _M32 - bits, bits)  # tl.rand: int32 x < 0 -> ~x
-    return folded.float() * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=keys.device)
+    return folded.float() * _UNIFORM_SCALE  # a Python scalar: no host-to-device copy (graph capture)
 
 
 def gumbel_noise(row_keys: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:

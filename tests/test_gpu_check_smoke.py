@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("environment", "attention_parity", "sampler_parity", "attention", "sampler", "backbone", "ar_decode",
-            "roofline", "transformers", "block_sweep", "goals")
+SECTIONS = ("environment", "attention_parity", "sampler_parity", "attention", "sampler", "backbone", "plugin_loop",
+            "ar_decode", "roofline", "transformers", "block_sweep", "goals")
 
 
 def test_smoke_run_fills_every_section(tmp_path):
@@ -28,11 +28,15 @@ def test_smoke_run_fills_every_section(tmp_path):
     assert set(data["sections"]) == set(SECTIONS)
     for name, rec in data["sections"].items():
         assert "error" not in rec, (name, rec.get("traceback"))
-        assert "rows" in rec or "skipped" in rec or name in ("environment", "sampler_parity"), (name, rec)
+        assert "rows" in rec or "skipped" in rec or name == "environment", (name, rec)
     assert data["sections"]["environment"]["copy_gbps"] > 0
     assert all(row["ok"] for row in data["sections"]["attention_parity"]["rows"])
     assert {row["layer"] for row in data["sections"]["attention_parity"]["rows"]} == {"sliding", "full"}
     for row in data["sections"]["backbone"]["rows"] + data["sections"]["ar_decode"]["rows"]:
         assert row["eager_ms_30"] > row["eager_ms"] > 0
+    assert all(row["ok"] for row in data["sections"]["sampler_parity"]["rows"])
+    loop_rows = data["sections"]["plugin_loop"]["rows"]
+    assert loop_rows[0]["eager_repeat_agreement"] == 1.0
+    assert all(row["eager_ms_per_pass"] > 0 for row in loop_rows)
     assert len(data["sections"]["goals"]["rows"]) == 4
     assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check: cpu")
