@@ -67,7 +67,7 @@ from diffusiongemma_vllm.denoise import (CanvasBatch, CanvasJob, Unembedding, de
                                          row_stats_for)
 from diffusiongemma_vllm.denoise_graphs import DenoiseGraphs
 from diffusiongemma_vllm.kernels.canvas_attention import naive_canvas_attention
-from diffusiongemma_vllm.kernels.fused_sampler import fused_row_stats
+from diffusiongemma_vllm.kernels.fused_sampler import fused_row_stats, fused_stats_gemm_soft
 from diffusiongemma_vllm.kernels.paged_canvas_attention import paged_canvas_attention
 from diffusiongemma_vllm.kernels.vocab_tiled_sampler import RowStats, naive_row_stats, vocab_tiled_row_stats
 
@@ -404,10 +404,12 @@ def materialized_row_stats(hidden, embedding, softcap, temperature, keys, with_s
 
 
 # Sampler statistics per pass, (hidden, embedding, softcap, temperature, keys, with_soft) -> RowStats:
-# the plugin's CUDA sampler (Triton, one kernel), its torch path (vocab-tiled, used off CUDA),
+# the plugin's CUDA sampler (Triton, one kernel), the same kernel with the soft embedding as
+# chunked GEMMs (the candidate to replace it), its torch path (vocab-tiled, used off CUDA),
 # and the materialising baseline.
 SAMPLERS = {"triton_fused": fused_row_stats,
             "triton_fused_no_soft": lambda *args: fused_row_stats(*args[:-1], False),
+            "triton_stats_gemm_soft": fused_stats_gemm_soft,
             "torch_tiled": vocab_tiled_row_stats,
             "materialized": materialized_row_stats}
 
@@ -663,9 +665,11 @@ def check_sampler_parity(rec: dict, run: Run) -> None:
     args = (SOFTCAP, s.temperature, s.keys, True)
     triton_stats = fused_row_stats(s.hidden, s.embedding, *args)
     torch_stats = vocab_tiled_row_stats(s.hidden, s.embedding, *args)
+    exact = naive_row_stats(s.hidden.float(), s.embedding.float(), *args)
     rows = rec["rows"] = []
     for name, got, want in (
-            ("triton_fused", triton_stats, lambda: naive_row_stats(s.hidden.float(), s.embedding.float(), *args)),
+            ("triton_fused", triton_stats, lambda: exact),
+            ("triton_stats_gemm_soft", fused_stats_gemm_soft(s.hidden, s.embedding, *args), lambda: exact),
             ("torch_tiled", torch_stats, lambda: naive_row_stats(s.hidden, s.embedding, *args)),
             ("triton_fused vs torch_tiled", triton_stats, lambda: torch_stats)):
         row = compare_stats(name, got, want())

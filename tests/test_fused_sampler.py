@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
-from diffusiongemma_vllm.kernels.fused_sampler import fused_row_stats  # noqa: E402
+from diffusiongemma_vllm.kernels.fused_sampler import fused_row_stats, fused_stats_gemm_soft  # noqa: E402
 from diffusiongemma_vllm.kernels.vocab_tiled_sampler import (  # noqa: E402
     RowStats, naive_row_stats, vocab_tiled_row_stats)
 from diffusiongemma_vllm.noise import philox_uniform  # noqa: E402
@@ -205,3 +205,19 @@ def test_draws_the_same_tokens_as_the_torch_path():
     assert torch.equal(got.argmax, want.argmax) and torch.equal(got.sample, want.sample)
     torch.testing.assert_close(got.entropy, want.entropy, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got.soft, want.soft, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemm_soft_variant_matches_the_kernel(dtype):
+    """Catches a wrong log-normaliser (probabilities not summing to one), row or vocabulary
+    chunks skipped or counted twice, and a temperature applied to the wrong rows in the
+    GEMM-soft path; its argmax, draws and entropy are the kernel's."""
+    h, e, t, keys = make_inputs(37, 1000, 32, dtype, 3.0, seed=6)
+    got = fused_stats_gemm_soft(h, e, SOFTCAP, t, keys, True, vocab_chunk=300, row_chunk=16)
+    kernel = fused_row_stats(h, e, SOFTCAP, t, keys, False, **SMALL)
+    want = reference(h, e, t, keys, True)
+    assert torch.equal(got.argmax, kernel.argmax) and torch.equal(got.sample, kernel.sample)
+    torch.testing.assert_close(got.entropy, kernel.entropy, rtol=1e-5, atol=1e-5)  # other tiles, same sums
+    atol = 1e-4 if dtype == torch.float32 else 2**-8 * e.float().abs().max()
+    torch.testing.assert_close(got.soft, want.soft, rtol=0, atol=float(atol))
+    assert fused_stats_gemm_soft(h, e, SOFTCAP, t, keys, False).soft is None

@@ -10,6 +10,8 @@ block of z. The upstream sampler materialises fp32 logits [n * 256, 262144], 268
 canvas, and runs out of memory at 8 requests (research/vllm_intree.md 4.5 items 2-3, 6 idea 2).
 The reference is `vocab_tiled_sampler.naive_row_stats` on fp32 copies of the inputs (the
 kernel's dot products of bf16 inputs are exact in fp32; a bf16 matmul rounds its output).
+`fused_stats_gemm_soft` is the same kernel without its soft path, followed by the soft
+embedding as vocabulary-chunked GEMMs (see there); `benchmarks/gpu_check.py` times both.
 
 Design:
 - One program per (block of rows, vocabulary split) walks its vocabulary range in tiles, the
@@ -140,8 +142,9 @@ if triton is not None:
         tl.store(ids_ptr + splits * N + out, drawn_id.to(tl.int64), mask=row_ok)
 
 
-def _merge(stats: torch.Tensor, ids: torch.Tensor, acc: torch.Tensor | None) -> RowStats:
-    """Combine the vocabulary splits' partials [splits, N] (and acc [splits, N, H])."""
+def _merge(stats: torch.Tensor, ids: torch.Tensor, acc: torch.Tensor | None) -> tuple[RowStats, torch.Tensor]:
+    """Combine the vocabulary splits' partials [splits, N] (and acc [splits, N, H]); also
+    returns each row's log-normaliser log sum_v exp(z_v) [N]."""
     m, total, weighted, drawn = stats
     top = m.max(0).values
     w = torch.exp(m - top)
@@ -154,7 +157,7 @@ def _merge(stats: torch.Tensor, ids: torch.Tensor, acc: torch.Tensor | None) -> 
     if acc is not None:
         soft = acc[0] if acc.shape[0] == 1 else acc.mul_(w[:, :, None]).sum(0)
         soft.div_(norm[:, None])
-    return RowStats(argmax, sample, entropy, soft)
+    return RowStats(argmax, sample, entropy, soft), top + torch.log(norm)
 
 
 def _default_splits(row_blocks: int, tiles: int, device: torch.device) -> int:
@@ -177,6 +180,53 @@ def fused_row_stats(
     splits: int | None = None,  # vocabulary splits; None: about 2 programs per SM on CUDA, else 1
     num_warps: int = 8,
 ) -> RowStats:
+    return _launch(hidden, embedding, softcap, temperature, gumbel_keys, with_soft, block_n, block_v, block_h,
+                   splits, num_warps)[0]
+
+
+def fused_stats_gemm_soft(
+    hidden: torch.Tensor,  # [N, H], as fused_row_stats
+    embedding: torch.Tensor,  # [V, H]
+    softcap: float,
+    temperature: torch.Tensor,  # [N] > 0
+    gumbel_keys: torch.Tensor,  # [N]
+    with_soft: bool,
+    vocab_chunk: int = 16384,
+    row_chunk: int = 4096,
+) -> RowStats:
+    """The kernel without its soft embedding, then softmax(z) @ E as vocabulary-chunked GEMMs.
+
+    The kernel's soft path keeps its [rows, H] accumulator in global memory and rewrites it for
+    every vocabulary tile (8.2 ms per canvas on an H100, 2.2 ms without it). Here the kernel
+    returns the log-normaliser of each row, and each [row chunk, vocab chunk] block recomputes
+    z with a tensor-core GEMM (fp32 output, so z is the kernel's), exponentiates it against the
+    normaliser, rounds the probabilities to the embedding dtype (as the kernel does) and adds
+    P @ E_chunk in fp32: two GEMMs of 2 N V H flops each, near peak, plus elementwise work on a
+    [row chunk, vocab chunk] fp32 block. Same statistics and draws as `fused_row_stats`."""
+    stats, log_norm = _launch(hidden, embedding, softcap, temperature, gumbel_keys, False)
+    if not with_soft:
+        return stats
+    soft = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    inv_t = 1.0 / temperature.float()
+    for r in range(0, hidden.shape[0], row_chunk):
+        rows = slice(r, r + row_chunk)
+        for v in range(0, embedding.shape[0], vocab_chunk):
+            chunk = embedding[v:v + vocab_chunk]
+            z = torch.tanh(_mm_fp32(hidden[rows], chunk.T) / softcap) * softcap * inv_t[rows, None]
+            probs = torch.exp(z - log_norm[rows, None]).to(embedding.dtype)
+            soft[rows] += _mm_fp32(probs, chunk)
+    return RowStats(stats.argmax, stats.sample, stats.entropy, soft)
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 output: tensor-core inputs, fp32 accumulation and result on CUDA."""
+    if a.is_cuda and a.dtype != torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _launch(hidden, embedding, softcap, temperature, gumbel_keys, with_soft, block_n=None, block_v=None,
+            block_h=64, splits=None, num_warps=8) -> tuple[RowStats, torch.Tensor]:
     assert triton is not None, "fused_row_stats needs Triton; vocab_tiled_row_stats is the torch path"
     n, width = hidden.shape
     vocab = embedding.shape[0]
