@@ -33,6 +33,13 @@ from .denoise import CanvasBatch, RowStatsFn, RunPass, Unembedding, denoise_pass
 LADDER = (1, 2, 4, 8, 16, 32, 64)
 
 
+def ladder_for(max_canvases: int) -> tuple[int, ...]:
+    """The ladder sizes a step of at most `max_canvases` canvases can need (larger steps run
+    their passes eagerly until enough canvases halt)."""
+    top = next((size for size in LADDER if size >= max_canvases), LADDER[-1])
+    return tuple(size for size in LADDER if size <= top)
+
+
 class CudaGraph:
     """torch.cuda.CUDAGraph with the warm-up a capture needs (lazy inits, Triton compiles)."""
 
@@ -70,6 +77,14 @@ class DenoiseGraphs:
 
     def size_for(self, canvases: int) -> int:
         return next(size for size in self.ladder if size >= canvases)
+
+    def capture_ladder(self, like: CanvasBatch) -> None:
+        """Capture every ladder size now (largest first, so the smaller graphs reuse its memory
+        pool), from canvases shaped like `like`'s first; `advance` would otherwise capture a
+        size the first time a batch needs it, in the middle of serving."""
+        for size in reversed(self.ladder):
+            if size not in self.captured:
+                self.captured[size] = self._capture(size, like)
 
     def advance(self, batch: CanvasBatch) -> CanvasBatch:
         """Run `passes_per_replay` passes over `batch`; returns the batch that now holds its

@@ -31,8 +31,8 @@ import torch
 
 from .canvas_context import CanvasPass, PagedPrefix, PrefixKV, canvas_pass
 from .config import SamplerConfig
-from .denoise import CanvasJob, denoise_canvases, row_stats_for
-from .denoise_graphs import DenoiseGraphs
+from .denoise import CanvasBatch, CanvasJob, denoise_canvases, row_stats_for
+from .denoise_graphs import DenoiseGraphs, ladder_for
 from .kv_layout import paged_views, read_tokens
 
 
@@ -138,15 +138,34 @@ class DenoiseStep:
 
         return run_pass
 
+    def capture_graphs(self, runner) -> None:
+        """GPU, engine start-up (after vLLM's own capture): capture the denoise graph ladder on
+        dummy canvases (no committed prefix), so no request waits for a capture."""
+        self._build_paged_inputs(runner)
+        if self.graphs is None:
+            return
+        cfg = self.model.cfg
+        dummy = [CanvasJob(0, self.default_sampler, seed=0)]
+        with torch.inference_mode():
+            like = CanvasBatch.start(dummy, self.canvas_length, cfg.vocab_size, cfg.hidden_size,
+                                     self.unembedding.weight.dtype, self.device)
+            self.graphs.capture_ladder(like)
+
+    def _build_paged_inputs(self, runner) -> None:
+        if self.paged_inputs is not None:
+            return
+        max_num_seqs = self.vllm_config.scheduler_config.max_num_seqs
+        self.paged_inputs = PagedStepInputs.build(runner, max_num_seqs)
+        self.paged_run_pass = self._pass_runner(self.paged_inputs.context_lens, self.paged_inputs.prefixes)
+        if not self.vllm_config.model_config.enforce_eager:
+            self.graphs = DenoiseGraphs(self.paged_run_pass, self.unembedding, row_stats_for(self.device),
+                                        ladder=ladder_for(max_num_seqs))
+
     def _load_paged_inputs(self, runner, ready: list[int], context: list[int]):
         """GPU: copy this step's context lengths and block-table rows into the static inputs
-        the passes (and their graphs) read; the first step builds them, the run_pass over them,
-        and, unless the engine runs eagerly, the graph ladder."""
-        if self.paged_inputs is None:
-            self.paged_inputs = PagedStepInputs.build(runner, self.vllm_config.scheduler_config.max_num_seqs)
-            self.paged_run_pass = self._pass_runner(self.paged_inputs.context_lens, self.paged_inputs.prefixes)
-            if not self.vllm_config.model_config.enforce_eager:
-                self.graphs = DenoiseGraphs(self.paged_run_pass, self.unembedding, row_stats_for(self.device))
+        the passes (and their graphs) read; built once with the run_pass over them and, unless
+        the engine runs eagerly, the graph ladder."""
+        self._build_paged_inputs(runner)
         self.paged_inputs.load(runner, ready, context)
         return self.paged_run_pass
 

@@ -1,15 +1,17 @@
 """vLLM's V1 model runners with the plugin's worker step in place of token sampling.
 
-The only override is `_sample`: vLLM has just run the causal forward of the scheduled
+The main override is `_sample`: vLLM has just run the causal forward of the scheduled
 tokens; instead of sampling one token per request from the last logits, the runner hands
 over to `DenoiseStep` (denoise_step.py), which returns up to one canvas of tokens per
 request (`[num_reqs, C]`, -1 padded). vLLM's own bookkeeping then records them exactly as it
-records multi-token speculative output. Everything diffusion-specific lives in
+records multi-token speculative output. On GPU, `capture_model` (worker start-up) also
+captures the denoise passes' CUDA graphs. Everything diffusion-specific lives in
 denoise_step.py; this file only wires it into the CPU and GPU runner classes.
 """
 
 from __future__ import annotations
 
+import torch
 from vllm.v1.outputs import SamplerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -40,4 +42,10 @@ class DiffusionGemmaCPURunner(DenoiseStepRunnerMixin, CPUModelRunner):
 
 
 class DiffusionGemmaGPURunner(DenoiseStepRunnerMixin, GPUModelRunner):
-    pass
+    def capture_model(self) -> int:
+        """vLLM's graphs of the causal pass, then the denoise graph ladder (worker start-up,
+        skipped by vLLM under enforce_eager); returns the graph memory, as vLLM's does."""
+        free_before = torch.cuda.mem_get_info()[0]
+        memory = super().capture_model()
+        self.denoise_step.capture_graphs(self)
+        return max(memory, free_before - torch.cuda.mem_get_info()[0])

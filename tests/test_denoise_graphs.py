@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from diffusiongemma_vllm.config import SamplerConfig
-from diffusiongemma_vllm.denoise import CanvasJob, denoise_canvases, row_stats_for
-from diffusiongemma_vllm.denoise_graphs import DenoiseGraphs
+from diffusiongemma_vllm.denoise import CanvasBatch, CanvasJob, denoise_canvases, row_stats_for
+from diffusiongemma_vllm.denoise_graphs import DenoiseGraphs, ladder_for
 from diffusiongemma_vllm.standalone import load_standalone
 
 # Halting after 3 passes, after 6, and after 1 (stability off, confidence always met).
@@ -88,3 +88,22 @@ def test_batches_beyond_the_ladder_run_eagerly(standalone):
     result = denoise_canvases(jobs, cfg.canvas_length, run_pass, model.model.unembedding(), graphs=graphs)
     assert result.passes.tolist() == [2, 2, 2]
     assert not graphs.captured and graphs.replays == 0
+
+
+def test_ladder_covers_max_num_seqs_and_captures_largest_first(standalone):
+    """Catches start-up captures of sizes no step can need (memory for nothing), a ladder
+    whose top cannot hold max_num_seqs canvases, and captures in an order that keeps the
+    smaller graphs from reusing the largest one's memory pool."""
+    assert ladder_for(1) == (1,)
+    assert ladder_for(5) == (1, 2, 4, 8)
+    assert ladder_for(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert ladder_for(256) == (1, 2, 4, 8, 16, 32, 64)
+    cfg = standalone.model.cfg
+    unembedding = standalone.model.unembedding()
+    graphs = DenoiseGraphs(lambda rows, canvas, soft: None, unembedding, row_stats_for(torch.device("cpu")),
+                           ladder=ladder_for(5), graph_factory=RecordedGraph)
+    like = CanvasBatch.start([CanvasJob(0, SamplerConfig(), seed=0)], cfg.canvas_length, cfg.vocab_size,
+                             cfg.hidden_size, torch.float32, "cpu")
+    graphs.capture_ladder(like)
+    assert list(graphs.captured) == [8, 4, 2, 1]
+    assert [len(static) for _, static in graphs.captured.values()] == [8, 4, 2, 1]

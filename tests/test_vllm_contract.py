@@ -84,3 +84,16 @@ def test_cpu_runner_accelerator_shim_exists():
     from vllm.v1.worker.cpu_model_runner import _set_torch_accelerator_to_noop
 
     assert callable(_set_torch_accelerator_to_noop)
+
+
+def test_gpu_runner_hooks_the_graph_ladder_relies_on():
+    """Catches a GPU runner whose start-up capture hook or block-table device view moved: the
+    denoise graphs are captured from `capture_model` (called by the worker unless
+    enforce_eager) and read each step's block-table rows from `get_device_tensor`."""
+    from vllm.v1.worker.block_table import BlockTable
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    assert inspect.signature(GPUModelRunner.capture_model).return_annotation in (int, "int")
+    assert "capture_model()" in inspect.getsource(Worker.compile_or_warm_up_model)
+    assert list(inspect.signature(BlockTable.get_device_tensor).parameters) == ["self", "num_reqs"]
