@@ -19,7 +19,8 @@ first:
                      diffusion/AR tokens/s ratios at 12, 16 and 48 passes per canvas
   roofline           bytes a pass must read vs the measured copy bandwidth
   transformers       DiffusionGemmaForBlockDiffusion doing the same denoise step (the reference)
-  block_sweep        the attention kernel's (block_m, block_n) candidates at 16 canvases
+  block_sweep        the attention kernel's launch candidates at 16 canvases, and its key
+                     splits (1, 2, 4) at 1 and 4 canvases
   goals              each target of research/perf_anchors.md: met, not met, or unknown
 Each section checks a deadline (default 420 s) and records a skip reason once past it. An
 exception is recorded with its traceback, and the next section runs.
@@ -109,19 +110,35 @@ class Plan:
     loop_reps: int
     copy_bytes: int
     matmul_size: int
-    block_candidates: dict = field(default_factory=dict)  # head_dim -> [(block_m, block_n)]
+    block_candidates: dict = field(default_factory=dict)  # head_dim -> [launch kwargs of the kernel]
+
+
+def _launch(block_m: int, block_n: int, block_dv: int, num_warps: int, num_stages: int) -> dict:
+    return dict(block_m=block_m, block_n=block_n, block_dv=block_dv, num_warps=num_warps, num_stages=num_stages)
+
+
+# Paged canvas attention launch settings worth sweeping on an H100 (the first of each is the
+# kernel's default): from offline sm_90 compiles, none spills in its loops or overflows 227 KB.
+HOPPER_ATTENTION_CANDIDATES = {
+    256: [_launch(128, 64, 256, 8, 2), _launch(128, 32, 256, 8, 2), _launch(128, 32, 256, 8, 3),
+          _launch(64, 64, 256, 8, 2), _launch(64, 64, 256, 8, 3), _launch(64, 32, 256, 8, 3),
+          _launch(128, 64, 128, 8, 2), _launch(128, 64, 256, 8, 1)],
+    512: [_launch(128, 32, 256, 8, 2), _launch(128, 16, 256, 8, 3), _launch(128, 32, 256, 8, 1),
+          _launch(64, 16, 512, 8, 2), _launch(64, 32, 256, 8, 2), _launch(64, 32, 256, 8, 3),
+          _launch(128, 32, 128, 8, 2), _launch(128, 64, 128, 8, 1)],
+}
 
 
 def gpu_plan(layers: int) -> Plan:
     return Plan(RELEASE, layers, 256, (1, 4, 16, 64), (1, 64), 2048, 4096, (300, 4000), (1, 16), 256,
                 warmup=3, reps=10, graph_passes=4, loop_passes=16, loop_reps=1, copy_bytes=2 << 30, matmul_size=8192,
-                block_candidates={256: [(16, 32), (32, 32), (64, 32), (32, 64)],
-                                  512: [(16, 32), (16, 16), (32, 16), (32, 32)]})
+                block_candidates=HOPPER_ATTENTION_CANDIDATES)
 
 
 def smoke_plan() -> Plan:
     return Plan(TOY, 2, 16, (1, 2), (1, 2), 40, 40, (5, 60), (1, 3), 24, warmup=1, reps=2, graph_passes=2, loop_passes=3, loop_reps=1,
-                copy_bytes=1 << 20, matmul_size=64, block_candidates={32: [(16, 16)], 64: [(16, 16)]})
+                copy_bytes=1 << 20, matmul_size=64,
+                block_candidates={32: [dict(block_m=16, block_n=16)], 64: [dict(block_m=32, block_n=16, block_dv=32)]})
 
 
 def text_config(dims: dict, layers: int) -> dict:
@@ -641,7 +658,7 @@ def launch_first_that_compiles(rec: dict, run: Run, attn, q, k, v, cache, causal
     defaults first, then the plan's candidates (head_dim 512 may exceed shared memory)."""
     if attn.head_dim in run.blocks:
         return attention_call(run, attn, q, k, v, cache, causal)
-    candidates = [{}] + [dict(block_m=m, block_n=n) for m, n in run.plan.block_candidates.get(attn.head_dim, [])]
+    candidates = [{}] + run.plan.block_candidates.get(attn.head_dim, [])
     for blocks in candidates:
         try:
             out = attention_call(run, attn, q, k, v, cache, causal, **blocks)
@@ -1026,18 +1043,23 @@ class LayerStopwatch:
 
 
 def sweep_attention_blocks(rec: dict, run: Run) -> None:
-    """Each (block_m, block_n) candidate at the second-largest canvas count, or why it failed."""
+    """Each launch candidate at the second-largest canvas count, then the kernel's default
+    settings with 1, 2 and 4 key splits at the two smallest counts; or why a launch failed."""
     p, gen = run.plan, run.gen(7)
-    n = p.canvas_counts[-2]
     rows = rec["rows"] = []
     for kind, attn in layer_kinds(run.cfg).items():
         window = run.cfg.sliding_window if attn.is_sliding else None
-        qkv = canvas_qkv(run, attn, n, p.canvas, gen)
-        cache = paged_prefix([p.attention_context] * n, attn.num_kv_heads, attn.head_dim, window, run.device, gen)
-        for block_m, block_n in p.block_candidates.get(attn.head_dim, []):
+        trials = [(p.canvas_counts[-2], launch) for launch in p.block_candidates.get(attn.head_dim, [])]
+        trials += [(n, {"num_splits": splits}) for n in p.canvas_counts[:2] for splits in (1, 2, 4)]
+        inputs = {}
+        for n, launch in trials:
             run.report.check()
-            row = {"layer": kind, "head_dim": attn.head_dim, "canvases": n, "block_m": block_m, "block_n": block_n}
-            call = lambda: attention_call(run, attn, *qkv, cache, False, block_m=block_m, block_n=block_n)  # noqa: E731
+            if n not in inputs:
+                inputs = {n: (canvas_qkv(run, attn, n, p.canvas, gen), paged_prefix(
+                    [p.attention_context] * n, attn.num_kv_heads, attn.head_dim, window, run.device, gen))}
+            qkv, cache = inputs[n]
+            row = {"layer": kind, "head_dim": attn.head_dim, "canvases": n, **launch}
+            call = lambda: attention_call(run, attn, *qkv, cache, False, **launch)  # noqa: E731
             try:
                 row["ms"] = median_ms(call, run.device, p.warmup, p.reps)
             except Exception as error:  # noqa: BLE001 - OutOfResources is an answer here

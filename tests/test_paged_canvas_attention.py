@@ -3,7 +3,9 @@ interpreter (conftest.py sets TRITON_INTERPRET=1).
 
 The caches are paged through a shuffled block table; every cache cell the kernel must not
 read (unused blocks, prefix positions older than the sliding window, stale table entries
-past the window) holds NaN, so a stray read poisons the output.
+past the window) holds NaN, so a stray read poisons the output. Besides the default launch
+settings, each launch option (small row blocks that split a GQA group's rows, a split output
+head dim, a split key sequence) runs at small shapes.
 """
 
 from __future__ import annotations
@@ -76,6 +78,86 @@ def test_matches_reference(contexts, canvas, heads, kv_heads, head_dim, window, 
     torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-5)
 
 
+# (contexts, canvas, heads, kv_heads, head_dim, window): GQA groups 1, 2 and 8. Group 1 has a
+# canvas wider than its window and 16-row blocks, so a commit's later blocks skip the prefix;
+# head_dim 48 leaves the second 32-wide output slice half masked.
+GROUPS = [
+    ((0, 21), 40, 2, 2, 32, 5),
+    ((37, 5), 13, 4, 2, 64, 16),
+    ((50,), 7, 8, 1, 48, None),
+]
+LAUNCHES = [
+    dict(block_m=16, block_n=16),  # row blocks that end inside a canvas position's group
+    dict(block_m=32, block_n=16, block_dv=32),  # output head dim split across programs
+    dict(block_m=64, block_n=32, num_splits=3),  # key splits; empty ones where a request is short
+    dict(block_m=16, block_n=16, block_dv=16, num_splits=2),
+]
+
+
+@pytest.mark.parametrize("launch", LAUNCHES, ids=lambda d: "-".join(f"{k}{v}" for k, v in d.items()))
+@pytest.mark.parametrize("contexts, canvas, heads, kv_heads, head_dim, window", GROUPS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_launch_options_match_reference(contexts, canvas, heads, kv_heads, head_dim, window, causal, launch):
+    """Catches a wrong (canvas position, head) row packing, a causal or window bound taken from
+    the wrong row of a block, an output slice written to the wrong columns, a key split that
+    drops or repeats a tile, and a combine that mishandles an empty split."""
+    q, k, v, kc, vc, table, ctx, (pk, pv, lens) = make_case(contexts, canvas, heads, kv_heads, head_dim, window,
+                                                            torch.float32, seed=5)
+    got = paged_canvas_attention(q, k, v, kc, vc, table, ctx, window, causal, **launch)
+    want = naive_canvas_attention(q, k, v, pk, pv, lens, ctx, window, causal)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-5)
+
+
+@pytest.mark.parametrize("contexts, canvas, heads, kv_heads, head_dim, window", [
+    ((40, 3), 9, 4, 2, 256, 16),  # sliding: the release's head dim and GQA group
+    ((33,), 5, 8, 1, 512, None),  # full: the release's head dim and GQA group, two output slices
+])
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_splits_at_release_head_dims(contexts, canvas, heads, kv_heads, head_dim, window, causal):
+    """Catches split-key partials or their log-sum-exp indexed wrongly at the release's head
+    dims (the default launch settings, with the splits a one-canvas launch gets on a GPU)."""
+    q, k, v, kc, vc, table, ctx, (pk, pv, lens) = make_case(contexts, canvas, heads, kv_heads, head_dim, window,
+                                                            torch.float32, seed=6)
+    got = paged_canvas_attention(q, k, v, kc, vc, table, ctx, window, causal, num_splits=4)
+    want = naive_canvas_attention(q, k, v, pk, pv, lens, ctx, window, causal)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-5)
+
+
+def test_launch_that_runs_out_of_resources_falls_back_to_the_compact_settings(monkeypatch):
+    """Catches a model call that dies when the head dim's table entry (chosen from offline
+    compiles, not a GPU run) does not fit the card: it must retry with COMPACT_LAUNCH and
+    remember that, while explicitly requested settings still raise."""
+    from triton.runtime.errors import OutOfResources
+
+    from diffusiongemma_vllm.kernels import paged_canvas_attention as module
+
+    real = module._paged_canvas_attention_kernel
+    launched = []
+
+    class TooBigForTheTable:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["BLOCK_N"])
+                if kwargs["BLOCK_N"] == module.GENERIC_LAUNCH["block_n"]:
+                    raise OutOfResources(240000, 232448, "shared memory")
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(module, "_paged_canvas_attention_kernel", TooBigForTheTable())
+    monkeypatch.setattr(module, "_OVERSIZED", set())
+    q, k, v, kc, vc, table, ctx, (pk, pv, lens) = make_case((21, 4), 6, 4, 2, 64, 16, torch.float32, seed=8)
+    want = naive_canvas_attention(q, k, v, pk, pv, lens, ctx, 16, False)
+    for _ in range(2):
+        torch.testing.assert_close(paged_canvas_attention(q, k, v, kc, vc, table, ctx, 16, False), want,
+                                   rtol=1e-4, atol=5e-5)
+    compact = module.COMPACT_LAUNCH["block_n"]
+    assert launched == [module.GENERIC_LAUNCH["block_n"], compact, compact]  # the second call goes straight there
+    with pytest.raises(OutOfResources):
+        paged_canvas_attention(q, k, v, kc, vc, table, ctx, 16, False, block_n=module.GENERIC_LAUNCH["block_n"])
+
+
 def test_block_table_in_larger_blocks_than_the_cache():
     """Catches a kernel that assumes vLLM's scheduler blocks equal the attention kernel's blocks."""
     q, k, v, kc, vc, table, ctx, (pk, pv, lens) = make_case((30, 45), 10, 2, 1, 32, 16, torch.float32, seed=3)
@@ -107,6 +189,30 @@ def test_bf16_and_strided_cache_views():
     got = paged_canvas_attention(q, k, v, kc_strided, vc_strided, table, ctx, 16, False)
     want = naive_canvas_attention(q, k, v, pk, pv, lens, ctx, 16, False)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_with_split_keys_and_output_slices():
+    """Catches fp32 partials cast to bf16 before the combine, or a bf16 final store that
+    loses the split path's output."""
+    q, k, v, kc, vc, table, ctx, (pk, pv, lens) = make_case((21, 9), 12, 8, 2, 32, 16, torch.bfloat16, seed=7)
+    got = paged_canvas_attention(q, k, v, kc, vc, table, ctx, 16, True, block_m=16, block_n=16, block_dv=16,
+                                 num_splits=2)
+    want = naive_canvas_attention(q, k, v, pk, pv, lens, ctx, 16, True)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_query_viewed_from_a_fused_qkv_buffer():
+    """Catches an output written with the query's strides: a query sliced out of a fused qkv
+    projection is not dense, and the output the launcher allocates is."""
+    q, k, v, kc, vc, table, ctx, (pk, pv, lens) = make_case((14, 30), 6, 4, 2, 32, None, torch.float32, seed=8)
+    n, canvas, heads, head_dim = q.shape
+    fused = torch.cat([q.flatten(-2), k.flatten(-2), v.flatten(-2)], dim=-1)
+    q_view = fused[..., :heads * head_dim].unflatten(-1, (heads, head_dim))
+    got = paged_canvas_attention(q_view, k, v, kc, vc, table, ctx, None, False)
+    want = naive_canvas_attention(q, k, v, pk, pv, lens, ctx, None, False)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-5)
 
 
 def test_model_denoise_through_the_paged_kernel_matches_the_dense_path(tiny_dir):
