@@ -67,9 +67,11 @@ from diffusiongemma_vllm.config import MAX_DENOISING_STEPS_LIMIT, BackboneConfig
 from diffusiongemma_vllm.denoise import (CanvasBatch, CanvasJob, Unembedding, denoise_canvases, denoise_pass,
                                          row_stats_for)
 from diffusiongemma_vllm.denoise_graphs import DenoiseGraphs
+from diffusiongemma_vllm.noise import philox_bits
 from diffusiongemma_vllm.kernels.canvas_attention import naive_canvas_attention
 from diffusiongemma_vllm.kernels.fused_sampler import fused_row_stats, fused_stats_gemm_soft
 from diffusiongemma_vllm.kernels.paged_canvas_attention import paged_canvas_attention
+from diffusiongemma_vllm.kernels.philox_tokens import philox_tokens
 from diffusiongemma_vllm.kernels.vocab_tiled_sampler import RowStats, naive_row_stats, vocab_tiled_row_stats
 
 TOTAL_LAYERS = 30
@@ -692,6 +694,10 @@ def check_sampler_parity(rec: dict, run: Run) -> None:
         row = compare_stats(name, got, want())
         rows.append(row)
         gc.collect()
+    keys = s.keys[:64].contiguous()
+    rec["philox_tokens_equal_torch_philox"] = bool(torch.equal(
+        philox_tokens(keys, run.plan.canvas, s.embedding.shape[0]),
+        philox_bits(keys, torch.arange(run.plan.canvas, device=keys.device)) % s.embedding.shape[0]))
 
 
 def compare_stats(name: str, got: RowStats, want: RowStats) -> dict:

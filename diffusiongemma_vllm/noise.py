@@ -73,16 +73,25 @@ def pass_keys(block_keys: torch.Tensor, steps: torch.Tensor, kind: int) -> torch
     return _chain(_chain(block_keys, steps), kind)
 
 
+def uniform_tokens(keys: torch.Tensor, canvas_length: int, vocab_size: int) -> torch.Tensor:
+    """[n, C] tokens philox_bits(keys[n], c) % vocab_size: one Triton kernel on CUDA
+    (kernels/philox_tokens.py), the torch Philox elsewhere."""
+    if keys.is_cuda:
+        from .kernels.philox_tokens import philox_tokens, triton
+
+        if triton is not None:
+            return philox_tokens(keys, canvas_length, vocab_size)
+    return philox_bits(keys, torch.arange(canvas_length, device=keys.device)) % vocab_size
+
+
 def initial_tokens(block_keys: torch.Tensor, canvas_length: int, vocab_size: int) -> torch.Tensor:
     """[n, C] starting canvases: tokens uniform over the whole vocabulary, special ones included."""
-    keys = pass_keys(block_keys, torch.zeros_like(block_keys), INITIAL)
-    return philox_bits(keys, torch.arange(canvas_length, device=keys.device)) % vocab_size
+    return uniform_tokens(pass_keys(block_keys, torch.zeros_like(block_keys), INITIAL), canvas_length, vocab_size)
 
 
 def renoise_tokens(block_keys: torch.Tensor, steps: torch.Tensor, canvas_length: int, vocab_size: int) -> torch.Tensor:
     """[n, C] fresh uniform tokens for the positions pass `steps[n]` does not accept."""
-    keys = pass_keys(block_keys, steps, RENOISE)
-    return philox_bits(keys, torch.arange(canvas_length, device=keys.device)) % vocab_size
+    return uniform_tokens(pass_keys(block_keys, steps, RENOISE), canvas_length, vocab_size)
 
 
 def gumbel_row_keys(block_keys: torch.Tensor, steps: torch.Tensor, canvas_length: int) -> torch.Tensor:

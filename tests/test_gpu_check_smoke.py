@@ -35,6 +35,7 @@ def test_smoke_run_fills_every_section(tmp_path):
     for row in data["sections"]["backbone"]["rows"] + data["sections"]["ar_decode"]["rows"]:
         assert row["eager_ms_30"] > row["eager_ms"] > 0
     assert all(row["ok"] for row in data["sections"]["sampler_parity"]["rows"])
+    assert data["sections"]["sampler_parity"]["philox_tokens_equal_torch_philox"] is True
     loop_rows = data["sections"]["plugin_loop"]["rows"]
     assert loop_rows[0]["eager_repeat_agreement"] == 1.0
     assert all(row["eager_ms_per_pass"] > 0 for row in loop_rows)
