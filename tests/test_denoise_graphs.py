@@ -107,3 +107,22 @@ def test_ladder_covers_max_num_seqs_and_captures_largest_first(standalone):
     graphs.capture_ladder(like)
     assert list(graphs.captured) == [8, 4, 2, 1]
     assert [len(static) for _, static in graphs.captured.values()] == [8, 4, 2, 1]
+
+
+def test_paged_step_inputs_put_ready_requests_in_job_order():
+    """Catches the static GPU inputs filled in batch order instead of ready (job) order, or
+    one KV group's table rows copied into another's: the captured passes index context
+    lengths and block tables by job."""
+    from types import SimpleNamespace
+
+    from diffusiongemma_vllm.denoise_step import PagedStepInputs
+
+    tables = [torch.arange(5 * 3, dtype=torch.int32).view(5, 3), 100 + torch.arange(5 * 2, dtype=torch.int32).view(5, 2)]
+    runner = SimpleNamespace(input_batch=SimpleNamespace(
+        num_reqs=5, block_table=[SimpleNamespace(get_device_tensor=lambda n, t=t: t[:n]) for t in tables]))
+    inputs = PagedStepInputs(torch.full((8,), -1), [torch.full((8, 3), -1, dtype=torch.int32),
+                                                     torch.full((8, 2), -1, dtype=torch.int32)], {})
+    inputs.load(runner, ready=[4, 1, 2], context=[40, 10, 20])
+    assert inputs.context_lens[:3].tolist() == [40, 10, 20]
+    assert torch.equal(inputs.tables[0][:3], tables[0][[4, 1, 2]])
+    assert torch.equal(inputs.tables[1][:3], tables[1][[4, 1, 2]])
