@@ -9,11 +9,14 @@ replays the exact draws the engine made, and nothing here needs a host round tri
 a whole batch are computed on the device from `[n]` tensors, so the denoise loop can be
 captured in a CUDA graph.
 
-All draws are Philox 4x32-10 (counter-based): `philox_bits(key, counter)` is bit for bit
-Triton's `tl.randint(key, counter)`, `philox_uniform` its `tl.rand`. So the torch
-vocab-tiled sampler and the Triton fused sampler draw the same Gumbel noise for the same
-(row key, vocabulary id), whatever the tiling. Keys chain a 64-bit LCG step per address
-part (kept to 63 bits so they stay non-negative int64).
+All draws are Philox 4x32-10 (counter-based), bit for bit Triton's: `philox_bits(key,
+counter)` is `tl.randint(key, counter)` (tokens), and the uniform behind the Gumbel noise of
+vocabulary id v is word v % 4 of `tl.rand4x(key, v // 4)` (`vocab_uniform`): one Philox
+evaluation serves four ids, which makes the torch path (CPU) 4x cheaper than one evaluation
+per id and costs the Triton kernel nothing. So the torch vocab-tiled sampler and the Triton
+fused sampler draw the same Gumbel noise for the same (row key, vocabulary id), whatever the
+tiling. Keys chain a 64-bit LCG step per address part (kept to 63 bits so they stay
+non-negative int64).
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ _M32 = 0xFFFFFFFF
 _UNIFORM_SCALE = 4.6566127342e-10
 
 
-def philox_bits(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """[N, T] int64 in [0, 2^32): tl.randint(keys[n], counters[t]) (keys [N], counters [T])."""
+def _philox(keys: torch.Tensor, counters: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four [N, T] output words (int64 in [0, 2^32)) of tl.randint4x(keys[n], counters[t])."""
     key = keys.to(torch.int64)[:, None]
     k0, k1 = key & _M32, (key >> 32) & _M32
     counters = counters.to(torch.int64)[None, :].expand(key.shape[0], -1)
@@ -42,20 +45,28 @@ def philox_bits(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
         pb, pa = _ROUND_B * c2, _ROUND_A * c0
         c0, c1, c2, c3 = ((pb >> 32) & _M32) ^ c1 ^ k0, pb & _M32, ((pa >> 32) & _M32) ^ c3 ^ k1, pa & _M32
         k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
-    return c0
+    return c0, c1, c2, c3
 
 
-def philox_uniform(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """[N, T] fp32 in [0, 1), bit for bit tl.rand(keys[n], counters[t])."""
-    bits = philox_bits(keys, counters)
+def philox_bits(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """[N, T] int64 in [0, 2^32): tl.randint(keys[n], counters[t]) (keys [N], counters [T])."""
+    return _philox(keys, counters)[0]
+
+
+def vocab_uniform(keys: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """[N, stop - start] fp32 in [0, 1): for vocabulary id v, word v % 4 of
+    tl.rand4x(keys[n], v // 4) (tl.rand's int -> float map)."""
+    first = start // 4
+    words = _philox(keys, torch.arange(first, (stop - 1) // 4 + 1, device=keys.device))
+    bits = torch.stack(words, dim=-1).flatten(1)[:, start - 4 * first:stop - 4 * first]
     folded = torch.where(bits >= 1 << 31, _M32 - bits, bits)  # tl.rand: int32 x < 0 -> ~x
     return folded.float() * _UNIFORM_SCALE  # a Python scalar: no host-to-device copy (graph capture)
 
 
-def gumbel_noise(row_keys: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:
-    """[R, T] fp32 standard Gumbel noise for rows keyed `row_keys` [R] at vocabulary ids
-    `vocab_ids` [T]: -log(-log(u)); u = 0 (p = 2^-31) gives -inf, a token never drawn."""
-    return -torch.log(-torch.log(philox_uniform(row_keys, vocab_ids)))
+def gumbel_noise(row_keys: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """[R, stop - start] fp32 standard Gumbel noise for rows keyed `row_keys` [R] at vocabulary
+    ids [start, stop): -log(-log(u)); u = 0 (p = 2^-31) gives -inf, a token never drawn."""
+    return -torch.log(-torch.log(vocab_uniform(row_keys, start, stop)))
 
 
 def _chain(value, part):
@@ -118,4 +129,4 @@ class CanvasNoise:
     def gumbel(self, block: int, step: int) -> torch.Tensor:
         """[C, V] standard Gumbel noise: argmax(log p + g) is a draw from p."""
         keys = gumbel_row_keys(self._key(block), torch.tensor([step]), self.canvas_length)[0]
-        return gumbel_noise(keys, torch.arange(self.vocab_size))
+        return gumbel_noise(keys, 0, self.vocab_size)

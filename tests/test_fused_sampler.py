@@ -25,7 +25,7 @@ tl = pytest.importorskip("triton.language")
 from diffusiongemma_vllm.kernels.fused_sampler import fused_row_stats, fused_stats_gemm_soft  # noqa: E402
 from diffusiongemma_vllm.kernels.vocab_tiled_sampler import (  # noqa: E402
     RowStats, naive_row_stats, vocab_tiled_row_stats)
-from diffusiongemma_vllm.noise import philox_uniform  # noqa: E402
+from diffusiongemma_vllm.noise import vocab_uniform  # noqa: E402
 
 SOFTCAP = 30.0
 SMALL = dict(block_n=16, block_v=64, block_h=32, num_warps=4)  # interpreter-sized tiles
@@ -45,25 +45,34 @@ def reference(h, e, t, keys, with_soft):
 
 
 @triton.jit
-def _rand_kernel(seed_ptr, out_ptr, start, V, BLOCK: tl.constexpr):
+def _rand4x_kernel(seed_ptr, out_ptr, first, counters, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     seed = tl.load(seed_ptr + row).to(tl.int64)
-    for v0 in range(0, V, BLOCK):
-        offs = v0 + tl.arange(0, BLOCK)
-        tl.store(out_ptr + row * V + offs, tl.rand(seed, start + offs), mask=offs < V)
+    for c0 in range(0, counters, BLOCK):
+        offs = c0 + tl.arange(0, BLOCK)
+        u0, u1, u2, u3 = tl.rand4x(seed, first + offs)
+        base = out_ptr + (row * counters + offs) * 4
+        mask = offs < counters
+        tl.store(base, u0, mask=mask)
+        tl.store(base + 1, u1, mask=mask)
+        tl.store(base + 2, u2, mask=mask)
+        tl.store(base + 3, u3, mask=mask)
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
-def test_philox_uniform_is_tl_rand(dtype):
-    """Catches a torch Philox that drifts from Triton's (key split, round constants, the
-    int -> [0, 1) map): the reference would then draw other tokens than the kernel."""
+def test_vocab_uniform_is_tl_rand4x(dtype):
+    """Catches a torch Philox that drifts from Triton's (key split, round constants, word
+    order, the int -> [0, 1) map) or a vocabulary range cut at the wrong word: the torch
+    sampler and the reference would then draw other tokens than the kernel."""
     seeds = torch.tensor([0, 1, 2**31 - 1, -1, -2**31, 12345, 987654321], dtype=dtype)
     if dtype == torch.int64:
         seeds = torch.cat([seeds, torch.tensor([2**32, 2**62 + 12345, -2**63, 2**63 - 1])])
-    for start in (0, 123_456):
-        want = torch.empty(seeds.shape[0], 300)
-        _rand_kernel[(seeds.shape[0],)](seeds, want, start, 300, BLOCK=128)
-        assert torch.equal(philox_uniform(seeds, torch.arange(start, start + 300)), want)
+    for first in (0, 30_864):
+        want = torch.empty(seeds.shape[0], 75, 4)
+        _rand4x_kernel[(seeds.shape[0],)](seeds, want, first, 75, BLOCK=32)
+        want = want.flatten(1)  # vocabulary ids 4 * first ... 4 * first + 299
+        assert torch.equal(vocab_uniform(seeds, 4 * first, 4 * first + 300), want)
+        assert torch.equal(vocab_uniform(seeds, 4 * first + 3, 4 * first + 298), want[:, 3:298])
 
 
 @pytest.mark.parametrize("rows, vocab, hidden, dtype, scale, splits, with_soft, seed_dtype", [

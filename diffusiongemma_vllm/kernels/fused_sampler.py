@@ -24,9 +24,9 @@ Design:
 - Splits fill the GPU when few rows are sampled (one canvas is 2 row blocks of 128); a torch
   epilogue merges the splits (the flash-decoding combine). Memory beyond the outputs is
   splits x N x H fp32 for acc, bounded by the split choice (~2 programs per SM); never N x V.
-- The draw is argmax_v(z_v + g_v), g = -log(-log u), u_v = tl.rand(key_row, v) (Philox
-  4x32-10): it depends on (key, v) alone, not on tiles, splits or the batch;
-  `noise.gumbel_noise` is the same noise in torch.
+- The draw is argmax_v(z_v + g_v), g = -log(-log u), u_v = word v % 4 of
+  tl.rand4x(key_row, v // 4) (Philox 4x32-10): it depends on (key, v) alone, not on tiles,
+  splits or the batch; `noise.gumbel_noise` is the same noise in torch.
 - Temperatures must be > 0 (not checked: that would synchronise the device).
 
 Measured on an H100 during development (raw output not kept; benchmarks/gpu_check.py times
@@ -120,7 +120,11 @@ if triton is not None:
             weighted = rescale * (weighted + shift * total) + tl.sum(p * centred, axis=1)
             total = total * rescale + tl.sum(p, axis=1)
             m = m_new
-            perturbed = z - tl.log(-tl.log(tl.rand(row_key[:, None], vocab[None, :])))
+            # noise.vocab_uniform: word v % 4 of rand4x(key, v // 4)
+            u0, u1, u2, u3 = tl.rand4x(row_key[:, None], (vocab // 4)[None, :])
+            word = (vocab % 4)[None, :]
+            u = tl.where(word == 0, u0, tl.where(word == 1, u1, tl.where(word == 2, u2, u3)))
+            perturbed = z - tl.log(-tl.log(u))
             key_max = tl.max(perturbed, axis=1)
             drawn_id = tl.where(key_max > drawn, v0 + tl.argmax(perturbed, axis=1), drawn_id)
             drawn = tl.maximum(drawn, key_max)

@@ -41,7 +41,7 @@ def naive_row_stats(hidden: torch.Tensor, embedding: torch.Tensor, softcap: floa
     z = _scaled_logits(hidden, embedding, softcap, temperature)  # [N, V]
     log_probs = torch.log_softmax(z, dim=-1)
     probs = log_probs.exp()
-    noise = gumbel_noise(gumbel_keys, torch.arange(z.shape[1], device=z.device))
+    noise = gumbel_noise(gumbel_keys, 0, z.shape[1])
     soft = probs @ embedding.float() if with_soft else None
     return RowStats(z.argmax(-1), (z + noise).argmax(-1), -(probs * log_probs).sum(-1), soft)
 
@@ -90,7 +90,7 @@ def _row_chunk_stats(hidden, embedding, softcap, temperature, keys, with_soft, v
         value, index = z.max(-1)  # first index on ties, like torch.argmax
         better = value > best
         best, best_id = torch.where(better, value, best), torch.where(better, ids[index], best_id)
-        value, index = (z + gumbel_noise(keys, ids)).max(-1)
+        value, index = (z + gumbel_noise(keys, start, start + chunk.shape[0])).max(-1)
         better = value > drawn
         drawn, drawn_id = torch.where(better, value, drawn), torch.where(better, ids[index], drawn_id)
     entropy = m + torch.log(total) - weighted / total
