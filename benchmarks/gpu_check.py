@@ -837,6 +837,8 @@ def time_plugin_loop(rec: dict, run: Run) -> None:
                                            passes_per_replay=per_replay)
                     try:
                         replayed = loop(graphs)  # captures this size's graph
+                        if graphs.disabled:  # the loop fell back to eager passes: not a graph timing
+                            raise RuntimeError(graphs.disabled)
                         modes[f"graph_k{per_replay}"] = median_ms(lambda: loop(graphs), run.device, 0, p.loop_reps)
                         row[f"graph_k{per_replay}_agreement"] = float((replayed.tokens == eager.tokens).float().mean())
                     except Exception as error:  # noqa: BLE001 - a capture failure is a finding

@@ -19,11 +19,14 @@ each later run of passes is one replay.
   copy, tens of microseconds against a pass of 15 ms or more on the release model, while each
   extra pass per replay wastes, on average, half a pass of the whole batch after its last
   canvas halts. `benchmarks/gpu_check.py` times both.
-Batches above the ladder run eagerly (`covers`).
+Batches above the ladder run eagerly (`covers`). A capture that fails (an op that cannot be
+captured, memory) turns the graphs off with a warning naming the error: the engine keeps
+serving with eager passes instead of failing to start or dropping the step.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -31,6 +34,7 @@ import torch
 from .denoise import CanvasBatch, RowStatsFn, RunPass, Unembedding, denoise_pass
 
 LADDER = (1, 2, 4, 8, 16, 32, 64)
+logger = logging.getLogger(__name__)
 
 
 def ladder_for(max_canvases: int) -> tuple[int, ...]:
@@ -71,9 +75,10 @@ class DenoiseGraphs:
         self.pool = torch.cuda.graph_pool_handle() if graph_factory is None else None
         self.captured: dict[int, tuple[object, CanvasBatch]] = {}  # ladder size -> (graph, static batch)
         self.replays = 0
+        self.disabled: str | None = None  # why the graphs are off, after a failed capture
 
     def covers(self, canvases: int) -> bool:
-        return canvases <= self.ladder[-1]
+        return self.disabled is None and canvases <= self.ladder[-1]
 
     def size_for(self, canvases: int) -> int:
         return next(size for size in self.ladder if size >= canvases)
@@ -83,16 +88,18 @@ class DenoiseGraphs:
         pool), from canvases shaped like `like`'s first; `advance` would otherwise capture a
         size the first time a batch needs it, in the middle of serving."""
         for size in reversed(self.ladder):
-            if size not in self.captured:
-                self.captured[size] = self._capture(size, like)
+            if size not in self.captured and not self._try_capture(size, like):
+                return
 
     def advance(self, batch: CanvasBatch) -> CanvasBatch:
         """Run `passes_per_replay` passes over `batch`; returns the batch that now holds its
         state (a view of the static batch of its ladder size, which the next call reuses)."""
         n = len(batch)
         size = self.size_for(n)
-        if size not in self.captured:
-            self.captured[size] = self._capture(size, batch)
+        if size not in self.captured and not self._try_capture(size, batch):
+            for _ in range(self.passes_per_replay):
+                denoise_pass(batch, self.run_pass, self.unembedding, self.row_stats)
+            return batch
         graph, static = self.captured[size]
         if batch.rows.data_ptr() != static.rows.data_ptr():
             static.copy_(batch)
@@ -102,6 +109,18 @@ class DenoiseGraphs:
         graph.replay()
         self.replays += 1
         return static.take(slice(0, n))
+
+    def _try_capture(self, size: int, like: CanvasBatch) -> bool:
+        try:
+            self.captured[size] = self._capture(size, like)
+        except Exception as error:  # noqa: BLE001 - any capture failure: serve eagerly
+            self.disabled = f"capturing {size} canvases failed: {type(error).__name__}: {error}"
+            logger.warning("DiffusionGemma denoise CUDA graphs off, passes run eagerly (%s)", self.disabled)
+            self.captured.clear()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return False
+        return True
 
     def _capture(self, size: int, like: CanvasBatch) -> tuple[object, CanvasBatch]:
         static = CanvasBatch(**{name: t[:1].repeat_interleave(size, dim=0) for name, t in like.tensors().items()})

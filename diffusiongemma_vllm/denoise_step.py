@@ -140,7 +140,8 @@ class DenoiseStep:
 
     def capture_graphs(self, runner) -> None:
         """GPU, engine start-up (after vLLM's own capture): capture the denoise graph ladder on
-        dummy canvases (no committed prefix), so no request waits for a capture."""
+        dummy canvases (no committed prefix), so no request waits for a capture. A failed
+        capture leaves the graphs off (logged) and the passes eager."""
         self._build_paged_inputs(runner)
         if self.graphs is None:
             return

@@ -126,3 +126,36 @@ def test_paged_step_inputs_put_ready_requests_in_job_order():
     assert inputs.context_lens[:3].tolist() == [40, 10, 20]
     assert torch.equal(inputs.tables[0][:3], tables[0][[4, 1, 2]])
     assert torch.equal(inputs.tables[1][:3], tables[1][[4, 1, 2]])
+
+
+class FailingGraph(RecordedGraph):
+    def capture(self, work):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+@pytest.mark.parametrize("up_front", [False, True])
+def test_a_failed_capture_turns_graphs_off_and_the_step_still_completes(standalone, up_front):
+    """Catches a capture failure (an op that cannot be captured, memory) that kills engine
+    start-up or the step being served: the graphs switch off, say why, and the passes run
+    eagerly with the same tokens."""
+    model, cfg = standalone, standalone.model.cfg
+    model.allocate(2, 256)
+    store_rows = torch.arange(2)
+    model.prefill(store_rows, torch.tensor([[2, 5, 6, 7]] * 2), torch.zeros(2, dtype=torch.long))
+    context = torch.full((2,), 4)
+
+    def run_pass(rows, canvas, soft):
+        return model.denoise(store_rows[rows], canvas, context[rows], soft)
+
+    unembedding = model.model.unembedding()
+    graphs = DenoiseGraphs(run_pass, unembedding, row_stats_for(torch.device("cpu")), ladder=(1, 2),
+                           graph_factory=FailingGraph)
+    jobs = [CanvasJob(0, SamplerConfig(**k), seed=s) for s, k in enumerate(KNOBS[:2])]
+    if up_front:
+        graphs.capture_ladder(CanvasBatch.start(jobs, cfg.canvas_length, cfg.vocab_size, cfg.hidden_size,
+                                                torch.float32, "cpu"))
+    replayed = denoise_canvases(jobs, cfg.canvas_length, run_pass, unembedding, graphs=graphs)
+    eager = denoise_canvases(jobs, cfg.canvas_length, run_pass, unembedding)
+    assert "RuntimeError: operation not permitted" in graphs.disabled
+    assert not graphs.captured and not graphs.covers(1)
+    assert torch.equal(replayed.tokens, eager.tokens) and torch.equal(replayed.passes, eager.passes)
