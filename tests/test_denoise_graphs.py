@@ -39,6 +39,19 @@ def standalone(tiny_dir):
     return load_standalone(tiny_dir)
 
 
+def short_prompt_requests(model, n: int):
+    """Prefill n requests with one 4-token prompt; returns the run_pass over them."""
+    model.allocate(n, 256)
+    store_rows = torch.arange(n)
+    model.prefill(store_rows, torch.tensor([[2, 5, 6, 7]] * n), torch.zeros(n, dtype=torch.long))
+    context = torch.full((n,), 4)
+
+    def run_pass(rows, canvas, soft):
+        return model.denoise(store_rows[rows], canvas, context[rows], soft)
+
+    return run_pass
+
+
 @pytest.mark.parametrize("passes_per_replay, replays_per_block, sizes", [(1, 6, [1, 2, 4]), (3, 2, [1, 4])])
 def test_replayed_passes_equal_eager_passes(standalone, passes_per_replay, replays_per_block, sizes):
     """Over two blocks, three requests halting after 1, 3 and 6 passes give the same tokens and
@@ -73,14 +86,7 @@ def test_replayed_passes_equal_eager_passes(standalone, passes_per_replay, repla
 def test_batches_beyond_the_ladder_run_eagerly(standalone):
     """Catches a lookup past the largest ladder size (StopIteration) instead of the eager path."""
     model, cfg = standalone, standalone.model.cfg
-    model.allocate(3, 256)
-    store_rows = torch.arange(3)
-    model.prefill(store_rows, torch.tensor([[2, 5, 6, 7]] * 3), torch.zeros(3, dtype=torch.long))
-    context = torch.full((3,), 4)
-
-    def run_pass(rows, canvas, soft):
-        return model.denoise(store_rows[rows], canvas, context[rows], soft)
-
+    run_pass = short_prompt_requests(model, 3)
     graphs = DenoiseGraphs(run_pass, model.model.unembedding(), row_stats_for(torch.device("cpu")), ladder=(1, 2),
                            graph_factory=RecordedGraph)
     jobs = [CanvasJob(0, SamplerConfig(max_denoising_steps=2, stability_threshold=0, confidence_threshold=0.0),
@@ -139,14 +145,7 @@ def test_a_failed_capture_turns_graphs_off_and_the_step_still_completes(standalo
     start-up or the step being served: the graphs switch off, say why, and the passes run
     eagerly with the same tokens."""
     model, cfg = standalone, standalone.model.cfg
-    model.allocate(2, 256)
-    store_rows = torch.arange(2)
-    model.prefill(store_rows, torch.tensor([[2, 5, 6, 7]] * 2), torch.zeros(2, dtype=torch.long))
-    context = torch.full((2,), 4)
-
-    def run_pass(rows, canvas, soft):
-        return model.denoise(store_rows[rows], canvas, context[rows], soft)
-
+    run_pass = short_prompt_requests(model, 2)
     unembedding = model.model.unembedding()
     graphs = DenoiseGraphs(run_pass, unembedding, row_stats_for(torch.device("cpu")), ladder=(1, 2),
                            graph_factory=FailingGraph)
