@@ -13,12 +13,12 @@ first:
                      materialised sampler per pass: ms and peak memory
   backbone           one denoise pass of the 26B-A4B backbone (random bf16 weights) through the
                      plugin's `denoise_pass`, eager vs CUDA graph, per-pass overhead
-  plugin_loop        the plugin's whole loop (`denoise_canvases`), a canvas of 16 passes at
-                     1..64 canvases, eager vs its graph ladder (1 and 4 passes per replay)
   ar_decode          one autoregressive step of the same backbone at batch 1 and 64, and the
                      diffusion/AR tokens/s ratios at 12, 16 and 48 passes per canvas
   roofline           bytes a pass must read vs the measured copy bandwidth
   transformers       DiffusionGemmaForBlockDiffusion doing the same denoise step (the reference)
+  plugin_loop        the plugin's whole loop (`denoise_canvases`), a canvas of 16 passes at
+                     1..64 canvases, eager vs its graph ladder (1 and 4 passes per replay)
   block_sweep        the attention kernel's launch candidates at 16 canvases, and its key
                      splits (1, 2, 4) at 1 and 4 canvases
   goals              each target of research/perf_anchors.md: met, not met, or unknown
@@ -1126,8 +1126,9 @@ def sampler_growth(sections: dict) -> float | None:
 SECTIONS = [("environment", measure_environment, False), ("attention_parity", check_attention_parity, False),
             ("sampler_parity", check_sampler_parity, False), ("attention", time_attention, False),
             ("sampler", time_sampler, False), ("backbone", time_backbone, False),
-            ("plugin_loop", time_plugin_loop, False), ("ar_decode", time_ar_decode, False), ("roofline", roofline, True),
-            ("transformers", time_transformers, False), ("block_sweep", sweep_attention_blocks, False),
+            ("ar_decode", time_ar_decode, False), ("roofline", roofline, True),
+            ("transformers", time_transformers, False), ("plugin_loop", time_plugin_loop, False),
+            ("block_sweep", sweep_attention_blocks, False),
             ("goals", judge_goals, True)]
 
 
