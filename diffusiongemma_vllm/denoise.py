@@ -72,7 +72,7 @@ class CanvasBatch:
 
     @classmethod
     def start(cls, jobs: list[CanvasJob], canvas_length: int, vocab_size: int, hidden_size: int,
-              dtype: torch.dtype, device: torch.device | str) -> "CanvasBatch":
+              dtype: torch.dtype, device: torch.device | str, first_row: int = 0) -> "CanvasBatch":
         n = len(jobs)
 
         def per_job(name: str, tensor_dtype: torch.dtype) -> torch.Tensor:
@@ -80,7 +80,7 @@ class CanvasBatch:
 
         block_keys = torch.tensor([noise.block_key(job.seed, job.block) for job in jobs], device=device)
         return cls(
-            rows=torch.arange(n, device=device), block_keys=block_keys,
+            rows=torch.arange(first_row, first_row + n, device=device), block_keys=block_keys,
             canvas=noise.initial_tokens(block_keys, canvas_length, vocab_size),
             argmax=torch.full((n, canvas_length), -1, dtype=torch.long, device=device),
             soft=torch.zeros((n, canvas_length, hidden_size), dtype=dtype, device=device),
@@ -171,14 +171,16 @@ class DenoiseResult:
 
 
 def denoise_canvases(jobs: list[CanvasJob], canvas_length: int, run_pass: RunPass, unembedding: Unembedding,
-                     device: torch.device | str = "cpu", record: bool = False, graphs=None) -> DenoiseResult:
+                     device: torch.device | str = "cpu", record: bool = False, graphs=None,
+                     first_row: int = 0) -> DenoiseResult:
     """Denoise one canvas per job until each halts. `graphs` (a `denoise_graphs.DenoiseGraphs`
     built around a `run_pass` that reads only static inputs) replays captured passes; without
-    it, or for batches beyond its ladder, passes run eagerly."""
+    it, or for batches beyond its ladder, passes run eagerly. Job i's request inputs are row
+    `first_row + i` of what run_pass reads."""
     device = torch.device(device)
     weight = unembedding.weight
     row_stats = row_stats_for(device)
-    batch = CanvasBatch.start(jobs, canvas_length, weight.shape[0], weight.shape[1], weight.dtype, device)
+    batch = CanvasBatch.start(jobs, canvas_length, weight.shape[0], weight.shape[1], weight.dtype, device, first_row)
     tokens = torch.empty((len(jobs), canvas_length), dtype=torch.long)
     passes = torch.zeros(len(jobs), dtype=torch.long)
     slots = torch.arange(len(jobs))  # job index of each canvas still in the batch

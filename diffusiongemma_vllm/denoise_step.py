@@ -9,7 +9,9 @@ tokens (vLLM's `discard_request_mask` is False for it). For every ready request 
    lengths, into static `PagedStepInputs`); on CPU it is gathered once per layer and step;
    sliding layers read only the last window-1 tokens, the only ones vLLM keeps;
 2. denoises a fresh canvas at positions [L, L + C) with all other ready canvases in the
-   same passes, until each halts (denoise.py), without returning to the scheduler; on GPU
+   same passes (at most max_num_batched_tokens // C canvases per pass, the activation size
+   vLLM reserved memory for; more take turns), until each halts (denoise.py), without
+   returning to the scheduler; on GPU
    the passes replay CUDA graphs (denoise_graphs.py) unless the engine runs with
    `enforce_eager`;
 3. emits the argmax canvas (trimmed at max_model_len) as the request's sampled tokens.
@@ -44,10 +46,12 @@ class DiffusionStats:
     passes: int = 0  # batched denoise passes
     canvases: int = 0
     canvas_passes: list[int] = field(default_factory=list)  # passes each canvas took
+    largest_pass: int = 0  # most canvases denoised together in one pass
 
     def as_dict(self) -> dict:
         return {"steps": self.steps, "passes": self.passes, "canvases": self.canvases,
-                "passes_per_step": self.passes / max(self.steps, 1), "canvas_passes": list(self.canvas_passes)}
+                "passes_per_step": self.passes / max(self.steps, 1), "canvas_passes": list(self.canvas_passes),
+                "largest_pass": self.largest_pass}
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,9 @@ class DenoiseStep:
         self.default_sampler = SamplerConfig.from_generation_config(generation)
         self.settings: dict[str, _RequestSettings] = {}
         self.stats = DiffusionStats()
+        # A pass over m canvases runs m * C tokens through the layers; vLLM sized its memory for
+        # max_num_batched_tokens, so more ready canvases than that are denoised in turns.
+        self.canvases_per_pass = max(1, vllm_config.scheduler_config.max_num_batched_tokens // self.canvas_length)
         self.unembedding = model.unembedding()
         self.paged_inputs: PagedStepInputs | None = None  # GPU: built at the first step
         self.paged_run_pass = None  # GPU: the run_pass over paged_inputs
@@ -100,15 +107,19 @@ class DenoiseStep:
                 run_pass = self._load_paged_inputs(runner, ready, context)
             else:
                 run_pass = self._pass_runner(torch.tensor(context), self._gather_prefixes(runner, ready, context))
-            result = denoise_canvases(jobs, self.canvas_length, run_pass, self.unembedding, device=self.device,
-                                      graphs=self.graphs)
+            turns = [denoise_canvases(jobs[first:first + self.canvases_per_pass], self.canvas_length, run_pass,
+                                      self.unembedding, device=self.device, graphs=self.graphs, first_row=first)
+                     for first in range(0, len(jobs), self.canvases_per_pass)]
+        tokens = torch.cat([turn.tokens for turn in turns])
+        passes = torch.cat([turn.passes for turn in turns])
         for slot, (i, length) in enumerate(zip(ready, context)):
             emit = min(self.canvas_length, runner.max_model_len - length)
-            out[i, :emit] = result.tokens[slot, :emit]
+            out[i, :emit] = tokens[slot, :emit]
         self.stats.steps += 1
-        self.stats.passes += int(result.passes.max())
+        self.stats.passes += sum(int(turn.passes.max()) for turn in turns)
         self.stats.canvases += len(ready)
-        self.stats.canvas_passes.extend(result.passes.tolist())
+        self.stats.canvas_passes.extend(passes.tolist())
+        self.stats.largest_pass = max(self.stats.largest_pass, max(len(turn.passes) for turn in turns))
         return out
 
     def _pass_runner(self, context_lens: torch.Tensor, prefixes: dict[str, PrefixKV | PagedPrefix]):
@@ -160,7 +171,7 @@ class DenoiseStep:
         self.paged_run_pass = self._pass_runner(self.paged_inputs.context_lens, self.paged_inputs.prefixes)
         if not self.vllm_config.model_config.enforce_eager:
             self.graphs = DenoiseGraphs(self.paged_run_pass, self.unembedding, row_stats_for(self.device),
-                                        ladder=ladder_for(max_num_seqs))
+                                        ladder=ladder_for(min(max_num_seqs, self.canvases_per_pass)))
 
     def _load_paged_inputs(self, runner, ready: list[int], context: list[int]):
         """GPU: copy this step's context lengths and block-table rows into the static inputs

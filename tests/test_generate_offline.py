@@ -50,6 +50,16 @@ def test_sixteen_prompts_of_different_lengths_batch_like_one(llm):
     assert [together[0], together[7], together[15]] == alone
 
 
+def test_canvases_per_pass_stay_within_the_token_budget(llm):
+    """Catches a pass over more canvases than vLLM reserved activation memory for
+    (max_num_batched_tokens = 128 tokens = 4 canvases of 32 here): more ready canvases must
+    take turns, and the turns must still batch several canvases together."""
+    from vllm import SamplingParams
+
+    llm.generate(prompts(12), [SamplingParams(max_tokens=32, ignore_eos=True, seed=i) for i in range(12)])
+    assert llm.collective_rpc("diffusion_stats")[0]["largest_pass"] == 128 // 32
+
+
 def test_seeded_requests_with_chunked_prefill(llm):
     """Catches the engine dying when a seeded request's prompt is prefilled in chunks: vLLM
     rewinds per-request generators for such steps, which CPU generators cannot do."""
