@@ -11,8 +11,9 @@ block_size, 2 * head_dim]`, but what lives inside a (block, head) page differs:
 
 `read_tokens` returns `[T, kv_heads, head_dim]` K and V for given slots (block ids are the
 layer's kernel blocks); `paged_views` returns zero-copy `[blocks, block_size, kv_heads,
-head_dim]` K and V views of a GPU cache for the Triton kernel. The GPU layout comes from
-reading vLLM 0.32's FLASH_ATTN/TRITON_ATTN code and is not yet exercised on a GPU.
+head_dim]` K and V views of a GPU cache for the Triton kernel. The GPU layout is the one
+vLLM 0.32's FLASH_ATTN and TRITON_ATTN write (their split is asserted in
+tests/test_vllm_contract.py); it has not yet been exercised on a GPU.
 """
 
 from __future__ import annotations

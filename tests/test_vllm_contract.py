@@ -97,3 +97,14 @@ def test_gpu_runner_hooks_the_graph_ladder_relies_on():
     assert inspect.signature(GPUModelRunner.capture_model).return_annotation in (int, "int")
     assert "capture_model()" in inspect.getsource(Worker.compile_or_warm_up_model)
     assert list(inspect.signature(BlockTable.get_device_tensor).parameters) == ["self", "num_reqs"]
+
+
+def test_gpu_kv_cache_pages_hold_each_token_as_k_then_v():
+    """Catches a GPU attention backend whose cache page layout moved: kv_layout.paged_views reads
+    K and V in place as `kv_cache.transpose(1, 2)` split in halves of the last dim, exactly as
+    FLASH_ATTN and TRITON_ATTN write them."""
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
+
+    for impl in (FlashAttentionImpl, TritonAttentionImpl):
+        assert "kv_cache.transpose(1, 2).split(self.head_size, dim=-1)" in inspect.getsource(impl), impl
