@@ -13,7 +13,9 @@ architecture name in place of vLLM's in-tree one:
   `VLLM_USE_V2_MODEL_RUNNER=0`, the only switch vLLM 0.32 has; spawned engine processes
   inherit it;
 - installs the plugin's worker and its request validator;
-- lifts the checkpoint's `max_new_tokens=256` default so `max_tokens` alone bounds a reply.
+- lifts the checkpoint's `max_new_tokens=256` default so `max_tokens` alone bounds a reply;
+- rejects tensor and pipeline parallelism: every rank would run its own denoise loop, and the
+  sampler reads the whole tied embedding, which tensor parallelism shards by vocabulary.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
     def verify_and_update_config(vllm_config) -> None:
         from vllm.platforms import current_platform
 
+        parallel = vllm_config.parallel_config
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(parallel, name) != 1:
+                raise ValueError(f"DiffusionGemma (diffusiongemma-vllm) runs on one device per engine: {name} must be 1, "
+                                 f"got {getattr(parallel, name)}; use data parallelism (one engine per GPU) instead")
         model_config = vllm_config.model_config
         model_config.__dict__["is_diffusion"] = False
         vllm_config.diffusion_config = None
