@@ -14,8 +14,10 @@ architecture name in place of vLLM's in-tree one:
   inherit it;
 - installs the plugin's worker and its request validator;
 - lifts the checkpoint's `max_new_tokens=256` default so `max_tokens` alone bounds a reply;
-- rejects tensor and pipeline parallelism: every rank would run its own denoise loop, and the
-  sampler reads the whole tied embedding, which tensor parallelism shards by vocabulary.
+- rejects tensor, pipeline and data parallelism: every rank would run its own denoise loop;
+  the sampler reads the whole tied embedding, which tensor parallelism shards by vocabulary,
+  and vLLM's data-parallel MoE runs its ranks' forwards in lockstep, which the loop's
+  extra passes would break.
 """
 
 from __future__ import annotations
@@ -41,10 +43,10 @@ class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
         from vllm.platforms import current_platform
 
         parallel = vllm_config.parallel_config
-        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             if getattr(parallel, name) != 1:
                 raise ValueError(f"DiffusionGemma (diffusiongemma-vllm) runs on one device per engine: {name} must be 1, "
-                                 f"got {getattr(parallel, name)}; use data parallelism (one engine per GPU) instead")
+                                 f"got {getattr(parallel, name)}; serve more GPUs with one engine each")
         model_config = vllm_config.model_config
         model_config.__dict__["is_diffusion"] = False
         vllm_config.diffusion_config = None
