@@ -109,6 +109,13 @@ class CanvasBatch:
         for name, t in self.tensors().items():
             t[:count].copy_(getattr(source, name)[:count])
 
+    def pad_(self, count: int) -> None:
+        """Make every canvas from `count` on a halted copy of the first: valid inputs for a
+        pass, frozen by it, never read back (the padding of a graph's static batch)."""
+        for t in self.tensors().values():
+            t[count:] = t[0]
+        self.halted[count:] = True
+
     def temperature(self) -> torch.Tensor:
         """[n] fp32 temperature of each canvas's next pass (config.SamplerConfig.temperature)."""
         remaining = (self.max_steps - self.steps).double()
@@ -186,7 +193,7 @@ def denoise_canvases(jobs: list[CanvasJob], canvas_length: int, run_pass: RunPas
     slots = torch.arange(len(jobs))  # job index of each canvas still in the batch
     records, step = [], 0
     while len(slots):
-        if graphs is not None and graphs.covers(len(batch)) and not record:
+        if graphs is not None and not record and graphs.ready_for(batch):
             batch = graphs.advance(batch)
         else:
             result = denoise_pass(batch, run_pass, unembedding, row_stats)

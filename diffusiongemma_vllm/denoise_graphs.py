@@ -19,7 +19,7 @@ each later run of passes is one replay.
   copy, tens of microseconds against a pass of 15 ms or more on the release model, while each
   extra pass per replay wastes, on average, half a pass of the whole batch after its last
   canvas halts. `benchmarks/gpu_check.py` times both.
-Batches above the ladder run eagerly (`covers`). A capture that fails (an op that cannot be
+Batches above the ladder run eagerly (`ready_for`). A capture that fails (an op that cannot be
 captured, memory) turns the graphs off with a warning naming the error: the engine keeps
 serving with eager passes instead of failing to start or dropping the step.
 """
@@ -80,6 +80,14 @@ class DenoiseGraphs:
     def covers(self, canvases: int) -> bool:
         return self.disabled is None and canvases <= self.ladder[-1]
 
+    def ready_for(self, batch: CanvasBatch) -> bool:
+        """Whether `advance` can run `batch`: graphs on, its size within the ladder, and that
+        size captured (now, if this is the first batch that needs it)."""
+        if not self.covers(len(batch)):
+            return False
+        size = self.size_for(len(batch))
+        return size in self.captured or self._try_capture(size, batch)
+
     def size_for(self, canvases: int) -> int:
         return next(size for size in self.ladder if size >= canvases)
 
@@ -92,20 +100,14 @@ class DenoiseGraphs:
                 return
 
     def advance(self, batch: CanvasBatch) -> CanvasBatch:
-        """Run `passes_per_replay` passes over `batch`; returns the batch that now holds its
-        state (a view of the static batch of its ladder size, which the next call reuses)."""
+        """Run `passes_per_replay` passes over `batch` (`ready_for` it); returns the batch that
+        now holds its state (a view of the static batch of its ladder size, which the next call
+        reuses)."""
         n = len(batch)
-        size = self.size_for(n)
-        if size not in self.captured and not self._try_capture(size, batch):
-            for _ in range(self.passes_per_replay):
-                denoise_pass(batch, self.run_pass, self.unembedding, self.row_stats)
-            return batch
-        graph, static = self.captured[size]
+        graph, static = self.captured[self.size_for(n)]
         if batch.rows.data_ptr() != static.rows.data_ptr():
             static.copy_(batch)
-            for t in static.tensors().values():
-                t[n:] = t[0]
-            static.halted[n:] = True
+            static.pad_(n)
         graph.replay()
         self.replays += 1
         return static.take(slice(0, n))
@@ -123,8 +125,8 @@ class DenoiseGraphs:
         return True
 
     def _capture(self, size: int, like: CanvasBatch) -> tuple[object, CanvasBatch]:
-        static = CanvasBatch(**{name: t[:1].repeat_interleave(size, dim=0) for name, t in like.tensors().items()})
-        static.halted[1:] = True
+        static = like.take(torch.zeros(size, dtype=torch.long, device=like.rows.device))
+        static.pad_(1)
 
         def passes() -> None:
             for _ in range(self.passes_per_replay):
