@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from diffusiongemma_vllm.config import MAX_DENOISING_STEPS_LIMIT, BackboneConfig, SamplerConfig
 from diffusiongemma_vllm.denoise import (CanvasBatch, CanvasJob, Unembedding, denoise_canvases, denoise_pass,
                                          row_stats_for)
-from diffusiongemma_vllm.denoise_graphs import DenoiseGraphs
+from diffusiongemma_vllm.denoise_graphs import CudaGraph, DenoiseGraphs
 from diffusiongemma_vllm.noise import philox_bits
 from diffusiongemma_vllm.kernels.canvas_attention import naive_canvas_attention
 from diffusiongemma_vllm.kernels.fused_sampler import fused_row_stats, fused_stats_gemm_soft
@@ -285,16 +285,14 @@ def graph_ms(run: Run, fn) -> tuple[float, float | None]:
     """(ms, device-busy ms) per call of `fn`, replayed from one CUDA graph of `graph_passes` calls."""
     passes = run.plan.graph_passes
     torch.cuda.empty_cache()  # the eager runs' cached blocks would sit beside the graph's pool
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def calls() -> None:
         for _ in range(passes):
             fn()
-    ms = median_ms(graph.replay, run.device, 1, run.plan.reps) / passes  # fn already ran eagerly
+
+    graph = CudaGraph(pool=None)  # the plugin's capture: warm-up on a side stream, then capture
+    graph.capture(calls)
+    ms = median_ms(graph.replay, run.device, 1, run.plan.reps) / passes
     busy = device_busy_ms(graph.replay)
     del graph
     torch.cuda.empty_cache()
