@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("environment", "attention_parity", "sampler_parity", "attention", "sampler", "backbone", "plugin_loop",
-            "ar_decode", "roofline", "transformers", "block_sweep", "goals")
+            "ar_decode", "roofline", "transformers", "block_sweep", "sampler_sweep", "goals")
 
 
 def test_smoke_run_fills_every_section(tmp_path):

@@ -52,10 +52,27 @@ except ImportError:  # CPU-only installs without Triton still import this module
 if triton is not None:
 
     @triton.jit
-    def _tanh(x):
+    def stable_tanh(x):
         t = tl.exp(-2.0 * tl.abs(x))  # no overflow at any |x|
         y = (1.0 - t) / (1.0 + t)
         return tl.where(x < 0, -y, y)
+
+    @triton.jit
+    def gumbel(key, vocab):
+        """Gumbel noise -log(-log u) of vocabulary ids `vocab` under row keys `key` (broadcast):
+        u = word v % 4 of tl.rand4x(key, v // 4), as noise.vocab_uniform draws it in torch."""
+        u0, u1, u2, u3 = tl.rand4x(key, vocab // 4)
+        word = vocab % 4
+        u = tl.where(word == 0, u0, tl.where(word == 1, u1, tl.where(word == 2, u2, u3)))
+        return -tl.log(-tl.log(u))
+
+    @triton.jit
+    def gumbel_run(key, first, BLOCK: tl.constexpr):
+        """`gumbel` of the BLOCK consecutive ids first, first + 1, ... (first % 4 == 0) under one
+        key: each rand4x call feeds four ids instead of one, a quarter of the Philox work."""
+        u0, u1, u2, u3 = tl.rand4x(key, first // 4 + tl.arange(0, BLOCK // 4))
+        u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [BLOCK])  # [quad, 2, 2] -> id order
+        return -tl.log(-tl.log(u))
 
     @triton.jit
     def _dot(a, b, UPCAST: tl.constexpr):
@@ -106,7 +123,7 @@ if triton is not None:
                 h = tl.load(h_rows + k + cols[None, :], mask=row_ok[:, None] & h_ok, other=0.0)
                 e = tl.load(e_rows + k + cols[None, :], mask=v_ok[:, None] & h_ok, other=0.0)
                 logits += _dot(h, tl.trans(e), UPCAST)
-            z = softcap * _tanh(logits / softcap) * inv_t[:, None]
+            z = softcap * stable_tanh(logits / softcap) * inv_t[:, None]
             z = tl.where(v_ok[None, :], z, float("-inf"))
             tile_max = tl.max(z, axis=1)
             best = tl.where(tile_max > m, v0 + tl.argmax(z, axis=1), best)  # strict: first index wins
@@ -120,11 +137,7 @@ if triton is not None:
             weighted = rescale * (weighted + shift * total) + tl.sum(p * centred, axis=1)
             total = total * rescale + tl.sum(p, axis=1)
             m = m_new
-            # noise.vocab_uniform: word v % 4 of rand4x(key, v // 4)
-            u0, u1, u2, u3 = tl.rand4x(row_key[:, None], (vocab // 4)[None, :])
-            word = (vocab % 4)[None, :]
-            u = tl.where(word == 0, u0, tl.where(word == 1, u1, tl.where(word == 2, u2, u3)))
-            perturbed = z - tl.log(-tl.log(u))
+            perturbed = z + gumbel(row_key[:, None], vocab[None, :])
             key_max = tl.max(perturbed, axis=1)
             drawn_id = tl.where(key_max > drawn, v0 + tl.argmax(perturbed, axis=1), drawn_id)
             drawn = tl.maximum(drawn, key_max)
@@ -146,7 +159,7 @@ if triton is not None:
         tl.store(ids_ptr + splits * N + out, drawn_id.to(tl.int64), mask=row_ok)
 
 
-def _merge(stats: torch.Tensor, ids: torch.Tensor, acc: torch.Tensor | None) -> tuple[RowStats, torch.Tensor]:
+def merge_partials(stats: torch.Tensor, ids: torch.Tensor, acc: torch.Tensor | None) -> tuple[RowStats, torch.Tensor]:
     """Combine the vocabulary splits' partials [splits, N] (and acc [splits, N, H]); also
     returns each row's log-normaliser log sum_v exp(z_v) [N]."""
     m, total, weighted, drawn = stats
@@ -216,13 +229,13 @@ def fused_stats_gemm_soft(
         rows = slice(r, r + row_chunk)
         for v in range(0, embedding.shape[0], vocab_chunk):
             chunk = embedding[v:v + vocab_chunk]
-            z = torch.tanh(_mm_fp32(hidden[rows], chunk.T) / softcap) * softcap * inv_t[rows, None]
+            z = torch.tanh(mm_fp32(hidden[rows], chunk.T) / softcap) * softcap * inv_t[rows, None]
             probs = torch.exp(z - log_norm[rows, None]).to(embedding.dtype)
-            soft[rows] += _mm_fp32(probs, chunk)
+            soft[rows] += mm_fp32(probs, chunk)
     return RowStats(stats.argmax, stats.sample, stats.entropy, soft)
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with fp32 output: tensor-core inputs, fp32 accumulation and result on CUDA."""
     if a.is_cuda and a.dtype != torch.float32:
         return torch.mm(a, b, out_dtype=torch.float32)
@@ -257,4 +270,4 @@ def _launch(hidden, embedding, softcap, temperature, gumbel_keys, with_soft, blo
         hidden.stride(0), embedding.stride(0), width, n * width,
         WITH_SOFT=with_soft, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
         UPCAST=hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16, num_warps=num_warps)
-    return _merge(stats, ids, acc)
+    return merge_partials(stats, ids, acc)
