@@ -6,13 +6,13 @@ each section, so a run cut short still leaves what it measured. The sections, mo
 first:
   environment        card, versions, HBM copy bandwidth and bf16 matmul rate (the two ceilings)
   attention_parity   paged canvas attention vs `naive_canvas_attention`, release shapes, bf16
-  sampler_parity     the GEMM sampler (the CUDA default), the Triton fused one and the torch
-                     vocab-tiled one vs the materialising reference, and the GEMM sampler's
-                     draws against the other two, at V=262144, H=2816, 256 rows
+  sampler_parity     the GEMM sampler (the CUDA path) and the torch vocab-tiled one vs the
+                     materialising reference, and their draws against each other, at
+                     V=262144, H=2816, 256 rows
   attention          the paged kernel per layer at 1..64 canvases (ms, TFLOP/s, GB/s)
-  sampler            GEMM and Triton fused samplers (with and without the soft embedding), the
-                     fused stats + GEMM soft variant, torch vocab-tiled (up to 4 canvases: the
-                     CPU path) and materialised, per pass: ms and peak memory
+  sampler            the GEMM sampler (with and without the soft embedding), torch vocab-tiled
+                     (up to 4 canvases: the CPU path) and materialised, per pass: ms and peak
+                     memory (the fused Triton kernel it replaced: results of 2026-11-27)
   backbone           one denoise pass of the 26B-A4B backbone (random bf16 weights) through the
                      plugin's `denoise_pass`, eager vs CUDA graph, per-pass overhead
   ar_decode          one autoregressive step of the same backbone at batch 1 and 64, and the
@@ -74,7 +74,6 @@ from diffusiongemma_vllm.denoise import (CanvasBatch, CanvasJob, Unembedding, de
 from diffusiongemma_vllm.denoise_graphs import CudaGraph, DenoiseGraphs
 from diffusiongemma_vllm.noise import philox_bits
 from diffusiongemma_vllm.kernels.canvas_attention import naive_canvas_attention
-from diffusiongemma_vllm.kernels.fused_sampler import fused_row_stats, fused_stats_gemm_soft
 from diffusiongemma_vllm.kernels.gemm_sampler import gemm_row_stats
 from diffusiongemma_vllm.kernels.paged_canvas_attention import paged_canvas_attention
 from diffusiongemma_vllm.kernels.philox_tokens import philox_tokens
@@ -435,14 +434,10 @@ def materialized_row_stats(hidden, embedding, softcap, temperature, keys, with_s
 
 
 # Sampler statistics per pass, (hidden, embedding, softcap, temperature, keys, with_soft) -> RowStats:
-# the plugin's CUDA sampler (Triton, one kernel), the same kernel with the soft embedding as
-# chunked GEMMs (the candidate to replace it), its torch path (vocab-tiled, used off CUDA),
-# and the materialising baseline.
+# the plugin's CUDA sampler (GEMMs + a Triton statistics kernel), its torch path (vocab-tiled,
+# used off CUDA), and the materialising baseline.
 SAMPLERS = {"gemm": gemm_row_stats,
             "gemm_no_soft": lambda *args: gemm_row_stats(*args[:-1], False),
-            "triton_fused": fused_row_stats,
-            "triton_fused_no_soft": lambda *args: fused_row_stats(*args[:-1], False),
-            "triton_stats_gemm_soft": fused_stats_gemm_soft,
             "torch_tiled": vocab_tiled_row_stats,
             "materialized": materialized_row_stats}
 
@@ -689,29 +684,25 @@ def launch_first_that_compiles(rec: dict, run: Run, attn, q, k, v, cache, causal
 
 
 def check_sampler_parity(rec: dict, run: Run) -> None:
-    """The samplers against the materialising reference at the release vocabulary. The GPU
-    samplers (fp32 logits from bf16 inputs: exact products, fp32 sums) against fp32 copies of
-    their inputs; the torch path against the bf16 matmul it runs (bf16 logits, as transformers'
-    lm_head). Then the GEMM sampler's draws against the fused kernel's, and against the torch
-    path on the same fp32 copies: the same Philox noise, so equal draws but for near-ties. (On
-    2026-11-27 the fused kernel against the torch path on bf16 inputs agreed on 97.3 % of argmax
-    and 99.2 % of draws, soft rel_err 2.3 %: the bf16 rounding of the torch path's logits.)"""
+    """The samplers against the materialising reference at the release vocabulary. The GEMM
+    sampler (fp32 logits from bf16 inputs: exact products, fp32 sums) against fp32 copies of
+    its inputs; the torch path against the bf16 matmul it runs (bf16 logits, as transformers'
+    lm_head). Then the GEMM sampler's draws against the torch path on the same fp32 copies: the
+    same Philox noise, so equal draws but for near-ties. (On 2026-11-27 a GPU sampler against
+    the torch path on bf16 inputs agreed on 97.3 % of argmax and 99.2 % of draws, soft rel_err
+    2.3 %: the bf16 rounding of the torch path's logits.)"""
     s = sampler_inputs(run, run.plan.sampler_rows, run.gen(2))
     rec.update(sampler_rows=s.hidden.shape[0], vocab=s.embedding.shape[0], hidden=s.embedding.shape[1],
                thresholds="agreement >= 0.97 (bf16 near-ties), entropy rel_err < 1e-2, soft rel_err < 2e-2")
     args = (SOFTCAP, s.temperature, s.keys, True)
     hidden32, embedding32 = s.hidden.float(), s.embedding.float()
     gemm_stats = gemm_row_stats(s.hidden, s.embedding, *args)
-    triton_stats = fused_row_stats(s.hidden, s.embedding, *args)
     exact = naive_row_stats(hidden32, embedding32, *args)
     rows = rec["rows"] = []
     for name, got, want in (
             ("gemm", gemm_stats, lambda: exact),
-            ("triton_fused", triton_stats, lambda: exact),
-            ("triton_stats_gemm_soft", fused_stats_gemm_soft(s.hidden, s.embedding, *args), lambda: exact),
             ("torch_tiled", vocab_tiled_row_stats(s.hidden, s.embedding, *args),
              lambda: naive_row_stats(s.hidden, s.embedding, *args)),
-            ("gemm vs triton_fused", gemm_stats, lambda: triton_stats),
             ("gemm vs torch_tiled (fp32 inputs)", gemm_stats,
              lambda: vocab_tiled_row_stats(hidden32, embedding32, *args))):
         row = compare_stats(name, got, want())

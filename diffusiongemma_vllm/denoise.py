@@ -3,7 +3,7 @@
 All canvases of all requests go through each pass together, each with its own settings,
 pass counter and seeded draws (noise.py). A canvas's whole state lives on the device in a
 `CanvasBatch`, and `denoise_pass` advances it by one pass with no host round trip: it runs
-the model, samples (sampler.py; the Triton fused sampler on CUDA, the vocab-tiled torch one
+the model, samples (sampler.py; the GEMM sampler on CUDA, the vocab-tiled torch one
 elsewhere, drawing the same tokens), and updates only the canvases still running, so a
 halted canvas stays frozen however many passes follow. That makes a run of passes a fixed
 sequence of kernels, which `denoise_graphs.py` captures as CUDA graphs.
@@ -123,8 +123,8 @@ class CanvasBatch:
 
 
 def row_stats_for(device: torch.device) -> RowStatsFn:
-    """The sampler statistics for `device`: on CUDA the GEMM sampler (cuBLAS products, Triton
-    statistics; faster than the fused kernel on an H100, see kernels/gemm_sampler.py), else torch."""
+    """The sampler statistics for `device`: the GEMM sampler on CUDA (cuBLAS products, Triton
+    statistics; kernels/gemm_sampler.py), else the vocab-tiled torch path."""
     if device.type == "cuda":
         from .kernels.gemm_sampler import gemm_row_stats, triton
 

@@ -13,8 +13,8 @@ All draws are Philox 4x32-10 (counter-based), bit for bit Triton's: `philox_bits
 counter)` is `tl.randint(key, counter)` (tokens), and the uniform behind the Gumbel noise of
 vocabulary id v is word v % 4 of `tl.rand4x(key, v // 4)` (`vocab_uniform`): one Philox
 evaluation serves four ids, which makes the torch path (CPU) 4x cheaper than one evaluation
-per id and costs the Triton kernel nothing. So the torch vocab-tiled sampler and the Triton
-fused sampler draw the same Gumbel noise for the same (row key, vocabulary id), whatever the
+per id, and lets the Triton statistics kernel feed four ids per evaluation. So the torch
+vocab-tiled sampler and the CUDA (GEMM) sampler draw the same Gumbel noise for the same (row key, vocabulary id), whatever the
 tiling. Keys chain a 64-bit LCG step per address part (kept to 63 bits so they stay
 non-negative int64).
 """

@@ -6,7 +6,7 @@ section 3), for canvases that may each have their own settings:
 - scale the logits by the pass temperature: z = logits / T;
 - per position: a sample from softmax(z) (Gumbel-max), argmax(z), and the entropy of
   softmax(z), computed without materialising z (kernels/vocab_tiled_sampler.py, or
-  kernels/fused_sampler.py on CUDA);
+  kernels/gemm_sampler.py on CUDA);
 - accept the k lowest-entropy positions whose entropy sum minus its largest term stays
   within the entropy bound (the lowest one always), keep their samples, re-noise every
   other position with fresh uniform tokens;

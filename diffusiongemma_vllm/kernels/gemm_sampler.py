@@ -1,26 +1,38 @@
-"""Sampler statistics from tensor-core GEMMs: one online-softmax sweep over vocabulary chunks.
+"""The CUDA sampler: per-position statistics from tensor-core GEMMs and one Triton kernel.
 
-The same `RowStats` as `fused_sampler.fused_row_stats` (argmax, Gumbel-max draw, entropy and
-the self-conditioning signal softmax(z) @ E, z = softcap(h . E_v) / T, same Philox noise), but
-the two matrix products run as cuBLAS GEMMs instead of `tl.dot` inside one Triton kernel. On
-an H100 (benchmarks/results/2026-11-27-h100-gpu_check.md, 256 rows, V = 262144, H = 2816)
-that kernel ran its logits product at ~180 TFLOP/s (2.1 ms) and its soft path, which rewrites
-a [rows, H] fp32 accumulator in global memory for every vocabulary tile, took 6 ms more.
+For every canvas row h [H] against the tied embedding E [V, H], z_v = softcap(h . E_v) / T
+with softcap(x) = cap * tanh(x / cap); from softmax(z) the pass needs argmax(z), a Gumbel-max
+draw, the entropy and the self-conditioning signal softmax(z) @ E: the `RowStats` that
+`vocab_tiled_sampler.py` computes in torch, with the same Philox noise (noise.py), so both
+draw the same tokens. The upstream sampler materialises fp32 logits [n * 256, 262144], 268 MB
+per canvas, and runs out of memory at 8 requests (research/vllm_intree.md 4.5 items 2-3).
+
+Measured on an H100 (benchmarks/results/2026-11-27-h100-gemm-sampler-gpu_check.md, V = 262144,
+H = 2816, with the soft signal): 2.3 ms for one canvas (256 rows) and 2.0 ms per canvas at 64,
+peak memory 163 / 353 MiB. The single fused Triton kernel it replaced (tl.dot for both products,
+the soft accumulator rewritten in global memory per vocabulary tile) took 8.4 and 7.2 ms, and
+materialised fp32 logits 4.9 ms and 1.3 GB for one canvas
+(benchmarks/results/2026-11-27-h100-gpu_check.md).
 
 Per chunk of `vocab_chunk` ids, for a chunk of rows:
-1. logits = h @ E_c^T with fp32 output (`mm_fp32`): [rows, vocab_chunk] fp32;
+1. logits = h @ E_c^T with fp32 output (`_mm_fp32`): [rows, vocab_chunk] fp32;
 2. `_chunk_stats_kernel`, one program per row, sweeps the chunk: its max m_c, S_c = sum
    exp(z - m_c), W_c = sum exp(z - m_c) (z - m_c), the first-index argmax and the Gumbel
-   argmax, written as the chunk's partials (the vocabulary splits of `merge_partials`). With
-   the soft signal it then rescales against the running max M of the row, M' = max(M, m_c):
+   argmax, written as the chunk's partials. With the soft signal it then rescales against
+   the running max M of the row, M' = max(M, m_c):
    writes P = exp(z - M') in the embedding dtype (as flash attention rounds P for P @ V) and
    scale = exp(M - M'), and stores M';
 3. soft = soft * scale + P @ E_c (fp32 output): flash attention's running output, chunk-wise.
-At the end `merge_partials` combines the chunks' statistics (first chunk wins ties: lowest id)
-and soft is divided by the row's normaliser. Rows are chunked too so that rows x vocab_chunk
-stays at `block_elements`: peak memory beyond the outputs is one fp32 logits block and one P
-block (96 MiB at the default), whatever the number of canvases.
+At the end the chunks' statistics are merged (flash decoding's combine; the first chunk wins
+ties: lowest id) and soft is divided by the row's normaliser. Rows are chunked too, so that
+rows x vocab_chunk stays at `block_elements`: peak memory beyond the outputs is one fp32
+logits block and one P block (96 MiB at the default), whatever the number of canvases.
 
+Entropy = log S - W / S with W taken relative to the max, so nothing cancels at |z| ~ cap / T.
+The draw is argmax_v(z_v + g_v), g = -log(-log u), u_v = word v % 4 of tl.rand4x(key_row,
+v // 4) (Philox 4x32-10): it depends on (key, v) alone, not on chunks or the batch;
+`noise.gumbel_noise` is the same noise in torch. The logits' products are exact for bf16
+inputs and summed in fp32, so the reference is `naive_row_stats` on fp32 copies of the inputs.
 Temperatures must be > 0 (not checked: that would synchronise the device).
 """
 
@@ -28,14 +40,11 @@ from __future__ import annotations
 
 import torch
 
-from .fused_sampler import merge_partials, mm_fp32
 from .vocab_tiled_sampler import RowStats
 
 try:
     import triton
     import triton.language as tl
-
-    from .fused_sampler import gumbel_run, stable_tanh
 except ImportError:  # CPU-only installs without Triton still import this module
     triton = None
 
@@ -44,6 +53,20 @@ MIN_VOCAB_CHUNK = 4096  # GEMMs narrower than this lose tensor-core efficiency
 
 
 if triton is not None:
+
+    @triton.jit
+    def _tanh(x):
+        t = tl.exp(-2.0 * tl.abs(x))  # no overflow at any |x|
+        y = (1.0 - t) / (1.0 + t)
+        return tl.where(x < 0, -y, y)
+
+    @triton.jit
+    def _gumbel_run(key, first, BLOCK: tl.constexpr):
+        """Gumbel noise of the BLOCK ids first, first + 1, ... (first % 4 == 0) under one key;
+        each rand4x call feeds four ids, as noise.vocab_uniform lays them out."""
+        u0, u1, u2, u3 = tl.rand4x(key, first // 4 + tl.arange(0, BLOCK // 4))
+        u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [BLOCK])  # [quad, 2, 2] -> id order
+        return -tl.log(-tl.log(u))
 
     @triton.jit
     def _chunk_stats_kernel(
@@ -64,7 +87,7 @@ if triton is not None:
         for c0 in range(0, width, BLOCK):
             cols = c0 + tl.arange(0, BLOCK)
             ok = cols < width
-            z = softcap * stable_tanh(tl.load(line + cols, mask=ok, other=0.0) / softcap) * inv_t
+            z = softcap * _tanh(tl.load(line + cols, mask=ok, other=0.0) / softcap) * inv_t
             z = tl.where(ok, z, float("-inf"))
             tile_max = tl.max(z, axis=0)
             best = tl.where(tile_max > m, c0 + tl.argmax(z, axis=0), best)  # strict: first index wins
@@ -76,7 +99,7 @@ if triton is not None:
             weighted = rescale * (weighted + shift * total) + tl.sum(p * centred, axis=0)
             total = total * rescale + tl.sum(p, axis=0)
             m = m_new
-            perturbed = tl.where(ok, z + gumbel_run(key, first_id + c0, BLOCK), float("-inf"))
+            perturbed = tl.where(ok, z + _gumbel_run(key, first_id + c0, BLOCK), float("-inf"))
             key_max = tl.max(perturbed, axis=0)
             drawn_id = tl.where(key_max > drawn, c0 + tl.argmax(perturbed, axis=0), drawn_id)
             drawn = tl.maximum(drawn, key_max)
@@ -95,7 +118,7 @@ if triton is not None:
             for c0 in range(0, width, BLOCK):
                 cols = c0 + tl.arange(0, BLOCK)
                 ok = cols < width
-                z = softcap * stable_tanh(tl.load(line + cols, mask=ok, other=0.0) / softcap) * inv_t
+                z = softcap * _tanh(tl.load(line + cols, mask=ok, other=0.0) / softcap) * inv_t
                 tl.store(out + cols, tl.exp(z - top).to(probs_ptr.dtype.element_ty), mask=ok)
 
 
@@ -119,7 +142,7 @@ def gemm_row_stats(
     assert embedding.stride(1) == 1, embedding.stride()
     assert temperature.shape == gumbel_keys.shape == (n,) and temperature.is_floating_point()
     assert gumbel_keys.dtype in (torch.int64, torch.int32), gumbel_keys.dtype
-    # A multiple of 4: gumbel_run draws ids from a multiple of 4.
+    # A multiple of 4: _gumbel_run draws ids from a multiple of 4.
     vocab_chunk = max(4, min(vocab, max(min_vocab_chunk, block_elements // n)) // 4 * 4)
     row_chunk = max(1, block_elements // vocab_chunk)
     parts = [_row_chunk(hidden[r:r + row_chunk], embedding, softcap, temperature[r:r + row_chunk].contiguous(),
@@ -143,7 +166,7 @@ def _row_chunk(hidden, embedding, softcap, temperature, keys, with_soft, vocab_c
         scale = torch.empty((rows,), dtype=torch.float32, device=device)
     for c in range(chunks):
         chunk = embedding[c * vocab_chunk:(c + 1) * vocab_chunk]
-        logits = mm_fp32(hidden, chunk.T)  # [rows, chunk width] fp32
+        logits = _mm_fp32(hidden, chunk.T)  # [rows, chunk width] fp32
         probs = torch.empty(logits.shape, dtype=embedding.dtype, device=device) if with_soft else logits
         _chunk_stats_kernel[(rows,)](
             logits, temperature, keys, stats[c], ids[c], probs,
@@ -151,8 +174,20 @@ def _row_chunk(hidden, embedding, softcap, temperature, keys, with_soft, vocab_c
             rows, logits.shape[1], c * vocab_chunk, float(softcap),
             WITH_SOFT=with_soft, BLOCK=block, num_warps=num_warps)
         if with_soft:
-            soft.mul_(scale[:, None]).add_(mm_fp32(probs, chunk))
-    result, log_norm = merge_partials(stats.transpose(0, 1), ids.transpose(0, 1), None)
-    if with_soft:
-        soft.mul_(torch.exp(running_max - log_norm)[:, None])  # running_max is the row's max
-    return RowStats(result.argmax, result.sample, result.entropy, soft)
+            soft.mul_(scale[:, None]).add_(_mm_fp32(probs, chunk))
+    m, total, weighted, drawn = stats.transpose(0, 1)  # each [chunks, rows]
+    top = m.max(0).values  # also the final running_max
+    w = torch.exp(m - top)
+    norm = (w * total).sum(0)
+    entropy = torch.log(norm) - (w * (weighted + (m - top) * total)).sum(0) / norm
+    # torch.argmax takes the first chunk on ties, i.e. the lowest vocabulary id.
+    argmax = ids[:, 0].gather(0, m.argmax(0, keepdim=True))[0]
+    sample = ids[:, 1].gather(0, drawn.argmax(0, keepdim=True))[0]
+    return RowStats(argmax, sample, entropy, soft.div_(norm[:, None]) if with_soft else None)
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 output: tensor-core inputs, fp32 accumulation and result on CUDA."""
+    if a.is_cuda and a.dtype != torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
