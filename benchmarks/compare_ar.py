@@ -5,7 +5,9 @@ same seeded prompt set, at each concurrency level, in one invocation of this scr
 - `plugin`: DiffusionGemma served by this plugin;
 - `ar`: the autoregressive Gemma 4 twin (same layers, experts, vocabulary);
 - `in-tree`: vLLM's own DiffusionGemma (plugin disabled with VLLM_PLUGINS=""), GPU only:
-  it needs Model Runner V2, which needs Triton on a GPU.
+  it needs Model Runner V2, which needs Triton on a GPU;
+- `plugin-pps<N>` (with `--passes-per-step N`): the plugin with at most N denoise passes per
+  scheduler step (`additional_config`), so requests arriving mid-block start sooner.
 
 Regimes. Concurrency c keeps c requests in flight (closed loop: a finished request is
 replaced at once) until `--requests` per level have finished. Offline mode drives
@@ -76,15 +78,16 @@ def _params(args, index: int):
 
 
 def _passes(llm, args) -> list[int]:
-    return llm.collective_rpc("diffusion_stats")[0]["canvas_passes"] if args.system == "plugin" else []
+    return llm.collective_rpc("diffusion_stats")[0]["canvas_passes"] if args.system.startswith("plugin") else []
 
 
 def run_offline(args, prompts: list[str]) -> dict:
     from tqdm import tqdm
     from vllm import LLM
 
+    additional = {"passes_per_step": args.passes_per_step} if args.system.startswith("plugin-pps") else {}
     llm = LLM(model=args.model, max_model_len=args.max_model_len, max_num_seqs=max(args.levels),
-              enforce_eager=args.enforce_eager, seed=0)
+              enforce_eager=args.enforce_eager, seed=0, additional_config=additional)
     llm.generate(prompts[:1], _params(args, 0), use_tqdm=False)  # warm-up
     engine, results = llm.llm_engine, {}
     for level in args.levels:
@@ -121,7 +124,9 @@ def run_server(args, prompts: list[str]) -> dict:
     from benchmarks.openai_server import OpenAIServer
 
     server = OpenAIServer(args.model, "--max-model-len", str(args.max_model_len), "--served-model-name", "m",
-                          *(["--enforce-eager"] if args.enforce_eager else []))
+                          *(["--enforce-eager"] if args.enforce_eager else []),
+                          *(["--additional-config", json.dumps({"passes_per_step": args.passes_per_step})]
+                            if args.system.startswith("plugin-pps") else []))
     extra = {} if args.system == "ar" else {"vllm_xargs": {"max_denoising_steps": args.max_denoising_steps}}
 
     def one(i: int) -> dict:
@@ -183,7 +188,8 @@ def run_system(system: str, model: str, args, env_extra: dict) -> dict:
            "--concurrency", args.concurrency, "--requests", str(args.requests), "--max-tokens", str(args.max_tokens),
            "--max-denoising-steps", str(args.max_denoising_steps), "--max-model-len", str(args.max_model_len),
            "--seed", str(args.seed)] + (["--server"] if args.server else []) + \
-          (["--enforce-eager"] if args.enforce_eager else [])
+          (["--enforce-eager"] if args.enforce_eager else []) + \
+          (["--passes-per-step", str(args.passes_per_step)] if args.passes_per_step else [])
     env = {**os.environ, **env_extra, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
     for line in proc.stdout.splitlines():
@@ -217,7 +223,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def print_table(results: dict) -> None:
-    header = f"{'system':10} {'conc':>4} {'tok/s':>9} {'req tok/s':>9} {'TTFT p50':>9} {'lat p50':>8} " \
+    header = f"{'system':12} {'conc':>4} {'tok/s':>9} {'req tok/s':>9} {'TTFT p50':>9} {'lat p50':>8} " \
              f"{'lat p99':>8} {'pass/canvas':>11} {'pass/token':>10}"
     print(header)
     print("-" * len(header))
@@ -227,7 +233,7 @@ def print_table(results: dict) -> None:
             passes = r["passes_per_canvas"]
             per_canvas = f"{np.mean(passes):.1f}" if passes else "-"
             per_token = f"{r['passes_per_output_token']:.3f}" if r["passes_per_output_token"] else "-"
-            print(f"{system:10} {c:>4} {r['output_tokens_per_s']:9.1f} {r['per_request_tokens_per_s']:9.1f} "
+            print(f"{system:12} {c:>4} {r['output_tokens_per_s']:9.1f} {r['per_request_tokens_per_s']:9.1f} "
                   f"{r['ttft_p50_s']:9.3f} {r['latency_p50_s']:8.3f} {r['latency_p99_s']:8.3f} "
                   f"{per_canvas:>11} {per_token:>10}")
 
@@ -247,6 +253,8 @@ def parent_main(args) -> None:
         args.diffusion_model = str(build_tiny_checkpoint(workdir / "tiny-diffusion", spec, seed=0))
         args.ar_model = str(build_ar_twin(workdir / "tiny-ar", spec, seed=0))
     systems = {"plugin": (args.diffusion_model, {}), "ar": (args.ar_model, {})}
+    if args.passes_per_step:
+        systems[f"plugin-pps{args.passes_per_step}"] = (args.diffusion_model, {})
     skipped = {}
     if args.include_in_tree:
         if torch.cuda.is_available():
@@ -262,7 +270,7 @@ def parent_main(args) -> None:
     print("plugin / AR output tokens/s:", ", ".join(f"c={c}: {r:.2f}x" for c, r in ratios.items()))
     print(json.dumps({"machine": info, "mode": "server" if args.server else "offline",
                       "settings": {k: getattr(args, k) for k in ("concurrency", "requests", "max_tokens",
-                                                               "max_denoising_steps", "seed")},
+                                                               "max_denoising_steps", "seed", "passes_per_step")},
                       "models": {name: model for name, (model, _) in systems.items()}, "skipped": skipped,
                       "results": results, "plugin_over_ar": ratios, "plot": str(png)}))
 
@@ -281,6 +289,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--server", action="store_true", help="measure through the OpenAI server (streaming)")
     parser.add_argument("--include-in-tree", action="store_true", help="also run vLLM's in-tree DiffusionGemma (GPU)")
     parser.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs / compilation")
+    parser.add_argument("--passes-per-step", type=int, help="also run the plugin with this passes_per_step")
     parser.add_argument("--out-dir", default=tempfile.gettempdir() + "/compare_ar", help="PNG and tiny models go here")
     parser.add_argument("--system-worker", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)

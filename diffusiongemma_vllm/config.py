@@ -195,3 +195,12 @@ def _check_int(obj, name: str, low: int, high: int) -> None:
     value = getattr(obj, name)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def passes_per_step(additional_config) -> int | None:
+    """The engine's `additional_config["passes_per_step"]` (denoise_step.py): the most denoise
+    passes one scheduler step runs, or None (absent) for whole canvases in every step."""
+    value = (additional_config or {}).get("passes_per_step") if isinstance(additional_config, dict) else None
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"additional_config passes_per_step must be an integer >= 1, got {value!r}")
+    return value

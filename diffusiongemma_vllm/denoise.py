@@ -109,6 +109,13 @@ class CanvasBatch:
         for name, t in self.tensors().items():
             t[:count].copy_(getattr(source, name)[:count])
 
+    def put_(self, index: int, source: "CanvasBatch") -> None:
+        """Overwrite canvas `index` with `source`'s only canvas, keeping its row (resuming a
+        canvas that an earlier step left unfinished, in this step's request order)."""
+        for name, t in self.tensors().items():
+            if name != "rows":
+                t[index] = getattr(source, name)[0]
+
     def pad_(self, count: int) -> None:
         """Make every canvas from `count` on a halted copy of the first: valid inputs for a
         pass, frozen by it, never read back (the padding of a graph's static batch)."""
@@ -173,15 +180,22 @@ class PassRecord:
 
 @dataclass
 class DenoiseResult:
-    tokens: torch.Tensor  # [n, C] committed argmax canvases (on the host)
-    passes: torch.Tensor  # [n] passes each canvas ran
+    tokens: torch.Tensor  # [n, C] committed argmax canvases (on the host); -1 rows for pending jobs
+    passes: torch.Tensor  # [n] passes each canvas ran in all (-1 for pending jobs)
     records: list[PassRecord] = field(default_factory=list)
+    pending: CanvasBatch | None = None  # the canvases still running after max_passes, to resume later
+    pending_jobs: list[int] = field(default_factory=list)  # their job indices, in pending's order
+    passes_run: int = 0  # batched passes this call ran
 
 
 def denoise_canvases(jobs: list[CanvasJob], canvas_length: int, run_pass: RunPass, unembedding: Unembedding,
                      device: torch.device | str = "cpu", record: bool = False, graphs=None,
-                     first_row: int = 0) -> DenoiseResult:
-    """Denoise one canvas per job until each halts. `graphs` (a `denoise_graphs.DenoiseGraphs`
+                     first_row: int = 0, resumed: dict[int, CanvasBatch] | None = None,
+                     max_passes: int | None = None) -> DenoiseResult:
+    """Denoise one canvas per job until each halts, or for at most `max_passes` passes: the
+    canvases still running then come back as `pending`, and a later call continues them
+    exactly through `resumed` (job index -> a one-canvas batch; draws are keyed by the
+    canvas's own pass counter, not by the call). `graphs` (a `denoise_graphs.DenoiseGraphs`
     built around a `run_pass` that reads only static inputs) replays captured passes; without
     it, or for batches beyond its ladder, passes run eagerly. Job i's request inputs are row
     `first_row + i` of what run_pass reads."""
@@ -189,11 +203,13 @@ def denoise_canvases(jobs: list[CanvasJob], canvas_length: int, run_pass: RunPas
     weight = unembedding.weight
     row_stats = row_stats_for(device)
     batch = CanvasBatch.start(jobs, canvas_length, weight.shape[0], weight.shape[1], weight.dtype, device, first_row)
-    tokens = torch.empty((len(jobs), canvas_length), dtype=torch.long)
-    passes = torch.zeros(len(jobs), dtype=torch.long)
+    for index, state in (resumed or {}).items():
+        batch.put_(index, state)
+    tokens = torch.full((len(jobs), canvas_length), -1, dtype=torch.long)
+    passes = torch.full((len(jobs),), -1, dtype=torch.long)
     slots = torch.arange(len(jobs))  # job index of each canvas still in the batch
     records, step = [], 0
-    while len(slots):
+    while len(slots) and (max_passes is None or step < max_passes):
         if graphs is not None and not record and graphs.ready_for(batch):
             batch = graphs.advance(batch)
         else:
@@ -209,4 +225,8 @@ def denoise_canvases(jobs: list[CanvasJob], canvas_length: int, run_pass: RunPas
             passes[slots[done]] = batch.steps[done.to(device)].cpu()
             keep = (~halted).nonzero().squeeze(-1)
             batch, slots = batch.take(keep.to(device)), slots[keep]
-    return DenoiseResult(tokens, passes, records)
+    if not len(slots):
+        return DenoiseResult(tokens, passes, records, passes_run=step)
+    # take() copies: after a replay, batch is a view of the graph's static batch.
+    pending = batch.take(torch.arange(len(slots), device=device))
+    return DenoiseResult(tokens, passes, records, pending, slots.tolist(), step)

@@ -18,6 +18,15 @@ tokens (vLLM's `discard_request_mask` is False for it). For every ready request 
 The scheduler appends them, applies EOS / stop ids / max_tokens (trimming inside the
 canvas), and next step schedules the emitted tokens again: that pass is the commit.
 
+With `passes_per_step` (vLLM's `additional_config`, e.g. `--additional-config
+'{"passes_per_step": 8}'`) a step runs at most that many passes. A canvas still running then
+emits nothing and keeps its device state here, keyed by request; scheduler.py schedules its
+request again (one token, its last) and the next step resumes the canvas where it stopped, with
+the same draws, so the output does not depend on the setting. Requests that arrive meanwhile
+get their prefill within a few passes instead of after whole blocks. The exception: a first
+canvas whose request asked for prompt logprobs finishes in its step, since vLLM returns those
+with the step that ends the prompt and requires a token with them.
+
 Per-request settings: the checkpoint's generation_config.json, overridden by the request's
 `extra_args` (validated at admission by request_validator.py); the seed is the request's
 `seed`, or a random one kept for its lifetime.
@@ -32,7 +41,7 @@ import numpy as np
 import torch
 
 from .canvas_context import CanvasPass, PagedPrefix, PrefixKV, canvas_pass
-from .config import SamplerConfig
+from .config import SamplerConfig, passes_per_step
 from .denoise import CanvasBatch, CanvasJob, denoise_canvases, row_stats_for
 from .denoise_graphs import DenoiseGraphs, ladder_for
 from .kv_layout import paged_views, read_tokens
@@ -69,6 +78,8 @@ class DenoiseStep:
         generation = vllm_config.model_config.try_get_generation_config() or {}
         self.default_sampler = SamplerConfig.from_generation_config(generation)
         self.settings: dict[str, _RequestSettings] = {}
+        self.passes_per_step = passes_per_step(vllm_config.additional_config)
+        self.pending: dict[str, tuple[int, CanvasBatch]] = {}  # request -> (context length, unfinished canvas)
         self.stats = DiffusionStats()
         # A pass over m canvases runs m * C tokens through the layers; vLLM sized its memory for
         # max_num_batched_tokens, so more ready canvases than that are denoised in turns.
@@ -90,35 +101,50 @@ class DenoiseStep:
         batch = runner.input_batch
         num_reqs = batch.num_reqs
         out = torch.full((num_reqs, self.canvas_length), -1, dtype=torch.int64)
-        live = set(batch.req_ids)
+        live = set(runner.requests)  # a preempted request leaves the batch but not this map
         self.settings = {k: v for k, v in self.settings.items() if k in live}
+        self.pending = {k: v for k, v in self.pending.items() if k in live}
         ready = np.nonzero(~runner.discard_request_mask.np[:num_reqs])[0].tolist()
         if not ready:
             return out
         context = [int(runner.optimistic_seq_lens_cpu[i]) for i in ready]
-        jobs = []
-        for i, length in zip(ready, context):
-            state = runner.requests[batch.req_ids[i]]
-            settings = self._settings(state.req_id, state.sampling_params)
+        req_ids = [batch.req_ids[i] for i in ready]
+        jobs, resumed, must_finish = [], {}, []
+        for slot, (req_id, length) in enumerate(zip(req_ids, context)):
+            state = runner.requests[req_id]
+            settings = self._settings(req_id, state.sampling_params)
             block = (length - len(state.prompt_token_ids)) // self.canvas_length
             jobs.append(CanvasJob(block, settings.sampler, settings.seed))
+            held = self.pending.pop(req_id, None)
+            if held is not None and held[0] == length:
+                resumed[slot] = held[1]
+            must_finish.append(slot not in resumed and state.sampling_params.prompt_logprobs is not None)
         with torch.inference_mode():
             if self.device.type == "cuda":
                 run_pass = self._load_paged_inputs(runner, ready, context)
             else:
                 run_pass = self._pass_runner(torch.tensor(context), self._gather_prefixes(runner, ready, context))
-            turns = [denoise_canvases(jobs[first:first + self.canvases_per_pass], self.canvas_length, run_pass,
-                                      self.unembedding, device=self.device, graphs=self.graphs, first_row=first)
-                     for first in range(0, len(jobs), self.canvases_per_pass)]
+            turns = []
+            for first in range(0, len(jobs), self.canvases_per_pass):
+                last = min(len(jobs), first + self.canvases_per_pass)
+                limit = None if any(must_finish[first:last]) else self.passes_per_step
+                turns.append(denoise_canvases(
+                    jobs[first:last], self.canvas_length, run_pass, self.unembedding, device=self.device,
+                    graphs=self.graphs, first_row=first, max_passes=limit,
+                    resumed={slot - first: resumed[slot] for slot in range(first, last) if slot in resumed}))
+                for index, job in enumerate(turns[-1].pending_jobs):
+                    held = turns[-1].pending.take(torch.tensor([index], device=self.device))
+                    self.pending[req_ids[first + job]] = (context[first + job], held)
         tokens = torch.cat([turn.tokens for turn in turns])
         passes = torch.cat([turn.passes for turn in turns])
         for slot, (i, length) in enumerate(zip(ready, context)):
             emit = min(self.canvas_length, runner.max_model_len - length)
             out[i, :emit] = tokens[slot, :emit]
+        finished = passes[passes >= 0]
         self.stats.steps += 1
-        self.stats.passes += sum(int(turn.passes.max()) for turn in turns)
-        self.stats.canvases += len(ready)
-        self.stats.canvas_passes.extend(passes.tolist())
+        self.stats.passes += sum(turn.passes_run for turn in turns)
+        self.stats.canvases += len(finished)
+        self.stats.canvas_passes.extend(finished.tolist())
         self.stats.largest_pass = max(self.stats.largest_pass, max(len(turn.passes) for turn in turns))
         return out
 

@@ -8,7 +8,9 @@ architecture name in place of vLLM's in-tree one:
 - marks the model as not-diffusion for vLLM (the cached `is_diffusion` is set to False;
   `canvas_length` stays in the HF config, where the plugin reads it);
 - keeps vLLM's Gemma 4 attention-backend choice for the two head dims (GPU);
-- turns off async scheduling, which assumes one sampled token per request and step;
+- turns off async scheduling, which assumes one sampled token per request and step, and
+  installs the plugin's scheduler (scheduler.py), which keeps a request whose canvas spans
+  several steps scheduled;
 - selects the V1 model runner (the only runner whose sampler the plugin replaces), through
   `VLLM_USE_V2_MODEL_RUNNER=0`, the only switch vLLM 0.32 has; spawned engine processes
   inherit it;
@@ -26,11 +28,14 @@ import os
 
 from vllm.model_executor.models.config import Gemma4Config, VerifyAndUpdateConfig
 
+from .config import passes_per_step
+
 WORKERS = {
     "cpu": "diffusiongemma_vllm.worker.DiffusionGemmaCPUWorker",
     "gpu": "diffusiongemma_vllm.worker.DiffusionGemmaGPUWorker",
 }
 VALIDATOR = "diffusiongemma_vllm.request_validator:DiffusionRequestValidator"
+SCHEDULER = "diffusiongemma_vllm.scheduler.CanvasScheduler"  # a string: the config is pickled to the engine
 
 
 class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
@@ -54,6 +59,9 @@ class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
             Gemma4Config.verify_and_update_config(vllm_config)
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         vllm_config.scheduler_config.async_scheduling = False
+        passes_per_step(vllm_config.additional_config)  # a bad value fails here, naming the setting
+        if vllm_config.scheduler_config.scheduler_cls is None:
+            vllm_config.scheduler_config.scheduler_cls = SCHEDULER
         if vllm_config.parallel_config.worker_cls == "auto":
             vllm_config.parallel_config.worker_cls = WORKERS["cpu" if current_platform.is_cpu() else "gpu"]
         processors = list(model_config.logits_processors or [])

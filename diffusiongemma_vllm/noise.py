@@ -14,8 +14,8 @@ counter)` is `tl.randint(key, counter)` (tokens), and the uniform behind the Gum
 vocabulary id v is word v % 4 of `tl.rand4x(key, v // 4)` (`vocab_uniform`): one Philox
 evaluation serves four ids, which makes the torch path (CPU) 4x cheaper than one evaluation
 per id, and lets the Triton statistics kernel feed four ids per evaluation. So the torch
-vocab-tiled sampler and the CUDA (GEMM) sampler draw the same Gumbel noise for the same (row key, vocabulary id), whatever the
-tiling. Keys chain a 64-bit LCG step per address part (kept to 63 bits so they stay
+vocab-tiled sampler and the CUDA (GEMM) sampler draw the same Gumbel noise for the same
+(row key, vocabulary id), whatever the tiling. Keys chain a 64-bit LCG step per address part (kept to 63 bits so they stay
 non-negative int64).
 """
 

@@ -15,7 +15,8 @@ from .model_runner import DiffusionGemmaCPURunner, DiffusionGemmaGPURunner
 
 class DiffusionStatsMixin:
     def diffusion_stats(self) -> dict:
-        return self.model_runner.denoise_step.stats.as_dict()
+        step = self.model_runner.denoise_step
+        return {**step.stats.as_dict(), "pending_canvases": len(step.pending)}
 
 
 class DiffusionGemmaCPUWorker(DiffusionStatsMixin, CPUWorker):

@@ -19,11 +19,12 @@ def test_compare_ar_prints_every_field_and_a_plot(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "compare_ar.py"), "--tiny", "--concurrency", "1,2",
          "--requests", "2", "--max-tokens", "64", "--max-denoising-steps", "3", "--enforce-eager",
+         "--passes-per-step", "2",
          "--out-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(result) >= {"machine", "mode", "settings", "models", "results", "plugin_over_ar", "plot"}
-    assert set(result["results"]) == {"plugin", "ar"}
+    assert set(result["results"]) == {"plugin", "ar", "plugin-pps2"}
     for system, levels in result["results"].items():
         assert set(levels) == {"1", "2"}
         for level in levels.values():
@@ -31,6 +32,7 @@ def test_compare_ar_prints_every_field_and_a_plot(tmp_path):
             for key in ("output_tokens_per_s", "per_request_tokens_per_s", "ttft_p50_s", "latency_p50_s",
                         "latency_p99_s"):
                 assert level[key] > 0, (system, key)
-    assert all(p == 3 for p in result["results"]["plugin"]["1"]["passes_per_canvas"])
+    for system in ("plugin", "plugin-pps2"):  # canvases spanning steps still take 3 passes each
+        assert all(p == 3 for p in result["results"][system]["1"]["passes_per_canvas"])
     assert result["results"]["plugin"]["1"]["passes_per_output_token"] == pytest.approx(3 / 64)
     assert Path(result["plot"]).stat().st_size > 10_000

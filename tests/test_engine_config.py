@@ -30,3 +30,19 @@ def test_single_device_config_marks_the_model_non_diffusion_for_vllm(tiny_dir):
     config = EngineArgs(model=tiny_dir, max_model_len=256).create_engine_config()
     assert config.model_config.is_diffusion is False
     assert config.parallel_config.worker_cls.startswith("diffusiongemma_vllm.worker.")
+    assert config.scheduler_config.scheduler_cls == "diffusiongemma_vllm.scheduler.CanvasScheduler"
+    assert config.scheduler_config.async_scheduling is False
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, "8", True])
+def test_bad_passes_per_step_is_rejected_naming_the_setting(tiny_dir, value):
+    """Catches a bad `additional_config` passes_per_step reaching the worker, where it would
+    fail at the first step or never stop a canvas."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from diffusiongemma_vllm import register
+
+    register()
+    with pytest.raises(ValueError, match="passes_per_step"):
+        EngineArgs(model=tiny_dir, max_model_len=256,
+                   additional_config={"passes_per_step": value}).create_engine_config()

@@ -108,3 +108,19 @@ def test_gpu_kv_cache_pages_hold_each_token_as_k_then_v():
 
     for impl in (FlashAttentionImpl, TritonAttentionImpl):
         assert "kv_cache.transpose(1, 2).split(self.head_size, dim=-1)" in inspect.getsource(impl), impl
+
+
+def test_scheduler_internals_the_canvas_scheduler_uses():
+    """Catches changes to what scheduler.py relies on: a pluggable scheduler class, the
+    computed-token count advanced when a step is scheduled (so a request that received no
+    token must be rolled back), the prefill-chunk flag, and requests kept by id."""
+    from vllm.config.scheduler import SchedulerConfig
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.request import Request, RequestStatus
+
+    assert "scheduler_cls" in SchedulerConfig.__dataclass_fields__
+    assert list(inspect.signature(Scheduler.update_from_output).parameters)[1:] == [
+        "scheduler_output", "model_runner_output"]
+    assert "num_computed_tokens += " in inspect.getsource(Scheduler._update_after_schedule)
+    assert "is_prefill_chunk" in inspect.getsource(Request.__init__)
+    assert "self.requests" in inspect.getsource(Scheduler.__init__) and RequestStatus.RUNNING

@@ -1,0 +1,34 @@
+"""vLLM's V1 scheduler, taught that a request may spend several steps on one canvas.
+
+With `passes_per_step` set (denoise_step.py), the worker runs at most that many denoise passes
+per scheduler step, so a request that arrives mid-block gets its prefill scheduled within a
+few passes instead of after the whole block. A canvas still denoising at the end of a step
+emits nothing for its request. The stock scheduler would then never schedule that request
+again: it counted the step's token as computed when it scheduled it, and with no new token
+there is nothing left to compute.
+
+So after each step's bookkeeping, a running request that reached the end of its tokens yet
+received none (not a partial prompt chunk) has its last token marked as not computed. The
+next step schedules that one token again: no new KV slot (its block is already allocated),
+and the worker sees the request ready with the same context length and resumes its canvas.
+Without `passes_per_step` every ready request emits a canvas each step and this changes
+nothing. Requires synchronous scheduling (engine_config.py turns async scheduling off) and
+no speculative decoding (the runner rejects it).
+"""
+
+from __future__ import annotations
+
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import RequestStatus
+
+
+class CanvasScheduler(Scheduler):
+    def update_from_output(self, scheduler_output, model_runner_output):
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        for req_id in scheduler_output.num_scheduled_tokens:
+            request = self.requests.get(req_id)  # None once finished or aborted
+            if request is None or request.status != RequestStatus.RUNNING or request.is_prefill_chunk:
+                continue
+            if request.num_computed_tokens == request.num_tokens:  # at its end, nothing emitted: canvas pending
+                request.num_computed_tokens -= 1
+        return outputs
