@@ -3,7 +3,8 @@
 The engine stops each canvas after 2 passes and resumes it in the next step (scheduler.py
 keeps its request scheduled). Outputs must equal the default engine's, which denoises whole
 canvases in one step, for requests with different halting knobs, chunked prompts, mid-block
-arrivals and a request asking for prompt logprobs.
+arrivals and a request asking for prompt logprobs; and an abort mid-canvas must leave nothing
+behind.
 """
 
 from __future__ import annotations
@@ -29,27 +30,39 @@ def requests():
     return prompts, params
 
 
-def generate(tiny_dir, **engine_args):
+def engine(tiny_dir, **engine_args):
     from vllm import LLM
 
-    llm = LLM(model=tiny_dir, dtype="float32", max_model_len=400, enforce_eager=True, max_num_seqs=8,
-              max_num_batched_tokens=128, **engine_args)
+    return LLM(model=tiny_dir, dtype="float32", max_model_len=400, enforce_eager=True, max_num_seqs=8,
+               max_num_batched_tokens=128, **engine_args)
+
+
+def generate(llm):
     prompts, params = requests()
     outs = llm.generate(prompts, params)
     stats = llm.collective_rpc("diffusion_stats")[0]
-    del llm
-    gc.collect()
     return [list(o.outputs[0].token_ids) for o in outs], [o.prompt_logprobs is not None for o in outs], stats
 
 
+@pytest.fixture(scope="module")
+def stepped_llm(tiny_dir):
+    llm = engine(tiny_dir, additional_config={"passes_per_step": 2})
+    yield llm
+    del llm
+    gc.collect()
+
+
 @pytest.mark.timeout(600)
-def test_canvases_across_steps_equal_whole_canvases(tiny_dir):
+def test_canvases_across_steps_equal_whole_canvases(tiny_dir, stepped_llm):
     """Catches a request stuck after a step that emitted nothing for it (the stock scheduler
     never schedules it again: the run would hang), canvas state lost or misplaced between
     steps, a resumed canvas restarted, state left behind after requests finish, and the engine
     dying on prompt logprobs (vLLM returns them with the last prompt chunk's step)."""
-    stepped, stepped_logprobs, stats = generate(tiny_dir, additional_config={"passes_per_step": 2})
-    whole, whole_logprobs, whole_stats = generate(tiny_dir)
+    stepped, stepped_logprobs, stats = generate(stepped_llm)
+    whole_llm = engine(tiny_dir)
+    whole, whole_logprobs, whole_stats = generate(whole_llm)
+    del whole_llm
+    gc.collect()
     assert stepped == whole
     assert all(len(tokens) == 70 for tokens in stepped)
     assert stepped_logprobs == whole_logprobs == [i == 5 for i in range(8)]
@@ -57,3 +70,21 @@ def test_canvases_across_steps_equal_whole_canvases(tiny_dir):
     assert stats["passes_per_step"] <= 2 * 2 < whole_stats["passes_per_step"]
     assert max(stats["canvas_passes"]) > 2  # some canvases did span steps
     assert stats["pending_canvases"] == 0
+
+
+@pytest.mark.timeout(600)
+def test_aborted_request_leaves_no_canvas_behind(stepped_llm):
+    """Catches a client disconnect (an abort) mid-canvas leaking the held canvas state, or
+    disturbing the requests that run after it."""
+    from vllm import SamplingParams
+
+    engine_core = stepped_llm.llm_engine
+    params = SamplingParams(max_tokens=64, ignore_eos=True, seed=5, extra_args={"max_denoising_steps": 9})
+    alone = stepped_llm.generate(["the next request"], params)[0].outputs[0].token_ids
+    engine_core.add_request("doomed", "a request whose client goes away", params)
+    while stepped_llm.collective_rpc("diffusion_stats")[0]["pending_canvases"] == 0:
+        engine_core.step()  # until its first canvas is held between steps
+    engine_core.abort_request(["doomed"])
+    after = stepped_llm.generate(["the next request"], params)[0].outputs[0].token_ids
+    assert after == alone
+    assert stepped_llm.collective_rpc("diffusion_stats")[0]["pending_canvases"] == 0
