@@ -183,8 +183,9 @@ class DenoiseResult:
     tokens: torch.Tensor  # [n, C] committed argmax canvases (on the host); -1 rows for pending jobs
     passes: torch.Tensor  # [n] passes each canvas ran in all (-1 for pending jobs)
     records: list[PassRecord] = field(default_factory=list)
-    pending: CanvasBatch | None = None  # the canvases still running after max_passes, to resume later
-    pending_jobs: list[int] = field(default_factory=list)  # their job indices, in pending's order
+    # Canvases still running after max_passes: job index -> a one-canvas batch (a copy), the
+    # form `resumed` takes.
+    pending: dict[int, CanvasBatch] = field(default_factory=dict)
     passes_run: int = 0  # batched passes this call ran
 
 
@@ -225,8 +226,6 @@ def denoise_canvases(jobs: list[CanvasJob], canvas_length: int, run_pass: RunPas
             passes[slots[done]] = batch.steps[done.to(device)].cpu()
             keep = (~halted).nonzero().squeeze(-1)
             batch, slots = batch.take(keep.to(device)), slots[keep]
-    if not len(slots):
-        return DenoiseResult(tokens, passes, records, passes_run=step)
     # take() copies: after a replay, batch is a view of the graph's static batch.
-    pending = batch.take(torch.arange(len(slots), device=device))
-    return DenoiseResult(tokens, passes, records, pending, slots.tolist(), step)
+    pending = {int(job): batch.take(torch.tensor([index], device=device)) for index, job in enumerate(slots)}
+    return DenoiseResult(tokens, passes, records, pending, step)

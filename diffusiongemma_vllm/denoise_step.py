@@ -132,8 +132,7 @@ class DenoiseStep:
                     jobs[first:last], self.canvas_length, run_pass, self.unembedding, device=self.device,
                     graphs=self.graphs, first_row=first, max_passes=limit,
                     resumed={slot - first: resumed[slot] for slot in range(first, last) if slot in resumed}))
-                for index, job in enumerate(turns[-1].pending_jobs):
-                    held = turns[-1].pending.take(torch.tensor([index], device=self.device))
+                for job, held in turns[-1].pending.items():
                     self.pending[req_ids[first + job]] = (context[first + job], held)
         tokens = torch.cat([turn.tokens for turn in turns])
         passes = torch.cat([turn.passes for turn in turns])

@@ -64,8 +64,8 @@ def test_resumed_canvases_equal_one_uninterrupted_call(standalone, max_passes, w
         for i, r in enumerate(requests):
             if part.passes[i] >= 0:
                 tokens[r], passes[r] = part.tokens[i], int(part.passes[i])
-        for index, job in enumerate(part.pending_jobs):
-            held[requests[job]] = part.pending.take(torch.tensor([index]))
+        for job, state in part.pending.items():
+            held[requests[job]] = state
         calls += 1
     assert [passes[r] for r in range(3)] == whole.passes.tolist() == [3, 6, 1]
     assert torch.equal(torch.stack([tokens[r] for r in range(3)]), whole.tokens)
