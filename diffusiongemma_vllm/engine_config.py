@@ -31,8 +31,8 @@ from vllm.model_executor.models.config import Gemma4Config, VerifyAndUpdateConfi
 from .config import passes_per_step
 
 WORKERS = {
-    "cpu": "diffusiongemma_vllm.worker.DiffusionGemmaCPUWorker",
-    "gpu": "diffusiongemma_vllm.worker.DiffusionGemmaGPUWorker",
+    "cpu": "diffusiongemma_vllm.cpu_worker.DiffusionGemmaCPUWorker",
+    "gpu": "diffusiongemma_vllm.gpu_worker.DiffusionGemmaGPUWorker",
 }
 VALIDATOR = "diffusiongemma_vllm.request_validator:DiffusionRequestValidator"
 SCHEDULER = "diffusiongemma_vllm.scheduler.CanvasScheduler"  # a string: the config is pickled to the engine

@@ -29,7 +29,7 @@ def test_single_device_config_marks_the_model_non_diffusion_for_vllm(tiny_dir):
     register()
     config = EngineArgs(model=tiny_dir, max_model_len=256).create_engine_config()
     assert config.model_config.is_diffusion is False
-    assert config.parallel_config.worker_cls.startswith("diffusiongemma_vllm.worker.")
+    assert config.parallel_config.worker_cls == "diffusiongemma_vllm.cpu_worker.DiffusionGemmaCPUWorker"
     assert config.scheduler_config.scheduler_cls == "diffusiongemma_vllm.scheduler.CanvasScheduler"
     assert config.scheduler_config.async_scheduling is False
 

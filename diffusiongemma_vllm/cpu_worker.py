@@ -1,0 +1,20 @@
+"""vLLM's CPU worker building the plugin's CPU runner (engine_config.py selects it on CPU).
+
+Only CPU processes may import this module: vLLM's CPU worker replaces `torch.cuda` stream
+and memory functions for the whole process when imported.
+"""
+
+from __future__ import annotations
+
+from vllm.v1.worker.cpu_worker import CPUWorker
+
+from .cpu_runner import DiffusionGemmaCPURunner
+from .worker_stats import DiffusionStatsMixin
+
+
+class DiffusionGemmaCPUWorker(DiffusionStatsMixin, CPUWorker):
+    def init_device(self):
+        super().init_device()
+        # CPUWorker builds vLLM's runner inline (no factory method); replace it before the
+        # model is loaded. The discarded runner holds only small host buffers.
+        self.model_runner = DiffusionGemmaCPURunner(self.vllm_config, self.device)

@@ -1,0 +1,13 @@
+"""vLLM's GPU worker building the plugin's GPU runner (engine_config.py selects it on GPU)."""
+
+from __future__ import annotations
+
+from vllm.v1.worker.gpu_worker import Worker
+
+from .gpu_runner import DiffusionGemmaGPURunner
+from .worker_stats import DiffusionStatsMixin
+
+
+class DiffusionGemmaGPUWorker(DiffusionStatsMixin, Worker):
+    def _make_model_runner(self):
+        return DiffusionGemmaGPURunner(self.vllm_config, self.device)
