@@ -14,14 +14,19 @@ names and shapes are transformers' by construction. Every 1-D weight and every
 The same builder writes an autoregressive twin (`Gemma4ForCausalLM`, the text stack of
 `google/gemma-4-26B-A4B-it`) with identical backbone dimensions, for AR comparisons.
 
-CLI: `python -m diffusiongemma_vllm.tiny_checkpoint OUT_DIR [--seed N] [--ar-twin] ...`
+`write_release_config` writes the release itself without weights (for vLLM's
+`load_format="dummy"`): `config.json` of `google/diffusiongemma-26B-A4B-it` field for field
+(research/hf_reference.md s.1.2-1.4 and the ports' copies of it), or of its AR twin, with a
+tokenizer padded to the full 262144-token vocabulary so that every id detokenizes.
+
+CLI: `python -m diffusiongemma_vllm.tiny_checkpoint OUT_DIR [--seed N] [--ar-twin] [--release] ...`
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .config import SamplerConfig
@@ -131,6 +136,41 @@ class TinySpec:
     def generation_config(self) -> dict:
         return {**RELEASE_GENERATION_CONFIG, **self.generation}
 
+    def ar_twin_text_config(self) -> dict:
+        """Gemma 4's text config for the same backbone: the flags the release omits (every
+        layer has the MoE block, full layers take V from K) set, no diffusion fields."""
+        text = {**self.text_config(), "attention_k_eq_v": True, "enable_moe_block": True,
+                "hidden_size_per_layer_input": 0}
+        for key in ("model_type", "use_bidirectional_attention"):
+            text.pop(key)
+        return text
+
+
+# google/diffusiongemma-26B-A4B-it's text backbone (research/hf_reference.md s.1.2).
+RELEASE_SPEC = TinySpec(
+    vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_attention_heads=16,
+    num_key_value_heads=8, head_dim=256, global_head_dim=512, num_global_key_value_heads=2,
+    layer_types=(("sliding_attention",) * 5 + ("full_attention",)) * 5, sliding_window=1024,
+    num_experts=128, top_k_experts=8, moe_intermediate_size=704, max_position_embeddings=262144,
+    canvas_length=256)
+# Its vision tower's config (s.1.3); the plugin checks and skips the tower, vLLM's dummy
+# loader never builds it, but the config travels as released.
+RELEASE_VISION_CONFIG = {
+    "model_type": "gemma4_vision", "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+    "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 72, "global_head_dim": 72,
+    "hidden_activation": "gelu_pytorch_tanh", "patch_size": 16, "pooling_kernel_size": 3,
+    "position_embedding_size": 10240, "rms_norm_eps": 1e-06, "standardize": True, "use_clipped_linears": False,
+    "rope_parameters": {"rope_theta": 100.0, "rope_type": "default"}, "default_output_length": 280,
+}
+
+
+def release_checkpoint_config(spec: TinySpec = RELEASE_SPEC) -> dict:
+    """config.json of google/diffusiongemma-26B-A4B-it (bf16; `spec` defaults to its backbone)."""
+    config = spec.release_config()
+    return {**config, "dtype": "bfloat16", "transformers_version": "5.12.1",
+            "text_config": {**config["text_config"], "dtype": "bfloat16", "initializer_range": 0.02},
+            "vision_config": dict(RELEASE_VISION_CONFIG)}
+
 
 def _randomize_scales(model, generator) -> None:
     """Move every 1-D weight and layer_scalar off 1 so parity tests exercise them."""
@@ -181,18 +221,48 @@ def build_ar_twin(out_dir: str | Path, spec: TinySpec = TinySpec(), seed: int = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    text = {**spec.text_config(), "attention_k_eq_v": True, "enable_moe_block": True,
-            "hidden_size_per_layer_input": 0}
-    for key in ("model_type", "use_bidirectional_attention"):
-        text.pop(key)
-    config = Gemma4TextConfig(**text, architectures=["Gemma4ForCausalLM"])
+    config = Gemma4TextConfig(**spec.ar_twin_text_config(), architectures=["Gemma4ForCausalLM"])
     model = Gemma4ForCausalLM(config).to(torch.float32)
     _randomize_scales(model, torch.Generator().manual_seed(seed + 1))
     model.save_pretrained(str(out), safe_serialization=True)
-    generation = {"eos_token_id": [1, 106, 50], "pad_token_id": 0, "bos_token_id": 2}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(AR_GENERATION_CONFIG, indent=2) + "\n")
     save_tokenizer(out, spec.vocab_size)
     return out
+
+
+AR_GENERATION_CONFIG = {"eos_token_id": [1, 106, 50], "pad_token_id": 0, "bos_token_id": 2}
+
+
+def write_release_config(out_dir: str | Path, spec: TinySpec = RELEASE_SPEC, ar_twin: bool = False) -> Path:
+    """A weightless model folder of the release (or of its AR twin) for vLLM's
+    `load_format="dummy"`: config.json, generation_config.json (the release's, updated by
+    `spec.generation`) and a tokenizer whose vocabulary covers every id of the model."""
+    from transformers import Gemma4TextConfig
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if ar_twin:
+        config = Gemma4TextConfig(**spec.ar_twin_text_config(), architectures=["Gemma4ForCausalLM"]).to_dict()
+        config["dtype"] = "bfloat16"
+        generation = AR_GENERATION_CONFIG
+    else:
+        config, generation = release_checkpoint_config(spec), spec.generation_config()
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    save_tokenizer(out, spec.vocab_size)
+    _pad_vocabulary(out / "tokenizer.json", spec.vocab_size)
+    return out
+
+
+def _pad_vocabulary(path: Path, vocab_size: int) -> None:
+    """Give every id the BPE training left unused a token (`<unusedN>`, never produced by
+    encoding), as the real 262144-entry vocabulary does: random weights emit any id, and
+    benchmarks should detokenize text, not skip unknown ids."""
+    tokenizer = json.loads(path.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    taken = set(vocab.values()) | {token["id"] for token in tokenizer["added_tokens"]}
+    vocab.update({f"<unused{i}>": i for i in range(vocab_size) if i not in taken})
+    path.write_text(json.dumps(tokenizer))
 
 
 def _parse_args(argv=None) -> argparse.Namespace:
@@ -200,6 +270,9 @@ def _parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ar-twin", action="store_true", help="write the autoregressive Gemma 4 twin instead")
+    parser.add_argument("--release", action="store_true",
+                        help="write the release's config (26B-A4B, no weights, for load_format=dummy); "
+                             "size options are ignored")
     defaults = asdict(TinySpec())
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "global_head_dim", "num_global_key_value_heads",
@@ -218,6 +291,10 @@ def main(argv=None) -> None:
     sizes = {k: v for k, v in vars(args).items() if k in TinySpec.__dataclass_fields__}
     spec = TinySpec(**sizes, layer_types=tuple(kinds[c] for c in args.layer_pattern.upper()),
                     generation={"max_denoising_steps": args.max_denoising_steps})
+    if args.release:
+        release = replace(RELEASE_SPEC, generation=spec.generation)
+        print(write_release_config(args.out_dir, release, ar_twin=args.ar_twin))
+        return
     build = build_ar_twin if args.ar_twin else build_tiny_checkpoint
     print(build(args.out_dir, spec, seed=args.seed))
 
