@@ -168,7 +168,10 @@ class SamplerConfig:
         sampler = generation.get("sampler_config") or {}
         if "entropy_bound" in sampler:
             values["entropy_bound"] = sampler["entropy_bound"]
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValueError as error:
+            raise CheckpointError(f"generation_config.json: {error}") from None
 
     def to_generation_config(self) -> dict:
         """The generation_config.json fields (inverse of `from_generation_config`)."""
@@ -181,7 +184,14 @@ class SamplerConfig:
         overrides = {k: v for k, v in (extra_args or {}).items() if k in SAMPLER_FIELDS}
         if not overrides:
             return self
-        return type(self)(**{**self.__dict__, **overrides})
+        try:
+            return type(self)(**{**self.__dict__, **overrides})
+        except ValueError as error:  # say which side of a cross-field rule the request did not set
+            inherited = [name for name in SAMPLER_FIELDS if name not in overrides and name in str(error)]
+            if not inherited:
+                raise
+            raise ValueError(f"{error} ({', '.join(inherited)} is the served model's default, from its "
+                             f"generation_config.json)") from None
 
     def temperature(self, step: int) -> float:
         """Temperature of pass `step` (0-based): t_max at the first pass, falling linearly so

@@ -60,6 +60,7 @@ class CanvasBatch:
     canvas: torch.Tensor  # [n, C] tokens the next pass reads
     argmax: torch.Tensor  # [n, C] the last pass's argmax (-1 before the first): what a halted canvas commits
     soft: torch.Tensor  # [n, C, H] self-conditioning embeddings (zeros before the first pass: no signal)
+    hidden: torch.Tensor  # [n, C, H] the last pass's final hidden states: a halted canvas's logprobs
     unchanged: torch.Tensor  # [n] passes in a row the argmax has not changed
     steps: torch.Tensor  # [n] passes run
     halted: torch.Tensor  # [n] bool
@@ -84,6 +85,7 @@ class CanvasBatch:
             canvas=noise.initial_tokens(block_keys, canvas_length, vocab_size),
             argmax=torch.full((n, canvas_length), -1, dtype=torch.long, device=device),
             soft=torch.zeros((n, canvas_length, hidden_size), dtype=dtype, device=device),
+            hidden=torch.zeros((n, canvas_length, hidden_size), dtype=dtype, device=device),
             unchanged=torch.zeros(n, dtype=torch.long, device=device),
             steps=torch.zeros(n, dtype=torch.long, device=device),
             halted=torch.zeros(n, dtype=torch.bool, device=device),
@@ -161,6 +163,7 @@ def denoise_pass(batch: CanvasBatch, run_pass: RunPass, unembedding: Unembedding
     batch.canvas.copy_(torch.where(live[:, None], result.next_canvas, batch.canvas))
     batch.argmax.copy_(torch.where(live[:, None], result.argmax, batch.argmax))
     batch.soft.copy_(torch.where(live[:, None, None], soft, batch.soft))
+    batch.hidden.copy_(torch.where(live[:, None, None], hidden.to(batch.hidden.dtype), batch.hidden))
     batch.unchanged.copy_(torch.where(live, unchanged, batch.unchanged))
     batch.steps.add_(live.long())
     batch.halted.logical_or_(live & halts)
@@ -186,20 +189,22 @@ class DenoiseResult:
     # Canvases still running after max_passes: job index -> a one-canvas batch (a copy), the
     # form `resumed` takes.
     pending: dict[int, CanvasBatch] = field(default_factory=dict)
-    passes_run: int = 0  # batched passes this call ran
+    pass_sizes: list[int] = field(default_factory=list)  # canvases in each batched pass this call ran
+    hidden: torch.Tensor | None = None  # [n, C, H] on the device, with keep_hidden: each finished canvas's halting pass
 
 
 def denoise_canvases(jobs: list[CanvasJob], canvas_length: int, run_pass: RunPass, unembedding: Unembedding,
                      device: torch.device | str = "cpu", record: bool = False, graphs=None,
                      first_row: int = 0, resumed: dict[int, CanvasBatch] | None = None,
-                     max_passes: int | None = None) -> DenoiseResult:
+                     max_passes: int | None = None, keep_hidden: bool = False) -> DenoiseResult:
     """Denoise one canvas per job until each halts, or for at most `max_passes` passes: the
     canvases still running then come back as `pending`, and a later call continues them
     exactly through `resumed` (job index -> a one-canvas batch; draws are keyed by the
     canvas's own pass counter, not by the call). `graphs` (a `denoise_graphs.DenoiseGraphs`
     built around a `run_pass` that reads only static inputs) replays captured passes; without
     it, or for batches beyond its ladder, passes run eagerly. Job i's request inputs are row
-    `first_row + i` of what run_pass reads."""
+    `first_row + i` of what run_pass reads. `keep_hidden` also returns each finished canvas's
+    halting-pass hidden states, from which its logprobs come (kernels/top_logprobs.py)."""
     device = torch.device(device)
     weight = unembedding.weight
     row_stats = row_stats_for(device)
@@ -208,9 +213,11 @@ def denoise_canvases(jobs: list[CanvasJob], canvas_length: int, run_pass: RunPas
         batch.put_(index, state)
     tokens = torch.full((len(jobs), canvas_length), -1, dtype=torch.long)
     passes = torch.full((len(jobs),), -1, dtype=torch.long)
+    hidden = batch.hidden.new_zeros((len(jobs), *batch.hidden.shape[1:])) if keep_hidden else None
     slots = torch.arange(len(jobs))  # job index of each canvas still in the batch
-    records, step = [], 0
+    records, sizes, step = [], [], 0
     while len(slots) and (max_passes is None or step < max_passes):
+        sizes.append(len(slots))
         if graphs is not None and not record and graphs.ready_for(batch):
             batch = graphs.advance(batch)
         else:
@@ -224,8 +231,10 @@ def denoise_canvases(jobs: list[CanvasJob], canvas_length: int, run_pass: RunPas
             done = halted.nonzero().squeeze(-1)
             tokens[slots[done]] = batch.argmax[done.to(device)].cpu()
             passes[slots[done]] = batch.steps[done.to(device)].cpu()
+            if keep_hidden:
+                hidden[slots[done].to(device)] = batch.hidden[done.to(device)]
             keep = (~halted).nonzero().squeeze(-1)
             batch, slots = batch.take(keep.to(device)), slots[keep]
     # take() copies: after a replay, batch is a view of the graph's static batch.
     pending = {int(job): batch.take(torch.tensor([index], device=device)) for index, job in enumerate(slots)}
-    return DenoiseResult(tokens, passes, records, pending, step)
+    return DenoiseResult(tokens, passes, records, pending, sizes, hidden)

@@ -35,7 +35,9 @@ Per-request settings: the checkpoint's generation_config.json, overridden by the
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, replace
+import time
+from collections import Counter
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -44,23 +46,32 @@ from .canvas_context import CanvasPass, PagedPrefix, PrefixKV, canvas_pass
 from .config import SamplerConfig, passes_per_step
 from .denoise import CanvasBatch, CanvasJob, denoise_canvases, row_stats_for
 from .denoise_graphs import DenoiseGraphs, ladder_for
+from .kernels.top_logprobs import TopLogprobs, top_logprobs
 from .kv_layout import paged_views, read_tokens
+from .step_metrics import StepMetrics
 
 
 @dataclass
 class DiffusionStats:
-    """Cumulative counters of this worker, readable through `collective_rpc("diffusion_stats")`."""
+    """Cumulative counters of this worker, readable through `collective_rpc("diffusion_stats")`;
+    bounded in size for the life of a server (a histogram, not a list per canvas)."""
 
     steps: int = 0  # scheduler steps that denoised at least one canvas
     passes: int = 0  # batched denoise passes
     canvases: int = 0
-    canvas_passes: list[int] = field(default_factory=list)  # passes each canvas took
+    canvas_passes: Counter[int] = field(default_factory=Counter)  # passes -> canvases that took that many
     largest_pass: int = 0  # most canvases denoised together in one pass
 
     def as_dict(self) -> dict:
         return {"steps": self.steps, "passes": self.passes, "canvases": self.canvases,
-                "passes_per_step": self.passes / max(self.steps, 1), "canvas_passes": list(self.canvas_passes),
+                "passes_per_step": self.passes / max(self.steps, 1), "canvas_passes": dict(self.canvas_passes),
                 "largest_pass": self.largest_pass}
+
+
+@dataclass
+class StepOutput:
+    tokens: torch.Tensor  # [num_reqs, C] int64, -1 where nothing is emitted
+    logprobs: dict[int, TopLogprobs]  # batch row -> its emitted canvas's logprobs ([C] rows, on the host)
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,7 @@ class DenoiseStep:
         self.passes_per_step = passes_per_step(vllm_config.additional_config)
         self.pending: dict[str, tuple[int, CanvasBatch]] = {}  # request -> (context length, unfinished canvas)
         self.stats = DiffusionStats()
+        self.metrics = StepMetrics()  # what /metrics has not seen yet (step_metrics.py)
         # A pass over m canvases runs m * C tokens through the layers; vLLM sized its memory for
         # max_num_batched_tokens, so more ready canvases than that are denoised in turns.
         self.canvases_per_pass = max(1, vllm_config.scheduler_config.max_num_batched_tokens // self.canvas_length)
@@ -96,11 +108,12 @@ class DenoiseStep:
             self.settings[req_id] = _RequestSettings(seed, sampler)
         return self.settings[req_id]
 
-    def run(self, runner) -> torch.Tensor:
-        """Sampled token ids `[num_reqs, C]` for the runner's batch, -1 where nothing is emitted."""
+    def run(self, runner) -> StepOutput:
+        """Sampled token ids `[num_reqs, C]` for the runner's batch, -1 where nothing is emitted,
+        and the logprobs of the canvases emitted for requests that asked for them."""
         batch = runner.input_batch
         num_reqs = batch.num_reqs
-        out = torch.full((num_reqs, self.canvas_length), -1, dtype=torch.int64)
+        out = StepOutput(torch.full((num_reqs, self.canvas_length), -1, dtype=torch.int64), {})
         live = set(runner.requests)  # a preempted request leaves the batch but not this map
         self.settings = {k: v for k, v in self.settings.items() if k in live}
         self.pending = {k: v for k, v in self.pending.items() if k in live}
@@ -109,9 +122,11 @@ class DenoiseStep:
             return out
         context = [int(runner.optimistic_seq_lens_cpu[i]) for i in ready]
         req_ids = [batch.req_ids[i] for i in ready]
-        jobs, resumed, must_finish = [], {}, []
+        started = time.perf_counter()
+        jobs, resumed, must_finish, wants_logprobs = [], {}, [], []
         for slot, (req_id, length) in enumerate(zip(req_ids, context)):
             state = runner.requests[req_id]
+            wants_logprobs.append(state.sampling_params.logprobs is not None)
             settings = self._settings(req_id, state.sampling_params)
             block = (length - len(state.prompt_token_ids)) // self.canvas_length
             jobs.append(CanvasJob(block, settings.sampler, settings.seed))
@@ -130,22 +145,39 @@ class DenoiseStep:
                 limit = None if any(must_finish[first:last]) else self.passes_per_step
                 turns.append(denoise_canvases(
                     jobs[first:last], self.canvas_length, run_pass, self.unembedding, device=self.device,
-                    graphs=self.graphs, first_row=first, max_passes=limit,
+                    graphs=self.graphs, first_row=first, max_passes=limit, keep_hidden=any(wants_logprobs[first:last]),
                     resumed={slot - first: resumed[slot] for slot in range(first, last) if slot in resumed}))
                 for job, held in turns[-1].pending.items():
                     self.pending[req_ids[first + job]] = (context[first + job], held)
+                self._logprobs(turns[-1], ready[first:last], wants_logprobs[first:last], batch.max_num_logprobs, out)
         tokens = torch.cat([turn.tokens for turn in turns])
         passes = torch.cat([turn.passes for turn in turns])
         for slot, (i, length) in enumerate(zip(ready, context)):
             emit = min(self.canvas_length, runner.max_model_len - length)
-            out[i, :emit] = tokens[slot, :emit]
-        finished = passes[passes >= 0]
+            out.tokens[i, :emit] = tokens[slot, :emit]
+        finished = passes[passes >= 0].tolist()
+        sizes = [size for turn in turns for size in turn.pass_sizes]
         self.stats.steps += 1
-        self.stats.passes += sum(turn.passes_run for turn in turns)
+        self.stats.passes += len(sizes)
         self.stats.canvases += len(finished)
-        self.stats.canvas_passes.extend(finished.tolist())
-        self.stats.largest_pass = max(self.stats.largest_pass, max(len(turn.passes) for turn in turns))
+        self.stats.canvas_passes.update(finished)
+        self.stats.largest_pass = max(self.stats.largest_pass, *sizes, 0)
+        self.metrics.record_step(finished, sizes, len(self.pending), time.perf_counter() - started)
         return out
+
+    def _logprobs(self, turn, rows: list[int], wants: list[bool], k: int | None, out: StepOutput) -> None:
+        """Top-k logprobs of the canvases this turn finished for requests that asked, from
+        their halting pass (kernels/top_logprobs.py), into `out.logprobs` by batch row."""
+        jobs = [job for job, want in enumerate(wants) if want and turn.passes[job] >= 0]
+        if not jobs:
+            return
+        index = torch.tensor(jobs, device=self.device)
+        hidden = turn.hidden[index].flatten(0, 1)  # [jobs * C, H]
+        tokens = turn.tokens[jobs].flatten().to(self.device)
+        result = top_logprobs(hidden, self.unembedding.weight, self.unembedding.softcap, tokens, k)
+        for n, job in enumerate(jobs):
+            span = slice(n * self.canvas_length, (n + 1) * self.canvas_length)
+            out.logprobs[rows[job]] = TopLogprobs(*(getattr(result, f.name)[span].cpu() for f in fields(result)))
 
     def _pass_runner(self, context_lens: torch.Tensor, prefixes: dict[str, PrefixKV | PagedPrefix]):
         """run_pass over canvases whose request inputs sit at `rows` of `context_lens` and of

@@ -19,16 +19,32 @@ architecture name in place of vLLM's in-tree one:
 - rejects tensor, pipeline and data parallelism: every rank would run its own denoise loop;
   the sampler reads the whole tied embedding, which tensor parallelism shards by vocabulary,
   and vLLM's data-parallel MoE runs its ranks' forwards in lockstep, which the loop's
-  extra passes would break.
+  extra passes would break;
+- rejects the other settings the worker step cannot honour, naming each, so they fail here
+  and not at the first step: speculative decoding, a logprobs mode other than raw_logprobs, a KV cache dtype other than the model's
+  (the denoise attention reads the cache as the model dtype), an explicitly chosen attention
+  backend whose page layout kv_layout.py does not read (the runner re-checks the backends
+  vLLM actually chose, at start-up: model_runner.py);
+- registers the checkpoint's sampler defaults with the request validator, so admission
+  judges a request's knobs against what the worker will apply (a broken
+  generation_config.json fails here, naming the field);
+- logs, once, the engine settings it forces.
+Prefix caching stays on: the plugin never writes K/V itself, and the token a resumed step
+re-feeds (scheduler.py) is recomputed exactly as vLLM recomputes the last token of a fully
+cached prompt, into the same slot.
 """
 
 from __future__ import annotations
 
 import os
 
+from vllm.logger import init_logger
 from vllm.model_executor.models.config import Gemma4Config, VerifyAndUpdateConfig
 
-from .config import passes_per_step
+from .config import SamplerConfig, passes_per_step
+from .request_validator import serve_defaults
+
+logger = init_logger(__name__)
 
 WORKERS = {
     "cpu": "diffusiongemma_vllm.cpu_worker.DiffusionGemmaCPUWorker",
@@ -36,6 +52,19 @@ WORKERS = {
 }
 VALIDATOR = "diffusiongemma_vllm.request_validator:DiffusionRequestValidator"
 SCHEDULER = "diffusiongemma_vllm.scheduler.CanvasScheduler"  # a string: the config is pickled to the engine
+# Attention backends whose KV pages kv_layout.py reads (tests/test_vllm_contract.py checks them).
+READABLE_BACKENDS = {"cpu": ("CPU_ATTN",), "gpu": ("FLASH_ATTN", "TRITON_ATTN")}
+
+
+def refuse(setting: str, value, why: str) -> None:
+    raise ValueError(f"DiffusionGemma (diffusiongemma-vllm) does not support {setting}={value!r}: {why}")
+
+
+def check_backend_name(name: str, platform: str) -> None:
+    """Refuse an attention backend whose cache pages the denoise attention cannot read."""
+    if name not in READABLE_BACKENDS[platform]:
+        refuse("attention backend", name, f"the denoise attention reads the KV pages of "
+               f"{' and '.join(READABLE_BACKENDS[platform])} only; choose one with --attention-backend")
 
 
 class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
@@ -52,14 +81,32 @@ class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
             if getattr(parallel, name) != 1:
                 raise ValueError(f"DiffusionGemma (diffusiongemma-vllm) runs on one device per engine: {name} must be 1, "
                                  f"got {getattr(parallel, name)}; serve more GPUs with one engine each")
+        if vllm_config.speculative_config is not None:
+            refuse("speculative_config", vllm_config.speculative_config.method,
+                   "a block-diffusion step already emits a whole canvas per request")
+        if vllm_config.cache_config.cache_dtype != "auto":
+            refuse("kv_cache_dtype", vllm_config.cache_config.cache_dtype,
+                   "the denoise attention reads the cache in the model dtype; use kv_cache_dtype='auto'")
+        if vllm_config.model_config.logprobs_mode != "raw_logprobs":
+            refuse("logprobs_mode", vllm_config.model_config.logprobs_mode,
+                   "logprobs come from the committing pass at temperature 1 (raw_logprobs)")
+        platform = "cpu" if current_platform.is_cpu() else "gpu"
+        chosen = vllm_config.attention_config.backend
+        if chosen is not None:
+            check_backend_name(chosen.name, platform)
         model_config = vllm_config.model_config
         model_config.__dict__["is_diffusion"] = False
         vllm_config.diffusion_config = None
-        if not current_platform.is_cpu():
+        if platform == "gpu":
             Gemma4Config.verify_and_update_config(vllm_config)
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        if vllm_config.scheduler_config.async_scheduling:
+            logger.warning("DiffusionGemma: async scheduling turned off (it assumes one token per request "
+                           "and step; the plugin emits a canvas)")
         vllm_config.scheduler_config.async_scheduling = False
         passes_per_step(vllm_config.additional_config)  # a bad value fails here, naming the setting
+        generation = model_config.try_get_generation_config() or {}
+        serve_defaults(model_config, SamplerConfig.from_generation_config(generation))
         if vllm_config.scheduler_config.scheduler_cls is None:
             vllm_config.scheduler_config.scheduler_cls = SCHEDULER
         if vllm_config.parallel_config.worker_cls == "auto":
@@ -70,3 +117,8 @@ class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
         overrides = dict(model_config.override_generation_config or {})
         overrides.setdefault("max_new_tokens", None)
         model_config.override_generation_config = overrides
+        logger.info("DiffusionGemma served by diffusiongemma-vllm: worker %s, scheduler %s, %s, async scheduling "
+                    "off, passes per step %s", vllm_config.parallel_config.worker_cls,
+                    vllm_config.scheduler_config.scheduler_cls,
+                    "V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)" if platform == "gpu" else "CPU model runner",
+                    passes_per_step(vllm_config.additional_config) or "unbounded (whole canvases)")

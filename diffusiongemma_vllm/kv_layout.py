@@ -11,7 +11,12 @@ block_size, 2 * head_dim]`, but what lives inside a (block, head) page differs:
 
 `read_tokens` returns `[T, kv_heads, head_dim]` K and V for given slots (block ids are the
 layer's kernel blocks); `paged_views` returns zero-copy `[blocks, block_size, kv_heads,
-head_dim]` K and V views of a GPU cache for the Triton kernel. The GPU layout is the one
+head_dim]` K and V views of a GPU cache for the Triton kernel. `check_caches` runs once at
+start-up, after vLLM allocated the caches: every layer's backend must be one whose pages
+these functions read, and its cache must have the geometry they assume. Block tables
+count blocks of the group's manager block size (`kv_cache_spec.block_size`); a cache tensor's
+kernel block (`kv_cache.shape[2]`) may be smaller (one manager block is then several
+consecutive kernel blocks), never larger. The GPU layout is the one
 vLLM 0.32's FLASH_ATTN and TRITON_ATTN write (their split is asserted in
 tests/test_vllm_contract.py); it has not yet been exercised on a GPU.
 """
@@ -48,6 +53,24 @@ def _cpu_page_permutation(isa: str, dtype: torch.dtype, head_dim: int, block_siz
         perm[where_token, where_dim] = torch.arange(block_size * head_dim)
         perms.append(perm)
     return tuple(perms)
+
+
+def check_caches(runner) -> None:
+    """Refuse, at start-up, KV caches the denoise attention would misread (naming the layer)."""
+    from .engine_config import check_backend_name
+
+    platform = "cpu" if runner.device.type == "cpu" else "gpu"
+    layers = runner.compilation_config.static_forward_context
+    for group in runner.kv_cache_config.kv_cache_groups:
+        spec = group.kv_cache_spec
+        for name in group.layer_names:
+            layer = layers[name]
+            check_backend_name(layer.attn_backend.get_name(), platform)
+            _, heads, kernel_block, twice_dim = layer.kv_cache.shape
+            if (heads, twice_dim) != (spec.num_kv_heads, 2 * spec.head_size) or spec.block_size % kernel_block:
+                raise RuntimeError(f"{name}: KV cache of shape {tuple(layer.kv_cache.shape)} does not hold "
+                                   f"{spec.num_kv_heads} heads x 2 x {spec.head_size} in kernel blocks dividing "
+                                   f"the block table's {spec.block_size} tokens")
 
 
 def paged_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

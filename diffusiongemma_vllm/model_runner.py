@@ -14,9 +14,11 @@ memory functions for the whole process, which breaks CUDA-graph capture in a GPU
 
 from __future__ import annotations
 
-from vllm.v1.outputs import SamplerOutput
+import torch
+from vllm.v1.outputs import LogprobsTensors, SamplerOutput
 
-from .denoise_step import DenoiseStep
+from .denoise_step import DenoiseStep, StepOutput
+from .kv_layout import check_caches
 
 
 class DenoiseStepRunnerMixin:
@@ -26,12 +28,44 @@ class DenoiseStepRunnerMixin:
         super().load_model(*args, **kwargs)
         self.denoise_step = DenoiseStep(self.get_model(), self.vllm_config, self.device)
 
+    def sample_tokens(self, *args, **kwargs):
+        """vLLM's, with the step's counters for /metrics attached (step_metrics.py)."""
+        output = super().sample_tokens(*args, **kwargs)
+        metrics = self.denoise_step.metrics.take() if self.denoise_step is not None else {}
+        if metrics:  # only steps that denoised, whose output is their own (never a shared empty one)
+            output.diffusion_metrics = metrics
+        return output
+
+    def initialize_kv_cache(self, *args, **kwargs) -> None:
+        super().initialize_kv_cache(*args, **kwargs)
+        check_caches(self)  # start-up, not the first step: a cache the denoise cannot read
+
     def _sample(self, logits, spec_decode_metadata) -> SamplerOutput:
-        if spec_decode_metadata is not None:
-            raise NotImplementedError("speculative decoding is not supported with DiffusionGemma")
+        assert spec_decode_metadata is None, "engine_config.py refuses speculative decoding"
         # The plugin draws from its own keyed noise, never from vLLM's per-request generators.
         # vLLM rewinds those for requests whose prefill chunk sampled nothing, and a CPU
         # generator cannot rewind ("CPU Generator does not use offset"): drop them.
         self.input_batch.generators.clear()
-        return SamplerOutput(sampled_token_ids=self.denoise_step.run(self).to(self.device),
-                             logprobs_tensors=None)
+        step = self.denoise_step.run(self)
+        return SamplerOutput(sampled_token_ids=step.tokens.to(self.device),
+                             logprobs_tensors=logprobs_tensors(step, self.input_batch.max_num_logprobs))
+
+
+def logprobs_tensors(step: StepOutput, k: int | None) -> LogprobsTensors | None:
+    """vLLM's logprobs of a multi-token step: one row per cell of the `[num_reqs, C]` token
+    grid, row-major (vLLM keeps the rows of emitted tokens, as for speculative output, and
+    trims each request's at EOS, stop or max_tokens with its tokens); column 0 is the
+    emitted token, then the top k. Rows of requests that did not ask are never read."""
+    if k is None:
+        return None
+    num_reqs, canvas = step.tokens.shape
+    ids = torch.zeros((num_reqs, canvas, k + 1), dtype=torch.int64)
+    values = torch.zeros((num_reqs, canvas, k + 1), dtype=torch.float32)
+    ranks = torch.ones((num_reqs, canvas), dtype=torch.int64)
+    for row, result in step.logprobs.items():
+        ids[row, :, 0] = step.tokens[row].clamp_min(0)
+        ids[row, :, 1:] = result.top_ids
+        values[row, :, 0] = result.token_logprob
+        values[row, :, 1:] = result.top_logprobs
+        ranks[row] = result.rank
+    return LogprobsTensors(ids.flatten(0, 1), values.flatten(0, 1), ranks.flatten())

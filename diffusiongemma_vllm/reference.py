@@ -9,7 +9,9 @@ Gumbel-max with the same noise on transformers' own probabilities (argmax(log p 
 plugin computes argmax(z + g), identical but for float ties).
 
 It also records, per pass, the argmax canvas (through the draft streamer) and the accepted
-positions, so tests compare the plugin's decisions pass by pass, not just the output.
+positions, so tests compare the plugin's decisions pass by pass, not just the output; and
+per block the halting pass's logits at temperature 1, materialised, the ground truth of
+the plugin's logprobs.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class ReferenceTrace:
     sequences: torch.Tensor | None = None  # [1, prompt + k*C]
     argmax: list[list[torch.Tensor]] = field(default_factory=list)  # [block][pass] -> [C]
     accepted: list[list[torch.Tensor]] = field(default_factory=list)  # [block][pass] -> [C]
+    final_logits: list[torch.Tensor] = field(default_factory=list)  # [block] -> [C, V] fp32, temperature 1
 
 
 class _Replay:
@@ -56,16 +59,25 @@ class _Replay:
 
 
 class _DraftRecorder:
-    """A draft-capable streamer: records the argmax canvas after every pass."""
+    """A draft-capable streamer given each pass's logits (transformers' temperature-scaled
+    ones): records the argmax canvas after every pass, and the block's latest logits at
+    temperature 1 (the last recorded is the halting pass's)."""
 
-    def __init__(self, trace: ReferenceTrace):
-        self.trace = trace
+    _takes_logits = True
+
+    def __init__(self, trace: ReferenceTrace, sampler: SamplerConfig):
+        self.trace, self.sampler = trace, sampler
 
     def put(self, value):
         pass
 
-    def put_draft(self, value):
-        self.trace.argmax[-1].append(value[0].clone())
+    def put_draft(self, logits):
+        passes = self.trace.argmax[-1]
+        passes.append(logits[0].argmax(-1))
+        temperature = self.sampler.temperature(len(passes) - 1)
+        if len(self.trace.final_logits) < len(self.trace.argmax):
+            self.trace.final_logits.append(None)
+        self.trace.final_logits[-1] = logits[0].float() * temperature
 
     def end(self):
         pass
@@ -101,7 +113,7 @@ def reference_generate(model, prompt_ids: list[int], seed: int, num_blocks: int,
             confidence_threshold=sampler.confidence_threshold,
             sampler_config=hf_generation.EntropyBoundSamplerConfig(entropy_bound=sampler.entropy_bound),
             eos_token_id=[config.text_config.vocab_size],  # unreachable: every block runs
-            streamer=_DraftRecorder(trace),
+            streamer=_DraftRecorder(trace, sampler),
             return_dict_in_generate=False,
         )
     return trace

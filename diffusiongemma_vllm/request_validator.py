@@ -2,27 +2,81 @@
 
 vLLM calls a logits processor's `validate_params` for every request in the front-end
 process before it reaches the engine; engine_config.py installs this class for the
-DiffusionGemma architecture only. It rejects bad diffusion knobs (`extra_args` /
-`vllm_xargs`, named like generation_config.json's fields) naming the field, and the
-sampling features the block-diffusion sampler does not implement. It changes no logits.
+DiffusionGemma architecture only. It changes no logits. It rejects, naming the field:
+- a bad diffusion knob (`extra_args` / `vllm_xargs`, named like generation_config.json's
+  fields), judged against the defaults the worker will combine it with: the served
+  checkpoint's generation_config.json, registered here by the config hook (`serve_defaults`)
+  for as long as that engine's config lives;
+- an `extra_args` key that is neither a knob nor one vLLM itself reads (a typo would
+  otherwise be ignored without a word);
+- a sampling feature the block-diffusion sampler does not implement.
+`temperature`, `top_p` and `top_k` are accepted and do not apply (the knobs' schedule is the
+sampling temperature), as in transformers' DiffusionGemma; the README says so.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
-from .config import SamplerConfig
+from .config import SAMPLER_FIELDS, SamplerConfig
+
+# extra_args keys vLLM reads itself (v1/request.py: disaggregated prefill and KV reporting).
+VLLM_EXTRA_ARGS = ("kv_transfer_params", "ec_transfer_params", "kv_cache_report_mode")
+ACCEPTED_EXTRA_ARGS = SAMPLER_FIELDS + VLLM_EXTRA_ARGS
+
+# Sampling fields the block sampler does not implement, with the value that means "off".
+UNSUPPORTED = {
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "min_p": 0.0,
+    "min_tokens": 0,
+    "logit_bias": None,
+    "allowed_token_ids": None,
+    "bad_words": None,
+    "logprob_token_ids": None,
+    "structured_outputs": None,
+    "thinking_token_budget": None,
+    "repetition_detection": None,
+}
+
+# id(model_config) -> the sampler defaults its checkpoint gives the worker, in this process.
+_served: dict[int, SamplerConfig] = {}
+
+
+def serve_defaults(model_config, defaults: SamplerConfig) -> None:
+    """Validate requests against `defaults` while `model_config` (its engine's) is alive."""
+    key = id(model_config)
+    _served[key] = defaults
+    weakref.finalize(model_config, _served.pop, key, None)
+
+
+def check_request(sampling_params) -> None:
+    """Raise ValueError naming the first field the DiffusionGemma sampler cannot honour."""
+    extra_args = sampling_params.extra_args or {}
+    unknown = sorted(set(extra_args) - set(ACCEPTED_EXTRA_ARGS))
+    if unknown:
+        raise ValueError(f"unknown DiffusionGemma request setting {unknown[0]!r} (vllm_xargs / extra_args); "
+                         f"accepted: {', '.join(SAMPLER_FIELDS)}")
+    for name, off in UNSUPPORTED.items():
+        value = getattr(sampling_params, name, off)
+        if value != off and value not in ({}, []):
+            raise ValueError(f"{name} is not supported by the DiffusionGemma block sampler (got {value!r})")
+    if sampling_params.logprobs is not None and sampling_params.logprobs < 0:
+        raise ValueError("logprobs=-1 (the whole vocabulary per token) is not supported by DiffusionGemma; "
+                         "ask for at most max_logprobs alternatives")
+    # Every engine this process serves must accept it; a process serves one in practice.
+    for defaults in list(_served.values()) or [SamplerConfig()]:
+        defaults.with_request_overrides(extra_args)
 
 
 class DiffusionRequestValidator(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        SamplerConfig().with_request_overrides(sampling_params.extra_args)
-        if sampling_params.logprobs is not None:
-            raise ValueError("logprobs are not supported by the DiffusionGemma sampler")
-        if sampling_params.structured_outputs is not None:
-            raise ValueError("structured outputs are not supported by the DiffusionGemma sampler")
+        check_request(sampling_params)
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         pass

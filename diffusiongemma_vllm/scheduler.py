@@ -12,7 +12,7 @@ received none (not a partial prompt chunk) has its last token marked as not comp
 next step schedules that one token again: no new KV slot (its block is already allocated),
 and the worker sees the request ready with the same context length and resumes its canvas.
 Without `passes_per_step` every ready request emits a canvas each step and this changes
-nothing. Requires synchronous scheduling (engine_config.py turns async scheduling off) and
+nothing. It also forwards the worker step's counters into the step's stats (step_metrics.py). Requires synchronous scheduling (engine_config.py turns async scheduling off) and
 no speculative decoding (the runner rejects it).
 """
 
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
+
+from .step_metrics import attach_to_stats
 
 
 class CanvasScheduler(Scheduler):
@@ -31,4 +33,5 @@ class CanvasScheduler(Scheduler):
                 continue
             if request.num_computed_tokens == request.num_tokens:  # at its end, nothing emitted: canvas pending
                 request.num_computed_tokens -= 1
+        attach_to_stats(outputs, getattr(model_runner_output, "diffusion_metrics", None))
         return outputs

@@ -24,6 +24,9 @@ SPECS = {
                      num_attention_heads=4, num_key_value_heads=4, head_dim=16, global_head_dim=32,
                      num_global_key_value_heads=2, sliding_window=11, num_experts=8, top_k_experts=3,
                      hidden_size=96, intermediate_size=64, moe_intermediate_size=24, canvas_length=16),
+    # The release's unequal per-layer KV pages (sliding 8 x 256 vs full 2 x 512: 2 to 1): vLLM
+    # then gives the two cache groups different block sizes.
+    "unequal_pages": TinySpec(num_key_value_heads=4, head_dim=32, global_head_dim=64, num_global_key_value_heads=1),
 }
 
 

@@ -46,3 +46,58 @@ def test_bad_passes_per_step_is_rejected_naming_the_setting(tiny_dir, value):
     with pytest.raises(ValueError, match="passes_per_step"):
         EngineArgs(model=tiny_dir, max_model_len=256,
                    additional_config={"passes_per_step": value}).create_engine_config()
+
+
+@pytest.mark.parametrize("engine_args, setting", [
+    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}},
+     "speculative_config"),
+    ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype"),
+    ({"attention_backend": "FLEX_ATTENTION"}, "attention backend"),
+    ({"logprobs_mode": "processed_logprobs"}, "logprobs_mode"),
+])
+def test_settings_the_worker_cannot_honour_fail_at_start_up(tiny_dir, engine_args, setting):
+    """Catches a setting the denoise step cannot honour passing the config and failing inside
+    the first step (speculative decoding raised NotImplementedError there) or silently
+    misreading the KV cache (fp8 pages, another backend's page layout)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from diffusiongemma_vllm import register
+
+    register()
+    with pytest.raises(ValueError, match=f"does not support {setting}"):
+        EngineArgs(model=tiny_dir, max_model_len=256, **engine_args).create_engine_config()
+
+
+def test_admission_uses_the_checkpoint_sampler_defaults(tmp_path):
+    """Catches admission validating knobs against the release defaults while the worker applies
+    the checkpoint's generation_config.json (t_min 0.7 here): `t_max` 0.6 alone must be refused
+    at admission, not raise in the engine."""
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import EngineArgs
+
+    from diffusiongemma_vllm import register
+    from diffusiongemma_vllm.request_validator import check_request
+    from diffusiongemma_vllm.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+
+    register()
+    model = build_tiny_checkpoint(tmp_path, TinySpec(generation={"t_min": 0.7, "t_max": 0.9}))
+    config = EngineArgs(model=str(model), max_model_len=256).create_engine_config()
+    with pytest.raises(ValueError, match="t_max"):
+        check_request(SamplingParams(extra_args={"t_max": 0.6}))
+    check_request(SamplingParams(extra_args={"t_max": 0.8}))
+    del config
+
+
+def test_broken_generation_config_fails_at_start_up_naming_the_field(tmp_path):
+    """Catches a checkpoint whose generation_config.json holds an invalid sampler default
+    starting up and then failing every request in the engine."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from diffusiongemma_vllm import register
+    from diffusiongemma_vllm.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+
+    register()
+    model = build_tiny_checkpoint(tmp_path, TinySpec(generation={"max_denoising_steps": 0}))
+    # vLLM wraps a config hook's CheckpointError in pydantic's ValidationError (both ValueErrors).
+    with pytest.raises(ValueError, match="generation_config.json: max_denoising_steps"):
+        EngineArgs(model=str(model), max_model_len=256).create_engine_config()

@@ -108,9 +108,29 @@ def test_bad_knob_is_a_400_naming_the_field(server, knobs, field):
     assert complete(server, max_tokens=8).status_code == 200
 
 
-def test_unsupported_logprobs_is_a_400(server):
-    """Catches a request the sampler cannot honour being silently answered without logprobs."""
-    assert complete(server, max_tokens=8, logprobs=2).status_code == 400
+def test_logprobs_in_completions_and_chat(server):
+    """Catches logprobs lost between the worker and the API (rows misaligned with tokens,
+    missing alternatives) in either endpoint."""
+    body = complete(server, max_tokens=300, ignore_eos=True, seed=1, logprobs=2).json()
+    logprobs = body["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == 300
+    assert all(value <= 0 for value in logprobs["token_logprobs"])
+    # the committed token is its pass's argmax, so it is one of the top 2
+    assert all(len(top) == 2 for top in logprobs["top_logprobs"])
+    chat = requests.post(server.url + "/v1/chat/completions", timeout=300, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "Write"}], "max_tokens": 20, "seed": 2,
+        "logprobs": True, "top_logprobs": 3}).json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert len(content) == chat["usage"]["completion_tokens"]
+    assert all(len(entry["top_logprobs"]) == 3 and entry["logprob"] <= 0 for entry in content)
+
+
+def test_structured_output_is_a_400(server):
+    """Catches a JSON-schema request being answered with unconstrained text."""
+    response = requests.post(server.url + "/v1/chat/completions", timeout=300, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "Write"}], "max_tokens": 8,
+        "response_format": {"type": "json_object"}})
+    assert response.status_code == 400 and "structured" in response.json()["error"]["message"]
 
 
 def test_client_disconnect_mid_stream_leaves_server_healthy(server):
@@ -123,3 +143,33 @@ def test_client_disconnect_mid_stream_leaves_server_healthy(server):
     metrics = requests.get(server.url + "/metrics", timeout=30).text
     running = [line for line in metrics.splitlines() if line.startswith("vllm:num_requests_running")]
     assert running and all(line.rstrip().endswith(" 0.0") for line in running)
+
+
+def scrape(server) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(server.url + "/metrics", timeout=30).text
+    return {sample.name: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name.startswith("diffusion_")}
+
+
+def test_worker_step_counters_reach_metrics(server):
+    """Catches the worker step's counters staying in the worker process (only readable by an
+    RPC): /metrics must show passes per canvas, canvases per pass, pending canvases and denoise
+    time, updated by each request."""
+    import time
+
+    before = scrape(server)
+    body = complete(server, max_tokens=300, ignore_eos=True, seed=3,
+                    vllm_xargs={"max_denoising_steps": 8, "confidence_threshold": 0.0}).json()
+    assert body["usage"]["completion_tokens"] == 300
+    deadline = time.monotonic() + 30  # stats reach the front end with the step's outputs, asynchronously
+    while (after := scrape(server))["diffusion_passes_per_canvas_count"] < before.get(
+            "diffusion_passes_per_canvas_count", 0) + 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    delta = {name: after[name] - before.get(name, 0.0) for name in after}
+    assert delta["diffusion_passes_per_canvas_count"] == 2  # two canvases, 8 passes each (never confident)
+    assert delta["diffusion_passes_per_canvas_sum"] == 16
+    assert delta["diffusion_canvases_per_pass_count"] == 16 and delta["diffusion_canvases_per_pass_sum"] == 16
+    assert delta["diffusion_denoise_seconds_count"] >= 2 and delta["diffusion_denoise_seconds_sum"] > 0
+    assert after["diffusion_pending_canvases"] == 0

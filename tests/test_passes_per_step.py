@@ -2,9 +2,10 @@
 
 The engine stops each canvas after 2 passes and resumes it in the next step (scheduler.py
 keeps its request scheduled). Outputs must equal the default engine's, which denoises whole
-canvases in one step, for requests with different halting knobs, chunked prompts, mid-block
-arrivals and a request asking for prompt logprobs; and an abort mid-canvas must leave nothing
-behind.
+canvases in one step with prefix caching off, for requests with different halting knobs,
+chunked prompts, mid-block arrivals, a request asking for prompt logprobs and two requests
+sharing a whole cached prompt (the K/V block holding the token a resumed step re-feeds is
+then shared); and an abort mid-canvas must leave nothing behind.
 """
 
 from __future__ import annotations
@@ -25,15 +26,17 @@ def requests():
 
     prompts = [TokensPrompt(prompt_token_ids=list(range(3 + i, 3 + i + 7 * (i + 1) + 150 * (i % 3 == 2))))
                for i in range(8)]  # two prompts longer than the 128-token budget: chunked prefill
+    shared = list(range(100, 356))  # 256 tokens: whole blocks, so the re-fed last token's block is cached
+    prompts += [TokensPrompt(prompt_token_ids=shared), TokensPrompt(prompt_token_ids=shared)]
     params = [SamplingParams(max_tokens=70, ignore_eos=True, seed=50 + i, extra_args=KNOBS[i % 4],
-                             prompt_logprobs=1 if i == 5 else None) for i in range(8)]
+                             prompt_logprobs=1 if i == 5 else None) for i in range(len(prompts))]
     return prompts, params
 
 
 def engine(tiny_dir, **engine_args):
     from vllm import LLM
 
-    return LLM(model=tiny_dir, dtype="float32", max_model_len=400, enforce_eager=True, max_num_seqs=8,
+    return LLM(model=tiny_dir, dtype="float32", max_model_len=400, enforce_eager=True, max_num_seqs=10,
                max_num_batched_tokens=128, **engine_args)
 
 
@@ -59,15 +62,15 @@ def test_canvases_across_steps_equal_whole_canvases(tiny_dir, stepped_llm):
     steps, a resumed canvas restarted, state left behind after requests finish, and the engine
     dying on prompt logprobs (vLLM returns them with the last prompt chunk's step)."""
     stepped, stepped_logprobs, stats = generate(stepped_llm)
-    whole_llm = engine(tiny_dir)
+    whole_llm = engine(tiny_dir, enable_prefix_caching=False)
     whole, whole_logprobs, whole_stats = generate(whole_llm)
     del whole_llm
     gc.collect()
     assert stepped == whole
     assert all(len(tokens) == 70 for tokens in stepped)
-    assert stepped_logprobs == whole_logprobs == [i == 5 for i in range(8)]
-    # 8 ready canvases, 4 per pass (128 tokens / 32): at most 2 turns of 2 passes in a step.
-    assert stats["passes_per_step"] <= 2 * 2 < whole_stats["passes_per_step"]
+    assert stepped_logprobs == whole_logprobs == [i == 5 for i in range(10)]
+    # 10 ready canvases, 4 per pass (128 tokens / 32): at most 3 turns of 2 passes in a step.
+    assert stats["passes_per_step"] <= 3 * 2 < whole_stats["passes_per_step"]
     assert max(stats["canvas_passes"]) > 2  # some canvases did span steps
     assert stats["pending_canvases"] == 0
 

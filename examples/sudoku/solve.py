@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     out = llm.generate([args.puzzle + "\n"], SamplingParams(
         max_tokens=81, seed=args.seed, extra_args={"max_denoising_steps": args.max_denoising_steps}))
     board = (out[0].outputs[0].text.strip() + "." * 81)[:81]
-    passes = llm.collective_rpc("diffusion_stats")[0]["canvas_passes"][-1]
+    (passes,) = llm.collective_rpc("diffusion_stats")[0]["canvas_passes"]  # one canvas: {passes: 1}
     print(puzzles.render(args.puzzle), "\n")
     print(puzzles.render(board))
     verdict = "solved" if puzzles.is_valid_solution(args.puzzle, board) else "not solved"

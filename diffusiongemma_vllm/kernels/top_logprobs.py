@@ -1,0 +1,82 @@
+"""Log-probabilities of committed tokens and their top-k alternatives, tiled over the vocabulary.
+
+What a request's `logprobs` report (README "Logprobs"): the distribution of the pass that
+committed the canvas, the halting pass, at temperature 1: log softmax(softcap(h . E)) over
+the whole vocabulary, with h the final hidden state of that pass at the position. The
+committed token is that pass's argmax, so its rank is 1 unless the logits tie.
+
+Materialising the logits costs rows x V fp32 (268 MB per canvas at V = 262144). Here the
+vocabulary is walked in chunks, as in vocab_tiled_sampler.py: a running max and sum give
+log Z, a running top-k (each chunk's top-k merged with the best so far) gives the
+alternatives, and the committed token's logit is read from the chunk that holds it, so it
+is bit-identical to the value ranked against. The rank (vLLM's: how many logits are >= the
+token's) is exact: counted from a top-(k+1), plus one more sweep for the rows whose token's
+logit is not above the last one kept (a token outside the top, or a tie: never for a
+committed argmax without ties). Runs once per finished canvas, not
+per pass, with torch matmuls on any device (cuBLAS on a GPU).
+
+`naive_top_logprobs` materialises everything and is the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TopLogprobs:
+    token_logprob: torch.Tensor  # [N] fp32: log p(token)
+    rank: torch.Tensor  # [N] int64: 1 + how many other ids have a logit >= the token's
+    top_ids: torch.Tensor  # [N, k] int64, most likely first
+    top_logprobs: torch.Tensor  # [N, k] fp32
+
+
+def _logits(hidden: torch.Tensor, embedding: torch.Tensor, softcap: float) -> torch.Tensor:
+    return torch.tanh((hidden @ embedding.T).float() / softcap) * softcap
+
+
+def naive_top_logprobs(hidden: torch.Tensor, embedding: torch.Tensor, softcap: float, tokens: torch.Tensor,
+                       k: int) -> TopLogprobs:
+    log_probs = torch.log_softmax(_logits(hidden, embedding, softcap), dim=-1)  # [N, V]
+    chosen = log_probs.gather(1, tokens[:, None]).squeeze(1)
+    top = log_probs.topk(k, dim=-1)
+    return TopLogprobs(chosen, (log_probs >= chosen[:, None]).sum(-1), top.indices, top.values)
+
+
+def top_logprobs(
+    hidden: torch.Tensor,  # [N, H]
+    embedding: torch.Tensor,  # [V, H] (the tied lm_head)
+    softcap: float,
+    tokens: torch.Tensor,  # [N] int64 committed ids
+    k: int,  # alternatives per row, >= 0
+    vocab_chunk: int = 16384,
+) -> TopLogprobs:
+    assert hidden.dim() == 2 and embedding.dim() == 2 and hidden.shape[1] == embedding.shape[1]
+    assert tokens.shape == hidden.shape[:1] and 0 <= k <= embedding.shape[0]
+    rows, device = hidden.shape[0], hidden.device
+    keep = k + 1  # one beyond the alternatives: a token above the last kept logit has all ties counted
+    m = torch.full((rows,), float("-inf"), device=device)
+    total = torch.zeros(rows, device=device)  # sum exp(z - m)
+    chosen = torch.full((rows,), float("-inf"), device=device)
+    best = torch.full((rows, 0), float("-inf"), device=device)
+    best_ids = torch.zeros((rows, 0), dtype=torch.long, device=device)
+    for start in range(0, embedding.shape[0], vocab_chunk):
+        z = _logits(hidden, embedding[start:start + vocab_chunk], softcap)  # [N, chunk]
+        m_new = torch.maximum(m, z.max(-1).values)
+        total = total * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(-1)
+        m = m_new
+        inside = (tokens >= start) & (tokens < start + z.shape[1])
+        local = (tokens - start).clamp(0, z.shape[1] - 1)
+        chosen = torch.where(inside, z.gather(1, local[:, None]).squeeze(1), chosen)
+        value, index = z.topk(min(keep, z.shape[1]), dim=-1)
+        best, order = torch.cat([best, value], 1).topk(min(keep, best.shape[1] + value.shape[1]), dim=-1)
+        best_ids = torch.cat([best_ids, index + start], 1).gather(1, order)
+    log_z = m + torch.log(total)
+    rank = (best >= chosen[:, None]).sum(-1)
+    outside = (chosen <= best[:, -1]).nonzero().squeeze(-1) if best.shape[1] == keep else rank[:0]
+    if len(outside):  # logits >= the token's may lie beyond the kept top: count over the vocabulary
+        rank[outside] = sum((_logits(hidden[outside], embedding[s:s + vocab_chunk], softcap)
+                             >= chosen[outside, None]).sum(-1) for s in range(0, embedding.shape[0], vocab_chunk))
+    return TopLogprobs(chosen - log_z, rank, best_ids[:, :k], best[:, :k] - log_z[:, None])

@@ -1,0 +1,69 @@
+"""Admission-time checks (request_validator.py): what the block sampler cannot honour is a
+400 / ValueError naming the field, and knobs are judged against the served checkpoint's
+defaults, the ones the worker applies."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+from vllm import SamplingParams
+
+from diffusiongemma_vllm.config import SAMPLER_FIELDS, SamplerConfig
+from diffusiongemma_vllm.request_validator import check_request, serve_defaults
+
+
+class ModelConfigStandIn:
+    """Anything weak-referenceable stands for the engine's ModelConfig here."""
+
+
+def test_unknown_knob_names_the_key_and_lists_the_accepted_ones():
+    """Catches a typo such as `max_denoising_step` being accepted and silently ignored."""
+    with pytest.raises(ValueError, match="'max_denoising_step'") as error:
+        check_request(SamplingParams(extra_args={"max_denoising_step": 4}))
+    assert all(name in str(error.value) for name in SAMPLER_FIELDS)
+
+
+def test_vllm_own_extra_args_pass():
+    """Catches the unknown-key check refusing the keys vLLM itself reads (disaggregated prefill)."""
+    check_request(SamplingParams(extra_args={"kv_transfer_params": {"do_remote_prefill": False}}))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("presence_penalty", 0.5), ("frequency_penalty", -0.2), ("repetition_penalty", 1.3), ("min_p", 0.1),
+    ("min_tokens", 5), ("logit_bias", {7: 3.0}), ("allowed_token_ids", [3, 4]), ("bad_words", ["foo"]),
+    ("logprobs", -1),
+])
+def test_unimplemented_sampling_fields_name_the_field(field, value):
+    """Catches a sampling field the block sampler ignores being answered as if it applied."""
+    with pytest.raises(ValueError, match=field):
+        check_request(SamplingParams(**{field: value}))
+
+
+def test_defaults_and_documented_no_ops_pass():
+    """Catches the checks refusing untouched fields or temperature/top_p/top_k, which are
+    documented as not applying (as in transformers)."""
+    check_request(SamplingParams(temperature=0.3, top_p=0.9, top_k=40, seed=1, stop=["x"], n=2,
+                                 extra_args={"max_denoising_steps": 8}))
+
+
+def test_knobs_are_judged_against_the_served_checkpoint_defaults():
+    """Catches admission judging knobs against the release defaults while the worker applies
+    the checkpoint's: a request setting only t_max below the checkpoint's t_min would pass
+    admission and then raise in the engine (and the reverse case would be refused)."""
+    model_config = ModelConfigStandIn()
+    serve_defaults(model_config, SamplerConfig(t_min=0.7, t_max=0.9))
+    with pytest.raises(ValueError, match="t_max.*t_min is the served model's default"):
+        check_request(SamplingParams(extra_args={"t_max": 0.6}))
+    check_request(SamplingParams(extra_args={"t_max": 0.75}))
+    del model_config
+    gc.collect()
+    check_request(SamplingParams(extra_args={"t_max": 0.6, "t_min": 0.5}))
+
+    low = ModelConfigStandIn()
+    serve_defaults(low, SamplerConfig(t_min=0.2, t_max=0.3))
+    check_request(SamplingParams(extra_args={"t_max": 0.25}))  # below the release's t_min 0.4
+    del low
+    gc.collect()
+    with pytest.raises(ValueError, match="t_max"):  # the engine is gone: release defaults again
+        check_request(SamplingParams(extra_args={"t_max": 0.25}))
