@@ -2,16 +2,22 @@
 
 vLLM calls `register()` through the `vllm.general_plugins` entry point in every process it
 starts (API server or `LLM`, engine core, workers). It must stay cheap and idempotent: it
-only records lazy `"module:Class"` strings and a config hook; nothing here imports torch
-model code or touches a device.
+only records lazy `"module:Class"` strings and a config hook, and names the address live
+drafts travel on (drafts.py); nothing here imports torch model code or touches a device.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+import uuid
+
 ARCHITECTURE = "DiffusionGemmaForBlockDiffusion"
 MODEL_CLASS = "diffusiongemma_vllm.model:DiffusionGemmaForBlockDiffusion"
+# The worker publishes live drafts here and the API server subscribes (drafts.py).
+DRAFTS_ENV = "DIFFUSIONGEMMA_DRAFTS"
 
-__all__ = ["ARCHITECTURE", "MODEL_CLASS", "register"]
+__all__ = ["ARCHITECTURE", "DRAFTS_ENV", "MODEL_CLASS", "register"]
 
 
 def register() -> None:
@@ -23,3 +29,6 @@ def register() -> None:
 
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     MODELS_CONFIG_MAP[ARCHITECTURE] = DiffusionGemmaEngineConfig
+    # The first vLLM process (API server or LLM) runs this before starting the engine, whose
+    # processes inherit the address: one per server.
+    os.environ.setdefault(DRAFTS_ENV, f"ipc://{tempfile.gettempdir()}/dg-drafts-{os.getpid()}-{uuid.uuid4().hex[:12]}")

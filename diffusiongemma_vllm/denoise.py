@@ -30,6 +30,7 @@ from .sampler import PassResult, decide, unchanged_passes
 
 RunPass = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 RowStatsFn = Callable[..., RowStats]
+OnPass = Callable[["CanvasBatch", torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,8 @@ class DenoiseResult:
 def denoise_canvases(jobs: list[CanvasJob], canvas_length: int, run_pass: RunPass, unembedding: Unembedding,
                      device: torch.device | str = "cpu", record: bool = False, graphs=None,
                      first_row: int = 0, resumed: dict[int, CanvasBatch] | None = None,
-                     max_passes: int | None = None, keep_hidden: bool = False) -> DenoiseResult:
+                     max_passes: int | None = None, keep_hidden: bool = False,
+                     on_pass: OnPass | None = None) -> DenoiseResult:
     """Denoise one canvas per job until each halts, or for at most `max_passes` passes: the
     canvases still running then come back as `pending`, and a later call continues them
     exactly through `resumed` (job index -> a one-canvas batch; draws are keyed by the
@@ -204,7 +206,10 @@ def denoise_canvases(jobs: list[CanvasJob], canvas_length: int, run_pass: RunPas
     built around a `run_pass` that reads only static inputs) replays captured passes; without
     it, or for batches beyond its ladder, passes run eagerly. Job i's request inputs are row
     `first_row + i` of what run_pass reads. `keep_hidden` also returns each finished canvas's
-    halting-pass hidden states, from which its logprobs come (kernels/top_logprobs.py)."""
+    halting-pass hidden states, from which its logprobs come (kernels/top_logprobs.py).
+    `on_pass(batch, slots)`, if given, sees the batch after each pass (or replay) and before
+    halted canvases leave it, `slots` [n] being each canvas's job index (live drafts,
+    drafts.py); it must only read."""
     device = torch.device(device)
     weight = unembedding.weight
     row_stats = row_stats_for(device)
@@ -226,6 +231,8 @@ def denoise_canvases(jobs: list[CanvasJob], canvas_length: int, run_pass: RunPas
                 records.append(PassRecord(step, slots.tolist(), result.argmax.cpu(), result.accepted.cpu(),
                                           batch.halted.cpu()))
         step += 1
+        if on_pass is not None:
+            on_pass(batch, slots)
         halted = batch.halted.cpu()
         if halted.any():
             done = halted.nonzero().squeeze(-1)

@@ -29,7 +29,8 @@ with the step that ends the prompt and requires a token with them.
 
 Per-request settings: the checkpoint's generation_config.json, overridden by the request's
 `extra_args` (validated at admission by request_validator.py); the seed is the request's
-`seed`, or a random one kept for its lifetime.
+`seed`, or a random one kept for its lifetime. A request that asked for live drafts has its
+canvas's argmax published every `draft_every` passes (drafts.py); the others add no work.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from .canvas_context import CanvasPass, PagedPrefix, PrefixKV, canvas_pass
 from .config import SamplerConfig, passes_per_step
 from .denoise import CanvasBatch, CanvasJob, denoise_canvases, row_stats_for
 from .denoise_graphs import DenoiseGraphs, ladder_for
+from .drafts import DraftPublisher
 from .kernels.top_logprobs import TopLogprobs, top_logprobs
 from .kv_layout import paged_views, read_tokens
 from .step_metrics import StepMetrics
@@ -100,6 +102,7 @@ class DenoiseStep:
         self.paged_inputs: PagedStepInputs | None = None  # GPU: built at the first step
         self.paged_run_pass = None  # GPU: the run_pass over paged_inputs
         self.graphs: DenoiseGraphs | None = None
+        self.drafts = DraftPublisher.from_env()  # live drafts (drafts.py); bound now, before any request
 
     def _settings(self, req_id: str, sampling_params) -> _RequestSettings:
         if req_id not in self.settings:
@@ -123,13 +126,16 @@ class DenoiseStep:
         context = [int(runner.optimistic_seq_lens_cpu[i]) for i in ready]
         req_ids = [batch.req_ids[i] for i in ready]
         started = time.perf_counter()
-        jobs, resumed, must_finish, wants_logprobs = [], {}, [], []
+        jobs, resumed, must_finish, wants_logprobs, drafts = [], {}, [], [], []
         for slot, (req_id, length) in enumerate(zip(req_ids, context)):
             state = runner.requests[req_id]
             wants_logprobs.append(state.sampling_params.logprobs is not None)
             settings = self._settings(req_id, state.sampling_params)
             block = (length - len(state.prompt_token_ids)) // self.canvas_length
             jobs.append(CanvasJob(block, settings.sampler, settings.seed))
+            if self.drafts is not None:
+                drafts.append(self.drafts.canvas(state.sampling_params, block, length,
+                                                 length - len(state.prompt_token_ids), runner.max_model_len))
             held = self.pending.pop(req_id, None)
             if held is not None and held[0] == length:
                 resumed[slot] = held[1]
@@ -146,7 +152,8 @@ class DenoiseStep:
                 turns.append(denoise_canvases(
                     jobs[first:last], self.canvas_length, run_pass, self.unembedding, device=self.device,
                     graphs=self.graphs, first_row=first, max_passes=limit, keep_hidden=any(wants_logprobs[first:last]),
-                    resumed={slot - first: resumed[slot] for slot in range(first, last) if slot in resumed}))
+                    resumed={slot - first: resumed[slot] for slot in range(first, last) if slot in resumed},
+                    on_pass=self.drafts.watch(drafts[first:last]) if self.drafts is not None else None))
                 for job, held in turns[-1].pending.items():
                     self.pending[req_ids[first + job]] = (context[first + job], held)
                 self._logprobs(turns[-1], ready[first:last], wants_logprobs[first:last], batch.max_num_logprobs, out)

@@ -7,8 +7,8 @@ DiffusionGemma architecture only. It changes no logits. It rejects, naming the f
   fields), judged against the defaults the worker will combine it with: the served
   checkpoint's generation_config.json, registered here by the config hook (`serve_defaults`)
   for as long as that engine's config lives;
-- an `extra_args` key that is neither a knob nor one vLLM itself reads (a typo would
-  otherwise be ignored without a word);
+- an `extra_args` key that is neither a knob, a live-draft setting (drafts.py) nor one vLLM
+  itself reads (a typo would otherwise be ignored without a word);
 - a sampling feature the block-diffusion sampler does not implement.
 `temperature`, `top_p` and `top_k` are accepted and do not apply (the knobs' schedule is the
 sampling temperature), as in transformers' DiffusionGemma; the README says so.
@@ -22,10 +22,11 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
 from .config import SAMPLER_FIELDS, SamplerConfig
+from .drafts import DRAFT_ARGS, check_draft_args
 
 # extra_args keys vLLM reads itself (v1/request.py: disaggregated prefill and KV reporting).
 VLLM_EXTRA_ARGS = ("kv_transfer_params", "ec_transfer_params", "kv_cache_report_mode")
-ACCEPTED_EXTRA_ARGS = SAMPLER_FIELDS + VLLM_EXTRA_ARGS
+ACCEPTED_EXTRA_ARGS = SAMPLER_FIELDS + DRAFT_ARGS + VLLM_EXTRA_ARGS
 
 # Sampling fields the block sampler does not implement, with the value that means "off".
 UNSUPPORTED = {
@@ -60,7 +61,8 @@ def check_request(sampling_params) -> None:
     unknown = sorted(set(extra_args) - set(ACCEPTED_EXTRA_ARGS))
     if unknown:
         raise ValueError(f"unknown DiffusionGemma request setting {unknown[0]!r} (vllm_xargs / extra_args); "
-                         f"accepted: {', '.join(SAMPLER_FIELDS)}")
+                         f"accepted: {', '.join(SAMPLER_FIELDS + DRAFT_ARGS[:1])}")
+    check_draft_args(extra_args)
     for name, off in UNSUPPORTED.items():
         value = getattr(sampling_params, name, off)
         if value != off and value not in ({}, []):
