@@ -22,7 +22,7 @@ releases, and vLLM keeps endpoint plugins opt-in because they change the HTTP su
 price is the opt-in: `VLLM_PLUGINS` is also the allowlist of general plugins, so it must name
 `diffusiongemma` (all three of the plugin's entry points share that name) or vLLM silently
 serves its in-tree DiffusionGemma; any other plugin the server needs must be listed as well.
-Without the opt-in, `draft_every` is refused (400) rather than ignored.
+Without the opt-in, `draft_every` is refused by request_validator.py rather than ignored.
 """
 
 from __future__ import annotations
