@@ -4,13 +4,37 @@
 stores (research/hf_reference.md section 4) with its shape. `checked_text_weights` passes
 the text stack through with `model.decoder.` stripped, drops the encoder's duplicate
 `layer_scalar`s and the vision tower, and raises `CheckpointError` naming the tensor for an
-unexpected name, a wrong shape, or (once the stream ends) a missing tensor, instead of the
-bare shape assertion or silent zero-initialised parameter a broken file would otherwise give.
+unexpected name, a wrong shape or dtype, or (once the stream ends) a missing tensor, instead
+of the bare shape assertion or silent zero-initialised parameter a broken file would
+otherwise give.
+
+Quantized checkpoints. `quantized_format(hf_config)` reads config.json's
+`quantization_config` and names the format its quantized linears are stored in
+(`QuantizedFormat`), or refuses, naming the field, a format the plugin does not load. The
+published ones (research notes in tiny_quantized.py, which writes tiny copies of each):
+- compressed-tensors FP8 (`RedHatAI/diffusiongemma-26B-A4B-it-FP8-dynamic`): per quantized
+  linear `weight` float8_e4m3fn [out, in] and `weight_scale` [out, 1] (channel strategy;
+  one value for tensor strategy, one per block for block strategy), plus `input_scale` when
+  activations are static;
+- compressed-tensors NVFP4 (`RedHatAI/...-NVFP4`): `weight_packed` uint8 [out, in/2],
+  `weight_scale` float8_e4m3fn [out, in/16], `weight_global_scale` and
+  `input_global_scale` (one value each);
+- ModelOpt NVFP4 (`nvidia/...-NVFP4`): `weight` uint8 [out, in/2], `weight_scale`
+  float8_e4m3fn [out, in/16], `weight_scale_2` and `input_scale` (one value each).
+Quantized experts are stored one linear per expert and projection
+(`experts.{e}.{gate,up,down}_proj`), not as the fused banks. Which linears are quantized is
+not re-derived from the config's targets and ignore list here: the caller passes the modules
+vLLM built with a quantization method (model.py), so this check and vLLM's loaders agree by
+construction, and a scale tensor for a module the config leaves in bf16 (the tied
+embedding, routers, self-conditioning, or attention in the NVFP4 releases) is an unexpected
+tensor, named.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -19,9 +43,100 @@ from .config import BackboneConfig, CheckpointError
 TEXT_PREFIX = "model.decoder."
 ENCODER_SCALAR = "model.encoder.language_model.layers."
 SKIPPED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+SCALAR = ()  # a one-value tensor: shape [] or [1]
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def expected_text_tensors(cfg: BackboneConfig) -> dict[str, tuple[int, ...]]:
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...] | None  # None: any shape (SCALAR: one value)
+    dtypes: tuple[torch.dtype, ...] | None = None  # None: any dtype (the model casts)
+
+    def matches_shape(self, tensor: torch.Tensor) -> bool:
+        if self.shape == SCALAR:
+            return tensor.numel() == 1 and tensor.dim() <= 1
+        return self.shape is None or tuple(tensor.shape) == self.shape
+
+
+@dataclass(frozen=True)
+class QuantizedFormat:
+    """How a checkpoint stores one quantized linear of weight shape [out, in]."""
+
+    name: str
+    tensors: Callable[[int, int], dict[str, TensorSpec]]
+
+
+def _fp8(weight_scale: Callable[[int, int], tuple[int, ...]], static_input: bool) -> Callable:
+    def tensors(out: int, inp: int) -> dict[str, TensorSpec]:
+        specs = {"weight": TensorSpec((out, inp), (torch.float8_e4m3fn,)),
+                 "weight_scale": TensorSpec(weight_scale(out, inp), FLOATS)}
+        if static_input:
+            specs["input_scale"] = TensorSpec(SCALAR, FLOATS)
+        return specs
+    return tensors
+
+
+def _nvfp4(weight: str, global_scales: tuple[str, ...]) -> Callable:
+    def tensors(out: int, inp: int) -> dict[str, TensorSpec]:
+        return {weight: TensorSpec((out, inp // 2), (torch.uint8,)),
+                "weight_scale": TensorSpec((out, inp // 16), (torch.float8_e4m3fn,)),
+                **{name: TensorSpec(SCALAR, (torch.float32,)) for name in global_scales}}
+    return tensors
+
+
+def quantized_format(hf_config) -> QuantizedFormat | None:
+    """The stored format of the checkpoint's quantized linears; None for a bf16 checkpoint."""
+    qc = getattr(hf_config, "quantization_config", None)
+    if not qc:
+        return None
+    if not isinstance(qc, dict):
+        qc = qc.to_dict()
+    method = qc.get("quant_method")
+    for field in ("kv_cache_scheme", "kv_cache_quant_algo"):
+        if qc.get(field) or (qc.get("quantization") or {}).get(field):
+            raise CheckpointError(f"config.json quantization_config.{field} is set: diffusiongemma-vllm keeps "
+                                  "the KV cache in the model dtype (its denoise attention reads it so)")
+    if method == "compressed-tensors":
+        return _compressed_tensors_format(qc)
+    if method == "modelopt":
+        algo = str(qc.get("quant_algo") or (qc.get("quantization") or {}).get("quant_algo")).upper()
+        if algo == "NVFP4":
+            return QuantizedFormat("modelopt NVFP4", _nvfp4("weight", ("weight_scale_2", "input_scale")))
+        raise CheckpointError(f"config.json quantization_config.quant_algo {algo!r} (modelopt) is not a layout "
+                              "diffusiongemma-vllm loads; it loads ModelOpt NVFP4")
+    raise CheckpointError(f"config.json quantization_config.quant_method {method!r} is not a layout "
+                          "diffusiongemma-vllm loads; it loads compressed-tensors FP8 and NVFP4 and ModelOpt NVFP4")
+
+
+def _compressed_tensors_format(qc: dict) -> QuantizedFormat:
+    groups = list((qc.get("config_groups") or {}).values())
+    schemes = {(g.get("format") or qc.get("format"), repr(g.get("weights")), repr(g.get("input_activations")))
+               for g in groups}
+    if len(schemes) != 1:
+        raise CheckpointError(f"config.json quantization_config.config_groups has {len(schemes)} schemes; "
+                              "diffusiongemma-vllm loads checkpoints with one")
+    group = groups[0]
+    fmt, weights, inputs = group.get("format") or qc.get("format"), group.get("weights") or {}, group.get("input_activations")
+    bits, kind, strategy = weights.get("num_bits"), weights.get("type"), weights.get("strategy")
+    if fmt == "float-quantized" and bits == 8 and kind == "float" and strategy in ("channel", "tensor", "block"):
+        block = weights.get("block_structure") or [1, 1]
+        scale = {"channel": lambda out, inp: (out, 1), "tensor": lambda out, inp: SCALAR,
+                 "block": lambda out, inp: (math.ceil(out / block[0]), math.ceil(inp / block[1]))}[strategy]
+        static_input = inputs is not None and not inputs.get("dynamic")
+        return QuantizedFormat(f"compressed-tensors FP8 ({strategy})", _fp8(scale, static_input))
+    if fmt == "nvfp4-pack-quantized" and bits == 4 and kind == "float" and weights.get("group_size") == 16:
+        scales = ("weight_global_scale",) + (("input_global_scale",) if inputs is not None else ())
+        return QuantizedFormat("compressed-tensors NVFP4", _nvfp4("weight_packed", scales))
+    raise CheckpointError(f"config.json quantization_config format {fmt!r} with {bits}-bit {kind} weights "
+                          f"({strategy}) is not a layout diffusiongemma-vllm loads; it loads compressed-tensors "
+                          "FP8 (float-quantized) and NVFP4 (nvfp4-pack-quantized)")
+
+
+def expected_text_tensors(cfg: BackboneConfig, fmt: QuantizedFormat | None = None,
+                          quantized: frozenset[str] = frozenset()) -> dict[str, TensorSpec]:
+    """Every text tensor the checkpoint stores (names without `model.decoder.`). `quantized`
+    names the linears stored in `fmt` (`layers.{i}.self_attn.q_proj`, ...; `layers.{i}.experts`
+    for a layer's experts, then stored one linear per expert)."""
     h, v = cfg.hidden_size, cfg.vocab_size
     shapes = {
         "embed_tokens.weight": (v, h),
@@ -55,13 +170,29 @@ def expected_text_tensors(cfg: BackboneConfig) -> dict[str, tuple[int, ...]]:
                      "post_feedforward_layernorm", "pre_feedforward_layernorm_2",
                      "post_feedforward_layernorm_1", "post_feedforward_layernorm_2"):
             shapes[f"{p}{norm}.weight"] = (h,)
-    return shapes
+    specs = {name: TensorSpec(shape) for name, shape in shapes.items()}
+    if fmt is None:
+        return specs
+    for module in sorted(quantized):
+        if module.endswith(".experts"):
+            width, inner = cfg.hidden_size, cfg.moe_intermediate_size
+            del specs[module + ".gate_up_proj"], specs[module + ".down_proj"]
+            for e in range(cfg.num_experts):
+                for proj, (out, inp) in (("gate_proj", (inner, width)), ("up_proj", (inner, width)),
+                                         ("down_proj", (width, inner))):
+                    specs |= {f"{module}.{e}.{proj}.{t}": s for t, s in fmt.tensors(out, inp).items()}
+        else:
+            out, inp = specs.pop(module + ".weight").shape
+            specs |= {f"{module}.{t}": s for t, s in fmt.tensors(out, inp).items()}
+    return specs
 
 
 def checked_text_weights(
-    cfg: BackboneConfig, weights: Iterable[tuple[str, torch.Tensor]]
+    cfg: BackboneConfig, weights: Iterable[tuple[str, torch.Tensor]], fmt: QuantizedFormat | None = None,
+    quantized: frozenset[str] = frozenset(),
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    expected = expected_text_tensors(cfg)
+    expected = expected_text_tensors(cfg, fmt, quantized)
+    layout = f" ({fmt.name} checkpoint)" if fmt else ""
     seen: set[str] = set()
     for name, tensor in weights:
         if name.startswith(SKIPPED_PREFIXES):
@@ -69,15 +200,19 @@ def checked_text_weights(
         if name.startswith(ENCODER_SCALAR) and name.endswith(".layer_scalar"):
             continue
         if not name.startswith(TEXT_PREFIX) or name[len(TEXT_PREFIX):] not in expected:
-            raise CheckpointError(f"checkpoint has unexpected tensor {name!r} for this config")
+            raise CheckpointError(f"checkpoint has unexpected tensor {name!r} for this config{layout}")
         short = name[len(TEXT_PREFIX):]
-        if tuple(tensor.shape) != expected[short]:
-            raise CheckpointError(
-                f"checkpoint tensor {name!r} has shape {list(tensor.shape)}, expected {list(expected[short])}"
-            )
+        spec = expected[short]
+        if not spec.matches_shape(tensor):
+            want = "one value" if spec.shape == SCALAR else list(spec.shape)
+            raise CheckpointError(f"checkpoint tensor {name!r} has shape {list(tensor.shape)}, expected {want}{layout}")
+        if spec.dtypes is not None and tensor.dtype not in spec.dtypes:
+            want = " or ".join(str(d).removeprefix("torch.") for d in spec.dtypes)
+            raise CheckpointError(f"checkpoint tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
+                                  f"expected {want}{layout}")
         seen.add(short)
         yield short, tensor
     missing = sorted(set(expected) - seen)
     if missing:
         listed = ", ".join(TEXT_PREFIX + m for m in missing[:5])
-        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {listed}")
+        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s){layout}: {listed}")

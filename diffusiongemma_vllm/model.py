@@ -19,6 +19,15 @@ embeddings, fp32 logits soft-capped at 30.
 Checkpoint layout: the text stack lives once under `model.decoder.*`; the encoder's
 `layer_scalar` copies are checked against the decoder's and dropped; the vision tower is
 loaded by name and skipped (text serving only).
+
+Quantization: vLLM's quant config reaches the attention projections, the dense MLP and the
+fused-MoE experts, never the tied embedding (read directly by the denoise sampler), the
+routers or the self-conditioning MLP, which all stay in the model dtype (as in every
+published quantized release). `hf_to_vllm_mapper` maps a checkpoint's module names
+(`model.decoder.layers.0...`) to these modules' names for the config's ignore list. A
+checkpoint quantized offline stores the quantized modules' tensors in its format
+(checkpoint.py); `load_weights` tells the check which modules vLLM quantized. Online
+quantization (`--quantization fp8`) loads the bf16 layout and quantizes after loading.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
 from .canvas_context import PagedPrefix, current_canvas_pass
-from .checkpoint import checked_text_weights
+from .checkpoint import checked_text_weights, quantized_format
 from .config import BackboneConfig, LayerAttention
 from .denoise import Unembedding
 from .kernels.canvas_attention import naive_canvas_attention
@@ -205,12 +214,16 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
     """vLLM model class for the `DiffusionGemmaForBlockDiffusion` architecture."""
 
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    hf_to_vllm_mapper = WeightsMapper(orig_to_new_prefix={"model.decoder.": ""})
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         cfg = BackboneConfig.from_hf(vllm_config.model_config.hf_config)
         self.cfg = cfg
+        self.stored_format = quantized_format(vllm_config.model_config.hf_config)
         cache_config, quant_config = vllm_config.cache_config, vllm_config.quant_config
+        if quant_config is not None:
+            _ignore_v_rows_with_k(quant_config, cfg)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, prefix="embed_tokens")
         self.register_buffer("normalizer", torch.tensor(cfg.hidden_size**0.5), persistent=False)
         self.layers = nn.ModuleList(
@@ -249,8 +262,52 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
         return torch.tanh(logits / cap) * cap
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        loader = AutoWeightsLoader(self)
-        return loader.load_weights(checked_text_weights(self.cfg, weights), mapper=_weights_mapper(self.cfg))
+        quantized = self.stored_quantized_modules() if self.stored_format else frozenset()
+        checked = checked_text_weights(self.cfg, weights, self.stored_format, quantized)
+        return AutoWeightsLoader(self).load_weights(checked, mapper=_weights_mapper(self.cfg))
+
+    def stored_quantized_modules(self) -> frozenset[str]:
+        """The checkpoint modules (names without `model.decoder.`) whose weights vLLM loads in a
+        quantized dtype: those of the layers its quant config quantized. A full layer's V rows
+        come from k_proj, so it has no v_proj; a layer's experts are named `layers.{i}.experts`."""
+        names = set()
+        for i, layer in enumerate(self.layers):
+            p = f"layers.{i}."
+            attn = ["q_proj", "k_proj"] + ([] if self.cfg.layers[i].k_eq_v else ["v_proj"])
+            for module, stored in ((layer.self_attn.qkv_proj, [f"self_attn.{n}" for n in attn]),
+                                   (layer.self_attn.o_proj, ["self_attn.o_proj"]),
+                                   (layer.mlp.gate_up_proj, ["mlp.gate_proj", "mlp.up_proj"]),
+                                   (layer.mlp.down_proj, ["mlp.down_proj"]), (layer.experts, ["experts"])):
+                if _loads_quantized(module):
+                    names.update(p + n for n in stored)
+        for module, stored in ((self.self_conditioning.gate_up_proj, ["gate_proj", "up_proj"]),
+                               (self.self_conditioning.down_proj, ["down_proj"])):
+            if _loads_quantized(module):
+                names.update("self_conditioning." + n for n in stored)
+        return frozenset(names)
+
+
+def _loads_quantized(module: nn.Module) -> bool:
+    """Whether vLLM gave this layer parameters in a quantized dtype (float8, packed uint8):
+    true for a checkpoint quantized offline, false for bf16 layers and for online quantization,
+    which loads bf16 weights and quantizes them after loading."""
+    return any(not p.is_floating_point() or p.element_size() == 1 for p in module.parameters())
+
+
+def _ignore_v_rows_with_k(quant_config, cfg: BackboneConfig) -> None:
+    """Full layers have no v_proj (qkv_proj's V rows are loaded from k_proj), so a
+    compressed-tensors ignore list, which names the modules a checkpoint has, never names
+    their v_proj: the NVFP4 release ignores every q/k/o_proj but lists no full-layer v_proj.
+    vLLM would then see the fused layer's shards disagree and refuse it; the V rows follow K."""
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
+    from vllm.model_executor.layers.quantization.compressed_tensors.utils import should_ignore_layer
+
+    if not isinstance(quant_config, CompressedTensorsConfig):
+        return
+    for i, layer in enumerate(cfg.layers):
+        k, v = f"layers.{i}.self_attn.k_proj", f"layers.{i}.self_attn.v_proj"
+        if layer.k_eq_v and should_ignore_layer(k, quant_config.ignore) and not should_ignore_layer(v, quant_config.ignore):
+            quant_config.ignore.append(v)
 
 
 def _weights_mapper(cfg: BackboneConfig) -> WeightsMapper:
