@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.gpu_e2e import ROOT, Checks, Settings, stage_main
+from benchmarks.gpu_e2e import ROOT, STAGES, Checks, Settings, stage_main
 
 GPU_ENGINE_ARGS = {"gpu_memory_utilization": 0.9, "max_num_batched_tokens": 16384}  # 64 canvases per pass
 
@@ -90,10 +90,9 @@ def report_stage(checks: Checks, settings: Settings) -> None:
                                 for mode, merged in report.items()})
 
 
+BODIES = {**{stage.name: bench_stage for stage in STAGES if stage.module == "benchmarks.e2e_bench" and stage.name != "d_report"},
+          "d_report": report_stage}
+
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from benchmarks.gpu_e2e import STAGES
-
-    bodies = {stage.name: bench_stage for stage in STAGES if stage.module == "benchmarks.e2e_bench"}
-    bodies["d_report"] = report_stage
-    stage_main(bodies)
+    stage_main(BODIES)

@@ -128,6 +128,8 @@ def release_stage(checks: Checks, settings: Settings) -> None:
                                 **used})
 
 
+BODIES = {"c_release": release_stage}
+
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    stage_main({"c_release": release_stage})
+    stage_main(BODIES)

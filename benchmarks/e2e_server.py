@@ -108,6 +108,8 @@ def run_checks(server, checks: Checks, settings: Settings) -> None:
                                 "checks": len(checks.data["checks"]), "stream_ttft_s": checks.data["stream_ttft_s"]})
 
 
+BODIES = {"b_server": server_stage}
+
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    stage_main({"b_server": server_stage})
+    stage_main(BODIES)

@@ -11,7 +11,8 @@ Stages, highest priority first (the default order; `--stages` picks groups or na
                   id inside a canvas, seeded alone vs batched, rerun, diffusion_stats
      a_eager      the same requests with enforce_eager: token equality with the graphs
      a_release_kv the release's unequal KV pages (sliding 8 x 256, full 2 x 512), scaled down
-     a_fp32       fp32: alone vs batched exact, and equal to transformers' generate on the same draws
+     a_fp32       fp32: alone vs batched exact; transformers' generate on the same draws (measured)
+     a_reference  tests/test_reference_equivalence.py's engine check on this device (exact)
      a_pps        passes_per_step=4 vs whole-canvas steps (bf16 agreement)
   b  b_server     the OpenAI server: completion, chat, streaming, bad knob 400, client disconnect
   c  c_release    config.json of google/diffusiongemma-26B-A4B-it, dummy weights: start-up split,
@@ -65,7 +66,8 @@ STAGES = (
     Stage("a_tiny", "a", "benchmarks.e2e_offline", 180, 60, what="tiny bf16, CUDA graphs: generate checks"),  # 50
     Stage("a_eager", "a", "benchmarks.e2e_offline", 120, 40, what="same requests, enforce_eager: equality"),  # 35
     Stage("a_release_kv", "a", "benchmarks.e2e_offline", 180, 60, what="release KV page shapes, tiny"),  # 50
-    Stage("a_fp32", "a", "benchmarks.e2e_offline", 180, 60, what="fp32: batch invariance, vs transformers"),  # 60
+    Stage("a_fp32", "a", "benchmarks.e2e_offline", 180, 60, what="fp32: batch invariance, transformers at canvas 256"),  # 60
+    Stage("a_reference", "a", "benchmarks.e2e_offline", 150, 45, what="fp32: the CPU equivalence test's check, here"),  # 40
     Stage("a_pps", "a", "benchmarks.e2e_offline", 150, 50, what="passes_per_step=4 vs whole canvases"),  # 45
     Stage("b_server", "b", "benchmarks.e2e_server", 180, 60, what="OpenAI server on the tiny checkpoint"),  # 60
     Stage("c_release", "c", "benchmarks.e2e_release", 420, 150,
