@@ -12,11 +12,12 @@ Why a side channel: nothing on vLLM's worker -> engine core -> API server path c
 per-request data in the middle of a step (ModelRunnerOutput and EngineCoreOutput are fixed
 structs, and a whole canvas is denoised inside one step). So the worker publishes on a ZeroMQ
 PUB socket (pyzmq is a vLLM dependency) bound to the address in `DIFFUSIONGEMMA_DRAFTS`, and
-each API server process subscribes to it (draft_endpoints.py). `register()` sets that variable
-in the first vLLM process (the API server, or the `LLM` process) before vLLM starts its engine,
-whose processes inherit it; each server gets its own `ipc://` address. The worker binds at
-start-up, not at the first draft, so subscribers are connected before any request can ask
-(a PUB socket drops what it sends before a subscriber's subscription arrives).
+each API server process subscribes to it (draft_stream.py, wired in by draft_endpoints.py).
+`register()` sets that variable in the first vLLM process (the API server, or the `LLM`
+process) before vLLM starts its engine, whose processes inherit it; each server gets its own
+`ipc://` address. The worker binds at start-up, not at the first draft, so subscribers are
+connected before any request can ask (a PUB socket drops what it sends before a subscriber's
+subscription arrives).
 
 Wire format, one ZeroMQ multipart message per event: [key, header, tokens], header
 `HEADER` = (kind, block, pass, text tokens), tokens int32 (empty for a close). `text tokens`
@@ -25,7 +26,8 @@ ids, as vLLM's output ids do, but not in its text.
 
 Cost when no request asks: one idle socket bound at start-up; the denoise loop gets no
 callback (denoise.denoise_canvases' `on_pass` stays None), so no copy and no extra
-synchronisation. For a drafting canvas: one device-to-host copy of its argmax every N passes.
+synchronisation. For a drafting canvas: a read of its pass counter after each pass and one
+device-to-host copy of its argmax every N passes.
 """
 
 from __future__ import annotations
