@@ -1,19 +1,23 @@
-"""The phase of a forward pass, carried beside the model rather than through it.
+"""The phase of a forward pass, carried in vLLM's forward context as attention metadata.
 
 The model keeps vLLM's forward signature. A pass over canvases (`denoise`, or a causal
-commit computed outside vLLM's attention) is announced by entering `canvas_pass(...)`;
-every attention layer then reads `current_canvas_pass()` and attends with the canvas op
-instead of vLLM's paged attention. With no canvas pass active, a forward is an ordinary
-vLLM `prefill`: causal, writing KV through vLLM's attention backend.
+commit computed outside vLLM's attention) runs inside `canvas_forward_context(spec, ...)`:
+vLLM's own forward context, whose per-layer attention metadata is the `CanvasPass` for
+every attention layer. Each attention layer asks `canvas_pass_for(its layer name)` and, given
+one, attends with the canvas op instead of vLLM's paged attention. Under vLLM's own forwards
+the metadata is the attention backend's (or None), so the answer is None and the forward is
+an ordinary vLLM `prefill`: causal, writing KV through vLLM's attention backend. Nothing is
+kept in a module global, so the phase is per call, as vLLM's torch.compile integration
+expects of what a forward reads.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from vllm.forward_context import get_forward_context, is_forward_context_available, set_forward_context
 
 
 @dataclass(frozen=True)
@@ -50,18 +54,17 @@ class CanvasPass:
             raise ValueError("a denoise pass is read-only: only a causal pass may store K/V")
 
 
-_current: CanvasPass | None = None
+def canvas_forward_context(spec: CanvasPass, vllm_config, layer_names):
+    """vLLM's forward context for a pass over canvases: `spec` is every named attention
+    layer's metadata."""
+    return set_forward_context({name: spec for name in layer_names}, vllm_config)
 
 
-def current_canvas_pass() -> CanvasPass | None:
-    return _current
-
-
-@contextlib.contextmanager
-def canvas_pass(spec: CanvasPass) -> Iterator[CanvasPass]:
-    global _current
-    previous, _current = _current, spec
-    try:
-        yield spec
-    finally:
-        _current = previous
+def canvas_pass_for(layer_name: str) -> CanvasPass | None:
+    """The canvas pass the current forward runs for this attention layer, or None (a vLLM
+    forward: prefill through its attention backend)."""
+    if not is_forward_context_available():
+        return None
+    metadata = get_forward_context().attn_metadata
+    entry = metadata.get(layer_name) if isinstance(metadata, dict) else None
+    return entry if isinstance(entry, CanvasPass) else None

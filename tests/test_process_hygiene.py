@@ -32,14 +32,15 @@ import vllm.utils.torch_utils  # vLLM's own set_stream wrapper, installed in eve
 def lookup(path):
     return functools.reduce(getattr, path.split(".")[1:], torch)
 before = {{path: lookup(path) for path in {patched!r}}}
-importlib.import_module({module!r})
+for module in {modules!r}:
+    importlib.import_module(module)
 print(json.dumps({{"replaced": [p for p in before if lookup(p) is not before[p]],
                   "loaded": [m for m in {watched!r} if m in sys.modules]}}))
 """
 
 
-def probe(module: str) -> dict:
-    code = PROBE.format(patched=PATCHED, module=module, watched=CPU_ONLY + GPU_ONLY)
+def probe(*modules: str) -> dict:
+    code = PROBE.format(patched=PATCHED, modules=modules, watched=CPU_ONLY + GPU_ONLY)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -53,12 +54,13 @@ def test_probe_sees_the_cpu_worker_patch():
     assert "torch.cuda.set_stream" in seen["replaced"] and "vllm.v1.worker.cpu.shm" in seen["loaded"], seen
 
 
-@pytest.mark.parametrize("module", ["diffusiongemma_vllm.gpu_worker", "diffusiongemma_vllm.gpu_runner",
-                                    "diffusiongemma_vllm.model", "diffusiongemma_vllm.denoise_step"])
-def test_gpu_side_imports_leave_torch_cuda_alone(module):
+def test_gpu_side_imports_leave_torch_cuda_alone():
     """Catches a GPU-side module that imports vLLM's CPU worker or runner, which broke the
-    engine's CUDA-graph capture (`current_stream` AttributeError) on a GPU."""
-    seen = probe(module)
+    engine's CUDA-graph capture (`current_stream` AttributeError) on a GPU: everything a GPU
+    engine process loads from the plugin (the worker pulls in the runner and the step; vLLM
+    loads the model class and the stat logger by name)."""
+    seen = probe("diffusiongemma_vllm.gpu_worker", "diffusiongemma_vllm.model", "diffusiongemma_vllm.step_metrics",
+                 "diffusiongemma_vllm.engine_config", "diffusiongemma_vllm.scheduler")
     assert seen["replaced"] == [], seen
     assert not set(seen["loaded"]) & set(CPU_ONLY), seen
 
