@@ -321,7 +321,7 @@ def _weights_mapper(cfg: BackboneConfig) -> WeightsMapper:
     for i, layer in enumerate(cfg.layers):
         stacked[f"layers.{i}.self_attn.q_proj."] = (f"layers.{i}.self_attn.qkv_proj.", "q")
         stacked[f"layers.{i}.self_attn.k_proj."] = (
-            f"layers.{i}.self_attn.qkv_proj.", "k")
+            f"layers.{i}.self_attn.qkv_proj.", ["k", "v"] if layer.k_eq_v else "k")
         if not layer.k_eq_v:
             stacked[f"layers.{i}.self_attn.v_proj."] = (f"layers.{i}.self_attn.qkv_proj.", "v")
     return WeightsMapper(orig_to_new_stacked=stacked)
