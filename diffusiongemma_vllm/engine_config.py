@@ -25,6 +25,11 @@ architecture name in place of vLLM's in-tree one:
   (the denoise attention reads the cache as the model dtype), an explicitly chosen attention
   backend whose page layout kv_layout.py does not read (the runner re-checks the backends
   vLLM actually chose, at start-up: model_runner.py);
+- refuses quantization methods whose checkpoint layout the plugin does not load, naming the
+  method: 4-bit integer MoE checkpoints (AWQ, GPTQ and their Marlin or WNA16 forms) and
+  other stored formats; it loads bf16 checkpoints (also with vLLM's online quantization,
+  `--quantization fp8`), and FP8 and NVFP4 checkpoints (checkpoint.quantized_format, which
+  names an unsupported `quantization_config` field here, at start-up);
 - registers the checkpoint's sampler defaults with the request validator, so admission
   judges a request's knobs against what the worker will apply (a broken
   generation_config.json fails here, naming the field);
@@ -41,6 +46,7 @@ import os
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import Gemma4Config, VerifyAndUpdateConfig
 
+from .checkpoint import quantized_format
 from .config import SamplerConfig, passes_per_step
 from .request_validator import serve_defaults
 
@@ -56,8 +62,31 @@ SCHEDULER = "diffusiongemma_vllm.scheduler.CanvasScheduler"  # a string: the con
 READABLE_BACKENDS = {"cpu": ("CPU_ATTN",), "gpu": ("FLASH_ATTN", "TRITON_ATTN")}
 
 
+# Methods whose checkpoint layout the plugin loads: stored formats (their quantization_config
+# is checked by checkpoint.quantized_format) and online methods, which load the bf16 layout.
+STORED_QUANTIZATION = ("compressed-tensors", "modelopt_fp4")
+INTEGER_4BIT = ("awq", "auto_awq", "awq_marlin", "gptq", "auto_gptq", "gptq_marlin", "moe_wna16")
+
+
 def refuse(setting: str, value, why: str) -> None:
     raise ValueError(f"DiffusionGemma (diffusiongemma-vllm) does not support {setting}={value!r}: {why}")
+
+
+def check_quantization(model_config) -> None:
+    """Refuse a quantization method whose checkpoint tensors the plugin's load check does not know."""
+    from vllm.config.quantization import ONLINE_QUANT_SHORTHAND_NAMES
+
+    method = model_config.quantization
+    if method in INTEGER_4BIT:
+        refuse("quantization", method, "4-bit integer MoE checkpoints (AWQ/GPTQ: qweight, qzeros and scales per "
+               "expert) are not a layout it loads; serve an FP8 or NVFP4 checkpoint, or the bf16 one with "
+               "--quantization fp8")
+    stored = quantized_format(model_config.hf_config)  # an unsupported quantization_config fails here, named
+    if method is None or (stored is None and method in (*ONLINE_QUANT_SHORTHAND_NAMES, "fp8")):
+        return
+    if stored is None or method not in STORED_QUANTIZATION:
+        refuse("quantization", method, "it loads bf16 checkpoints (also with online quantization such as "
+               "--quantization fp8) and FP8 and NVFP4 checkpoints (compressed-tensors, ModelOpt NVFP4)")
 
 
 def check_backend_name(name: str, platform: str) -> None:
@@ -87,6 +116,7 @@ class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
         if vllm_config.cache_config.cache_dtype != "auto":
             refuse("kv_cache_dtype", vllm_config.cache_config.cache_dtype,
                    "the denoise attention reads the cache in the model dtype; use kv_cache_dtype='auto'")
+        check_quantization(vllm_config.model_config)
         if vllm_config.model_config.logprobs_mode != "raw_logprobs":
             refuse("logprobs_mode", vllm_config.model_config.logprobs_mode,
                    "logprobs come from the committing pass at temperature 1 (raw_logprobs)")
