@@ -25,8 +25,8 @@ output token. Output: a table, the goal ratios (issue 11: plugin >= 1.5x in-tree
 passes per canvas), and one JSON line last (also written to `--results-json`).
 
 A system that fails keeps the levels it finished (each level is reported as it completes)
-and is listed under `failures`; the others still run. `--report FILE...` merges the JSON of
-several runs (e.g. one system per run, as benchmarks/gpu_e2e.py does) into one table.
+and is listed under `failures`; the others still run. benchmarks/compare_report.py prints the
+table and goals, and merges the JSON of several runs (one system per run, as gpu_e2e.py does).
 
 CPU example (tiny twins built on the fly):  python benchmarks/compare_ar.py --tiny
 GPU, the release shapes with random weights (config.json only, nothing to download):
@@ -51,12 +51,14 @@ from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
+if not __package__:  # run as a script: sys.path[0] is benchmarks/, not the project root
+    sys.path.insert(0, str(ROOT))
+from benchmarks.compare_report import plot, print_report, ratios  # noqa: E402
+
 RESULT_TAG = "RESULT_JSON "
 LEVEL_TAG = "RESULT_LEVEL "
 SYSTEMS = ("plugin", "ar", "in-tree")
-# (system, baseline, concurrency, least ratio of output tokens/s): issue 11's goals.
-GOALS = (("plugin", "in-tree", 1, 1.5), ("plugin", "in-tree", 16, 2.0), ("plugin", "in-tree", 64, 2.0),
-         ("plugin", "ar", 1, 3.0))
 
 
 def prompt_set(count: int, seed: int, vocab_words: list[str]) -> list[str]:
@@ -257,7 +259,9 @@ def run_system(system: str, model: str, steps: int, args, env_extra: dict) -> tu
            "--startup-timeout", str(args.startup_timeout)] + (["--server"] if args.server else []) + \
           (["--enforce-eager"] if args.enforce_eager else []) + \
           (["--passes-per-step", str(args.passes_per_step)] if args.passes_per_step else [])
-    env = {**os.environ, **env_extra, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # Prepended: on the GPU machine vLLM itself comes from PYTHONPATH (/tmp/site).
+    env = {**os.environ, **env_extra,
+           "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
     levels = {}
     for line in proc.stdout.splitlines():
@@ -267,86 +271,6 @@ def run_system(system: str, model: str, steps: int, args, env_extra: dict) -> tu
             part = json.loads(line[len(LEVEL_TAG):])
             levels[str(part["level"])] = part["summary"]
     return levels, f"{system} run failed (exit {proc.returncode}) after levels {sorted(levels, key=int)}; see its stderr"
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for system, levels in results.items():
-        xs = sorted(int(c) for c in levels)
-        left.plot(xs, [levels[str(c)]["output_tokens_per_s"] for c in xs], marker="o", label=system)
-        passes = [p for c in xs for p in levels[str(c)]["passes_per_canvas"]]
-        if passes:
-            right.hist(passes, bins=range(1, max(passes) + 2), alpha=0.6, label=system)
-    left.set(xscale="log", xlabel="concurrent requests", ylabel="output tokens/s", title="Throughput")
-    levels = sorted({int(c) for system in results.values() for c in system})
-    left.set_xticks(levels, [str(c) for c in levels])
-    left.minorticks_off()
-    right.set(xlabel="denoise passes per canvas", ylabel="canvases", title="Passes to halt")
-    left.legend()
-    right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def table(results: dict) -> str:
-    header = f"{'system':14} {'conc':>4} {'tok/s':>9} {'req tok/s':>9} {'TTFT p50':>9} {'lat p50':>8} " \
-             f"{'lat p99':>8} {'pass/canvas':>11} {'pass/token':>10}"
-    lines = [header, "-" * len(header)]
-    for system, levels in results.items():
-        for c in sorted(levels, key=int):
-            r = levels[c]
-            passes = r["passes_per_canvas"]
-            per_canvas = f"{np.mean(passes):.1f}" if passes else "-"
-            per_token = f"{r['passes_per_output_token']:.3f}" if r["passes_per_output_token"] else "-"
-            lines.append(f"{system:14} {c:>4} {r['output_tokens_per_s']:9.1f} {r['per_request_tokens_per_s']:9.1f} "
-                         f"{r['ttft_p50_s']:9.3f} {r['latency_p50_s']:8.3f} {r['latency_p99_s']:8.3f} "
-                         f"{per_canvas:>11} {per_token:>10}")
-    return "\n".join(lines)
-
-
-def ratios(results: dict, system: str, baseline: str) -> dict:
-    ours, theirs = results.get(system, {}), results.get(baseline, {})
-    return {c: ours[c]["output_tokens_per_s"] / theirs[c]["output_tokens_per_s"]
-            for c in sorted(ours, key=int) if c in theirs}
-
-
-def goals(results: dict, failures: dict) -> list[dict]:
-    """Issue 11's goals against these results; a missing number is reported as such."""
-    rows = []
-    for system, baseline, level, target in GOALS:
-        ratio = ratios(results, system, baseline).get(str(level))
-        row = {"goal": f"{system} >= {target}x {baseline} output tok/s at c={level}", "target": target}
-        if ratio is None:
-            why = failures.get(baseline) or failures.get(system) or "not measured in this run"
-            rows.append({**row, "status": "missing", "why": why})
-        else:
-            rows.append({**row, "measured": round(ratio, 2), "status": "met" if ratio >= target else "not met"})
-    over = [int(c) for c, r in ratios(results, "plugin", "ar").items() if r < 1]
-    rows.append({"goal": "where AR overtakes the plugin (output tok/s)",
-                 "measured": f"c={min(over)}" if over else "nowhere in the levels measured",
-                 "status": "reported" if "ar" in results and "plugin" in results else "missing"})
-    return rows
-
-
-def print_report(results: dict, failures: dict) -> list[dict]:
-    print(table(results))
-    for baseline in ("ar", "in-tree"):
-        if "plugin" in results and baseline in results:
-            print(f"plugin / {baseline} output tokens/s:",
-                  ", ".join(f"c={c}: {r:.2f}x" for c, r in ratios(results, "plugin", baseline).items()))
-    rows = goals(results, failures)
-    for row in rows:
-        measured = row.get("measured", "-")
-        print(f"goal: {row['goal']}: {row['status']} ({measured}{'x' if isinstance(measured, float) else ''})"
-              + (f"; {row['why']}" if "why" in row else ""))
-    for system, why in failures.items():
-        print(f"failed: {system}: {why}")
-    return rows
 
 
 def release_models(args, workdir: Path) -> tuple[str, str]:
@@ -401,39 +325,14 @@ def parent_main(args) -> None:
         if why:
             failures[name] = why
     rows = print_report(results, failures)
-    png = workdir / f"compare_ar{'-server' if args.server else ''}.png"
-    if results:
-        plot(results, png)
+    png = plot(results, workdir / f"compare_ar{'-server' if args.server else ''}.png")
     line = json.dumps({"machine": info, "mode": "server" if args.server else "offline",
                        "settings": {k: getattr(args, k) for k in ("concurrency", "requests", "max_tokens",
                                                                   "max_denoising_steps", "seed", "passes_per_step",
                                                                   "load_format", "dtype", "engine_args")},
                        "models": {name: model for name, (model, _, _) in systems.items()}, "skipped": skipped,
                        "results": results, "failures": failures, "goals": rows,
-                       "plugin_over_ar": ratios(results, "plugin", "ar"), "plot": str(png) if results else None})
-    if args.results_json:
-        Path(args.results_json).write_text(line + "\n")
-    print(line)
-
-
-def report_main(args) -> None:
-    """Merge earlier runs' JSON (one file per run), one table per mode (offline, server)."""
-    runs = [json.loads(Path(f).read_text().strip().splitlines()[-1]) for f in args.report]
-    modes = {}
-    for run in runs:
-        merged = modes.setdefault(run["mode"], {"results": {}, "failures": {}, "skipped": {}, "models": {}})
-        for key in ("results", "failures", "skipped", "models"):
-            merged[key].update(run.get(key) or {})
-    for mode, merged in modes.items():
-        print(f"== {mode} ==")
-        merged["goals"] = print_report(merged["results"], merged["failures"])
-        merged["table"] = table(merged["results"])
-        if merged["results"]:
-            merged["plot"] = str(Path(args.out_dir) / f"compare_ar-report-{mode}.png")
-            Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-            plot(merged["results"], Path(merged["plot"]))
-    machine = runs[0].get("machine") if runs else None
-    line = json.dumps({"machine": machine, "report": modes, "files": args.report})
+                       "plugin_over_ar": ratios(results, "plugin", "ar"), "plot": png})
     if args.results_json:
         Path(args.results_json).write_text(line + "\n")
     print(line)
@@ -468,7 +367,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "'{\"gpu_memory_utilization\": 0.9, \"max_num_batched_tokens\": 16384}'")
     parser.add_argument("--startup-timeout", type=float, default=240, help="seconds for a server to come up")
     parser.add_argument("--results-json", help="also write the final JSON line to this file")
-    parser.add_argument("--report", nargs="+", metavar="JSON", help="merge earlier --results-json files; run nothing")
     parser.add_argument("--out-dir", default=tempfile.gettempdir() + "/compare_ar", help="PNG and models go here")
     parser.add_argument("--system-worker", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -486,7 +384,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = {s.strip() for s in args.systems.split(",") if s.strip()} - set(SYSTEMS)
     if unknown:
         parser.error(f"unknown systems {sorted(unknown)}")
-    if not (args.system_worker or args.report or args.tiny or args.release_shapes
+    if not (args.system_worker or args.tiny or args.release_shapes
             or (args.diffusion_model and args.ar_model)):
         parser.error("give --diffusion-model and --ar-model, or --tiny, or --release-shapes")
     return args
@@ -494,9 +392,4 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     parsed = parse_args()
-    if parsed.report:
-        report_main(parsed)
-    elif parsed.system_worker:
-        child_main(parsed)
-    else:
-        parent_main(parsed)
+    child_main(parsed) if parsed.system_worker else parent_main(parsed)

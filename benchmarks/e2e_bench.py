@@ -6,7 +6,7 @@ outputs at concurrency 1, 4, 16, 64 and 16 passes per canvas; `d_offline_plugin-
 plugin at N passes. Each writes its JSON under WORK/bench, so a system that dies or times out
 costs only its own stage, and runs of several device calls on one warm machine add up.
 `d_report` merges every JSON there into one table per mode with issue 11's goal ratios
-(compare_ar.py --report). On CPU the same runs use compare_ar's tiny twins and tiny sizes.
+(compare_report.py). On CPU the same runs use compare_ar's tiny twins and tiny sizes.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def bench_dir(settings: Settings) -> Path:
     return path
 
 
-def compare_ar(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare_ar.py"), *args], cwd=str(ROOT),
+def run_script(args: list[str], script: str = "compare_ar.py") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=str(ROOT),
                           stdout=subprocess.PIPE, text=True)
 
 
@@ -55,7 +55,7 @@ def bench_stage(checks: Checks, settings: Settings) -> None:
     if mode == "server":
         args.append("--server")
     checks.measure("command", "compare_ar.py " + " ".join(args))
-    proc = compare_ar(args)
+    proc = run_script(args)
     print(proc.stdout, flush=True)
     if not out.exists():
         checks.check("compare_ar_finished", False, f"exit {proc.returncode}, no {out.name}")
@@ -76,7 +76,7 @@ def report_stage(checks: Checks, settings: Settings) -> None:
         checks.measure("skipped", "no d_* results in WORK/bench")
         return
     out = bench_dir(settings) / "report.json"
-    proc = compare_ar(["--report", *files, "--results-json", str(out), "--out-dir", settings.out])
+    proc = run_script([*files, "--results-json", str(out), "--out-dir", settings.out], script="compare_report.py")
     print(proc.stdout, flush=True)
     checks.check("report_written", out.exists(), f"exit {proc.returncode}")
     if not out.exists():
@@ -86,8 +86,8 @@ def report_stage(checks: Checks, settings: Settings) -> None:
     checks.measure("table", "\n\n".join(f"{mode}\n{merged['table']}\n" + "\n".join(
         f"goal: {g['goal']}: {g['status']} ({g.get('measured', '-')})" for g in merged["goals"])
         for mode, merged in report.items()))
-    checks.measure("headline", {mode: {g["goal"]: g.get("measured", g["status"]) for g in merged["goals"]}
-                                for mode, merged in report.items()})
+    checks.measure("headline", {mode: f"{sum(g['status'] == 'met' for g in merged['goals'])} of "
+                                      f"{len(merged['goals']) - 1} goals met (table below)" for mode, merged in report.items()})
 
 
 BODIES = {**{stage.name: bench_stage for stage in STAGES if stage.module == "benchmarks.e2e_bench" and stage.name != "d_report"},

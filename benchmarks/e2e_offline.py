@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from diffusiongemma_vllm.tiny_checkpoint import RELEASE_GENERATION_CONFIG
+
 from benchmarks.compare_ar import canvas_passes
 from benchmarks.gpu_e2e import Checks, Settings, stage_main
 
@@ -127,8 +129,9 @@ def check_batch_invariance(llm, settings: Settings, checks: Checks, run: dict, e
 
 
 def check_stops(llm, settings: Settings, checks: Checks, run: dict) -> None:
-    """A stop string in the first canvas and one in the second, and a stop token id (vLLM's
-    EOS path) at position 40: each ends the output inside its canvas."""
+    """A stop string in the first canvas and one in the second, a stop token id at position
+    40, and the checkpoint's EOS where the free-running output has one: each ends the output
+    inside its canvas."""
     text, tokens = run["alone_text"], run["alone"]
     texts = prompts(1)
     for name, at in (("stop_string_canvas1", 60), ("stop_string_canvas2", len(text) - 40)):
@@ -144,6 +147,13 @@ def check_stops(llm, settings: Settings, checks: Checks, run: dict) -> None:
     expected = tokens[: tokens.index(stop_id) + 1]
     checks.check("stop_token_id_inside_canvas", out.finish_reason == "stop" and list(out.token_ids) == expected,
                  {"stop_id": stop_id, "finish": out.finish_reason, "tokens": len(out.token_ids), "expected": len(expected)})
+    eos = [i for i, t in enumerate(tokens) if t in RELEASE_GENERATION_CONFIG["eos_token_id"]]
+    if not eos:  # random weights: an EOS id among the request's free-running tokens is likely, not sure
+        checks.measure("eos_inside_canvas", "no EOS id in the free-running output to stop at")
+        return
+    out = llm.generate(texts, params(settings, 0, ignore_eos=False), use_tqdm=False)[0].outputs[0]
+    checks.check("eos_inside_canvas", out.finish_reason == "stop" and list(out.token_ids) == tokens[: eos[0] + 1],
+                 {"eos_at": eos[0], "finish": out.finish_reason, "tokens": len(out.token_ids)})
 
 
 def record_stats(llm, settings: Settings, checks: Checks) -> dict:

@@ -14,6 +14,7 @@ On CPU the same body runs at tiny sizes (8 requests), to check the stage, not th
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 from dataclasses import replace
@@ -28,27 +29,48 @@ CPU = dict(concurrency=8, max_tokens=512, steps=3, max_model_len=2048, max_num_b
 
 
 class MemorySampler:
-    """Peak device memory in use (all processes) while the engine runs; RSS of this process
-    tree on CPU."""
+    """Peak device memory in use (all processes) while the engine runs, from NVML (no CUDA
+    context here) or else nvidia-smi; RSS of this process tree on CPU. A reader that fails
+    leaves the peak unknown, never the stage."""
 
-    def __init__(self, cpu: bool, period_s: float = 0.2):
-        self.cpu, self.period_s, self.peak, self.samples = cpu, period_s, 0, 0
-        self.total = None
-        if not cpu:
-            from vllm.third_party import pynvml
-
-            pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or 0))
-            self.read = lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used
-            self.total = pynvml.nvmlDeviceGetMemoryInfo(handle).total
-        else:
-            import psutil
-
-            me = psutil.Process()
-            self.read = lambda: sum(p.memory_info().rss for p in [me, *me.children(recursive=True)] if p.is_running())
+    def __init__(self, cpu: bool, period_s: float = 0.25):
+        self.period_s, self.peak, self.samples, self.total, self.source = period_s, 0, 0, None, None
+        for source, make in ((("rss", self._rss),) if cpu else (("nvml", self._nvml), ("nvidia-smi", self._smi))):
+            try:
+                self.read = make()
+                self.peak, self.source = self.read(), source
+                break
+            except Exception as e:  # noqa: BLE001
+                print(f"memory sampler: {source} unavailable: {e!r}", flush=True)
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        if self.source:
+            threading.Thread(target=self._run, daemon=True).start()
+
+    def _nvml(self):
+        from vllm.third_party import pynvml
+
+        pynvml.nvmlInit()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+        handle = pynvml.nvmlDeviceGetHandleByUUID(visible) if visible.startswith(("GPU-", "MIG-")) \
+            else pynvml.nvmlDeviceGetHandleByIndex(int(visible or 0))
+        self.total = pynvml.nvmlDeviceGetMemoryInfo(handle).total
+        return lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used
+
+    def _smi(self):
+        def query(field: str) -> int:
+            out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10, check=True).stdout
+            return int(out.split()[0]) * 2**20
+
+        self.total = query("memory.total")
+        return lambda: query("memory.used")
+
+    @staticmethod
+    def _rss():
+        import psutil
+
+        me = psutil.Process()
+        return lambda: sum(p.memory_info().rss for p in [me, *me.children(recursive=True)] if p.is_running())
 
     def _run(self) -> None:
         while not self.stop.is_set():
@@ -60,7 +82,7 @@ class MemorySampler:
             time.sleep(self.period_s)
 
     def gib(self) -> dict:
-        out = {"peak_used_gib": round(self.peak / 2**30, 2), "samples": self.samples}
+        out = {"peak_used_gib": round(self.peak / 2**30, 2), "samples": self.samples, "source": self.source}
         if self.total:
             out["total_gib"] = round(self.total / 2**30, 2)
         return out
@@ -121,7 +143,7 @@ def release_stage(checks: Checks, settings: Settings) -> None:
     memory.stop.set()
     used = memory.gib()
     checks.measure("memory", used)
-    if used.get("total_gib"):
+    if used.get("total_gib") and used["samples"]:
         checks.check("peak_within_device", used["peak_used_gib"] < 0.99 * used["total_gib"], used)
     checks.measure("headline", {"init_s": checks.data["engine"]["init_s"], "c1_tok_s": single["tok_s"],
                                 f"c{size['concurrency']}_tok_s": full["tok_s"], "largest_pass": stats["largest_pass"],

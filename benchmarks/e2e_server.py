@@ -2,9 +2,10 @@
 
 One server with vLLM's defaults (bf16, CUDA graphs; eager on CPU), then, in order: a
 completion over two canvases, a chat, a stream (one chunk per canvas, equal to the same
-request unstreamed), a bad knob and logprobs (400 naming the field), eight concurrent
-requests, and a client that disconnects mid-stream, after which the server must still answer
-and run no request. The server's log is appended to the stage's log (start-up times).
+request unstreamed), a bad knob and an unsupported field (400 naming it), logprobs of every
+token (and -1, the whole vocabulary, refused), eight concurrent requests, and a client that
+disconnects mid-stream, after which the server must still answer and run no request. The
+server's log is appended to the stage's log (start-up times).
 """
 
 from __future__ import annotations
@@ -84,8 +85,15 @@ def run_checks(server, checks: Checks, settings: Settings) -> None:
 
     bad = complete(server, max_tokens=8, vllm_xargs={"entropy_bound": -1})
     checks.check("bad_knob_400", bad.status_code == 400 and "entropy_bound" in bad.text, [bad.status_code, bad.text[:200]])
-    logprobs = complete(server, max_tokens=8, logprobs=2)
-    checks.check("logprobs_400", logprobs.status_code == 400, logprobs.status_code)
+    unsupported = complete(server, max_tokens=8, min_p=0.1)
+    checks.check("unsupported_field_400", unsupported.status_code == 400 and "min_p" in unsupported.text,
+                 [unsupported.status_code, unsupported.text[:200]])
+    logprobs = complete(server, max_tokens=40, ignore_eos=True, seed=3, logprobs=2, vllm_xargs=steps)
+    values = (logprobs.json()["choices"][0].get("logprobs") or {}).get("token_logprobs") or [] \
+        if logprobs.status_code == 200 else []
+    checks.check("logprobs_of_every_token", len(values) == 40 and all(v <= 0 for v in values),
+                 [logprobs.status_code, len(values)])
+    checks.check("whole_vocabulary_logprobs_400", complete(server, max_tokens=8, logprobs=-1).status_code == 400)
 
     start = time.time()
     with ThreadPoolExecutor(8) as pool:

@@ -21,6 +21,21 @@ Stages, highest priority first (the default order; `--stages` picks groups or na
   d  benchmarks/compare_ar.py at the release shapes, one system per stage (offline, then the
      server; plugin at 12 and 48 passes last) and d_report: one table with the goal ratios
 
+Budget (estimates for an H100 with cold caches; nothing here has run on a GPU yet). A session
+has 15 device minutes; machine start and the 4 bundle chunks take 2-3, leaving one 10-minute
+call and a short one. vLLM does not torch.compile the plugin's model, so a tiny engine starts in
+20-30 s (processes and imports, vLLM's graphs up to 32 tokens, the denoise ladder of 1-16
+canvases, first Triton compiles): env and each a_* stage 15-60 s, b_server ~60 s, a+b ~6 min.
+c_release ~2.5-4 min (47.5 GiB of dummy weights in seconds, profiling at 16384 tokens, vLLM's
+capture up to 128 tokens, the 1-64 ladder, ~30 s of requests). The default budget (510 s in
+gpu_e2e.sh) runs c only if a+b were quick, else skips it: then `--stages c` in the next call.
+Each d stage starts one release-shape engine: the plugin ~2 min, AR and in-tree ~3 min (about
+57 s of torch.compile, then vLLM's capture), plus about a minute of requests, so d needs two
+more sessions (offline; server and 12/48 passes), fewer with the compile cache gpu_e2e.sh can
+carry between sessions; offline and server runs of a system use the same engine arguments, so
+within a session the second one reuses the first one's torch.compile cache. The baselines keep
+vLLM's compilation and CUDA graphs (enforce_eager would time them as nobody serves them).
+
 Every stage is `python -m benchmarks.<module> <stage>` in its own process group, under its own
 timeout and the global deadline (`--budget-s`); a stage that cannot start with its minimum time
 left is skipped and says so. A stage prints `PARTIAL {json}` after each check and `RESULT {json}`
@@ -56,11 +71,11 @@ class Stage:
     module: str  # benchmarks.<module> runs it
     timeout_s: float  # its own limit on a GPU
     min_s: float  # the least time left worth starting it
-    cuda_only: bool = False
+    cuda_only: str = ""  # why it cannot run on CPU
     what: str = ""
 
 
-# Estimated GPU seconds (first run, empty compile cache) in the comments; README of gpu_e2e.sh.
+# The comments: estimated H100 seconds, cold caches (see the budget above).
 STAGES = (
     Stage("env", "a", "benchmarks.e2e_offline", 60, 10, what="versions, device, imports"),  # 15
     Stage("a_tiny", "a", "benchmarks.e2e_offline", 180, 60, what="tiny bf16, CUDA graphs: generate checks"),  # 50
@@ -72,7 +87,8 @@ STAGES = (
     Stage("b_server", "b", "benchmarks.e2e_server", 180, 60, what="OpenAI server on the tiny checkpoint"),  # 60
     Stage("c_release", "c", "benchmarks.e2e_release", 420, 150,
           what="26B-A4B dummy weights: start-up, memory, 64 x 512 tokens"),  # 150-240
-    *(Stage(f"d_{mode}_{system}", "d", "benchmarks.e2e_bench", 540, 180, cuda_only=system == "in-tree",
+    *(Stage(f"d_{mode}_{system}", "d", "benchmarks.e2e_bench", 540, 180,
+            cuda_only="vLLM's in-tree DiffusionGemma needs Model Runner V2, i.e. Triton on a GPU" * (system == "in-tree"),
             what=f"compare_ar {mode}: {system}")
       for mode in ("offline", "server") for system in ("plugin", "ar", "in-tree")),  # 200-300 each
     *(Stage(f"d_offline_plugin-s{steps}", "d", "benchmarks.e2e_bench", 300, 120,
@@ -374,7 +390,7 @@ def main(argv=None) -> int:
     for stage in stages:
         left = deadline - time.monotonic() - RESERVE_S
         if args.cpu and stage.cuda_only:
-            result = {"skipped": "needs CUDA (the release shapes do not fit a CPU)"}
+            result = {"skipped": stage.cuda_only}
         elif left < stage.min_s:
             result = {"skipped": f"budget: {left:.0f} s left, needs at least {stage.min_s:.0f} s"}
         else:

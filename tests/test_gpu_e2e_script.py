@@ -222,7 +222,7 @@ def test_benchmark_report_merges_runs_and_grades_the_goals(tmp_path):
     for name, run in runs.items():
         files.append(tmp_path / f"{name}.json")
         files[-1].write_text(json.dumps(run) + "\n")
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare_ar.py"), "--report", *map(str, files),
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare_report.py"), *map(str, files),
                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120, check=True)
     report = json.loads(out.stdout.strip().splitlines()[-1])["report"]
     assert set(report) == {"offline", "server"}
@@ -246,11 +246,11 @@ def test_bench_stages_ask_compare_ar_for_their_own_system(tmp_path, monkeypatch)
 
     seen = {}
 
-    def fake(args):
+    def fake(args, script="compare_ar.py"):
         seen[args[args.index("--results-json") + 1]] = args
         return subprocess.CompletedProcess(args, 1, "")
 
-    monkeypatch.setattr(e2e_bench, "compare_ar", fake)
+    monkeypatch.setattr(e2e_bench, "run_script", fake)
     bench = {"concurrency": "1,4,16,64", "requests": "4,8,32,64", "max_tokens": 512, "steps": 16, "release": True}
     settings = Settings(False, str(tmp_path), str(tmp_path), "TRITON_ATTN", 16, 300, 16, bench)
     for name in ("d_server_in-tree", "d_offline_plugin-s12"):
