@@ -4,9 +4,11 @@
 --server) with random weights in the release's config (`--release-shapes`), 512-token
 outputs at concurrency 1, 4, 16, 64 and 16 passes per canvas; `d_offline_plugin-s<N>` the
 plugin at N passes. Each writes its JSON under WORK/bench, so a system that dies or times out
-costs only its own stage, and runs of several device calls on one warm machine add up.
+costs only its own stage, and runs of several device calls on one warm machine add up;
 `d_report` merges every JSON there into one table per mode with issue 11's goal ratios
-(compare_report.py). On CPU the same runs use compare_ar's tiny twins and tiny sizes.
+(compare_report.py). A copy goes to OUT/bench: runs of several sessions merge on any machine
+with `python benchmarks/compare_report.py .../bench/d_*.json`. On CPU the same runs use
+compare_ar's tiny twins and tiny sizes.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ def bench_stage(checks: Checks, settings: Settings) -> None:
         checks.check("compare_ar_finished", False, f"exit {proc.returncode}, no {out.name}")
         return
     data = json.loads(out.read_text())
+    sent = Path(settings.out) / "bench"  # comes back with the call: merge sessions with compare_report.py
+    sent.mkdir(parents=True, exist_ok=True)
+    (sent / out.name).write_text(out.read_text())
     checks.measure("compare_ar", data)
     label = next(iter(data["models"]), system)
     levels = data["results"].get(label, {})

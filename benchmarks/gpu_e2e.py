@@ -313,6 +313,8 @@ def parse_result(text: str) -> dict:
 
 
 def status_of(result: dict) -> str:
+    if "started" in result and "elapsed_s" not in result:
+        return "running (or killed from outside)"
     if "skipped" in result:
         return "skipped"
     if result.get("timed_out"):
@@ -396,6 +398,10 @@ def main(argv=None) -> int:
         else:
             print(f"--- {stage.name}: {stage.what} (up to {min(stage.timeout_s * args.timeout_scale, left):.0f} s)",
                   flush=True)
+            # Marked first: a run killed from outside (the device's own limit) still shows where.
+            summary["stages"][stage.name] = {"started": datetime.now().isoformat(timespec="seconds"),
+                                             "log": f"logs/{stage.name}.log"}
+            write_summary(summary, out)
             result = run_stage(stage, settings, min(stage.timeout_s * args.timeout_scale, left))
         summary["stages"][stage.name] = result
         summary["elapsed_s"] = round(time.monotonic() - start, 1)

@@ -5,25 +5,30 @@
 # machine keeps /tmp only while warm, about 30 s between calls):
 #
 #   bash ../shared/gpu/build_bundle.sh          # here, once, from the project root: .gpu/c1..c4
-#   run(command="bash .gpu/c1/device_install.sh .gpu/c1", carry=[".gpu/c1"], timeout_s=300)
+#   run(command="bash .gpu/c1/device_install.sh .gpu/c1", carry=[".gpu/c1"], timeout_s=120)
 #   run(command="bash .gpu/c2/device_install.sh .gpu/c2", carry=[".gpu/c2"], timeout_s=120)
 #   run(command="bash .gpu/c3/device_install.sh .gpu/c3", carry=[".gpu/c3"], timeout_s=120)
 #   run(command="bash .gpu/c4/device_install.sh .gpu/c4 && bash benchmarks/gpu_e2e.sh",
 #       carry=[".gpu/c4"], timeout_s=600)
-#   run(command="bash benchmarks/gpu_e2e.sh --stages c", timeout_s=...)   # what the first left out
+#   run(command="GPU_E2E_BUDGET_S=270 bash benchmarks/gpu_e2e.sh --stages c", timeout_s=300)
+#                                                # what the first call skipped, while time is left
 #
 # With no options it runs every stage in priority order (a, b, c, d; `python3
 # benchmarks/gpu_e2e.py --list`) under GPU_E2E_BUDGET_S (default 510 s, so the install in the
-# same call and the hard kill 30 s later stay under the 600 s a command may run); a stage that
-# does not fit is skipped and says so. Results come back in $OUT: summary.json and summary.md
-# (rewritten after every stage), logs/<stage>.log, gpu_e2e.log, and d_report's plots.
+# same call and the hard kill 30 s later stay under the 600 s a command may run; in a call of
+# its own, give it timeout_s - 30); a stage that does not fit is skipped and says so. Results
+# come back in $OUT: summary.json and summary.md (rewritten before and after every stage),
+# logs/<stage>.log, gpu_e2e.log, bench/d_*.json and d_report's plots. A later session runs
+# what is left, e.g. `--stages c_release,d_offline_plugin,d_offline_ar,d_report`; benchmark
+# runs of several sessions merge with `python benchmarks/compare_report.py */bench/d_*.json`.
 #
 # Compile cache (untested on the device): vLLM's torch.compile and Triton caches live in
 # /tmp/gpu_e2e_cache. GPU_E2E_SAVE_CACHE=1 sends them back as $OUT/compile_cache.tgz.part*
-# (15 MiB each); copied into .gpu/cache/ here and carried by a later session's first call after
-# the bundle (carry=[".gpu/cache"]), they are restored before the stages run, so compiled engines
-# (AR and in-tree Gemma 4: torch.compile is about 1 of their 3 minutes of start-up) skip
-# compiling. Valid only for the same card model, bundle and source tree.
+# (15 MiB each); copied into .gpu/cache/ here and carried by a later session to a call that runs
+# this script (with .gpu/c4 if both fit the 64 MiB a call carries, else alone with `--stages
+# env`), they are restored into /tmp before the stages run, so compiled engines (AR and in-tree
+# Gemma 4: torch.compile is about 1 of their 3 minutes of start-up) load instead of compiling.
+# Valid only for the same card model, bundle and source tree.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_e2e_out}

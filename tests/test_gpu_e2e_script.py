@@ -34,7 +34,7 @@ from benchmarks.gpu_e2e import stage_main
 
 def ok(checks, settings):
     seen = json.loads((Path(settings.out) / "summary.json").read_text())["stages"]
-    checks.measure("headline", {"stages_in_summary_before_me": sorted(seen)})
+    checks.measure("headline", {"summary_while_i_run": sorted(seen), "me": seen[checks.data["stage"]]})
 
 def fail(checks, settings):
     checks.check("expected_equal", False, {"first_diff": 3})
@@ -74,8 +74,9 @@ def test_every_stage_has_a_body():
 
 def test_a_failed_crashed_or_hung_stage_never_hides_the_others(tmp_path, monkeypatch):
     """Catches a driver that stops at the first failure, loses a killed stage's partial
-    results, writes its summary only at the end, leaves a hung stage's server (started in its
-    own session) holding the device, or starts a stage the budget cannot hold."""
+    results, writes its summary only at the end (or without the stage now running, which a
+    kill from outside would then hide), leaves a hung stage's server (started in its own
+    session) holding the device, or starts a stage the budget cannot hold."""
     (tmp_path / "fake_stages.py").write_text(FAKE_STAGES)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     stages = tuple(Stage(name, "a", "fake_stages", timeout, 1) for name, timeout in
@@ -93,7 +94,8 @@ def test_a_failed_crashed_or_hung_stage_never_hides_the_others(tmp_path, monkeyp
     assert results["s_fail"]["failed"] == ["expected_equal"]
     assert "engine died" in results["s_crash"]["error"]
     assert results["s_hang"]["child_pid"] > 0 and results["s_hang"]["incomplete"]
-    assert results["s_ok"]["headline"]["stages_in_summary_before_me"] == ["s_crash", "s_fail", "s_hang"]
+    assert results["s_ok"]["headline"]["summary_while_i_run"] == ["s_crash", "s_fail", "s_hang", "s_ok"]
+    assert results["s_ok"]["headline"]["me"]["log"] == "logs/s_ok.log"  # marked before it started
     assert "budget" in results["s_late"]["skipped"]
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):
