@@ -116,7 +116,8 @@ def _compressed_tensors_format(qc: dict) -> QuantizedFormat:
         raise CheckpointError(f"config.json quantization_config.config_groups has {len(schemes)} schemes; "
                               "diffusiongemma-vllm loads checkpoints with one")
     group = groups[0]
-    fmt, weights, inputs = group.get("format") or qc.get("format"), group.get("weights") or {}, group.get("input_activations")
+    fmt, weights = group.get("format") or qc.get("format"), group.get("weights") or {}
+    inputs = group.get("input_activations")
     bits, kind, strategy = weights.get("num_bits"), weights.get("type"), weights.get("strategy")
     if fmt == "float-quantized" and bits == 8 and kind == "float" and strategy in ("channel", "tensor", "block"):
         block = weights.get("block_structure") or [1, 1]

@@ -310,7 +310,8 @@ def _ignore_v_rows_with_k(quant_config, cfg: BackboneConfig) -> None:
         return
     for i, layer in enumerate(cfg.layers):
         k, v = f"layers.{i}.self_attn.k_proj", f"layers.{i}.self_attn.v_proj"
-        if layer.k_eq_v and should_ignore_layer(k, quant_config.ignore) and not should_ignore_layer(v, quant_config.ignore):
+        ignored = should_ignore_layer(k, quant_config.ignore), should_ignore_layer(v, quant_config.ignore)
+        if layer.k_eq_v and ignored == (True, False):
             quant_config.ignore.append(v)
 
 

@@ -19,7 +19,10 @@ The same builder writes an autoregressive twin (`Gemma4ForCausalLM`, the text st
 (research/hf_reference.md s.1.2-1.4 and the ports' copies of it), or of its AR twin, with a
 tokenizer padded to the full 262144-token vocabulary so that every id detokenizes.
 
-CLI: `python -m diffusiongemma_vllm.tiny_checkpoint OUT_DIR [--seed N] [--ar-twin] [--release] ...`
+Quantized copies in the layouts of the published FP8 and NVFP4 releases: tiny_quantized.py
+(`--quantized fp8-dynamic|nvfp4|nvfp4-modelopt` here).
+
+CLI: `python -m diffusiongemma_vllm.tiny_checkpoint OUT_DIR [--seed N] [--ar-twin] [--release] [--quantized L] ...`
 """
 
 from __future__ import annotations
@@ -279,6 +282,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
                  "sliding_window", "num_experts", "top_k_experts", "moe_intermediate_size",
                  "canvas_length"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name])
+    parser.add_argument("--quantized", choices=("fp8-dynamic", "nvfp4", "nvfp4-modelopt"),
+                        help="write the checkpoint in that quantized release's layout (tiny_quantized.py)")
     parser.add_argument("--layer-pattern", default="SF",
                         help="one letter per layer: S sliding, F full (release: SSSSSF x5)")
     parser.add_argument("--max-denoising-steps", type=int, default=RELEASE_GENERATION_CONFIG["max_denoising_steps"])
@@ -294,6 +299,15 @@ def main(argv=None) -> None:
     if args.release:
         release = replace(RELEASE_SPEC, generation=spec.generation)
         print(write_release_config(args.out_dir, release, ar_twin=args.ar_twin))
+        return
+    if args.quantized:
+        import tempfile
+
+        from .tiny_quantized import build_quantized_checkpoint
+
+        with tempfile.TemporaryDirectory() as source:
+            build_tiny_checkpoint(source, spec, seed=args.seed)
+            print(build_quantized_checkpoint(source, args.out_dir, args.quantized, seed=args.seed))
         return
     build = build_ar_twin if args.ar_twin else build_tiny_checkpoint
     print(build(args.out_dir, spec, seed=args.seed))

@@ -4,11 +4,11 @@
 `tiny_checkpoint.build_tiny_checkpoint` into a copy laid out like one of the quantized
 releases, with the same `quantization_config`, tensor names, scale tensors and dtypes:
 
-| layout | release | format | quantized modules |
+| layout | release (`.../diffusiongemma-26B-A4B-it-*`) | format | quantized modules |
 |---|---|---|---|
-| `fp8-dynamic` | `RedHatAI/diffusiongemma-26B-A4B-it-FP8-dynamic` | compressed-tensors `float-quantized` (FP8_DYNAMIC) | attention, dense MLP, experts |
-| `nvfp4` | `RedHatAI/diffusiongemma-26B-A4B-it-NVFP4` | compressed-tensors `nvfp4-pack-quantized` (NVFP4) | dense MLP, experts |
-| `nvfp4-modelopt` | `nvidia/diffusiongemma-26B-A4B-it-NVFP4` | ModelOpt NVFP4 (`quant_method: modelopt`) | experts |
+| `fp8-dynamic` | `RedHatAI/...-FP8-dynamic` | compressed-tensors FP8_DYNAMIC | attention, dense MLP, experts |
+| `nvfp4` | `RedHatAI/...-NVFP4` | compressed-tensors NVFP4 | dense MLP, experts |
+| `nvfp4-modelopt` | `nvidia/...-NVFP4` | ModelOpt NVFP4 (`quant_method: modelopt`) | experts |
 
 Sources (research notes, not downloads; none of these weights are on our machines):
 - The RedHatAI model cards publish their LLM Compressor recipes: `targets="Linear"`, scheme
@@ -42,7 +42,9 @@ Assumptions where no public file says more (each changes only a dtype or a shape
   passes of random token ids.
 Tensors the layouts leave unquantized are cast to BF16 and config.json says `bfloat16`, as in
 the releases; `bf16_reference(src, out)` writes the same checkpoint without quantization, the
-baseline that parity is measured against.
+baseline that parity is measured against, and `dequantized_checkpoint(src, out)` turns a
+quantized copy back into the bf16 release layout with its rounded weights (what the
+quantized model computes with its weights alone, for the parity check's CPU rehearsal).
 """
 
 from __future__ import annotations
@@ -92,15 +94,42 @@ LAYOUTS = {
 }
 
 
-def linear_modules(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Every nn.Linear of the HF model after expert linearisation, as LLM Compressor walks them:
-    the stored 2-D `.weight`s (one per expert and projection once linearised), and the modules
-    that exist but store nothing (`lm_head` and the encoder's copies of the text stack are tied)."""
-    names = [n[: -len(".weight")] for n, t in tensors.items()
-             if n.endswith(".weight") and t.dim() == 2 and "embed_tokens" not in n]
+def linear_modules(weights: list[str]) -> list[str]:
+    """Every nn.Linear of the HF model after expert linearisation, as LLM Compressor walks them,
+    from the names of the stored 2-D `.weight`s (one per expert and projection once
+    linearised), plus the modules that exist but store nothing (`lm_head` and the encoder's
+    copies of the text stack are tied)."""
+    names = [n[: -len(".weight")] for n in weights if "embed_tokens" not in n]
     text = [n for n in names if n.startswith("model.decoder.layers.")]
     names += [n.replace("model.decoder.", "model.encoder.language_model.", 1) for n in text]
     return ["lm_head", *names]
+
+
+def release_quantization_config(layout: str) -> dict:
+    """The `quantization_config` of the named release at google/diffusiongemma-26B-A4B-it's
+    shapes (30 layers, 128 experts, the 27-layer vision tower): for vLLM's dummy weights at
+    the release shapes, where no tensor is read but every layer's method must match."""
+    from compressed_tensors import __version__ as ct_version
+
+    from .tiny_checkpoint import RELEASE_SPEC, RELEASE_VISION_CONFIG
+
+    spec, weights = LAYOUTS[layout], []
+    for i, kind in enumerate(RELEASE_SPEC.layer_types):
+        p = f"model.decoder.layers.{i}."
+        attn = ("q", "k", "o") if kind == "full_attention" else ("q", "k", "v", "o")
+        weights += [f"{p}self_attn.{a}_proj.weight" for a in attn] + [p + "router.proj.weight"]
+        weights += [f"{p}mlp.{m}_proj.weight" for m in ("gate", "up", "down")]
+        weights += [f"{p}experts.{e}.{m}_proj.weight" for e in range(RELEASE_SPEC.num_experts)
+                    for m in ("gate", "up", "down")]
+    weights += [f"model.decoder.self_conditioning.{m}_proj.weight" for m in ("gate", "up", "down")]
+    vision = "model.encoder.vision_tower."
+    for i in range(RELEASE_VISION_CONFIG["num_hidden_layers"]):
+        weights += [f"{vision}encoder.layers.{i}.self_attn.{a}_proj.linear.weight" for a in "qkvo"]
+        weights += [f"{vision}encoder.layers.{i}.mlp.{m}_proj.linear.weight" for m in ("gate", "up", "down")]
+    weights += [vision + "patch_embedder.input_proj.weight", "model.encoder.embed_vision.embedding_projection.weight"]
+    if spec.scheme == "nvfp4-modelopt":
+        return _modelopt_config(spec)
+    return _compressed_tensors_config(spec, [m for m in linear_modules(weights) if not spec.quantizes(m)], ct_version)
 
 
 def build_quantized_checkpoint(src: str | Path, out: str | Path, layout: str, seed: int = 0) -> Path:
@@ -113,7 +142,7 @@ def build_quantized_checkpoint(src: str | Path, out: str | Path, layout: str, se
     text = config["text_config"]
     tensors = _linearise_experts(tensors, len(text["layer_types"]))
     amax = _calibrate(src, spec, seed) if spec.scheme != "fp8-channel" else {}
-    modules = linear_modules(tensors)
+    modules = linear_modules([n for n, t in tensors.items() if n.endswith(".weight") and t.dim() == 2])
     quantized = [m for m in modules if m + ".weight" in tensors and spec.quantizes(m)]
     global_scales = _nvfp4_global_scales(tensors, quantized) if spec.scheme != "fp8-channel" else {}
     for module in quantized:
@@ -132,6 +161,39 @@ def bf16_reference(src: str | Path, out: str | Path) -> Path:
     tensors, config = _bf16_copy(Path(src), Path(out))
     _write(Path(out), tensors, config)
     return Path(out)
+
+
+def dequantized_checkpoint(src: str | Path, out: str | Path) -> Path:
+    """A quantized tiny checkpoint back in the bf16 release layout (fused expert banks, no
+    quantization_config), each quantized weight replaced by its dequantised value."""
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+
+    src, out = Path(src), Path(out)
+    tensors, config = _bf16_copy(src, out)
+    config.pop("quantization_config")
+    for name in [n for n in tensors if n.endswith(".weight_scale")]:
+        module, scale = name[: -len(".weight_scale")], tensors.pop(name).float()
+        if module + ".weight_packed" in tensors or tensors[module + ".weight"].dtype == torch.uint8:
+            packed = tensors.pop(module + ".weight_packed", None)
+            if packed is None:
+                packed, second = tensors.pop(module + ".weight"), tensors.pop(module + ".weight_scale_2").float()
+                tensors.pop(module + ".input_scale")
+            else:
+                second = 1.0 / tensors.pop(module + ".weight_global_scale").float()
+                tensors.pop(module + ".input_global_scale", None)
+            values = unpack_fp4_from_uint8(packed, packed.shape[0], 2 * packed.shape[1], dtype=torch.float32)
+            weight = values.unflatten(1, (-1, NVFP4_GROUP)) * (scale * second).unsqueeze(-1)
+            tensors[module + ".weight"] = weight.flatten(1).to(torch.bfloat16)
+        else:
+            tensors[module + ".weight"] = (tensors[module + ".weight"].float() * scale).to(torch.bfloat16)
+    for bank in sorted({n.split(".experts.")[0] for n in tensors if ".experts." in n}):
+        count = 1 + max(int(n.split(".experts.")[1].split(".")[0]) for n in tensors if n.startswith(bank + ".experts."))
+        per = {proj: torch.stack([tensors.pop(f"{bank}.experts.{e}.{proj}.weight") for e in range(count)])
+               for proj in ("gate_proj", "up_proj", "down_proj")}
+        tensors[bank + ".experts.gate_up_proj"] = torch.cat([per["gate_proj"], per["up_proj"]], dim=1)
+        tensors[bank + ".experts.down_proj"] = per["down_proj"]
+    _write(out, tensors, config)
+    return out
 
 
 def _bf16_copy(src: Path, out: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -279,7 +341,8 @@ def _record_experts(experts, hidden: torch.Tensor, prefix: str, record) -> None:
 def _compressed_tensors_config(spec: QuantizedLayout, ignored: list[str], version: str) -> dict:
     from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
 
-    preset, fmt = ("FP8_DYNAMIC", "float-quantized") if spec.scheme == "fp8-channel" else ("NVFP4", "nvfp4-pack-quantized")
+    fp8 = spec.scheme == "fp8-channel"
+    preset, fmt = ("FP8_DYNAMIC", "float-quantized") if fp8 else ("NVFP4", "nvfp4-pack-quantized")
     scheme = preset_name_to_scheme(preset, ["Linear"])
     scheme.format = fmt
     config = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt, ignore=ignored,

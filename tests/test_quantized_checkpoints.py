@@ -47,8 +47,8 @@ def test_fp8_layout_is_the_published_one(dirs):
     qc = config["quantization_config"]
     group = qc["config_groups"]["group_0"]
     assert (qc["quant_method"], qc["format"], group["targets"]) == ("compressed-tensors", "float-quantized", ["Linear"])
-    assert (group["weights"]["strategy"], group["input_activations"]["strategy"], group["input_activations"]["dynamic"]) \
-        == ("channel", "token", True)
+    inputs = group["input_activations"]
+    assert (group["weights"]["strategy"], inputs["strategy"], inputs["dynamic"]) == ("channel", "token", True)
     expert = "model.decoder.layers.0.experts.1.down_proj."
     assert tensors[expert + "weight"].dtype == torch.float8_e4m3fn
     assert tensors[expert + "weight_scale"].shape == (tensors[expert + "weight"].shape[0], 1)
@@ -179,3 +179,21 @@ def test_unsupported_quantization_config_is_named(tiny_dir, qc, field):
     hf.quantization_config = qc
     with pytest.raises(CheckpointError, match=field):
         quantized_format(hf)
+
+
+def test_release_fp8_config_has_the_published_ignore_list():
+    """Catches the release-shape FP8 config (benchmarks/quantized_check.py's dummy-weight run)
+    drifting from RedHatAI's file: its ignore list has the 255 entries the published audit
+    counts, and at the release shapes the load check's per-expert layout covers all 128 experts."""
+    from diffusiongemma_vllm.checkpoint import expected_text_tensors
+    from diffusiongemma_vllm.tiny_checkpoint import RELEASE_SPEC, release_checkpoint_config
+    from diffusiongemma_vllm.tiny_quantized import release_quantization_config
+
+    qc = release_quantization_config("fp8-dynamic")
+    assert len(qc["ignore"]) == 255
+    assert "model.decoder.layers.29.self_attn.v_proj" not in str(qc["ignore"])
+    hf = AutoConfig.for_model(**{**release_checkpoint_config(RELEASE_SPEC), "quantization_config": qc})
+    cfg = BackboneConfig.from_hf(hf)
+    quantized = frozenset(f"layers.{i}.experts" for i in range(cfg.num_layers))
+    expected = expected_text_tensors(cfg, quantized_format(hf), quantized)
+    assert sum(n.endswith("down_proj.weight_scale") and ".experts." in n for n in expected) == 30 * 128
