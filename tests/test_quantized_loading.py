@@ -116,10 +116,13 @@ def test_nvfp4_release_ignore_list_covers_full_layer_v_rows(dirs):
     from diffusiongemma_vllm.config import BackboneConfig
     from diffusiongemma_vllm.model import DiffusionGemmaForBlockDiffusion, _ignore_v_rows_with_k
 
+    from vllm.model_executor.model_loader.utils import configure_quant_config
+
     config = json.loads(open(f"{dirs['nvfp4']}/config.json").read())
     quant = CompressedTensorsConfig.from_config(config["quantization_config"])
-    quant.apply_vllm_mapper(DiffusionGemmaForBlockDiffusion.hf_to_vllm_mapper.get_rename_mapper())
-    fused = DiffusionGemmaForBlockDiffusion.packed_modules_mapping
+    configure_quant_config(quant, DiffusionGemmaForBlockDiffusion)  # what vLLM does before building the model
+    assert "layers.0.self_attn.q_proj" in quant.ignore  # the checkpoint's names, mapped to the model's
+    fused = quant.packed_modules_mapping
     with pytest.raises(ValueError, match="different quantization schemes"):
         should_ignore_layer("layers.1.self_attn.qkv_proj", quant.ignore, fused)
 
