@@ -154,7 +154,8 @@ class Settings:
 
 def stage_main(bodies: dict) -> None:
     """`python -m benchmarks.<module> STAGE`: run one stage body, print its RESULT, exit at
-    once (vLLM's engine shutdown can hang a finished stage)."""
+    once (vLLM's engine shutdown can hang a finished stage); the driver then ends the stage's
+    process group, its engine processes included."""
     name = sys.argv[1]
     settings = Settings(**json.loads(os.environ["E2E_SETTINGS"]))
     checks = Checks(name)
