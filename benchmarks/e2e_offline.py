@@ -365,8 +365,59 @@ def pps_stage(checks: Checks, settings: Settings) -> None:
                                 "passes_per_step": stats["passes_per_step"]})
 
 
+# Engine settings the issue asks about: each must serve (and generate) or be refused at start-up
+# by a message naming it. Each attempt is a process of its own: a started engine holds the device.
+ALTERNATIVES = {"FLASH_ATTN": {"attention_backend": "FLASH_ATTN"},
+                "FLASHINFER": {"attention_backend": "FLASHINFER"},
+                "fp8": {"kv_cache_dtype": "fp8"}}
+ATTEMPT = """
+import json, os, sys
+from vllm import LLM, SamplingParams
+llm = LLM(**json.loads(sys.argv[1]))
+out = llm.generate(["Write an essay"], SamplingParams(max_tokens=300, ignore_eos=True, seed=1,
+                                                      extra_args={"max_denoising_steps": 4}), use_tqdm=False)
+print("GENERATED", len(out[0].outputs[0].token_ids), flush=True)
+os._exit(0)
+"""
+
+
+def alternatives_stage(checks: Checks, settings: Settings) -> None:
+    """FLASH_ATTN, FLASHINFER and an fp8 KV cache: served, or refused by a message naming them."""
+    import signal
+    import subprocess
+
+    model = checkpoint("gpu_friendly", settings)
+    outcomes = {}
+    for name, setting in ALTERNATIVES.items():
+        args = dict(model=model, dtype=settings.dtype, max_model_len=MAX_MODEL_LEN, max_num_seqs=16, seed=0,
+                    enforce_eager=settings.cpu, **setting)
+        start = time.time()
+        child = subprocess.Popen([sys.executable, "-c", ATTEMPT, json.dumps(args)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            output = child.communicate(timeout=150)[0]
+        except subprocess.TimeoutExpired:
+            output = "timed out after 150 s"
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # the engine processes it leaves behind
+            try:
+                os.killpg(child.pid, sig)
+            except ProcessLookupError:
+                break
+            time.sleep(2)
+        child.wait()
+        print(output, flush=True)
+        generated = [line for line in output.splitlines() if line.startswith("GENERATED")]
+        naming = [line.strip()[:300] for line in output.splitlines()
+                  if "error" in line.lower() and name.lower() in line.lower()]
+        outcomes[name] = {"s": round(time.time() - start, 1),
+                          **({"served": generated[-1]} if generated else {"refused": naming[-1] if naming else None})}
+        checks.check(f"{name}_served_or_refused_by_name", bool(generated) or bool(naming), outcomes[name])
+    checks.measure("headline", {name: "served" if "served" in o else "refused" for name, o in outcomes.items()})
+
+
 BODIES = {"env": env_stage, "a_tiny": tiny_stage, "a_eager": eager_stage, "a_release_kv": release_kv_stage,
-          "a_fp32": fp32_stage, "a_reference": reference_stage, "a_pps": pps_stage}
+          "a_fp32": fp32_stage, "a_reference": reference_stage, "a_pps": pps_stage,
+          "a_alternatives": alternatives_stage}
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

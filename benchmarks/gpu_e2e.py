@@ -15,6 +15,7 @@ Stages, highest priority first (the default order; `--stages` picks groups or na
      a_reference  tests/test_reference_equivalence.py's engine check on this device (exact)
      a_pps        passes_per_step=4 vs whole-canvas steps (bf16 agreement)
   b  b_server     the OpenAI server: completion, chat, streaming, bad knob 400, client disconnect
+  a  a_alternatives  FLASH_ATTN, FLASHINFER, an fp8 KV cache: each served or refused by name
   c  c_release    config.json of google/diffusiongemma-26B-A4B-it, dummy weights: start-up split,
                   memory, 64 concurrent 512-token requests at max_model_len 8192 (on CPU: a
                   tiny model in the release's config structure, 8 requests)
@@ -85,6 +86,8 @@ STAGES = (
     Stage("a_reference", "a", "benchmarks.e2e_offline", 150, 45, what="fp32: the CPU equivalence test's check, here"),  # 40
     Stage("a_pps", "a", "benchmarks.e2e_offline", 150, 50, what="passes_per_step=4 vs whole canvases"),  # 45
     Stage("b_server", "b", "benchmarks.e2e_server", 180, 60, what="OpenAI server on the tiny checkpoint"),  # 60
+    Stage("a_alternatives", "a", "benchmarks.e2e_offline", 420, 60,
+          what="FLASH_ATTN, FLASHINFER, fp8 KV cache: served or refused by name"),  # 45-90
     Stage("c_release", "c", "benchmarks.e2e_release", 420, 150,
           what="26B-A4B dummy weights: start-up, memory, 64 x 512 tokens"),  # 150-240
     *(Stage(f"d_{mode}_{system}", "d", "benchmarks.e2e_bench", 540, 180,
