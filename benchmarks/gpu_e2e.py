@@ -26,7 +26,7 @@ Budget (estimates for an H100 with cold caches; nothing here has run on a GPU ye
 has 15 device minutes; machine start and the 4 bundle chunks take 2-3, leaving one 10-minute
 call and a short one. vLLM does not torch.compile the plugin's model, so a tiny engine starts in
 20-30 s (processes and imports, vLLM's graphs up to 32 tokens, the denoise ladder of 1-16
-canvases, first Triton compiles): env and each a_* stage 15-60 s, b_server ~60 s, a+b ~6 min.
+canvases, first Triton compiles): env and each a_* stage 15-90 s, b_server ~60 s, a+b ~7 min.
 c_release ~2.5-4 min (47.5 GiB of dummy weights in seconds, profiling at 16384 tokens, vLLM's
 capture up to 128 tokens, the 1-64 ladder, ~30 s of requests). The default budget (510 s in
 gpu_e2e.sh) runs c only if a+b were quick, else skips it: then `--stages c` in the next call.
