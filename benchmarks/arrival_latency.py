@@ -3,7 +3,7 @@
 Without `passes_per_step` a scheduler step denoises every ready canvas to its halt, so a
 request that arrives meanwhile waits for the whole step before its prompt is even prefilled.
 With it, a step stops after that many passes and the canvases resume in the next step
-(denoise_step.py, scheduler.py), so the new prompt joins within a few passes. This script
+(engine/worker_step.py, scheduler.py), so the new prompt joins within a few passes. This script
 measures both in one run, on the same engine settings and requests:
 - background: `--background` requests of `--background-tokens` tokens each, started together;
 - probes: `--probes` one-canvas requests, the i-th arriving `i * --interval` seconds after the
@@ -85,7 +85,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out-dir", default=tempfile.gettempdir() + "/arrival_latency")
     args = parser.parse_args(argv)
     if args.tiny:
-        from diffusiongemma_vllm.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+        from diffusiongemma_vllm.testing.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
         spec = TinySpec(canvas_length=256, sliding_window=128,
                         layer_types=("sliding_attention",) * 5 + ("full_attention",))

@@ -290,7 +290,7 @@ def release_models(args, workdir: Path) -> tuple[str, str]:
     """Weightless release folders (config.json of the 26B-A4B, random weights at load)."""
     from dataclasses import replace
 
-    from diffusiongemma_vllm.tiny_checkpoint import RELEASE_SPEC, write_release_config
+    from diffusiongemma_vllm.testing.tiny_checkpoint import RELEASE_SPEC, write_release_config
 
     diffusion, ar = workdir / f"release-diffusion-s{args.max_denoising_steps}", workdir / "release-ar"
     if not (diffusion / "config.json").exists():
@@ -308,7 +308,7 @@ def parent_main(args) -> None:
     workdir = Path(args.out_dir)
     workdir.mkdir(parents=True, exist_ok=True)
     if args.tiny:
-        from diffusiongemma_vllm.tiny_checkpoint import TinySpec, build_ar_twin, build_tiny_checkpoint
+        from diffusiongemma_vllm.testing.tiny_checkpoint import TinySpec, build_ar_twin, build_tiny_checkpoint
 
         spec = TinySpec(canvas_length=256, sliding_window=128,
                         layer_types=("sliding_attention",) * 5 + ("full_attention",))

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from diffusiongemma_vllm.tiny_checkpoint import RELEASE_GENERATION_CONFIG
+from diffusiongemma_vllm.testing.tiny_checkpoint import RELEASE_GENERATION_CONFIG
 
 from benchmarks.compare_ar import canvas_passes
 from benchmarks.gpu_e2e import Checks, Settings, stage_main
@@ -46,7 +46,7 @@ MAX_MODEL_LEN = 2048
 
 def checkpoint(name: str, settings: Settings) -> str:
     """The tiny checkpoint `name` under WORK, built once (fp32 weights; engines pick the dtype)."""
-    from diffusiongemma_vllm.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+    from diffusiongemma_vllm.testing.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
     out = Path(settings.work) / f"tiny_{name}"
     if not (out / "model.safetensors").exists():
@@ -204,7 +204,7 @@ def env_stage(checks: Checks, settings: Settings) -> None:
     plugins = [f"{e.name}={e.value}" for e in md.entry_points(group="vllm.general_plugins")]
     checks.check("plugin_entry_point", any("diffusiongemma" in p for p in plugins), plugins)
     set_stream = torch.cuda.set_stream
-    from diffusiongemma_vllm.engine_config import WORKERS
+    from diffusiongemma_vllm.engine.config_hook import WORKERS
 
     path = WORKERS["cpu" if settings.cpu else "gpu"]
     module, _, cls = path.rpartition(".")
@@ -261,8 +261,8 @@ def reference_tokens(model_dir: str, device: str) -> list[list[int]]:
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from diffusiongemma_vllm.config import SamplerConfig
-    from diffusiongemma_vllm.reference import reference_generate
+    from diffusiongemma_vllm.model.config import SamplerConfig
+    from diffusiongemma_vllm.testing.reference import reference_generate
 
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(model_dir, dtype=torch.float32).eval().to(device)
     target = _OnDevice(model, device)

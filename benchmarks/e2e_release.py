@@ -89,7 +89,7 @@ class MemorySampler:
 
 
 def release_model(settings: Settings, steps: int) -> str:
-    from diffusiongemma_vllm.tiny_checkpoint import RELEASE_SPEC, TinySpec, write_release_config
+    from diffusiongemma_vllm.testing.tiny_checkpoint import RELEASE_SPEC, TinySpec, write_release_config
 
     spec = RELEASE_SPEC if not settings.cpu else TinySpec(
         canvas_length=256, sliding_window=128, layer_types=("sliding_attention",) * 5 + ("full_attention",))

@@ -68,11 +68,11 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from diffusiongemma_vllm.config import MAX_DENOISING_STEPS_LIMIT, BackboneConfig, SamplerConfig
-from diffusiongemma_vllm.denoise import (CanvasBatch, CanvasJob, Unembedding, denoise_canvases, denoise_pass,
+from diffusiongemma_vllm.model.config import MAX_DENOISING_STEPS_LIMIT, BackboneConfig, SamplerConfig
+from diffusiongemma_vllm.denoise.loop import (CanvasBatch, CanvasJob, Unembedding, denoise_canvases, denoise_pass,
                                          row_stats_for)
-from diffusiongemma_vllm.denoise_graphs import CudaGraph, DenoiseGraphs
-from diffusiongemma_vllm.noise import philox_bits
+from diffusiongemma_vllm.denoise.graphs import CudaGraph, DenoiseGraphs
+from diffusiongemma_vllm.denoise.noise import philox_bits
 from diffusiongemma_vllm.kernels.canvas_attention import naive_canvas_attention
 from diffusiongemma_vllm.kernels.gemm_sampler import gemm_row_stats
 from diffusiongemma_vllm.kernels.paged_canvas_attention import paged_canvas_attention

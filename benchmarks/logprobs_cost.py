@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from diffusiongemma_vllm.denoise import row_stats_for
+from diffusiongemma_vllm.denoise.loop import row_stats_for
 from diffusiongemma_vllm.kernels.top_logprobs import top_logprobs
 
 

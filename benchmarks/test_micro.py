@@ -25,8 +25,8 @@ def test_sampler_pass(benchmark, canvases, stats):
 
 @pytest.fixture(scope="module")
 def standalone(tmp_path_factory):
-    from diffusiongemma_vllm.standalone import load_standalone
-    from diffusiongemma_vllm.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+    from diffusiongemma_vllm.testing.standalone import load_standalone
+    from diffusiongemma_vllm.testing.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
     spec = TinySpec(canvas_length=256, sliding_window=128, layer_types=("sliding_attention",) * 5 + ("full_attention",))
     model = load_standalone(str(build_tiny_checkpoint(tmp_path_factory.mktemp("micro"), spec)))

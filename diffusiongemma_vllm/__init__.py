@@ -3,7 +3,7 @@
 vLLM calls `register()` through the `vllm.general_plugins` entry point in every process it
 starts (API server or `LLM`, engine core, workers). It must stay cheap and idempotent: it
 only records lazy `"module:Class"` strings and a config hook, and names the address live
-drafts travel on (drafts.py); nothing here imports torch model code or touches a device.
+drafts travel on (drafts/publisher.py); nothing here imports torch model code or touches a device.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import tempfile
 import uuid
 
 ARCHITECTURE = "DiffusionGemmaForBlockDiffusion"
-MODEL_CLASS = "diffusiongemma_vllm.model:DiffusionGemmaForBlockDiffusion"
-# The worker publishes live drafts here and the API server subscribes (drafts.py).
+MODEL_CLASS = "diffusiongemma_vllm.model.diffusion_gemma:DiffusionGemmaForBlockDiffusion"
+# The worker publishes live drafts here and the API server subscribes (drafts/publisher.py).
 DRAFTS_ENV = "DIFFUSIONGEMMA_DRAFTS"
 
 __all__ = ["ARCHITECTURE", "DRAFTS_ENV", "MODEL_CLASS", "register"]
@@ -25,7 +25,7 @@ def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    from .engine_config import DiffusionGemmaEngineConfig
+    from diffusiongemma_vllm.engine.config_hook import DiffusionGemmaEngineConfig
 
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     MODELS_CONFIG_MAP[ARCHITECTURE] = DiffusionGemmaEngineConfig

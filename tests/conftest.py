@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from diffusiongemma_vllm.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+from diffusiongemma_vllm.testing.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 # Triton kernels run on CPU tensors in Triton's interpreter. Set before anything imports a

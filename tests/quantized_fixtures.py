@@ -6,7 +6,7 @@ import functools
 import tempfile
 from pathlib import Path
 
-from diffusiongemma_vllm.tiny_quantized import LAYOUTS, bf16_reference, build_quantized_checkpoint
+from diffusiongemma_vllm.testing.tiny_quantized import LAYOUTS, bf16_reference, build_quantized_checkpoint
 
 
 @functools.cache

@@ -6,7 +6,7 @@ import torch
 from vllm.config import VllmConfig, set_current_vllm_config
 from vllm.forward_context import set_forward_context
 
-from diffusiongemma_vllm.canvas_context import CanvasPass, canvas_forward_context, canvas_pass_for
+from diffusiongemma_vllm.model.canvas_context import CanvasPass, canvas_forward_context, canvas_pass_for
 
 
 def spec() -> CanvasPass:

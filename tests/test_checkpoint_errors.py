@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffusiongemma_vllm.config import BackboneConfig, CheckpointError
-from diffusiongemma_vllm.standalone import load_standalone
+from diffusiongemma_vllm.model.config import BackboneConfig, CheckpointError
+from diffusiongemma_vllm.testing.standalone import load_standalone
 
 WEIGHTS = "model.safetensors"
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusiongemma_vllm.config import SamplerConfig
-from diffusiongemma_vllm.denoise import CanvasBatch, CanvasJob, denoise_canvases, row_stats_for
-from diffusiongemma_vllm.denoise_graphs import DenoiseGraphs, ladder_for
-from diffusiongemma_vllm.standalone import load_standalone
+from diffusiongemma_vllm.model.config import SamplerConfig
+from diffusiongemma_vllm.denoise.loop import CanvasBatch, CanvasJob, denoise_canvases, row_stats_for
+from diffusiongemma_vllm.denoise.graphs import DenoiseGraphs, ladder_for
+from diffusiongemma_vllm.testing.standalone import load_standalone
 
 # Halting after 3 passes, after 6, and after 1 (stability off, confidence always met).
 KNOBS = [{"max_denoising_steps": 3}, {"max_denoising_steps": 6, "entropy_bound": 0.5},
@@ -121,7 +121,7 @@ def test_paged_step_inputs_put_ready_requests_in_job_order():
     lengths and block tables by job."""
     from types import SimpleNamespace
 
-    from diffusiongemma_vllm.denoise_step import PagedStepInputs
+    from diffusiongemma_vllm.engine.worker_step import PagedStepInputs
 
     tables = [torch.arange(5 * 3, dtype=torch.int32).view(5, 3), 100 + torch.arange(5 * 2, dtype=torch.int32).view(5, 2)]
     runner = SimpleNamespace(input_batch=SimpleNamespace(

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusiongemma_vllm.config import SamplerConfig
-from diffusiongemma_vllm.denoise import CanvasJob, denoise_canvases, row_stats_for
-from diffusiongemma_vllm.denoise_graphs import DenoiseGraphs
-from diffusiongemma_vllm.standalone import load_standalone
+from diffusiongemma_vllm.model.config import SamplerConfig
+from diffusiongemma_vllm.denoise.loop import CanvasJob, denoise_canvases, row_stats_for
+from diffusiongemma_vllm.denoise.graphs import DenoiseGraphs
+from diffusiongemma_vllm.testing.standalone import load_standalone
 from tests.test_denoise_graphs import KNOBS, PROMPTS, RecordedGraph
 
 

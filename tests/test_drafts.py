@@ -1,5 +1,5 @@
-"""Live drafts without a server: the worker's publishing (drafts.py), the wire format, the
-admission checks and the SSE weaving (draft_stream.py). End to end: test_drafts_server.py."""
+"""Live drafts without a server: the worker's publishing (drafts/publisher.py), the wire format, the
+admission checks and the SSE weaving (drafts/stream.py). End to end: test_drafts_server.py."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ import torch
 from vllm import SamplingParams
 
 from diffusiongemma_vllm import DRAFTS_ENV, register
-from diffusiongemma_vllm.config import SamplerConfig
-from diffusiongemma_vllm.denoise import CanvasJob, denoise_canvases, row_stats_for
-from diffusiongemma_vllm.denoise_graphs import DenoiseGraphs
-from diffusiongemma_vllm.draft_stream import DraftFormat, DraftSubscriber, with_drafts
-from diffusiongemma_vllm.drafts import CLOSE, DRAFT, CanvasDraft, DraftPublisher, Message, check_draft_args, cut_length
-from diffusiongemma_vllm.request_validator import check_request
-from diffusiongemma_vllm.standalone import load_standalone
+from diffusiongemma_vllm.model.config import SamplerConfig
+from diffusiongemma_vllm.denoise.loop import CanvasJob, denoise_canvases, row_stats_for
+from diffusiongemma_vllm.denoise.graphs import DenoiseGraphs
+from diffusiongemma_vllm.drafts.stream import DraftFormat, DraftSubscriber, with_drafts
+from diffusiongemma_vllm.drafts.publisher import CLOSE, DRAFT, CanvasDraft, DraftPublisher, Message, check_draft_args, cut_length
+from diffusiongemma_vllm.engine.request_validator import check_request
+from diffusiongemma_vllm.testing.standalone import load_standalone
 from tests.test_denoise_graphs import KNOBS, RecordedGraph, short_prompt_requests
 
 

@@ -18,7 +18,7 @@ import requests
 
 from benchmarks.openai_server import OpenAIServer
 from diffusiongemma_vllm import DRAFTS_ENV
-from diffusiongemma_vllm.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+from diffusiongemma_vllm.testing.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 pytestmark = pytest.mark.engine
 

@@ -1,4 +1,4 @@
-"""The config hook (engine_config.py) on a real `EngineArgs.create_engine_config()`."""
+"""The config hook (engine/config_hook.py) on a real `EngineArgs.create_engine_config()`."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ def test_single_device_config_marks_the_model_non_diffusion_for_vllm(tiny_dir):
     register()
     config = EngineArgs(model=tiny_dir, max_model_len=256).create_engine_config()
     assert config.model_config.is_diffusion is False
-    assert config.parallel_config.worker_cls == "diffusiongemma_vllm.cpu_worker.DiffusionGemmaCPUWorker"
-    assert config.scheduler_config.scheduler_cls == "diffusiongemma_vllm.scheduler.CanvasScheduler"
+    assert config.parallel_config.worker_cls == "diffusiongemma_vllm.engine.cpu_worker.DiffusionGemmaCPUWorker"
+    assert config.scheduler_config.scheduler_cls == "diffusiongemma_vllm.engine.scheduler.CanvasScheduler"
     assert config.scheduler_config.async_scheduling is False
 
 
@@ -76,8 +76,8 @@ def test_admission_uses_the_checkpoint_sampler_defaults(tmp_path):
     from vllm.engine.arg_utils import EngineArgs
 
     from diffusiongemma_vllm import register
-    from diffusiongemma_vllm.request_validator import check_request
-    from diffusiongemma_vllm.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+    from diffusiongemma_vllm.engine.request_validator import check_request
+    from diffusiongemma_vllm.testing.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
     register()
     model = build_tiny_checkpoint(tmp_path, TinySpec(generation={"t_min": 0.7, "t_max": 0.9}))
@@ -94,7 +94,7 @@ def test_broken_generation_config_fails_at_start_up_naming_the_field(tmp_path):
     from vllm.engine.arg_utils import EngineArgs
 
     from diffusiongemma_vllm import register
-    from diffusiongemma_vllm.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+    from diffusiongemma_vllm.testing.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
     register()
     model = build_tiny_checkpoint(tmp_path, TinySpec(generation={"max_denoising_steps": 0}))

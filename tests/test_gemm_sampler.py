@@ -25,7 +25,7 @@ tl = pytest.importorskip("triton.language")
 
 from diffusiongemma_vllm.kernels.gemm_sampler import gemm_row_stats  # noqa: E402
 from diffusiongemma_vllm.kernels.vocab_tiled_sampler import naive_row_stats, vocab_tiled_row_stats  # noqa: E402
-from diffusiongemma_vllm.noise import vocab_uniform  # noqa: E402
+from diffusiongemma_vllm.denoise.noise import vocab_uniform  # noqa: E402
 
 TINY = dict(block=64, num_warps=4)  # interpreter-sized steps
 SOFTCAP = 30.0

@@ -137,7 +137,7 @@ def test_startup_split_reads_vllms_own_log_formats():
 
 @pytest.fixture(scope="module")
 def release_dirs(tmp_path_factory) -> dict[str, Path]:
-    from diffusiongemma_vllm.tiny_checkpoint import RELEASE_SPEC, write_release_config
+    from diffusiongemma_vllm.testing.tiny_checkpoint import RELEASE_SPEC, write_release_config
 
     root = tmp_path_factory.mktemp("release")
     return {"release": write_release_config(root / "release", RELEASE_SPEC),
@@ -150,7 +150,7 @@ def test_release_config_is_the_26b_a4b(release_dirs):
     reader rejects, and a tokenizer that cannot name every id random weights emit."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from diffusiongemma_vllm.config import BackboneConfig
+    from diffusiongemma_vllm.model.config import BackboneConfig
 
     path = release_dirs["release"]
     raw = json.loads((path / "config.json").read_text())

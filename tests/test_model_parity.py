@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusiongemma_vllm.standalone import load_standalone
+from diffusiongemma_vllm.testing.standalone import load_standalone
 
 TOLERANCE = 1e-4
 

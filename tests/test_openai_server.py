@@ -11,7 +11,7 @@ import json
 import pytest
 import requests
 
-from diffusiongemma_vllm.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+from diffusiongemma_vllm.testing.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 from benchmarks.openai_server import OpenAIServer
 

@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from diffusiongemma_vllm.canvas_context import CanvasPass, PagedPrefix  # noqa: E402
+from diffusiongemma_vllm.model.canvas_context import CanvasPass, PagedPrefix  # noqa: E402
 from diffusiongemma_vllm.kernels.canvas_attention import naive_canvas_attention  # noqa: E402
 from diffusiongemma_vllm.kernels.paged_canvas_attention import paged_canvas_attention  # noqa: E402
 
@@ -218,7 +218,7 @@ def test_query_viewed_from_a_fused_qkv_buffer():
 def test_model_denoise_through_the_paged_kernel_matches_the_dense_path(tiny_dir):
     """Catches wiring errors between the model and the kernel (dtype of context lengths,
     per-layer window, block-table slicing) that kernel-only tests cannot see."""
-    from diffusiongemma_vllm.standalone import load_standalone
+    from diffusiongemma_vllm.testing.standalone import load_standalone
 
     model = load_standalone(tiny_dir)
     cfg = model.model.cfg

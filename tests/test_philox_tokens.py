@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("triton")
 
 from diffusiongemma_vllm.kernels.philox_tokens import philox_tokens  # noqa: E402
-from diffusiongemma_vllm.noise import philox_bits  # noqa: E402
+from diffusiongemma_vllm.denoise.noise import philox_bits  # noqa: E402
 
 
 @pytest.mark.parametrize("length, vocab_size, block", [(256, 262144, 256), (81, 30, 32), (5, 7, 16)])

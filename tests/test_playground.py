@@ -83,7 +83,7 @@ def chromium_binary() -> str | None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from diffusiongemma_vllm.tiny_checkpoint import build_tiny_checkpoint
+    from diffusiongemma_vllm.testing.tiny_checkpoint import build_tiny_checkpoint
 
     model = build_tiny_checkpoint(tmp_path_factory.mktemp("playground") / "model", SERVE_SPEC, seed=3)
     srv = start_server(model)

@@ -19,8 +19,10 @@ import pytest
 PATCHED = ("torch.cuda.Stream", "torch.cuda.Event", "torch.cuda.set_stream", "torch.cuda.current_stream",
            "torch.accelerator.synchronize", "torch.accelerator.empty_cache", "torch.Tensor.pin_memory")
 CPU_ONLY = ("vllm.v1.worker.cpu_worker", "vllm.v1.worker.cpu_model_runner", "vllm.v1.worker.cpu.shm",
-            "diffusiongemma_vllm.cpu_worker", "diffusiongemma_vllm.cpu_runner")
-GPU_ONLY = ("diffusiongemma_vllm.gpu_worker", "diffusiongemma_vllm.gpu_runner")
+            "diffusiongemma_vllm.engine.cpu_worker", "diffusiongemma_vllm.engine.cpu_runner")
+TESTING = tuple(f"diffusiongemma_vllm.testing.{name}" for name in
+                ("reference", "standalone", "tiny_checkpoint", "tiny_tokenizer", "tiny_quantized"))
+GPU_ONLY = ("diffusiongemma_vllm.engine.gpu_worker", "diffusiongemma_vllm.engine.gpu_runner")
 
 # Records which of PATCHED an import replaced (after vLLM's own set_stream wrapper, which every
 # vLLM process installs and the CPU worker's no-op then replaces) and which watched modules it
@@ -40,7 +42,7 @@ print(json.dumps({{"replaced": [p for p in before if lookup(p) is not before[p]]
 
 
 def probe(*modules: str) -> dict:
-    code = PROBE.format(patched=PATCHED, modules=modules, watched=CPU_ONLY + GPU_ONLY)
+    code = PROBE.format(patched=PATCHED, modules=modules, watched=CPU_ONLY + GPU_ONLY + TESTING)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -59,15 +61,15 @@ def test_gpu_side_imports_leave_torch_cuda_alone():
     engine's CUDA-graph capture (`current_stream` AttributeError) on a GPU: everything a GPU
     engine process loads from the plugin (the worker pulls in the runner and the step; vLLM
     loads the model class and the stat logger by name)."""
-    seen = probe("diffusiongemma_vllm.gpu_worker", "diffusiongemma_vllm.model", "diffusiongemma_vllm.step_metrics",
-                 "diffusiongemma_vllm.engine_config", "diffusiongemma_vllm.scheduler")
+    seen = probe("diffusiongemma_vllm.engine.gpu_worker", "diffusiongemma_vllm.model.diffusion_gemma", "diffusiongemma_vllm.engine.step_metrics",
+                 "diffusiongemma_vllm.engine.config_hook", "diffusiongemma_vllm.engine.scheduler")
     assert seen["replaced"] == [], seen
-    assert not set(seen["loaded"]) & set(CPU_ONLY), seen
+    assert not set(seen["loaded"]) & set(CPU_ONLY + TESTING), seen  # nor test helpers
 
 
 def test_cpu_worker_does_not_import_gpu_side_classes():
     """Catches the CPU worker module pulling in the plugin's GPU runner (and vLLM's GPU
     runner's CUDA-only setup with it) into CPU processes."""
-    seen = probe("diffusiongemma_vllm.cpu_worker")
-    assert not set(seen["loaded"]) & set(GPU_ONLY), seen
+    seen = probe("diffusiongemma_vllm.engine.cpu_worker")
+    assert not set(seen["loaded"]) & set(GPU_ONLY + TESTING), seen
 

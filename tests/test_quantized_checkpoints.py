@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from diffusiongemma_vllm.checkpoint import TEXT_PREFIX, checked_text_weights, quantized_format
-from diffusiongemma_vllm.config import BackboneConfig, CheckpointError
-from diffusiongemma_vllm.tiny_quantized import LAYOUTS
+from diffusiongemma_vllm.model.checkpoint import TEXT_PREFIX, checked_text_weights, quantized_format
+from diffusiongemma_vllm.model.config import BackboneConfig, CheckpointError
+from diffusiongemma_vllm.testing.tiny_quantized import LAYOUTS
 
 from .quantized_fixtures import plugin_quantized_modules, quantized_dirs
 
@@ -185,9 +185,9 @@ def test_release_fp8_config_has_the_published_ignore_list():
     """Catches the release-shape FP8 config (benchmarks/quantized_check.py's dummy-weight run)
     drifting from RedHatAI's file: its ignore list has the 255 entries the published audit
     counts, and at the release shapes the load check's per-expert layout covers all 128 experts."""
-    from diffusiongemma_vllm.checkpoint import expected_text_tensors
-    from diffusiongemma_vllm.tiny_checkpoint import RELEASE_SPEC, release_checkpoint_config
-    from diffusiongemma_vllm.tiny_quantized import release_quantization_config
+    from diffusiongemma_vllm.model.checkpoint import expected_text_tensors
+    from diffusiongemma_vllm.testing.tiny_checkpoint import RELEASE_SPEC, release_checkpoint_config
+    from diffusiongemma_vllm.testing.tiny_quantized import release_quantization_config
 
     qc = release_quantization_config("fp8-dynamic")
     assert len(qc["ignore"]) == 255

@@ -113,8 +113,8 @@ def test_nvfp4_release_ignore_list_covers_full_layer_v_rows(dirs):
     from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
     from vllm.model_executor.layers.quantization.compressed_tensors.utils import should_ignore_layer
 
-    from diffusiongemma_vllm.config import BackboneConfig
-    from diffusiongemma_vllm.model import DiffusionGemmaForBlockDiffusion, _ignore_v_rows_with_k
+    from diffusiongemma_vllm.model.config import BackboneConfig
+    from diffusiongemma_vllm.model.diffusion_gemma import DiffusionGemmaForBlockDiffusion, _ignore_v_rows_with_k
 
     from vllm.model_executor.model_loader.utils import configure_quant_config
 

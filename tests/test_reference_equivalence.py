@@ -16,10 +16,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusiongemma_vllm.config import SamplerConfig
-from diffusiongemma_vllm.denoise import CanvasJob, denoise_canvases
-from diffusiongemma_vllm.reference import reference_generate
-from diffusiongemma_vllm.standalone import load_standalone
+from diffusiongemma_vllm.model.config import SamplerConfig
+from diffusiongemma_vllm.denoise.loop import CanvasJob, denoise_canvases
+from diffusiongemma_vllm.testing.reference import reference_generate
+from diffusiongemma_vllm.testing.standalone import load_standalone
 
 BLOCKS = 3
 TOP_K = 3

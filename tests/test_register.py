@@ -30,8 +30,8 @@ def test_register_twice_resolves_to_plugin_class():
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    from diffusiongemma_vllm.engine_config import DiffusionGemmaEngineConfig
-    from diffusiongemma_vllm.model import DiffusionGemmaForBlockDiffusion
+    from diffusiongemma_vllm.engine.config_hook import DiffusionGemmaEngineConfig
+    from diffusiongemma_vllm.model.diffusion_gemma import DiffusionGemmaForBlockDiffusion
 
     register()
     register()

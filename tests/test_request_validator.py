@@ -9,8 +9,8 @@ import gc
 import pytest
 from vllm import SamplingParams
 
-from diffusiongemma_vllm.config import SAMPLER_FIELDS, SamplerConfig
-from diffusiongemma_vllm.request_validator import check_request, serve_defaults
+from diffusiongemma_vllm.model.config import SAMPLER_FIELDS, SamplerConfig
+from diffusiongemma_vllm.engine.request_validator import check_request, serve_defaults
 
 
 class ModelConfigStandIn:

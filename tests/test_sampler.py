@@ -11,10 +11,10 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     StableAndConfidentStoppingCriteria,
 )
 
-from diffusiongemma_vllm.config import SamplerConfig
-from diffusiongemma_vllm.noise import CanvasNoise
+from diffusiongemma_vllm.model.config import SamplerConfig
+from diffusiongemma_vllm.denoise.noise import CanvasNoise
 from diffusiongemma_vllm.kernels.vocab_tiled_sampler import vocab_tiled_row_stats
-from diffusiongemma_vllm.sampler import decide, entropy_bound_mask, unchanged_passes
+from diffusiongemma_vllm.denoise.sampler import decide, entropy_bound_mask, unchanged_passes
 
 
 @pytest.mark.parametrize("scale, bound", [(1.0, 0.1), (4.0, 0.1), (12.0, 0.1), (12.0, 2.0), (12.0, 1e-4)])

@@ -15,7 +15,7 @@ names the benchmarks/gpu_e2e.py stage that covers the rest on a GPU.
 
 The internals, by where the plugin uses them:
 
-Registration and config (__init__.py, engine_config.py)
+Registration and config (__init__.py, engine/config_hook.py)
 - `ModelRegistry.register_model(arch, "module:Class")`, resolved lazily; the
   `vllm.general_plugins` entry-point group.
 - `MODELS_CONFIG_MAP[arch]` / `VerifyAndUpdateConfig`: `ModelConfig` calls
@@ -39,7 +39,7 @@ Request admission (request_validator.py)
   `(vllm_config, device, is_pin_memory)`.
 - `SamplingParams` field names and their "off" defaults; the `extra_args` keys `Request` reads
   itself; OpenAI `vllm_xargs` arriving as `SamplingParams.extra_args`.
-Runner (model_runner.py, cpu_runner.py, gpu_runner.py, denoise_step.py)
+Runner (model_runner.py, cpu_runner.py, gpu_runner.py, engine/worker_step.py)
 - `CPUModelRunner` / `GPUModelRunner` `load_model`, `get_model`, `initialize_kv_cache`,
   `sample_tokens` (returns the step's `ModelRunnerOutput`) and `_sample(logits,
   spec_decode_metadata)` returning `SamplerOutput`, whose -1-padded `[num_reqs, C]` ids become
@@ -59,19 +59,19 @@ Worker (cpu_worker.py, gpu_worker.py, worker_stats.py, standalone.py)
   `collective_rpc` reaching a worker method by name (`run_method`).
 - `_set_torch_accelerator_to_noop`, `init_distributed_environment`,
   `initialize_model_parallel`, `model_parallel_is_initialized`.
-Scheduler (scheduler.py, drafts.py)
+Scheduler (scheduler.py, drafts/publisher.py)
 - `Scheduler(vllm_config=, kv_cache_config=, ...)` built from `get_scheduler_cls()`;
   `update_from_output(scheduler_output, model_runner_output)` cutting a multi-token output at
   EOS (`SamplingParams.update_from_generation_config`), stop token ids and max_tokens exactly
   where `drafts.cut_length` cuts a draft; `num_computed_tokens` advanced at schedule time, and a
   request rolled back by one token scheduled again for that one token in the same block;
   `Request.is_prefill_chunk` / `.status` / `.num_tokens`; `Scheduler.requests`.
-KV cache (kv_layout.py, denoise_step.py)
+KV cache (kv_layout.py, engine/worker_step.py)
 - `vllm._custom_ops.cpu_attn_reshape_and_cache` pages, read back through the live runner's
   block tables; FLASH_ATTN and TRITON_ATTN writing `[K | V]` per token into every
   `KVCacheLayout` vLLM allocates, kernel blocks dividing the manager block; the backend names;
   sliding-window blocks kept for the last window - 1 tokens.
-Layers (model.py)
+Layers (model/diffusion_gemma.py)
 - `QKVParallelLinear`, `MergedColumnParallelLinear`, `RowParallelLinear`,
   `get_act_and_mul_fn("gelu_pytorch_tanh")`, `RMSNorm(has_weight=)`, `GateLinear(out_dtype=)`,
   `FusedMoEFactory(custom_routing_function=, activation="gelu_tanh")` loading fused expert
@@ -85,11 +85,11 @@ Metrics (step_metrics.py, scheduler.py)
   engine-core -> front-end serialization, a fresh dict each step; the
   `vllm.stat_logger_plugins` group and `StatLoggerBase` as `StatLoggerManager` calls it;
   `get_prometheus_registry()`, which `/metrics` serves.
-Quantized checkpoints (model.py, engine_config.py)
+Quantized checkpoints (model/diffusion_gemma.py, engine/config_hook.py)
 - `configure_quant_config` applying the model class's `hf_to_vllm_mapper` and
   `packed_modules_mapping` to a compressed-tensors config; `should_ignore_layer` on fused
   layers; `ONLINE_QUANT_SHORTHAND_NAMES`.
-HTTP (draft_endpoints.py)
+HTTP (drafts/endpoints.py)
 - The `vllm.endpoint_plugins` group, opt-in through `VLLM_PLUGINS` (which also allowlists
   general plugins), gated on "generate"; `attach_endpoint_plugins` replacing vLLM's routes;
   vLLM's `create_completion` / `create_chat_completion` route functions returning a
@@ -113,8 +113,8 @@ import torch
 import vllm
 
 from diffusiongemma_vllm import ARCHITECTURE, register
-from diffusiongemma_vllm.standalone import _free_port
-from diffusiongemma_vllm.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+from diffusiongemma_vllm.testing.standalone import _free_port
+from diffusiongemma_vllm.testing.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 # The release's unequal KV pages (sliding 4 x 32 vs full 1 x 64: two groups, two block sizes),
 # 16-token canvases, 2 passes per canvas; generation defaults that differ from the release's.
@@ -162,7 +162,7 @@ def _runner_and_scheduler(config):
     from vllm.v1.structured_output import StructuredOutputManager
     from vllm.v1.worker.worker_base import WorkerBase
 
-    from diffusiongemma_vllm.cpu_runner import DiffusionGemmaCPURunner
+    from diffusiongemma_vllm.engine.cpu_runner import DiffusionGemmaCPURunner
 
     current_platform.register_triton_kernel_overrides()  # as WorkerWrapperBase.init_worker does
     runner = DiffusionGemmaCPURunner(config, torch.device("cpu"))
@@ -268,7 +268,7 @@ def test_general_plugin_group_and_lazy_registry_resolve_the_plugin_class(config)
     from vllm import ModelRegistry
     from vllm.plugins import load_plugins_by_group
 
-    from diffusiongemma_vllm.model import DiffusionGemmaForBlockDiffusion
+    from diffusiongemma_vllm.model.diffusion_gemma import DiffusionGemmaForBlockDiffusion
 
     assert load_plugins_by_group("vllm.general_plugins")["diffusiongemma"] is register
     model_cls, arch = ModelRegistry.resolve_model_cls([ARCHITECTURE], config.model_config)
@@ -284,7 +284,7 @@ def test_config_hooks_run_before_vllm_decides_and_their_changes_stick(checkpoint
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.plugins import load_general_plugins
 
-    from diffusiongemma_vllm.engine_config import SCHEDULER, VALIDATOR, WORKERS, DiffusionGemmaEngineConfig
+    from diffusiongemma_vllm.engine.config_hook import SCHEDULER, VALIDATOR, WORKERS, DiffusionGemmaEngineConfig
 
     seen = {}
 
@@ -371,10 +371,10 @@ def test_config_strings_resolve_to_the_plugin_classes(config):
     strings the hook sets (strings, because the config is pickled to the engine process)."""
     from vllm.utils.import_utils import resolve_obj_by_qualname
 
-    from diffusiongemma_vllm.cpu_worker import DiffusionGemmaCPUWorker
-    from diffusiongemma_vllm.engine_config import WORKERS
-    from diffusiongemma_vllm.gpu_worker import DiffusionGemmaGPUWorker
-    from diffusiongemma_vllm.scheduler import CanvasScheduler
+    from diffusiongemma_vllm.engine.cpu_worker import DiffusionGemmaCPUWorker
+    from diffusiongemma_vllm.engine.config_hook import WORKERS
+    from diffusiongemma_vllm.engine.gpu_worker import DiffusionGemmaGPUWorker
+    from diffusiongemma_vllm.engine.scheduler import CanvasScheduler
 
     assert config.scheduler_config.get_scheduler_cls() is CanvasScheduler
     assert resolve_obj_by_qualname(config.parallel_config.worker_cls) is DiffusionGemmaCPUWorker
@@ -397,7 +397,7 @@ def test_gemma4_backend_choice_is_one_whose_pages_the_plugin_reads(config):
     whose pages are FLASH_ATTN's (test_gpu_backends_write_pages_that_paged_views_reads)."""
     from vllm.model_executor.models.config import Gemma4Config
 
-    from diffusiongemma_vllm.engine_config import READABLE_BACKENDS
+    from diffusiongemma_vllm.engine.config_hook import READABLE_BACKENDS
 
     trial = copy.copy(config)
     trial.attention_config = copy.copy(config.attention_config)
@@ -415,7 +415,7 @@ def test_generation_config_reaches_the_plugin_and_max_new_tokens_is_lifted(confi
     worker and the validator would fall back to the release defaults), or
     `override_generation_config={"max_new_tokens": None}` no longer removing the checkpoint's
     `max_new_tokens` from the default sampling params (replies would stop at 256 tokens)."""
-    from diffusiongemma_vllm.config import SamplerConfig
+    from diffusiongemma_vllm.model.config import SamplerConfig
 
     fields = {**SamplerConfig(t_min=0.7, max_denoising_steps=9).to_generation_config(), "max_new_tokens": 256}
     (tmp_path / "generation_config.json").write_text(json.dumps(fields))
@@ -452,7 +452,7 @@ def test_sampling_fields_the_validator_reads_exist_with_their_off_values():
     """Catches a renamed or re-defaulted SamplingParams field: the validator reads each with
     `getattr(params, name, off)`, so a rename would silently accept the feature it refuses, and a
     new default would refuse every request."""
-    from diffusiongemma_vllm.request_validator import UNSUPPORTED
+    from diffusiongemma_vllm.engine.request_validator import UNSUPPORTED
 
     params = vllm.SamplingParams()
     for name, off in UNSUPPORTED.items():
@@ -467,7 +467,7 @@ def test_extra_args_keys_vllm_reads_itself_and_vllm_xargs():
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.v1.request import Request
 
-    from diffusiongemma_vllm.request_validator import VLLM_EXTRA_ARGS
+    from diffusiongemma_vllm.engine.request_validator import VLLM_EXTRA_ARGS
 
     values = {"kv_transfer_params": {"a": 1}, "ec_transfer_params": {"b": 2}, "kv_cache_report_mode": "final"}
     assert set(values) == set(VLLM_EXTRA_ARGS)
@@ -488,7 +488,7 @@ def test_runner_step_hands_sampling_to_sample_and_emits_its_padded_tokens(live):
     multi-token output; `load_model` / `get_model` leaving no model for the worker step."""
     from vllm.v1.outputs import ModelRunnerOutput
 
-    from diffusiongemma_vllm.model import DiffusionGemmaForBlockDiffusion
+    from diffusiongemma_vllm.model.diffusion_gemma import DiffusionGemmaForBlockDiffusion
 
     assert isinstance(live.runner.get_model(), DiffusionGemmaForBlockDiffusion)
     assert len(live.runs) == len(live.steps) == 3  # the worker step ran in every scheduler step
@@ -552,7 +552,7 @@ def test_multi_token_logprobs_rows_follow_the_emitted_tokens(live):
 def test_worker_builds_the_configured_logits_processors(live):
     """Catches vLLM no longer building `model_config.logits_processors` classes in the worker
     with `(vllm_config, device, is_pin_memory)`; the validator then could not be configured."""
-    from diffusiongemma_vllm.request_validator import DiffusionRequestValidator
+    from diffusiongemma_vllm.engine.request_validator import DiffusionRequestValidator
 
     assert any(isinstance(p, DiffusionRequestValidator) for p in live.runs[0].logitsprocs)
 
@@ -577,7 +577,7 @@ def test_kv_cache_groups_and_layer_caches_have_the_geometry_kv_layout_reads(live
     and the CPU layer's `isa`; unequal pages must give the groups different block sizes."""
     from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 
-    from diffusiongemma_vllm.kv_layout import check_caches
+    from diffusiongemma_vllm.engine.kv_layout import check_caches
 
     layers = live.runner.compilation_config.static_forward_context
     groups = live.kv_cache_config.kv_cache_groups
@@ -644,7 +644,7 @@ def test_cpu_worker_builds_its_runner_at_the_end_of_init_device(config, monkeypa
     runner inside init_device. The distributed set-up is skipped: the test process has one."""
     import vllm.v1.worker.cpu_worker as vllm_cpu_worker
 
-    import diffusiongemma_vllm.cpu_worker as plugin_cpu_worker
+    import diffusiongemma_vllm.engine.cpu_worker as plugin_cpu_worker
 
     class VllmRunner(_Built):
         pass
@@ -674,7 +674,7 @@ def test_gpu_worker_builds_its_runner_through_make_model_runner(config, monkeypa
     `diffusion_stats` RPC reads the plugin runner's denoise step."""
     import vllm.v1.worker.workspace as workspace
 
-    import diffusiongemma_vllm.gpu_worker as plugin_gpu_worker
+    import diffusiongemma_vllm.engine.gpu_worker as plugin_gpu_worker
 
     monkeypatch.setattr(workspace, "_manager", workspace._manager)  # restored after the test
     monkeypatch.setattr(plugin_gpu_worker, "DiffusionGemmaGPURunner", _Built)
@@ -703,7 +703,7 @@ def test_collective_rpc_reaches_a_worker_method_by_name(live):
     """Catches `collective_rpc("diffusion_stats")` no longer calling a worker method by name."""
     from vllm.v1.serial_utils import run_method
 
-    from diffusiongemma_vllm.worker_stats import DiffusionStatsMixin
+    from diffusiongemma_vllm.engine.worker_stats import DiffusionStatsMixin
 
     class Worker(DiffusionStatsMixin):
         model_runner = live.runner
@@ -753,7 +753,7 @@ def test_scheduler_cuts_a_canvas_where_live_drafts_cut_it(live, ignore_eos, stop
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.request import Request
 
-    from diffusiongemma_vllm.drafts import DraftPublisher, cut_length
+    from diffusiongemma_vllm.drafts.publisher import DraftPublisher, cut_length
 
     params = vllm.SamplingParams(max_tokens=max_tokens, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)
     params.update_from_generation_config({"eos_token_id": [1, 50]}, eos_token_id=1)  # as the front end does
@@ -781,7 +781,7 @@ def test_a_request_given_no_token_is_rescheduled_for_its_last_token_only_after_r
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.request import Request, RequestStatus
 
-    from diffusiongemma_vllm.scheduler import CanvasScheduler
+    from diffusiongemma_vllm.engine.scheduler import CanvasScheduler
 
     for cls in (Scheduler, CanvasScheduler):
         scheduler = _scheduler(live, cls)
@@ -888,7 +888,7 @@ def test_gpu_backends_write_pages_that_paged_views_reads(config, backend, monkey
     from vllm.v1.kv_cache_layout import KVCacheLayout
     from vllm.v1.worker.utils import allocate_kv_cache
 
-    from diffusiongemma_vllm.kv_layout import paged_views
+    from diffusiongemma_vllm.engine.kv_layout import paged_views
 
     writer = _with_real_triton("vllm.v1.attention.ops.triton_reshape_and_cache_flash")
     writer = writer.triton_reshape_and_cache_flash
@@ -935,11 +935,11 @@ def test_gpu_backends_write_pages_that_paged_views_reads(config, backend, monkey
 
 
 def test_backend_names_the_plugin_accepts_are_vllms(config):
-    """Catches a renamed attention backend: engine_config.py and kv_layout.check_caches accept
+    """Catches a renamed attention backend: engine/config_hook.py and kv_layout.check_caches accept
     caches by `attn_backend.get_name()` and `attention_config.backend.name`."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    from diffusiongemma_vllm.engine_config import READABLE_BACKENDS
+    from diffusiongemma_vllm.engine.config_hook import READABLE_BACKENDS
 
     for names in READABLE_BACKENDS.values():
         for name in names:
@@ -995,7 +995,7 @@ def test_packed_linear_layers_load_through_the_stacked_mapper(layer_config):
     from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
     from vllm.model_executor.models.utils import AutoWeightsLoader
 
-    from diffusiongemma_vllm.model import _weights_mapper
+    from diffusiongemma_vllm.model.diffusion_gemma import _weights_mapper
 
     assert get_tensor_model_parallel_world_size() == 1
     hidden, head, inter = 16, 8, 24
@@ -1170,7 +1170,7 @@ def test_step_counters_ride_in_a_fresh_stats_dict_each_step(live):
     """Catches SchedulerStats losing `num_kv_fetch_reqs_by_stage` (the one open `dict[str, int]`
     the counters ride in), the scheduler no longer returning stats with a step's outputs, or the
     dict being shared between steps (the counters would be counted again)."""
-    from diffusiongemma_vllm.step_metrics import KEY_PREFIX
+    from diffusiongemma_vllm.engine.step_metrics import KEY_PREFIX
 
     dicts = [_stats(step).num_kv_fetch_reqs_by_stage for step in live.steps]
     assert not any(k.startswith(KEY_PREFIX) for k in dicts[0])  # nothing denoised in the first step
@@ -1203,7 +1203,7 @@ def test_stat_logger_plugin_records_the_counters_on_the_served_registry(live):
     from vllm.v1.metrics.loggers import StatLoggerManager, load_stat_logger_plugin_factories
     from vllm.v1.metrics.prometheus import get_prometheus_registry
 
-    from diffusiongemma_vllm.step_metrics import KEY_PREFIX, DiffusionStatLogger
+    from diffusiongemma_vllm.engine.step_metrics import KEY_PREFIX, DiffusionStatLogger
 
     factories = load_stat_logger_plugin_factories()
     assert DiffusionStatLogger in factories
@@ -1218,7 +1218,7 @@ def test_stat_logger_plugin_records_the_counters_on_the_served_registry(live):
     assert b"diffusion_canvases_per_pass" in generate_latest(registry)
 
 
-# --- Quantized checkpoints (model.py, engine_config.py) --------------------------------------
+# --- Quantized checkpoints (model/diffusion_gemma.py, engine/config_hook.py) --------------------------------------
 
 
 def test_quant_config_sees_the_plugins_module_names_and_keeps_fused_shards_in_step():
@@ -1227,14 +1227,14 @@ def test_quant_config_sees_the_plugins_module_names_and_keeps_fused_shards_in_st
     (`configure_quant_config`), `should_ignore_layer` no longer refusing a fused layer whose
     shards disagree (model._ignore_v_rows_with_k appends a full layer's v_proj, which the
     checkpoint does not have, to keep qkv_proj's shards in step), or a renamed
-    `ONLINE_QUANT_SHORTHAND_NAMES` (engine_config.check_quantization)."""
+    `ONLINE_QUANT_SHORTHAND_NAMES` (config_hook.check_quantization)."""
     from vllm.config.quantization import ONLINE_QUANT_SHORTHAND_NAMES
     from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
     from vllm.model_executor.layers.quantization.compressed_tensors.utils import should_ignore_layer
     from vllm.model_executor.model_loader.utils import configure_quant_config
 
-    from diffusiongemma_vllm.model import DiffusionGemmaForBlockDiffusion, _ignore_v_rows_with_k
-    from diffusiongemma_vllm.tiny_quantized import LAYOUTS, _compressed_tensors_config
+    from diffusiongemma_vllm.model.diffusion_gemma import DiffusionGemmaForBlockDiffusion, _ignore_v_rows_with_k
+    from diffusiongemma_vllm.testing.tiny_quantized import LAYOUTS, _compressed_tensors_config
 
     ignored = ["lm_head", "re:.*router", "model.decoder.layers.0.self_attn.q_proj",
                "model.decoder.layers.0.self_attn.k_proj"]  # the checkpoint's names; no v_proj on a full layer
@@ -1253,7 +1253,7 @@ def test_quant_config_sees_the_plugins_module_names_and_keeps_fused_shards_in_st
     assert "online" in ONLINE_QUANT_SHORTHAND_NAMES and all(isinstance(n, str) for n in ONLINE_QUANT_SHORTHAND_NAMES)
 
 
-# --- HTTP (draft_endpoints.py) ---------------------------------------------------------------
+# --- HTTP (drafts/endpoints.py) ---------------------------------------------------------------
 
 
 def test_endpoint_plugin_is_opt_in_and_replaces_vllms_routes_around_their_stream(monkeypatch):
@@ -1272,7 +1272,7 @@ def test_endpoint_plugin_is_opt_in_and_replaces_vllms_routes_around_their_stream
     from vllm.plugins import load_endpoint_plugins, load_plugins_by_group
     from vllm.plugins.endpoint_plugins.interface import attach_endpoint_plugins
 
-    import diffusiongemma_vllm.draft_endpoints as endpoints
+    import diffusiongemma_vllm.drafts.endpoints as endpoints
 
     monkeypatch.delenv("VLLM_PLUGINS", raising=False)
     assert load_endpoint_plugins(("generate",)) == []
@@ -1332,7 +1332,7 @@ def test_stream_ids_come_from_the_request_id_header_or_the_request():
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
 
-    from diffusiongemma_vllm.draft_endpoints import _base_id
+    from diffusiongemma_vllm.drafts.endpoints import _base_id
 
     request = CompletionRequest(model="m", prompt="x")
     for headers in ([], [(b"x-request-id", b"abc")]):

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from .vocab_tiled_sampler import RowStats
+from diffusiongemma_vllm.kernels.vocab_tiled_sampler import RowStats
 
 try:
     import triton

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..noise import gumbel_noise
+from diffusiongemma_vllm.denoise.noise import gumbel_noise
 
 
 @dataclass(frozen=True)

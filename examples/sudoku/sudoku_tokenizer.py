@@ -2,7 +2,7 @@
 
 Every board character ('1'-'9', '.', newline) is exactly one token, so a cell is a canvas
 position. Ids 0..106 are Gemma's special tokens at their real ids (pad 0, eos 1, bos 2, ...;
-`diffusiongemma_vllm.tiny_tokenizer.special_tokens`), so the checkpoint's EOS list
+`diffusiongemma_vllm.testing.tiny_tokenizer.special_tokens`), so the checkpoint's EOS list
 [1, 106, 50] means what it means in the release; the characters follow.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusiongemma_vllm.tiny_tokenizer import CHAT_TEMPLATE, special_tokens
+from diffusiongemma_vllm.testing.tiny_tokenizer import CHAT_TEMPLATE, special_tokens
 
 CHARACTERS = list("123456789.\n ")
 VOCAB_SIZE = 128  # 107 specials + characters, rounded up

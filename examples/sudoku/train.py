@@ -1,7 +1,7 @@
 """Train a small DiffusionGemma to solve Sudoku with the uniform-state diffusion objective.
 
 The model is exactly DiffusionGemma's architecture (transformers' DiffusionGemmaForBlockDiffusion
-built from the release-layout config of `diffusiongemma_vllm.tiny_checkpoint`), so the plugin
+built from the release-layout config of `diffusiongemma_vllm.testing.tiny_checkpoint`), so the plugin
 serves the result with no special casing. Objective (research/sudoku.md section 1.4, small):
 - prompt `<bos>` + the 81-character puzzle ('.' = blank) + newline, clean, through the causal
   encoder (which fills the KV cache the canvas reads);
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import puzzles  # noqa: E402
 from sudoku_tokenizer import VOCAB_SIZE, build_sudoku_tokenizer, save_sudoku_tokenizer  # noqa: E402
 
-from diffusiongemma_vllm.tiny_checkpoint import TinySpec  # noqa: E402
+from diffusiongemma_vllm.testing.tiny_checkpoint import TinySpec  # noqa: E402
 
 CANVAS = 96  # 81 digits + <eos> + <pad> fill
 SPEC = TinySpec(vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_attention_heads=4,

@@ -2,10 +2,10 @@
 
 The main override is `_sample`: vLLM has just run the causal forward of the scheduled
 tokens; instead of sampling one token per request from the last logits, the runner hands
-over to `DenoiseStep` (denoise_step.py), which returns up to one canvas of tokens per
+over to `DenoiseStep` (engine/worker_step.py), which returns up to one canvas of tokens per
 request (`[num_reqs, C]`, -1 padded). vLLM's own bookkeeping then records them exactly as it
 records multi-token speculative output. Everything diffusion-specific lives in
-denoise_step.py; this mixin only wires it in.
+engine/worker_step.py; this mixin only wires it in.
 
 Platform runners live in their own modules (cpu_runner.py, gpu_runner.py) and import only
 their platform's vLLM runner: importing vLLM's CPU worker replaces `torch.cuda` stream and
@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from vllm.v1.outputs import LogprobsTensors, SamplerOutput
 
-from .denoise_step import DenoiseStep, StepOutput
-from .kv_layout import check_caches
+from diffusiongemma_vllm.engine.worker_step import DenoiseStep, StepOutput
+from diffusiongemma_vllm.engine.kv_layout import check_caches
 
 
 class DenoiseStepRunnerMixin:
@@ -41,7 +41,7 @@ class DenoiseStepRunnerMixin:
         check_caches(self)  # start-up, not the first step: a cache the denoise cannot read
 
     def _sample(self, logits, spec_decode_metadata) -> SamplerOutput:
-        assert spec_decode_metadata is None, "engine_config.py refuses speculative decoding"
+        assert spec_decode_metadata is None, "engine/config_hook.py refuses speculative decoding"
         # The plugin draws from its own keyed noise, never from vLLM's per-request generators.
         # vLLM rewinds those for requests whose prefill chunk sampled nothing, and a CPU
         # generator cannot rewind ("CPU Generator does not use offset"): drop them.

@@ -21,8 +21,8 @@ from unittest import mock
 
 import torch
 
-from .config import SamplerConfig
-from .noise import CanvasNoise
+from diffusiongemma_vllm.model.config import SamplerConfig
+from diffusiongemma_vllm.denoise.noise import CanvasNoise
 
 
 @dataclass

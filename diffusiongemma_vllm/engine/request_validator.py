@@ -1,13 +1,13 @@
 """Admission-time validation of DiffusionGemma requests (a 400 / ValueError, never a crash).
 
 vLLM calls a logits processor's `validate_params` for every request in the front-end
-process before it reaches the engine; engine_config.py installs this class for the
+process before it reaches the engine; engine/config_hook.py installs this class for the
 DiffusionGemma architecture only. It changes no logits. It rejects, naming the field:
 - a bad diffusion knob (`extra_args` / `vllm_xargs`, named like generation_config.json's
   fields), judged against the defaults the worker will combine it with: the served
   checkpoint's generation_config.json, registered here by the config hook (`serve_defaults`)
   for as long as that engine's config lives;
-- an `extra_args` key that is neither a knob, a live-draft setting (drafts.py) nor one vLLM
+- an `extra_args` key that is neither a knob, a live-draft setting (drafts/publisher.py) nor one vLLM
   itself reads (a typo would otherwise be ignored without a word);
 - a sampling feature the block-diffusion sampler does not implement.
 `temperature`, `top_p` and `top_k` are accepted and do not apply (the knobs' schedule is the
@@ -21,8 +21,8 @@ import weakref
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
-from .config import SAMPLER_FIELDS, SamplerConfig
-from .drafts import DRAFT_ARGS, check_draft_args
+from diffusiongemma_vllm.model.config import SAMPLER_FIELDS, SamplerConfig
+from diffusiongemma_vllm.drafts.publisher import DRAFT_ARGS, check_draft_args
 
 # extra_args keys vLLM reads itself (v1/request.py: disaggregated prefill and KV reporting).
 VLLM_EXTRA_ARGS = ("kv_transfer_params", "ec_transfer_params", "kv_cache_report_mode")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from .model_runner import DenoiseStepRunnerMixin
+from diffusiongemma_vllm.engine.model_runner import DenoiseStepRunnerMixin
 
 
 class DiffusionGemmaGPURunner(DenoiseStepRunnerMixin, GPUModelRunner):

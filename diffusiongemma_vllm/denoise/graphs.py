@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from .denoise import CanvasBatch, RowStatsFn, RunPass, Unembedding, denoise_pass
+from diffusiongemma_vllm.denoise.loop import CanvasBatch, RowStatsFn, RunPass, Unembedding, denoise_pass
 
 LADDER = (1, 2, 4, 8, 16, 32, 64)
 logger = logging.getLogger(__name__)

@@ -49,12 +49,12 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
-from .canvas_context import PagedPrefix, canvas_pass_for
-from .checkpoint import checked_text_weights, quantized_format
-from .config import BackboneConfig, LayerAttention
-from .denoise import Unembedding
-from .kernels.canvas_attention import naive_canvas_attention
-from .kernels.paged_canvas_attention import paged_canvas_attention
+from diffusiongemma_vllm.model.canvas_context import PagedPrefix, canvas_pass_for
+from diffusiongemma_vllm.model.checkpoint import checked_text_weights, quantized_format
+from diffusiongemma_vllm.model.config import BackboneConfig, LayerAttention
+from diffusiongemma_vllm.denoise.loop import Unembedding
+from diffusiongemma_vllm.kernels.canvas_attention import naive_canvas_attention
+from diffusiongemma_vllm.kernels.paged_canvas_attention import paged_canvas_attention
 
 
 class GatedMLP(nn.Module):

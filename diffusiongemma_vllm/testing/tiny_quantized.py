@@ -111,7 +111,7 @@ def release_quantization_config(layout: str) -> dict:
     the release shapes, where no tensor is read but every layer's method must match."""
     from compressed_tensors import __version__ as ct_version
 
-    from .tiny_checkpoint import RELEASE_SPEC, RELEASE_VISION_CONFIG
+    from diffusiongemma_vllm.testing.tiny_checkpoint import RELEASE_SPEC, RELEASE_VISION_CONFIG
 
     spec, weights = LAYOUTS[layout], []
     for i, kind in enumerate(RELEASE_SPEC.layer_types):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .canvas_context import CanvasPass, PrefixKV, canvas_forward_context
+from diffusiongemma_vllm.model.canvas_context import CanvasPass, PrefixKV, canvas_forward_context
 
 
 def _free_port() -> int:
@@ -35,7 +35,7 @@ def load_standalone(model_dir: str, dtype: str = "float32", max_model_len: int =
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader import get_model
 
-    from . import register
+    from diffusiongemma_vllm import register
 
     register()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -6,7 +6,7 @@ pass counter and seeded draws (noise.py). A canvas's whole state lives on the de
 the model, samples (sampler.py; the GEMM sampler on CUDA, the vocab-tiled torch one
 elsewhere, drawing the same tokens), and updates only the canvases still running, so a
 halted canvas stays frozen however many passes follow. That makes a run of passes a fixed
-sequence of kernels, which `denoise_graphs.py` captures as CUDA graphs.
+sequence of kernels, which `denoise/graphs.py` captures as CUDA graphs.
 
 `denoise_canvases` drives the passes: after each pass (or each replayed run of passes) it
 reads which canvases halted, the loop's only host synchronisation, collects their argmax
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from . import noise
-from .config import SamplerConfig
-from .kernels.vocab_tiled_sampler import RowStats, vocab_tiled_row_stats
-from .sampler import PassResult, decide, unchanged_passes
+from diffusiongemma_vllm.denoise import noise
+from diffusiongemma_vllm.model.config import SamplerConfig
+from diffusiongemma_vllm.kernels.vocab_tiled_sampler import RowStats, vocab_tiled_row_stats
+from diffusiongemma_vllm.denoise.sampler import PassResult, decide, unchanged_passes
 
 RunPass = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 RowStatsFn = Callable[..., RowStats]
@@ -136,7 +136,7 @@ def row_stats_for(device: torch.device) -> RowStatsFn:
     """The sampler statistics for `device`: the GEMM sampler on CUDA (cuBLAS products, Triton
     statistics; kernels/gemm_sampler.py), else the vocab-tiled torch path."""
     if device.type == "cuda":
-        from .kernels.gemm_sampler import gemm_row_stats, triton
+        from diffusiongemma_vllm.kernels.gemm_sampler import gemm_row_stats, triton
 
         if triton is not None:
             return gemm_row_stats
@@ -209,7 +209,7 @@ def denoise_canvases(jobs: list[CanvasJob], canvas_length: int, run_pass: RunPas
     halting-pass hidden states, from which its logprobs come (kernels/top_logprobs.py).
     `on_pass(batch, slots)`, if given, sees the batch after each pass (or replay) and before
     halted canvases leave it, `slots` [n] being each canvas's job index (live drafts,
-    drafts.py); it must only read."""
+    drafts/publisher.py); it must only read."""
     device = torch.device(device)
     weight = unembedding.weight
     row_stats = row_stats_for(device)

@@ -57,7 +57,7 @@ def _cpu_page_permutation(isa: str, dtype: torch.dtype, head_dim: int, block_siz
 
 def check_caches(runner) -> None:
     """Refuse, at start-up, KV caches the denoise attention would misread (naming the layer)."""
-    from .engine_config import check_backend_name
+    from diffusiongemma_vllm.engine.config_hook import check_backend_name
 
     platform = "cpu" if runner.device.type == "cpu" else "gpu"
     layers = runner.compilation_config.static_forward_context

@@ -1,7 +1,7 @@
 """Live drafts, API-server side: the worker's drafts received and woven into an SSE stream.
 
 `DraftSubscriber` is one ZeroMQ SUB socket per API-server process, connected at start-up to
-the worker's PUB socket (`$DIFFUSIONGEMMA_DRAFTS`, drafts.py); one task reads it and hands
+the worker's PUB socket (`$DIFFUSIONGEMMA_DRAFTS`, drafts/publisher.py); one task reads it and hands
 each message to the queue of the request whose key it carries (messages for keys nobody
 waits for, e.g. a stream whose client left, are dropped).
 
@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from .drafts import CLOSE, Message
+from diffusiongemma_vllm.drafts.publisher import CLOSE, Message
 
 QUEUE_SIZE = 4096  # drafts held for one stream whose client reads slowly; more are dropped
 logger = logging.getLogger(__name__)

@@ -10,9 +10,9 @@ tokens (vLLM's `discard_request_mask` is False for it). For every ready request 
    sliding layers read only the last window-1 tokens, the only ones vLLM keeps;
 2. denoises a fresh canvas at positions [L, L + C) with all other ready canvases in the
    same passes (at most max_num_batched_tokens // C canvases per pass, the activation size
-   vLLM reserved memory for; more take turns), until each halts (denoise.py), without
+   vLLM reserved memory for; more take turns), until each halts (denoise/loop.py), without
    returning to the scheduler; on GPU
-   the passes replay CUDA graphs (denoise_graphs.py) unless the engine runs with
+   the passes replay CUDA graphs (denoise/graphs.py) unless the engine runs with
    `enforce_eager`;
 3. emits the argmax canvas (trimmed at max_model_len) as the request's sampled tokens.
 The scheduler appends them, applies EOS / stop ids / max_tokens (trimming inside the
@@ -30,7 +30,7 @@ with the step that ends the prompt and requires a token with them.
 Per-request settings: the checkpoint's generation_config.json, overridden by the request's
 `extra_args` (validated at admission by request_validator.py); the seed is the request's
 `seed`, or a random one kept for its lifetime. A request that asked for live drafts has its
-canvas's argmax published every `draft_every` passes (drafts.py); the others add no work.
+canvas's argmax published every `draft_every` passes (drafts/publisher.py); the others add no work.
 """
 
 from __future__ import annotations
@@ -43,14 +43,14 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 import torch
 
-from .canvas_context import CanvasPass, PagedPrefix, PrefixKV, canvas_forward_context
-from .config import SamplerConfig, passes_per_step
-from .denoise import CanvasBatch, CanvasJob, denoise_canvases, row_stats_for
-from .denoise_graphs import DenoiseGraphs, ladder_for
-from .drafts import DraftPublisher
-from .kernels.top_logprobs import TopLogprobs, top_logprobs
-from .kv_layout import paged_views, read_tokens
-from .step_metrics import StepMetrics
+from diffusiongemma_vllm.model.canvas_context import CanvasPass, PagedPrefix, PrefixKV, canvas_forward_context
+from diffusiongemma_vllm.model.config import SamplerConfig, passes_per_step
+from diffusiongemma_vllm.denoise.loop import CanvasBatch, CanvasJob, denoise_canvases, row_stats_for
+from diffusiongemma_vllm.denoise.graphs import DenoiseGraphs, ladder_for
+from diffusiongemma_vllm.drafts.publisher import DraftPublisher
+from diffusiongemma_vllm.kernels.top_logprobs import TopLogprobs, top_logprobs
+from diffusiongemma_vllm.engine.kv_layout import paged_views, read_tokens
+from diffusiongemma_vllm.engine.step_metrics import StepMetrics
 
 
 @dataclass
@@ -102,7 +102,7 @@ class DenoiseStep:
         self.paged_inputs: PagedStepInputs | None = None  # GPU: built at the first step
         self.paged_run_pass = None  # GPU: the run_pass over paged_inputs
         self.graphs: DenoiseGraphs | None = None
-        self.drafts = DraftPublisher.from_env()  # live drafts (drafts.py); bound now, before any request
+        self.drafts = DraftPublisher.from_env()  # live drafts (drafts/publisher.py); bound now, before any request
 
     def _settings(self, req_id: str, sampling_params) -> _RequestSettings:
         if req_id not in self.settings:

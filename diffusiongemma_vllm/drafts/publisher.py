@@ -1,7 +1,7 @@
 """Live drafts, worker side: a denoising canvas's current argmax, published every N passes.
 
 A request opts in with `extra_args={"draft_every": N, "draft_key": KEY}` (over HTTP the
-endpoint plugin, draft_endpoints.py, sets the key on streamed requests that ask for
+endpoint plugin, drafts/endpoints.py, sets the key on streamed requests that ask for
 `draft_every`). While its canvas denoises, after every pass whose number is a multiple of N
 the worker publishes the canvas's argmax, the tokens the canvas would commit if it halted
 then, cut where vLLM's scheduler would cut it (max_tokens, max_model_len, EOS and stop token
@@ -12,7 +12,7 @@ Why a side channel: nothing on vLLM's worker -> engine core -> API server path c
 per-request data in the middle of a step (ModelRunnerOutput and EngineCoreOutput are fixed
 structs, and a whole canvas is denoised inside one step). So the worker publishes on a ZeroMQ
 PUB socket (pyzmq is a vLLM dependency) bound to the address in `DIFFUSIONGEMMA_DRAFTS`, and
-each API server process subscribes to it (draft_stream.py, wired in by draft_endpoints.py).
+each API server process subscribes to it (drafts/stream.py, wired in by drafts/endpoints.py).
 `register()` sets that variable in the first vLLM process (the API server, or the `LLM`
 process) before vLLM starts its engine, whose processes inherit it; each server gets its own
 `ipc://` address. The worker binds at start-up, not at the first draft, so subscribers are
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import DRAFTS_ENV as ENV
+from diffusiongemma_vllm import DRAFTS_ENV as ENV
 
 DRAFT_ARGS = ("draft_every", "draft_key")
 HEADER = struct.Struct("<Bqqq")  # kind, block, pass, text tokens

@@ -1,4 +1,4 @@
-"""vLLM's CPU worker building the plugin's CPU runner (engine_config.py selects it on CPU).
+"""vLLM's CPU worker building the plugin's CPU runner (engine/config_hook.py selects it on CPU).
 
 Only CPU processes may import this module: vLLM's CPU worker replaces `torch.cuda` stream
 and memory functions for the whole process when imported.
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from .cpu_runner import DiffusionGemmaCPURunner
-from .worker_stats import DiffusionStatsMixin
+from diffusiongemma_vllm.engine.cpu_runner import DiffusionGemmaCPURunner
+from diffusiongemma_vllm.engine.worker_stats import DiffusionStatsMixin
 
 
 class DiffusionGemmaCPUWorker(DiffusionStatsMixin, CPUWorker):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
-from .model_runner import DenoiseStepRunnerMixin
+from diffusiongemma_vllm.engine.model_runner import DenoiseStepRunnerMixin
 
 
 class DiffusionGemmaCPURunner(DenoiseStepRunnerMixin, CPUModelRunner):

@@ -1,11 +1,11 @@
-"""vLLM's GPU worker building the plugin's GPU runner (engine_config.py selects it on GPU)."""
+"""vLLM's GPU worker building the plugin's GPU runner (engine/config_hook.py selects it on GPU)."""
 
 from __future__ import annotations
 
 from vllm.v1.worker.gpu_worker import Worker
 
-from .gpu_runner import DiffusionGemmaGPURunner
-from .worker_stats import DiffusionStatsMixin
+from diffusiongemma_vllm.engine.gpu_runner import DiffusionGemmaGPURunner
+from diffusiongemma_vllm.engine.worker_stats import DiffusionStatsMixin
 
 
 class DiffusionGemmaGPUWorker(DiffusionStatsMixin, Worker):

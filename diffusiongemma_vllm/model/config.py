@@ -208,7 +208,7 @@ def _check_int(obj, name: str, low: int, high: int) -> None:
 
 
 def passes_per_step(additional_config) -> int | None:
-    """The engine's `additional_config["passes_per_step"]` (denoise_step.py): the most denoise
+    """The engine's `additional_config["passes_per_step"]` (engine/worker_step.py): the most denoise
     passes one scheduler step runs, or None (absent) for whole canvases in every step."""
     value = (additional_config or {}).get("passes_per_step") if isinstance(additional_config, dict) else None
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

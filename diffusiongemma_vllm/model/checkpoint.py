@@ -24,7 +24,7 @@ published ones (research notes in tiny_quantized.py, which writes tiny copies of
 Quantized experts are stored one linear per expert and projection
 (`experts.{e}.{gate,up,down}_proj`), not as the fused banks. Which linears are quantized is
 not re-derived from the config's targets and ignore list here: the caller passes the modules
-vLLM built with a quantization method (model.py), so this check and vLLM's loaders agree by
+vLLM built with a quantization method (model/diffusion_gemma.py), so this check and vLLM's loaders agree by
 construction, and a scale tensor for a module the config leaves in bf16 (the tied
 embedding, routers, self-conditioning, or attention in the NVFP4 releases) is an unexpected
 tensor, named.
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import BackboneConfig, CheckpointError
+from diffusiongemma_vllm.model.config import BackboneConfig, CheckpointError
 
 TEXT_PREFIX = "model.decoder."
 ENCODER_SCALAR = "model.encoder.language_model.layers."

@@ -88,7 +88,7 @@ def uniform_tokens(keys: torch.Tensor, canvas_length: int, vocab_size: int) -> t
     """[n, C] tokens philox_bits(keys[n], c) % vocab_size: one Triton kernel on CUDA
     (kernels/philox_tokens.py), the torch Philox elsewhere."""
     if keys.is_cuda:
-        from .kernels.philox_tokens import philox_tokens, triton
+        from diffusiongemma_vllm.kernels.philox_tokens import philox_tokens, triton
 
         if triton is not None:
             return philox_tokens(keys, canvas_length, vocab_size)

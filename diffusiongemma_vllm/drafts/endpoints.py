@@ -3,13 +3,13 @@
 `DraftEndpoints` is the `vllm.endpoint_plugins` entry point `diffusiongemma`. It replaces
 `POST /v1/completions` and `POST /v1/chat/completions` with routes that call vLLM's own route
 functions and, for a streamed request whose `vllm_xargs` has `draft_every`, weave the
-worker's drafts into vLLM's stream (draft_stream.py); every other request goes to vLLM's route
+worker's drafts into vLLM's stream (drafts/stream.py); every other request goes to vLLM's route
 untouched. It also serves `GET /playground` (playground.html), which shows a prompt's
 canvases denoising pass by pass from that stream.
 
 How a draft travels: the streamed request gets a fresh `draft_key` in its `vllm_xargs`
 (extra_args); the worker publishes the canvas's argmax under that key on a ZeroMQ PUB socket
-(drafts.py) every `draft_every` passes; this process's SUB socket (`DraftSubscriber`) hands
+(drafts/publisher.py) every `draft_every` passes; this process's SUB socket (`DraftSubscriber`) hands
 it to the request's stream. No vLLM structure carries it: nothing on the worker -> engine
 core -> API server path holds per-request data in the middle of a step.
 
@@ -40,9 +40,9 @@ from vllm.entrypoints.openai.completion import api_router as vllm_completion
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
-from . import ARCHITECTURE, DRAFTS_ENV
-from .draft_stream import DraftFormat, DraftSubscriber, with_drafts
-from .drafts import check_draft_args
+from diffusiongemma_vllm import ARCHITECTURE, DRAFTS_ENV
+from diffusiongemma_vllm.drafts.stream import DraftFormat, DraftSubscriber, with_drafts
+from diffusiongemma_vllm.drafts.publisher import check_draft_args
 
 logger = logging.getLogger(__name__)
 router = APIRouter()

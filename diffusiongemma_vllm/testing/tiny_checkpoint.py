@@ -22,7 +22,7 @@ tokenizer padded to the full 262144-token vocabulary so that every id detokenize
 Quantized copies in the layouts of the published FP8 and NVFP4 releases: tiny_quantized.py
 (`--quantized fp8-dynamic|nvfp4|nvfp4-modelopt` here).
 
-CLI: `python -m diffusiongemma_vllm.tiny_checkpoint OUT_DIR [--seed N] [--ar-twin] [--release] [--quantized L] ...`
+CLI: `python -m diffusiongemma_vllm.testing.tiny_checkpoint OUT_DIR [--seed N] [--ar-twin] [--release] [--quantized L] ...`
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .config import SamplerConfig
-from .tiny_tokenizer import save_tokenizer
+from diffusiongemma_vllm.model.config import SamplerConfig
+from diffusiongemma_vllm.testing.tiny_tokenizer import save_tokenizer
 
 # The released generation_config.json of google/diffusiongemma-26B-A4B-it.
 RELEASE_GENERATION_CONFIG = {
@@ -303,7 +303,7 @@ def main(argv=None) -> None:
     if args.quantized:
         import tempfile
 
-        from .tiny_quantized import build_quantized_checkpoint
+        from diffusiongemma_vllm.testing.tiny_quantized import build_quantized_checkpoint
 
         with tempfile.TemporaryDirectory() as source:
             build_tiny_checkpoint(source, spec, seed=args.seed)

@@ -1,6 +1,6 @@
 """vLLM's V1 scheduler, taught that a request may spend several steps on one canvas.
 
-With `passes_per_step` set (denoise_step.py), the worker runs at most that many denoise passes
+With `passes_per_step` set (engine/worker_step.py), the worker runs at most that many denoise passes
 per scheduler step, so a request that arrives mid-block gets its prefill scheduled within a
 few passes instead of after the whole block. A canvas still denoising at the end of a step
 emits nothing for its request. The stock scheduler would then never schedule that request
@@ -12,7 +12,7 @@ received none (not a partial prompt chunk) has its last token marked as not comp
 next step schedules that one token again: no new KV slot (its block is already allocated),
 and the worker sees the request ready with the same context length and resumes its canvas.
 Without `passes_per_step` every ready request emits a canvas each step and this changes
-nothing. It also forwards the worker step's counters into the step's stats (step_metrics.py). Requires synchronous scheduling (engine_config.py turns async scheduling off) and
+nothing. It also forwards the worker step's counters into the step's stats (step_metrics.py). Requires synchronous scheduling (engine/config_hook.py turns async scheduling off) and
 no speculative decoding (the runner rejects it).
 """
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
-from .step_metrics import attach_to_stats
+from diffusiongemma_vllm.engine.step_metrics import attach_to_stats
 
 
 class CanvasScheduler(Scheduler):

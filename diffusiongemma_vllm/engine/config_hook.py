@@ -46,18 +46,18 @@ import os
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import Gemma4Config, VerifyAndUpdateConfig
 
-from .checkpoint import quantized_format
-from .config import SamplerConfig, passes_per_step
-from .request_validator import serve_defaults
+from diffusiongemma_vllm.model.checkpoint import quantized_format
+from diffusiongemma_vllm.model.config import SamplerConfig, passes_per_step
+from diffusiongemma_vllm.engine.request_validator import serve_defaults
 
 logger = init_logger(__name__)
 
 WORKERS = {
-    "cpu": "diffusiongemma_vllm.cpu_worker.DiffusionGemmaCPUWorker",
-    "gpu": "diffusiongemma_vllm.gpu_worker.DiffusionGemmaGPUWorker",
+    "cpu": "diffusiongemma_vllm.engine.cpu_worker.DiffusionGemmaCPUWorker",
+    "gpu": "diffusiongemma_vllm.engine.gpu_worker.DiffusionGemmaGPUWorker",
 }
-VALIDATOR = "diffusiongemma_vllm.request_validator:DiffusionRequestValidator"
-SCHEDULER = "diffusiongemma_vllm.scheduler.CanvasScheduler"  # a string: the config is pickled to the engine
+VALIDATOR = "diffusiongemma_vllm.engine.request_validator:DiffusionRequestValidator"
+SCHEDULER = "diffusiongemma_vllm.engine.scheduler.CanvasScheduler"  # a string: the config is pickled to the engine
 # Attention backends whose KV pages kv_layout.py reads (tests/test_vllm_contract.py checks them).
 READABLE_BACKENDS = {"cpu": ("CPU_ATTN",), "gpu": ("FLASH_ATTN", "TRITON_ATTN")}
 

@@ -1,0 +1,2 @@
+"""vLLM hooks: the config hook, scheduler, admission checks, the worker step and the platform
+workers and runners that run it, the KV cache reads, and the counters sent to /metrics."""
