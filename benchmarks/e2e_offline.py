@@ -256,8 +256,9 @@ REFERENCE_REQUESTS = [  # (prompt length, seed, knobs), as tests/test_reference_
 REFERENCE_BLOCKS = 2  # canvases per request
 
 
-def reference_tokens(model_dir: str, device: str) -> list[list[int]]:
-    """transformers' generate on the plugin's draws (reference.py), on `device`."""
+def reference_tokens(model_dir: str, device: str) -> list[tuple[list[int], "torch.Tensor"]]:
+    """transformers' generate on the plugin's draws (reference.py), on `device`: each request's
+    tokens and its halting passes' materialised logits at temperature 1 ([tokens, V], CPU)."""
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion
 
@@ -270,7 +271,7 @@ def reference_tokens(model_dir: str, device: str) -> list[list[int]]:
     for length, seed, knobs in REFERENCE_REQUESTS:
         ids = reference_prompt(length, seed)
         trace = reference_generate(target, ids, seed, REFERENCE_BLOCKS, SamplerConfig().with_request_overrides(knobs))
-        out.append(trace.sequences[0, length:].tolist())
+        out.append((trace.sequences[0, length:].tolist(), torch.cat(trace.final_logits).float().cpu()))
     del model, target
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -310,18 +311,38 @@ def compare_with_transformers(llm, model: str, settings: Settings, checks: Check
     device = "cpu" if settings.cpu else "cuda"
     start = time.time()
     expected = reference_tokens(model, device)
-    checks.measure(f"{name}_reference", {"device": device, "tokens": [len(e) for e in expected],
+    checks.measure(f"{name}_reference", {"device": device, "tokens": [len(e) for e, _ in expected],
                                          "s": round(time.time() - start, 1)})
     requests = [TokensPrompt(prompt_token_ids=reference_prompt(n, seed)) for n, seed, _ in REFERENCE_REQUESTS]
-    sampling = [SamplingParams(max_tokens=len(ref), ignore_eos=True, seed=seed, extra_args=knobs)
-                for (_, seed, knobs), ref in zip(REFERENCE_REQUESTS, expected)]
+    sampling = [SamplingParams(max_tokens=len(ref), ignore_eos=True, seed=seed, extra_args=knobs, logprobs=LOGPROBS_K)
+                for (_, seed, knobs), (ref, _) in zip(REFERENCE_REQUESTS, expected)]
     outs = llm.generate(requests, sampling, use_tqdm=False)
-    pairs = [agreement(list(o.outputs[0].token_ids), ref) for o, ref in zip(outs, expected)]
+    pairs = [agreement(list(o.outputs[0].token_ids), ref) for o, (ref, _) in zip(outs, expected)]
+    logprobs = [logprob_agreement(o.outputs[0].logprobs, logits) for o, (_, logits) in zip(outs, expected)]
     if exact:
         checks.check(name, all(p["equal"] for p in pairs), pairs)
+        checks.check(f"{name}_logprobs", all(lp["top_equal"] == 1.0 and lp["max_abs_err"] < 1e-3 for lp in logprobs),
+                     logprobs)
     else:
         checks.measure(name, pairs)
+        checks.measure(f"{name}_logprobs", logprobs)
     return pairs
+
+
+LOGPROBS_K = 3
+
+
+def logprob_agreement(entries, logits) -> dict:
+    """The engine's logprobs against transformers' materialised halting-pass logits: the
+    fraction of positions whose top-k ids are the reference's, and the largest error of any
+    returned logprob (README "Logprobs" defines them)."""
+    import torch
+
+    want = torch.log_softmax(logits, dim=-1)
+    top = want.topk(LOGPROBS_K).indices.tolist()
+    same = sum(set(ids) <= set(entry) for ids, entry in zip(top, entries))
+    err = max(abs(lp.logprob - want[i, token].item()) for i, entry in enumerate(entries) for token, lp in entry.items())
+    return {"positions": len(entries), "top_equal": same / max(len(entries), 1), "max_abs_err": err}
 
 
 def fp32_stage(checks: Checks, settings: Settings) -> None:
