@@ -21,8 +21,9 @@ architecture name in place of vLLM's in-tree one:
   and vLLM's data-parallel MoE runs its ranks' forwards in lockstep, which the loop's
   extra passes would break;
 - rejects the other settings the worker step cannot honour, naming each, so they fail here
-  and not at the first step: speculative decoding, a logprobs mode other than raw_logprobs, a KV cache dtype other than the model's
-  (the denoise attention reads the cache as the model dtype), an explicitly chosen attention
+  and not at the first step: speculative decoding, a logprobs mode other than raw_logprobs,
+  a KV cache dtype other than the model's (the denoise attention reads the cache as the model
+  dtype), an explicitly chosen attention
   backend whose page layout kv_layout.py does not read (the runner re-checks the backends
   vLLM actually chose, at start-up: model_runner.py);
 - refuses quantization methods whose checkpoint layout the plugin does not load, naming the
@@ -134,9 +135,8 @@ class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
             logger.warning("DiffusionGemma: async scheduling turned off (it assumes one token per request "
                            "and step; the plugin emits a canvas)")
         vllm_config.scheduler_config.async_scheduling = False
-        passes_per_step(vllm_config.additional_config)  # a bad value fails here, naming the setting
-        generation = model_config.try_get_generation_config() or {}
-        serve_defaults(model_config, SamplerConfig.from_generation_config(generation))
+        steps = passes_per_step(vllm_config.additional_config)  # a bad value fails here, naming the setting
+        serve_defaults(model_config, SamplerConfig.served_by(model_config))
         if vllm_config.scheduler_config.scheduler_cls is None:
             vllm_config.scheduler_config.scheduler_cls = SCHEDULER
         if vllm_config.parallel_config.worker_cls == "auto":
@@ -151,4 +151,4 @@ class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
                     "off, passes per step %s", vllm_config.parallel_config.worker_cls,
                     vllm_config.scheduler_config.scheduler_cls,
                     "V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)" if platform == "gpu" else "CPU model runner",
-                    passes_per_step(vllm_config.additional_config) or "unbounded (whole canvases)")
+                    steps or "unbounded (whole canvases)")

@@ -16,9 +16,9 @@ start-up, after vLLM allocated the caches: every layer's backend must be one who
 these functions read, and its cache must have the geometry they assume. Block tables
 count blocks of the group's manager block size (`kv_cache_spec.block_size`); a cache tensor's
 kernel block (`kv_cache.shape[2]`) may be smaller (one manager block is then several
-consecutive kernel blocks), never larger. The GPU layout is the one
-vLLM 0.32's FLASH_ATTN and TRITON_ATTN write (their split is asserted in
-tests/test_vllm_contract.py); it has not yet been exercised on a GPU.
+consecutive kernel blocks), never larger. The GPU layout is the one vLLM 0.32's FLASH_ATTN
+and TRITON_ATTN write (tests/test_vllm_contract.py runs their writers against `paged_views`);
+it has not yet been exercised on a GPU.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ DiffusionGemma architecture only. It changes no logits. It rejects, naming the f
   fields), judged against the defaults the worker will combine it with: the served
   checkpoint's generation_config.json, registered here by the config hook (`serve_defaults`)
   for as long as that engine's config lives;
-- an `extra_args` key that is neither a knob, a live-draft setting (drafts/publisher.py) nor one vLLM
-  itself reads (a typo would otherwise be ignored without a word);
+- an `extra_args` key that is neither a knob, a live-draft setting (drafts/publisher.py) nor
+  one vLLM itself reads (a typo would otherwise be ignored without a word);
 - a sampling feature the block-diffusion sampler does not implement.
 `temperature`, `top_p` and `top_k` are accepted and do not apply (the knobs' schedule is the
 sampling temperature), as in transformers' DiffusionGemma; the README says so.

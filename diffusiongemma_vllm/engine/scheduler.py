@@ -1,7 +1,7 @@
 """vLLM's V1 scheduler, taught that a request may spend several steps on one canvas.
 
-With `passes_per_step` set (engine/worker_step.py), the worker runs at most that many denoise passes
-per scheduler step, so a request that arrives mid-block gets its prefill scheduled within a
+With `passes_per_step` set (engine/worker_step.py), the worker runs at most that many denoise
+passes per scheduler step, so a request that arrives mid-block gets its prefill scheduled within a
 few passes instead of after the whole block. A canvas still denoising at the end of a step
 emits nothing for its request. The stock scheduler would then never schedule that request
 again: it counted the step's token as computed when it scheduled it, and with no new token
@@ -12,8 +12,9 @@ received none (not a partial prompt chunk) has its last token marked as not comp
 next step schedules that one token again: no new KV slot (its block is already allocated),
 and the worker sees the request ready with the same context length and resumes its canvas.
 Without `passes_per_step` every ready request emits a canvas each step and this changes
-nothing. It also forwards the worker step's counters into the step's stats (step_metrics.py). Requires synchronous scheduling (engine/config_hook.py turns async scheduling off) and
-no speculative decoding (the runner rejects it).
+nothing. It also forwards the worker step's counters into the step's stats (step_metrics.py).
+Requires synchronous scheduling (engine/config_hook.py turns async scheduling off) and no
+speculative decoding (the config hook refuses it).
 """
 
 from __future__ import annotations

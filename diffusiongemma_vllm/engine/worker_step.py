@@ -11,9 +11,8 @@ tokens (vLLM's `discard_request_mask` is False for it). For every ready request 
 2. denoises a fresh canvas at positions [L, L + C) with all other ready canvases in the
    same passes (at most max_num_batched_tokens // C canvases per pass, the activation size
    vLLM reserved memory for; more take turns), until each halts (denoise/loop.py), without
-   returning to the scheduler; on GPU
-   the passes replay CUDA graphs (denoise/graphs.py) unless the engine runs with
-   `enforce_eager`;
+   returning to the scheduler; on GPU the passes replay CUDA graphs (denoise/graphs.py)
+   unless the engine runs with `enforce_eager`;
 3. emits the argmax canvas (trimmed at max_model_len) as the request's sampled tokens.
 The scheduler appends them, applies EOS / stop ids / max_tokens (trimming inside the
 canvas), and next step schedules the emitted tokens again: that pass is the commit.
@@ -64,6 +63,13 @@ class DiffusionStats:
     canvas_passes: Counter[int] = field(default_factory=Counter)  # passes -> canvases that took that many
     largest_pass: int = 0  # most canvases denoised together in one pass
 
+    def record_step(self, canvas_passes: list[int], pass_sizes: list[int]) -> None:
+        self.steps += 1
+        self.passes += len(pass_sizes)
+        self.canvases += len(canvas_passes)
+        self.canvas_passes.update(canvas_passes)
+        self.largest_pass = max(self.largest_pass, *pass_sizes, 0)
+
     def as_dict(self) -> dict:
         return {"steps": self.steps, "passes": self.passes, "canvases": self.canvases,
                 "passes_per_step": self.passes / max(self.steps, 1), "canvas_passes": dict(self.canvas_passes),
@@ -88,8 +94,7 @@ class DenoiseStep:
         self.vllm_config = vllm_config
         self.device = device
         self.canvas_length = model.cfg.canvas_length
-        generation = vllm_config.model_config.try_get_generation_config() or {}
-        self.default_sampler = SamplerConfig.from_generation_config(generation)
+        self.default_sampler = SamplerConfig.served_by(vllm_config.model_config)
         self.settings: dict[str, _RequestSettings] = {}
         self.passes_per_step = passes_per_step(vllm_config.additional_config)
         self.pending: dict[str, tuple[int, CanvasBatch]] = {}  # request -> (context length, unfinished canvas)
@@ -164,11 +169,7 @@ class DenoiseStep:
             out.tokens[i, :emit] = tokens[slot, :emit]
         finished = passes[passes >= 0].tolist()
         sizes = [size for turn in turns for size in turn.pass_sizes]
-        self.stats.steps += 1
-        self.stats.passes += len(sizes)
-        self.stats.canvases += len(finished)
-        self.stats.canvas_passes.update(finished)
-        self.stats.largest_pass = max(self.stats.largest_pass, *sizes, 0)
+        self.stats.record_step(finished, sizes)
         self.metrics.record_step(finished, sizes, len(self.pending), time.perf_counter() - started)
         return out
 
@@ -182,9 +183,10 @@ class DenoiseStep:
         hidden = turn.hidden[index].flatten(0, 1)  # [jobs * C, H]
         tokens = turn.tokens[jobs].flatten().to(self.device)
         result = top_logprobs(hidden, self.unembedding.weight, self.unembedding.softcap, tokens, k)
+        on_host = [getattr(result, f.name).cpu() for f in fields(result)]
         for n, job in enumerate(jobs):
             span = slice(n * self.canvas_length, (n + 1) * self.canvas_length)
-            out.logprobs[rows[job]] = TopLogprobs(*(getattr(result, f.name)[span].cpu() for f in fields(result)))
+            out.logprobs[rows[job]] = TopLogprobs(*(field[span] for field in on_host))
 
     def _pass_runner(self, context_lens: torch.Tensor, prefixes: dict[str, PrefixKV | PagedPrefix]):
         """run_pass over canvases whose request inputs sit at `rows` of `context_lens` and of

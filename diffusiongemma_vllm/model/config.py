@@ -173,6 +173,12 @@ class SamplerConfig:
         except ValueError as error:
             raise CheckpointError(f"generation_config.json: {error}") from None
 
+    @classmethod
+    def served_by(cls, model_config) -> "SamplerConfig":
+        """The defaults an engine applies: its checkpoint's generation_config.json. Admission
+        (engine/config_hook.py) and the worker step both take them from here, so they agree."""
+        return cls.from_generation_config(model_config.try_get_generation_config() or {})
+
     def to_generation_config(self) -> dict:
         """The generation_config.json fields (inverse of `from_generation_config`)."""
         fields = {name: getattr(self, name) for name in SAMPLER_FIELDS if name != "entropy_bound"}
