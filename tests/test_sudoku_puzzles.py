@@ -108,3 +108,32 @@ def test_render_shows_grid_with_box_separators():
     assert lines[0] == "8 . . | . . . | . . ."
     assert lines[3] == lines[7] == "------+-------+------"
     assert "".join(ch for ch in text if ch in "123456789.") == HARD
+
+
+def test_symmetry_keeps_puzzles_valid_and_unique():
+    """Prevents an augmentation that breaks a puzzle (a transform outside the Sudoku group,
+    or puzzle and solution moved differently) from feeding training wrong targets."""
+    rng = random.Random(3)
+    puzzle, solution = puzzles.make_puzzle(rng, 30)
+    seen = set()
+    for _ in range(20):
+        symmetry = puzzles.random_symmetry(rng)
+        moved_puzzle, moved_solution = (puzzles.apply_symmetry(b, symmetry) for b in (puzzle, solution))
+        assert _blanks(moved_puzzle) == _blanks(puzzle)
+        assert puzzles.is_valid_solution(moved_puzzle, moved_solution)
+        assert puzzles.count_solutions(moved_puzzle) == 1
+        seen.add(moved_puzzle)
+    assert len(seen) == 20
+
+
+def test_board_problem_names_what_is_wrong():
+    """Prevents solve.py and the training data calling a malformed or clashing board valid,
+    or a valid one (with '0' blanks) invalid."""
+    puzzle, _ = puzzles.make_puzzle(random.Random(4), 40)
+    assert puzzles.board_problem(puzzle) is None
+    assert puzzles.board_problem(puzzle.replace(".", "0")) is None
+    assert "81 cells" in puzzles.board_problem(puzzle[:80])
+    assert "'x'" in puzzles.board_problem("x" + puzzle[1:])
+    assert puzzles.board_problem("11" + "." * 79) == "a digit repeats in row 1"
+    assert puzzles.board_problem("1" + "." * 8 + "1" + "." * 71) == "a digit repeats in column 1"
+    assert puzzles.board_problem("1" + "." * 9 + "1" + "." * 70) == "a digit repeats in box 1"

@@ -3,9 +3,11 @@
 Held-out puzzles (a seed never used in training, unique solutions) in givens buckets are
 sent through vLLM with this plugin (offline `LLM`), at several pass caps
 (`max_denoising_steps` per request). Per bucket: solved fraction (a valid grid keeping
-every given), cell accuracy over the blanks, givens kept, and mean denoise passes until the
-canvas halted (from the worker's `diffusion_stats`). Rows:
-- `plugin`: the trained checkpoint through the plugin, at each cap;
+every given), cell accuracy over the blanks, givens kept, refused (answered with
+puzzles.INVALID_REPLY: wanted on broken requests, a false alarm on puzzles) and mean denoise
+passes until the canvas halted (from the worker's `diffusion_stats`). Rows:
+- `plugin`: the trained checkpoint through the plugin, at each cap, and on `broken` requests
+  (boards with a clash or a character that is no cell, text of another length);
 - `base`: an untrained checkpoint of the same shape (random weights), through the plugin;
 - `transformers`: the trained checkpoint through transformers' own `generate` (its own RNG),
   to show the plugin's solve rate matches the reference's within sampling noise.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import tempfile
 import time
@@ -30,8 +33,24 @@ BUCKETS = ((35, 39), (40, 44), (45, 49), (50, 55))
 HELD_OUT_SEED = 424242  # training draws from random.Random(seed * 1_000_003 + step), seed 0
 
 
-def held_out(per_bucket: int) -> dict[tuple[int, int], list[tuple[str, str]]]:
-    return {b: puzzles.generate_dataset(HELD_OUT_SEED + b[0], per_bucket, b) for b in BUCKETS}
+def held_out(per_bucket: int, buckets=BUCKETS) -> dict[tuple[int, int], list[tuple[str, str]]]:
+    return {b: puzzles.generate_dataset(HELD_OUT_SEED + b[0], per_bucket, b) for b in buckets}
+
+
+def broken_requests(count: int) -> list[str]:
+    """Requests that are not valid puzzles, held out like the puzzles: half boards broken as in
+    training (a digit twice in a unit, a character that is no cell), half text of another length."""
+    from train import CELLS, invalid_board, malformed_text
+
+    rng = random.Random(HELD_OUT_SEED)
+    boards = [invalid_board(rng, p) for p, _ in puzzles.generate_dataset(HELD_OUT_SEED - 1, count // 2, (40, 49))]
+    lengths = [rng.choice([n for n in range(2 * CELLS) if n != CELLS]) for _ in range(count - count // 2)]
+    return boards + [malformed_text(rng, n) for n in lengths]
+
+
+def refused(answers: list[str]) -> float:
+    """Share of answers that are the invalid-puzzle reply."""
+    return sum(a.strip() == puzzles.INVALID_REPLY for a in answers) / len(answers)
 
 
 def score(pairs: list[tuple[str, str]], answers: list[str]) -> dict:
@@ -41,6 +60,7 @@ def score(pairs: list[tuple[str, str]], answers: list[str]) -> dict:
         "solved": sum(puzzles.is_valid_solution(p, b) for (p, _), b in zip(pairs, boards)) / n,
         "cell_accuracy": sum(puzzles.cell_accuracy(b, s, p) for (p, s), b in zip(pairs, boards)) / n,
         "givens_kept": sum(puzzles.givens_kept(p, b) for (p, _), b in zip(pairs, boards)) / n,
+        "refused": refused(answers),
     }
 
 
@@ -50,25 +70,28 @@ def passes_and_canvases(llm) -> tuple[int, int]:
     return sum(p * n for p, n in histogram.items()), sum(histogram.values())
 
 
-def through_plugin(llm, pairs, max_steps: int) -> dict:
+def plugin_answers(llm, texts: list[str], max_steps: int) -> tuple[list[str], float]:
+    """The plugin's replies to `texts` (each sent with a newline) and the mean passes taken."""
     from vllm import SamplingParams
 
     passes_before, canvases_before = passes_and_canvases(llm)
     params = [SamplingParams(max_tokens=81, seed=i, extra_args={"max_denoising_steps": max_steps})
-              for i in range(len(pairs))]
-    outputs = llm.generate([p + "\n" for p, _ in pairs], params, use_tqdm=False)
+              for i in range(len(texts))]
+    outputs = llm.generate([t + "\n" for t in texts], params, use_tqdm=False)
     passes, canvases = passes_and_canvases(llm)
-    return {**score(pairs, [o.outputs[0].text for o in outputs]),
-            "mean_passes": (passes - passes_before) / (canvases - canvases_before)}
+    return [o.outputs[0].text for o in outputs], (passes - passes_before) / (canvases - canvases_before)
 
 
-def through_transformers(checkpoint: str, pairs, max_steps: int) -> dict:
+def through_plugin(llm, pairs, max_steps: int) -> dict:
+    answers, mean_passes = plugin_answers(llm, [p for p, _ in pairs], max_steps)
+    return {**score(pairs, answers), "mean_passes": mean_passes}
+
+
+def transformers_answers(model, tokenizer, pairs, max_steps: int) -> dict:
+    """Scores of `model` solving `pairs` through transformers' own `generate` (its own RNG)."""
     import torch
-    from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    ids = torch.tensor([tokenizer(p + "\n")["input_ids"] for p, _ in pairs])
+    ids = torch.tensor([tokenizer(p + "\n")["input_ids"] for p, _ in pairs], device=model.device)
     torch.manual_seed(0)
     with torch.no_grad():
         out = model.generate(input_ids=ids, max_new_tokens=model.config.canvas_length,
@@ -80,19 +103,39 @@ def through_transformers(checkpoint: str, pairs, max_steps: int) -> dict:
     return {**score(pairs, answers), "mean_passes": float(passes.mean())}
 
 
-def untrained_checkpoint(directory: Path) -> str:
-    from train import build_model, save_checkpoint
+def through_transformers(checkpoint: str, pairs, max_steps: int) -> dict:
+    import torch
+    from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
-    save_checkpoint(build_model(seed=1).eval(), directory)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    return transformers_answers(model, tokenizer, pairs, max_steps)
+
+
+def untrained_checkpoint(trained: str, directory: Path) -> str:
+    """Random weights in the trained checkpoint's shape, with its configs and tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    torch.manual_seed(1)
+    model = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig.from_pretrained(trained)).float()
+    model.save_pretrained(str(directory), safe_serialization=True)
+    shutil.copytree(trained, directory, ignore=shutil.ignore_patterns("*.safetensors"), dirs_exist_ok=True)
     return str(directory)
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'system':13} {'cap':>4} {'givens':>7} {'solved':>7} {'cells':>6} {'givens ok':>9} {'passes':>7}")
+    """One line per row; `refused` = answered with puzzles.INVALID_REPLY (wanted on `broken`
+    requests only)."""
+    columns = (("solved", 7, "{:7.1%}"), ("cell_accuracy", 6, "{:6.3f}"), ("givens_kept", 9, "{:9.1%}"),
+               ("refused", 7, "{:7.1%}"), ("mean_passes", 7, "{:7.1f}"))
+    print(f"{'system':13} {'cap':>4} {'givens':>7} {'solved':>7} {'cells':>6} {'givens ok':>9} {'refused':>7} "
+          f"{'passes':>7}")
     for r in rows:
-        passes = f"{r['mean_passes']:.1f}" if r.get("mean_passes") is not None else "-"
-        print(f"{r['system']:13} {r['cap']:>4} {r['givens']:>7} {r['solved']:7.1%} {r['cell_accuracy']:6.3f} "
-              f"{r['givens_kept']:9.1%} {passes:>7}")
+        cells = [fmt.format(r[key]) if r.get(key) is not None else "-".rjust(width) for key, width, fmt in columns]
+        print(f"{r['system']:13} {r['cap']:>4} {r['givens']:>7} " + " ".join(cells))
 
 
 def main(argv=None) -> None:
@@ -100,6 +143,7 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint", default=str(Path(__file__).parent / "checkpoint"))
     parser.add_argument("--per-bucket", type=int, default=64, help="held-out puzzles per givens bucket")
     parser.add_argument("--caps", default="12,16,48", help="max_denoising_steps values for the plugin")
+    parser.add_argument("--broken", type=int, default=64, help="requests that are not valid puzzles")
     parser.add_argument("--skip-base", action="store_true", help="skip the untrained checkpoint row")
     parser.add_argument("--skip-transformers", action="store_true", help="skip transformers' generate")
     parser.add_argument("--json", default=None, help="write the rows here")
@@ -111,13 +155,17 @@ def main(argv=None) -> None:
     rows, start = [], time.time()
     systems = [("plugin", args.checkpoint, caps)]
     if not args.skip_base:
-        systems.append(("base", untrained_checkpoint(Path(tempfile.mkdtemp()) / "base"), [max(caps)]))
+        systems.append(("base", untrained_checkpoint(args.checkpoint, Path(tempfile.mkdtemp()) / "base"), [max(caps)]))
     for name, checkpoint, system_caps in systems:
         llm = LLM(model=checkpoint, dtype="float32", max_model_len=256, enforce_eager=True, max_num_seqs=64)
         for cap in system_caps:
             for bucket, pairs in data.items():
                 rows.append({"system": name, "cap": cap, "givens": f"{bucket[0]}-{bucket[1]}",
                              **through_plugin(llm, pairs, cap)})
+        if name == "plugin" and args.broken:
+            answers, mean_passes = plugin_answers(llm, broken_requests(args.broken), max(caps))
+            rows.append({"system": name, "cap": max(caps), "givens": "broken", "refused": refused(answers),
+                         "mean_passes": mean_passes})
         del llm
     if not args.skip_transformers:
         for bucket, pairs in data.items():

@@ -24,6 +24,8 @@ import random
 BLANK = "."
 DIGITS = "123456789"
 FULL_MASK = 0x1FF
+# What the model answers to a request that is not a valid board (trained on, see train.py).
+INVALID_REPLY = "not a valid puzzle: 81 cells of 1-9 or ., no digit twice in a row, column or box"
 
 ROW_OF = [i // 9 for i in range(81)]
 COL_OF = [i % 9 for i in range(81)]
@@ -156,6 +158,27 @@ def make_puzzle(rng: random.Random, givens: int, max_attempts: int = 100) -> tup
     raise RuntimeError(f"no unique puzzle with {givens} givens after {max_attempts} grids")
 
 
+def board_problem(text: str) -> str | None:
+    """Why `text` is not a valid board (None if it is one): length, characters, or a clash.
+
+    A valid board is 81 characters of '1'-'9' and '.' ('0' also counts as a blank) with no
+    digit twice in a row, column or box. Whether it has one solution is `count_solutions`'
+    business.
+    """
+    board = text.replace("0", BLANK)
+    if len(board) != 81:
+        return f"a board has 81 cells, this has {len(board)}"
+    wrong = sorted(set(board) - set(DIGITS + BLANK))
+    if wrong:
+        return f"cells are 1-9 or '.', not {''.join(wrong)!r}"
+    for unit in UNITS:
+        digits = [board[i] for i in unit if board[i] != BLANK]
+        if len(digits) != len(set(digits)):
+            kind = "row" if unit in UNITS[:9] else "column" if unit in UNITS[9:18] else "box"
+            return f"a digit repeats in {kind} {UNITS.index(unit) % 9 + 1}"
+    return None
+
+
 def givens_kept(puzzle: str, candidate: str) -> bool:
     """True if `candidate` has the same digit as `puzzle` in every given cell."""
     return len(candidate) == 81 and all(p == BLANK or p == c for p, c in zip(puzzle, candidate))
@@ -184,6 +207,35 @@ def cell_accuracy(candidate: str, solution: str, puzzle: str) -> float:
     if not blanks:
         return 1.0
     return sum(candidate[i] == solution[i] for i in blanks) / len(blanks)
+
+
+def random_symmetry(rng: random.Random) -> tuple[list[int], str]:
+    """A random validity-preserving transform of the grid: (cell map, digit relabelling).
+
+    Drawn from the Sudoku symmetry group: transpose or not, the three bands and the three
+    stacks in any order, the rows inside each band and the columns inside each stack in any
+    order, and any permutation of the digits. `apply_symmetry` uses it; cell i of the result
+    is cell `cells[i]` of the input.
+    """
+    def axis_order() -> list[int]:
+        blocks = rng.sample(range(3), 3)
+        return [3 * b + k for b in blocks for k in rng.sample(range(3), 3)]
+
+    rows, cols, transpose = axis_order(), axis_order(), rng.random() < 0.5
+    cells = []
+    for r in range(9):
+        for c in range(9):
+            src_r, src_c = rows[r], cols[c]
+            cells.append(src_c * 9 + src_r if transpose else src_r * 9 + src_c)
+    digits = rng.sample(DIGITS, 9)
+    return cells, "".join(digits)
+
+
+def apply_symmetry(board: str, symmetry: tuple[list[int], str]) -> str:
+    """`board` moved by a `random_symmetry` (blanks stay blank)."""
+    cells, digits = symmetry
+    table = str.maketrans(DIGITS, digits)
+    return "".join(board[i] for i in cells).translate(table)
 
 
 def render(board: str) -> str:

@@ -5,18 +5,36 @@ built from the release-layout config of `diffusiongemma_vllm.testing.tiny_checkp
 serves the result with no special casing. Objective (research/sudoku.md section 1.4, small):
 - prompt `<bos>` + the 81-character puzzle ('.' = blank) + newline, clean, through the causal
   encoder (which fills the KV cache the canvas reads);
-- canvas target: the 81 solution digits, `<eos>`, then `<pad>` to the canvas length;
+- canvas target: the 81 solution cells, `<eos>`, then `<pad>` to the canvas length;
 - per example t ~ U(eps, 1): every canvas token is replaced with probability t by a token
   drawn uniformly from the whole vocabulary (no mask token);
 - self-conditioning with probability 0.5: a first decoder pass without gradient, whose
   logits feed the second pass; cross-entropy on every canvas position of the second pass.
-Data: fresh unique-solution puzzles every step (examples/sudoku/puzzles.py), givens drawn
-from a range, each with a random validity-preserving relabelling of the digits.
 
-Resumable (`--run-dir` keeps model, optimizer and step), with a progress bar, and writes the
-final checkpoint in the release layout with the Sudoku tokenizer.
+The levers (README "Levers"), each a flag:
+- `--layout`: `cells` tokens name their cell (row, column and box come from the token),
+  `flat` tokens are bare characters (sudoku_tokenizer.py);
+- `--init structured`: the embedding of "cell i holds d" starts as the sum of a row, a
+  column, a box and a digit vector (a starting point only; every entry trains freely);
+- `--hidden`, `--layers`: width and depth;
+- `--minutes`: training length (the learning-rate schedule spans the wall-clock budget);
+  `--steps` spans a number of steps instead, which compares runs fairly when they share the
+  machine with other work;
+- `--augment`: each draw from the puzzle pool is moved by a random element of the Sudoku
+  symmetry group (digits, rows in a band, columns in a stack, bands, stacks, transpose);
+- `--curriculum F`: over the first fraction F of the budget, the fewest givens drawn falls
+  from the top of `--givens` to its bottom.
+`--invalid` teaches the answer to a request that is not a valid puzzle: broken boards (a
+digit twice in a unit, a character that is no cell) and text of another length get
+puzzles.INVALID_REPLY as their canvas.
+Every `--eval-every` steps the model solves a fixed held-out set through transformers' own
+`generate` (the reference sampler, release settings); the log keeps loss and those scores.
 
-    python examples/sudoku/train.py --run-dir /tmp/sudoku-run --minutes 45 --out examples/sudoku/checkpoint
+Resumable (`--run-dir` keeps model, optimizer, step, trained seconds, pool and log) and writes
+the final checkpoint in the release layout with the Sudoku tokenizer. Runs on CPU (the default)
+or, with `--device cuda`, on a GPU.
+
+    python examples/sudoku/train.py --run-dir /tmp/sudoku-run --minutes 90 --out examples/sudoku/checkpoint
 """
 
 from __future__ import annotations
@@ -33,134 +51,271 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import puzzles  # noqa: E402
-from sudoku_tokenizer import VOCAB_SIZE, build_sudoku_tokenizer, save_sudoku_tokenizer  # noqa: E402
+from sudoku_tokenizer import (  # noqa: E402
+    CELL_CHARACTERS, CELLS, LAYOUTS, VOCAB_SIZES, build_sudoku_tokenizer, cell_token, save_sudoku_tokenizer,
+    standalone_ids)
 
 from diffusiongemma_vllm.testing.tiny_checkpoint import TinySpec  # noqa: E402
 
-CANVAS = 96  # 81 digits + <eos> + <pad> fill
-SPEC = TinySpec(vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=32, global_head_dim=64, num_global_key_value_heads=1,
-                layer_types=("sliding_attention",) * 3 + ("full_attention",), sliding_window=256,
-                num_experts=4, top_k_experts=2, moe_intermediate_size=128, max_position_embeddings=512,
-                canvas_length=CANVAS, vision_hidden_size=32)
+CANVAS = 88  # 81 cells + <eos> + <pad> fill
+TRAIN_SEED = 0  # pool seeds derive from it; evaluate.py's held-out seed is far from all of them
+
+
+def model_spec(layout: str, hidden: int = 128, layers: int = 4) -> TinySpec:
+    """The release architecture at Sudoku size: 4 query heads, one full-attention layer last."""
+    return TinySpec(vocab_size=VOCAB_SIZES[layout], hidden_size=hidden, intermediate_size=2 * hidden,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, global_head_dim=hidden // 2,
+                    num_global_key_value_heads=1,
+                    layer_types=("sliding_attention",) * (layers - 1) + ("full_attention",),
+                    sliding_window=256, num_experts=4, top_k_experts=2, moe_intermediate_size=hidden,
+                    max_position_embeddings=512, canvas_length=CANVAS, vision_hidden_size=32)
 
 
 def encode_prompt(tokenizer, puzzle: str) -> list[int]:
     return tokenizer(puzzle + "\n")["input_ids"]
 
 
-def encode_target(tokenizer, solution: str) -> list[int]:
-    ids = tokenizer(solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def encode_target(tokenizer, solution: str, layout: str) -> list[int]:
+    """The reply: the 81 digits as standalone characters (in both layouts: the canvas finds
+    each cell's place by reading the prompt, whose tokens name it)."""
+    return pad_canvas(tokenizer, standalone_ids(solution, layout))
+
+
+def encode_invalid_reply(tokenizer, layout: str) -> list[int]:
+    return pad_canvas(tokenizer, standalone_ids(puzzles.INVALID_REPLY, layout))
+
+
+def pad_canvas(tokenizer, ids: list[int]) -> list[int]:
+    ids = ids + [tokenizer.eos_token_id]
     return ids + [tokenizer.pad_token_id] * (CANVAS - len(ids))
 
 
-def relabel(puzzle: str, solution: str, rng: random.Random) -> tuple[str, str]:
-    digits = list("123456789")
-    rng.shuffle(digits)
-    table = str.maketrans("123456789", "".join(digits))
-    return puzzle.translate(table), solution.translate(table)
+class PuzzlePool:
+    """Unique-solution puzzles by number of givens, generated once per run and kept on disk."""
+
+    def __init__(self, path: Path, givens: tuple[int, int], per_givens: int, seed: int):
+        if path.exists():
+            self.by_givens = {int(g): pairs for g, pairs in json.loads(path.read_text()).items()}
+            return
+        self.by_givens = {g: puzzles.generate_dataset(seed * 1_000 + g, per_givens, (g, g))
+                          for g in range(givens[0], givens[1] + 1)}
+        path.write_text(json.dumps(self.by_givens))
+
+    def draw(self, rng: random.Random, givens: int, augment: bool) -> tuple[str, str]:
+        puzzle, solution = rng.choice(self.by_givens[givens])
+        if not augment:
+            return puzzle, solution
+        symmetry = puzzles.random_symmetry(rng)
+        return puzzles.apply_symmetry(puzzle, symmetry), puzzles.apply_symmetry(solution, symmetry)
 
 
-def batch(tokenizer, rng: random.Random, size: int, givens: tuple[int, int]):
+def fewest_givens(progress: float, givens: tuple[int, int], curriculum: float) -> int:
+    """The lowest number of givens drawn at `progress` (0..1) of the budget."""
+    if curriculum <= 0 or progress >= curriculum:
+        return givens[0]
+    return round(givens[1] - (givens[1] - givens[0]) * progress / curriculum)
+
+
+NOT_CELLS = "abcxyz#*- _/"  # characters a user may type that are no cell
+
+
+def invalid_board(rng: random.Random, puzzle: str) -> str:
+    """`puzzle` broken: mostly a clash (a cell takes a digit given elsewhere in one of its
+    units), else a character that is no cell."""
+    cells = list(puzzle)
+    i = rng.randrange(CELLS)
+    digits = [puzzle[j] for unit in puzzles.UNITS if i in unit for j in unit if j != i and puzzle[j] != puzzles.BLANK]
+    cells[i] = rng.choice(digits) if digits and rng.random() < 0.75 else rng.choice(NOT_CELLS)
+    return "".join(cells)
+
+
+def malformed_text(rng: random.Random, length: int) -> str:
+    """Text that is not 81 cells long: board characters, with a few others mixed in."""
+    return "".join(rng.choice(CELL_CHARACTERS) if rng.random() < 0.9 else rng.choice(NOT_CELLS) for _ in range(length))
+
+
+def batch(tokenizer, layout: str, pool: PuzzlePool, rng: random.Random, size: int, givens: tuple[int, int],
+          augment: bool, invalid: float):
+    """`size` training examples. A fraction `invalid` of boards are broken (`invalid_board`), and
+    a fraction `invalid` of batches are all `malformed_text` of one length: those teach the
+    reply puzzles.INVALID_REPLY."""
+    reply = encode_invalid_reply(tokenizer, layout)
+    if rng.random() < invalid:
+        length = rng.choice([n for n in range(2 * CELLS) if n != CELLS])
+        prompts = [encode_prompt(tokenizer, malformed_text(rng, length)) for _ in range(size)]
+        return torch.tensor(prompts), torch.tensor([reply] * size)
     prompts, targets = [], []
     for _ in range(size):
-        puzzle, solution = relabel(*puzzles.make_puzzle(rng, rng.randint(*givens)), rng)
-        prompts.append(encode_prompt(tokenizer, puzzle))
-        targets.append(encode_target(tokenizer, solution))
+        puzzle, solution = pool.draw(rng, rng.randint(*givens), augment)
+        if rng.random() < invalid:
+            prompts.append(encode_prompt(tokenizer, invalid_board(rng, puzzle)))
+            targets.append(reply)
+        else:
+            prompts.append(encode_prompt(tokenizer, puzzle))
+            targets.append(encode_target(tokenizer, solution, layout))
     return torch.tensor(prompts), torch.tensor(targets)
 
 
 def diffusion_loss(model, prompts: torch.Tensor, targets: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     from transformers import DynamicCache
 
+    vocab = model.config.text_config.vocab_size
     n = targets.shape[0]
-    t = torch.rand(n, 1, generator=generator) * (1 - 1e-3) + 1e-3
-    noise = torch.randint(0, VOCAB_SIZE, targets.shape, generator=generator)
-    noisy = torch.where(torch.rand(targets.shape, generator=generator) < t, noise, targets)
+    device = targets.device
+    t = torch.rand(n, 1, generator=generator, device=device) * (1 - 1e-3) + 1e-3
+    noise = torch.randint(0, vocab, targets.shape, generator=generator, device=device)
+    noisy = torch.where(torch.rand(targets.shape, generator=generator, device=device) < t, noise, targets)
     cache = DynamicCache(config=model.config.text_config)
     model.model.encoder(input_ids=prompts, past_key_values=cache, use_cache=True)
     sc_logits = None
-    if torch.rand((), generator=generator) < 0.5:
+    if torch.rand((), generator=generator, device=device) < 0.5:
         with torch.no_grad():
             sc_logits = model(past_key_values=cache, decoder_input_ids=noisy).logits.detach()
     logits = model(past_key_values=cache, decoder_input_ids=noisy, self_conditioning_logits=sc_logits).logits
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB_SIZE), targets.reshape(-1))
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
 
 
-def build_model(seed: int):
+def build_model(seed: int, spec: TinySpec):
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
     torch.manual_seed(seed)
-    return DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(**SPEC.release_config())).float()
+    return DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(**spec.release_config())).float()
 
 
-def save_checkpoint(model, out: Path) -> None:
+def structure_embeddings(model, tokenizer, seed: int) -> None:
+    """Start "cell i holds d" at row(i) + column(i) + box(i) + content(d) (layout `cells`).
+
+    Each part is drawn with half the initializer's deviation, so the sum has its scale.
+    """
+    embedding = model.get_input_embeddings().weight
+    std = model.config.text_config.initializer_range / 2
+    generator = torch.Generator().manual_seed(seed)
+    parts = {name: torch.randn(count, embedding.shape[1], generator=generator) * std
+             for name, count in (("row", 9), ("col", 9), ("box", 9), ("content", len(CELL_CHARACTERS)))}
+    vocab = tokenizer.get_vocab()
+    with torch.no_grad():
+        for i in range(CELLS):
+            position = parts["row"][puzzles.ROW_OF[i]] + parts["col"][puzzles.COL_OF[i]] + parts["box"][puzzles.BOX_OF[i]]
+            for k, ch in enumerate(CELL_CHARACTERS):
+                embedding[vocab[cell_token(i, ch)]] = position + parts["content"][k]
+
+
+def save_checkpoint(model, spec: TinySpec, layout: str, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
-    (out / "config.json").write_text(json.dumps(SPEC.release_config(), indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(SPEC.generation_config(), indent=2) + "\n")
-    save_sudoku_tokenizer(out)
+    (out / "config.json").write_text(json.dumps(spec.release_config(), indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(spec.generation_config(), indent=2) + "\n")
+    save_sudoku_tokenizer(out, layout)
 
 
-def learning_rate(step: int, total: int, peak: float, warmup: int = 100) -> float:
+def learning_rate(progress: float, step: int, peak: float, warmup: int = 100) -> float:
+    """Linear warm-up over `warmup` steps, then cosine towards 10% over the budget."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def quick_eval(model, tokenizer, per_bucket: int) -> dict:
+    """Solved fraction, blank-cell accuracy and passes on held-out puzzles (transformers' generate)."""
+    import evaluate
+
+    model.eval()
+    scores = {}
+    for bucket, pairs in evaluate.held_out(per_bucket, buckets=((40, 44), (45, 49))).items():
+        result = evaluate.transformers_answers(model, tokenizer, pairs, max_steps=48)
+        scores[f"{bucket[0]}-{bucket[1]}"] = {k: round(v, 3) for k, v in result.items()}
+    model.train()
+    return scores
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", required=True, help="resumable state (model, optimizer, step, pool, log)")
+    parser.add_argument("--out", help="write the final checkpoint (release layout) here")
+    parser.add_argument("--minutes", type=float, default=90.0, help="wall-clock training budget (spans the schedule)")
+    parser.add_argument("--steps", type=int, help="budget in steps instead of minutes")
+    parser.add_argument("--layout", choices=LAYOUTS, default="cells")
+    parser.add_argument("--init", choices=("structured", "random"), default="structured")
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--givens", default="36-56", help="range of givens of training puzzles")
+    parser.add_argument("--pool", type=int, default=1000, help="pool puzzles per number of givens")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--invalid", type=float, default=0.03,
+                        help="fraction of broken boards, and of batches of malformed text (INVALID_REPLY)")
+    parser.add_argument("--curriculum", type=float, default=0.0, help="fraction of the budget the curriculum spans")
+    parser.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations (0: never)")
+    parser.add_argument("--eval-puzzles", type=int, default=32, help="held-out puzzles per bucket")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda on the GPU machine")
+    parser.add_argument("--seed", type=int, default=TRAIN_SEED)
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     from tqdm import tqdm
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", required=True, help="resumable state (model, optimizer, step, log)")
-    parser.add_argument("--out", help="write the final checkpoint (release layout) here")
-    parser.add_argument("--minutes", type=float, default=45.0, help="wall-clock training budget of this run")
-    parser.add_argument("--steps", type=int, default=2400, help="schedule length (cosine decay spans it)")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--givens", default="36-56", help="range of givens of training puzzles")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     run = Path(args.run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_sudoku_tokenizer()
-    model = build_model(args.seed)
+    (run / "args.json").write_text(json.dumps(vars(args), indent=1))
+    givens = tuple(int(g) for g in args.givens.split("-"))
+    tokenizer = build_sudoku_tokenizer(args.layout)
+    spec = model_spec(args.layout, args.hidden, args.layers)
+    model = build_model(args.seed, spec)
+    if args.layout == "cells" and args.init == "structured":
+        structure_embeddings(model, tokenizer, args.seed)
+    model.to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
-    step = 0
+    step, trained_s = 0, 0.0
     if (run / "state.pt").exists():
-        state = torch.load(run / "state.pt")
+        state = torch.load(run / "state.pt", map_location=args.device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-    givens = tuple(int(g) for g in args.givens.split("-"))
+        step, trained_s = state["step"], state["trained_s"]
+    pool = PuzzlePool(run / "pool.json", givens, args.pool, args.seed)
     rng = random.Random(args.seed * 1_000_003 + step)
-    generator = torch.Generator().manual_seed(args.seed + step)
-    deadline = time.time() + 60 * args.minutes
+    generator = torch.Generator(args.device).manual_seed(args.seed + step)
+    budget_s = 60 * args.minutes
+
+    def save() -> None:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                    "trained_s": trained_s}, run / "state.pt")
+
     model.train()
-    with tqdm(total=args.steps, initial=step, desc="train") as bar, open(run / "log.jsonl", "a") as log:
-        while step < args.steps and time.time() < deadline:
+    with tqdm(total=round(budget_s), initial=round(trained_s), unit="s", desc="train") as bar, \
+            open(run / "log.jsonl", "a") as log:
+        while (step < args.steps) if args.steps else (trained_s < budget_s):
+            started = time.time()
+            progress = step / args.steps if args.steps else trained_s / budget_s
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, args.steps, args.lr)
-            prompts, targets = batch(tokenizer, rng, args.batch, givens)
-            loss = diffusion_loss(model, prompts, targets, generator)
+                group["lr"] = learning_rate(progress, step, args.lr)
+            low = fewest_givens(progress, givens, args.curriculum)
+            prompts, targets = batch(tokenizer, args.layout, pool, rng, args.batch, (low, givens[1]), args.augment,
+                                     args.invalid)
+            loss = diffusion_loss(model, prompts.to(args.device), targets.to(args.device), generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            log.write(json.dumps({"step": step, "loss": loss.item(), "time": time.time()}) + "\n")
-            if step % 100 == 0:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
-                           run / "state.pt")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, run / "state.pt")
+            trained_s += time.time() - started
+            record = {"step": step, "trained_s": round(trained_s, 1), "loss": round(loss.item(), 4)}
+            last = step == args.steps if args.steps else trained_s >= budget_s
+            if args.eval_every and (step % args.eval_every == 0 or last):
+                record["eval"] = quick_eval(model, tokenizer, args.eval_puzzles)
+                save()
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.update(round(trained_s) - bar.n)
+            bar.set_postfix(step=step, loss=f"{loss.item():.3f}")
+    save()
     if args.out:
-        save_checkpoint(model.eval(), Path(args.out))
-        print(f"wrote {args.out} after {step} steps")
+        save_checkpoint(model.eval().cpu(), spec, args.layout, Path(args.out))
+        print(f"wrote {args.out} after {step} steps, {trained_s / 60:.1f} min")
 
 
 if __name__ == "__main__":
