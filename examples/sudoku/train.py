@@ -195,7 +195,8 @@ def structure_embeddings(model, tokenizer, seed: int) -> None:
     vocab = tokenizer.get_vocab()
     with torch.no_grad():
         for i in range(CELLS):
-            position = parts["row"][puzzles.ROW_OF[i]] + parts["col"][puzzles.COL_OF[i]] + parts["box"][puzzles.BOX_OF[i]]
+            position = (parts["row"][puzzles.ROW_OF[i]] + parts["col"][puzzles.COL_OF[i]]
+                        + parts["box"][puzzles.BOX_OF[i]])
             for k, ch in enumerate(CELL_CHARACTERS):
                 embedding[vocab[cell_token(i, ch)]] = position + parts["content"][k]
 
