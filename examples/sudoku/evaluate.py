@@ -38,7 +38,7 @@ HELD_OUT_SEED = 424242  # training draws from random.Random(seed * 1_000_003 + s
 
 VALIDATION_SEED = HELD_OUT_SEED + 1_000  # the sampler sweep's puzzles, apart from the evaluation's
 SWEEP = [{"entropy_bound": bound, "t_max": t_max, "t_min": t_min}
-         for bound in (0.02, 0.05, 0.1, 0.2, 0.4) for t_max, t_min in ((0.8, 0.4), (0.5, 0.2), (0.3, 0.1))]
+         for bound in (0.03, 0.1, 0.3) for t_max, t_min in ((0.8, 0.4), (0.5, 0.2), (0.3, 0.1))]
 
 
 def held_out(per_bucket: int, buckets=BUCKETS, seed: int = HELD_OUT_SEED) -> dict[tuple, list[tuple[str, str]]]:
