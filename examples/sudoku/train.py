@@ -5,7 +5,7 @@ built from the release-layout config of `diffusiongemma_vllm.testing.tiny_checkp
 serves the result with no special casing. Objective (research/sudoku.md section 1.4, small):
 - prompt `<bos>` + the 81-character puzzle ('.' = blank) + newline, clean, through the causal
   encoder (which fills the KV cache the canvas reads);
-- canvas target: the 81 solution cells, `<eos>`, then `<pad>` to the canvas length;
+- canvas target: the 81 solution digits, `<eos>`, then `<pad>` to the canvas length;
 - per example t ~ U(eps, 1): every canvas token is replaced with probability t by a token
   drawn uniformly from the whole vocabulary (no mask token);
 - self-conditioning with probability 0.5: a first decoder pass without gradient, whose
