@@ -3,10 +3,11 @@
 Each variant is train.py with one flag changed from the shipped recipe (cells layout,
 structured init, symmetry augmentation, no curriculum, 128 wide, 4 deep), trained for the
 same number of steps (the schedule spans steps, so runs that share the machine still compare
-fairly) on the same puzzle pool, and scored every quarter of the run on held-out puzzles
+fairly) on the same puzzle pool, and scored `--evals` times in the run on held-out puzzles
 through transformers' generate (train.py's quick evaluation). The augmentation pair trains
-on a small pool (50 puzzles per number of givens), where seeing the same puzzles again is
-what augmentation changes. Prints a table of the last evaluation and writes every curve.
+on a small pool (10 puzzles per number of givens, 210 in all), where seeing the same puzzles
+again is what augmentation changes. Prints a table of the last evaluation (with the last
+loss and the seconds per step, since width and depth cost compute) and writes every curve.
 
     python examples/sudoku/levers.py --out /tmp/levers --steps 600 --parallel 2
 """
@@ -30,8 +31,8 @@ VARIANTS = {
     "curriculum 0.5": ["--curriculum", "0.5"],
     "wide (192)": ["--hidden", "192"],
     "deep (6 layers)": ["--layers", "6"],
-    "small pool, augmented": ["--pool", "50"],
-    "small pool, not augmented": ["--pool", "50", "--no-augment"],
+    "small pool, augmented": ["--pool", "10"],
+    "small pool, not augmented": ["--pool", "10", "--no-augment"],
 }
 
 
@@ -46,16 +47,20 @@ def train_variant(name: str, args) -> Path:
     pool = json.loads((args.out / "pool.json").read_text())
     (run / "pool.json").write_text(json.dumps(pool_for(VARIANTS[name], pool)))
     command = [sys.executable, str(HERE / "train.py"), "--run-dir", str(run), "--steps", str(args.steps),
-               "--eval-every", str(max(1, args.steps // 4)), "--invalid", "0", "--threads", str(args.threads),
+               "--eval-every", str(max(1, args.steps // args.evals)), "--invalid", "0", "--threads", str(args.threads),
                "--device", args.device, *VARIANTS[name]]
     with open(run / "out.txt", "w") as out:
         subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=True)
     return run
 
 
-def curve(run: Path) -> list[dict]:
+def curve(run: Path) -> dict:
+    """The run's evaluations, its mean loss over the last 20 steps and its seconds per step."""
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    return [{"step": r["step"], "loss": r["loss"], **r["eval"]} for r in records if "eval" in r]
+    tail = records[-20:]
+    return {"evals": [{"step": r["step"], "loss": r["loss"], **r["eval"]} for r in records if "eval" in r],
+            "final_loss": sum(r["loss"] for r in tail) / len(tail),
+            "seconds_per_step": records[-1]["trained_s"] / records[-1]["step"]}
 
 
 def main(argv=None) -> None:
@@ -64,6 +69,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--evals", type=int, default=4, help="held-out evaluations per run")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once")
     parser.add_argument("--threads", type=int, default=1, help="threads per run")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda on the GPU machine")
@@ -76,14 +82,15 @@ def main(argv=None) -> None:
         runs = dict(zip(names, workers.map(lambda n: train_variant(n, args), names)))
     results = {name: curve(run) for name, run in runs.items()}
     (args.out / "levers.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(f"| variant ({args.steps} steps) | solved 40-44 | solved 45-49 | cells 40-44 | cells 45-49 | passes 45-49 |")
-    print("|---|---|---|---|---|---|")
-    for name, points in results.items():
-        last = points[-1]
-        print(f"| {name} | {last['40-44']['solved']:.0%} | {last['45-49']['solved']:.0%} | "
+    print(f"| variant ({args.steps} steps) | loss (last 20) | s/step | solved 40-44 | solved 45-49 | cells 40-44 "
+          "| cells 45-49 | passes 45-49 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, result in results.items():
+        last = result["evals"][-1]
+        print(f"| {name} | {result['final_loss']:.3f} | {result['seconds_per_step']:.2f} | "
+              f"{last['40-44']['solved']:.0%} | {last['45-49']['solved']:.0%} | "
               f"{last['40-44']['cell_accuracy']:.3f} | {last['45-49']['cell_accuracy']:.3f} | "
               f"{last['45-49']['mean_passes']:.1f} |")
-
 
 if __name__ == "__main__":
     main()

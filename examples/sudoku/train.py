@@ -30,6 +30,8 @@ puzzles.INVALID_REPLY as their canvas.
 Every `--eval-every` steps the model solves a fixed held-out set through transformers' own
 `generate` (the reference sampler, release settings); the log keeps loss and those scores.
 
+`--init-from CHECKPOINT` starts from a trained checkpoint's weights (a fresh optimizer and
+schedule): training continues past an earlier run whose run directory is gone.
 Resumable (`--run-dir` keeps model, optimizer, step, trained seconds, pool and log) and writes
 the final checkpoint in the release layout with the Sudoku tokenizer. Runs on CPU (the default)
 or, with `--device cuda`, on a GPU.
@@ -182,6 +184,17 @@ def build_model(seed: int, spec: TinySpec):
     return DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(**spec.release_config())).float()
 
 
+def load_weights(model, checkpoint: Path) -> None:
+    """Copy a release-layout checkpoint's weights into `model`, which must have its shape."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    trained = DiffusionGemmaForBlockDiffusion.from_pretrained(str(checkpoint), dtype=torch.float32)
+    try:
+        model.load_state_dict(trained.state_dict())
+    except RuntimeError as error:
+        raise SystemExit(f"{checkpoint} does not fit this model (--layout, --hidden, --layers): {error}") from None
+
+
 def structure_embeddings(model, tokenizer, seed: int) -> None:
     """Start "cell i holds d" at row(i) + column(i) + box(i) + content(d) (layout `cells`).
 
@@ -235,6 +248,7 @@ def parse_args(argv):
     parser.add_argument("--out", help="write the final checkpoint (release layout) here")
     parser.add_argument("--minutes", type=float, default=90.0, help="wall-clock training budget (spans the schedule)")
     parser.add_argument("--steps", type=int, help="budget in steps instead of minutes")
+    parser.add_argument("--init-from", type=Path, help="start from this checkpoint's weights (same shape and layout)")
     parser.add_argument("--layout", choices=LAYOUTS, default="cells")
     parser.add_argument("--init", choices=("structured", "random"), default="structured")
     parser.add_argument("--hidden", type=int, default=128)
@@ -262,12 +276,14 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     run = Path(args.run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    (run / "args.json").write_text(json.dumps(vars(args), indent=1))
+    (run / "args.json").write_text(json.dumps(vars(args), indent=1, default=str))
     givens = tuple(int(g) for g in args.givens.split("-"))
     tokenizer = build_sudoku_tokenizer(args.layout)
     spec = model_spec(args.layout, args.hidden, args.layers)
     model = build_model(args.seed, spec)
-    if args.layout == "cells" and args.init == "structured":
+    if args.init_from:
+        load_weights(model, args.init_from)
+    elif args.layout == "cells" and args.init == "structured":
         structure_embeddings(model, tokenizer, args.seed)
     model.to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
