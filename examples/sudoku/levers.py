@@ -6,7 +6,8 @@ same number of steps (the schedule spans steps, so runs that share the machine s
 fairly) on the same puzzle pool, and scored `--evals` times in the run on held-out puzzles
 through transformers' generate (train.py's quick evaluation). The augmentation pair trains
 on a small pool (10 puzzles per number of givens, 210 in all), where seeing the same puzzles
-again is what augmentation changes. Prints a table of the last evaluation (with the last
+again is what augmentation changes. The recipe again with another seed (initialisation and
+draw order; the same pool) shows how far two runs differ by chance. Prints a table of the last evaluation (with the last
 loss and the seconds per step, since width and depth cost compute) and writes every curve.
 
     python examples/sudoku/levers.py --out /tmp/levers --steps 600 --parallel 2
@@ -26,6 +27,7 @@ sys.path.insert(0, str(HERE))
 
 VARIANTS = {
     "recipe": [],
+    "recipe, seed 1": ["--seed", "1"],  # the run-to-run noise every other row is read against
     "flat layout": ["--layout", "flat"],
     "random init": ["--init", "random"],
     "curriculum 0.5": ["--curriculum", "0.5"],
