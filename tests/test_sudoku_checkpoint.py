@@ -22,11 +22,11 @@ import pytest
 pytestmark = pytest.mark.engine
 
 SUDOKU = Path(__file__).resolve().parents[1] / "examples" / "sudoku"
-MEASURED_SOLVED = (0.578 + 0.750) / 2  # evaluate.py, cap 48, 64 + 64 puzzles (README)
+MEASURED_SOLVED = (0.828 + 0.891) / 2  # evaluate.py, cap 48, 64 + 64 puzzles (README)
 PUZZLES = 32
 MIN_SOLVED = MEASURED_SOLVED - 3.5 * math.sqrt(MEASURED_SOLVED * (1 - MEASURED_SOLVED) / PUZZLES)
 BROKEN = 16
-MIN_REFUSED = 0.25  # evaluate.py measured 60.9% of 64 broken requests; 3 standard deviations of 16 below
+MIN_REFUSED = 0.25  # evaluate.py measured 62.5% of 64 broken requests; 3 standard deviations of 16 below
 
 
 def load(name: str):
@@ -52,7 +52,7 @@ def test_trained_checkpoint_solves_held_out_puzzles_and_refuses_broken_ones():
     answers, _ = evaluate.plugin_answers(llm, [p for p, _ in pairs], max_steps=48)
     scores = evaluate.score(pairs, answers)
     assert scores["solved"] >= MIN_SOLVED, scores
-    assert scores["refused"] <= 1 / PUZZLES, scores  # measured: none of 256 valid puzzles refused
+    assert scores["refused"] <= 1 / PUZZLES, scores  # measured: 2 of 256 valid puzzles refused
     requests = evaluate.broken_requests(BROKEN)
     assert all(puzzles.board_problem(r) for r in requests)
     broken, _ = evaluate.plugin_answers(llm, requests, max_steps=48)
