@@ -12,32 +12,19 @@ constraint with negligible probability). MIN_SOLVED sits about 3.5 standard devi
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.sudoku_examples import SUDOKU, load
+
 pytestmark = pytest.mark.engine
 
-SUDOKU = Path(__file__).resolve().parents[1] / "examples" / "sudoku"
 MEASURED_SOLVED = (0.828 + 0.891) / 2  # evaluate.py, cap 48, 64 + 64 puzzles (README)
 PUZZLES = 32
 MIN_SOLVED = MEASURED_SOLVED - 3.5 * math.sqrt(MEASURED_SOLVED * (1 - MEASURED_SOLVED) / PUZZLES)
 BROKEN = 16
 MIN_REFUSED = 0.25  # evaluate.py measured 62.5% of 64 broken requests; 3 standard deviations of 16 below
-
-
-def load(name: str):
-    sys.path.insert(0, str(SUDOKU))
-    try:
-        spec = importlib.util.spec_from_file_location(name, SUDOKU / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(SUDOKU))
 
 
 def test_trained_checkpoint_solves_held_out_puzzles_and_refuses_broken_ones():

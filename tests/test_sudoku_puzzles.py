@@ -1,15 +1,12 @@
 """Tests for examples/sudoku/puzzles.py (loaded by path: examples/ is not a package)."""
 
-import importlib.util
 import random
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "examples" / "sudoku" / "puzzles.py"
-_spec = importlib.util.spec_from_file_location("sudoku_puzzles", _PATH)
-puzzles = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(puzzles)
+from tests.sudoku_examples import load
+
+puzzles = load("puzzles")
 
 # Arto Inkala's "world's hardest sudoku": needs real search, not just forced cells.
 HARD = "8..........36......7..9.2...5...7.......457.....1...3...1....68..85...1..9....4.."

@@ -1,25 +1,15 @@
 """Tests for examples/sudoku/sudoku_tokenizer.py: the cell tokens and the text users see."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SUDOKU = Path(__file__).resolve().parents[1] / "examples" / "sudoku"
+from tests.sudoku_examples import load
+
 PUZZLE = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
 
 
 @pytest.fixture(scope="module")
 def sudoku_tokenizer():
-    sys.path.insert(0, str(SUDOKU))
-    try:
-        spec = importlib.util.spec_from_file_location("sudoku_tokenizer", SUDOKU / "sudoku_tokenizer.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(SUDOKU))
+    return load("sudoku_tokenizer")
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +43,7 @@ def test_users_text_is_unchanged(cells):
 def test_replies_are_standalone_characters(sudoku_tokenizer, cells):
     """Prevents the reply (digits, or the invalid-puzzle message) from needing characters the
     vocabulary lacks, or decoding to other text."""
-    sys.path.insert(0, str(SUDOKU))
-    try:
-        import puzzles
-    finally:
-        sys.path.remove(str(SUDOKU))
+    puzzles = load("puzzles")
     for text in (puzzles.INVALID_REPLY, "534678912"):
         ids = sudoku_tokenizer.standalone_ids(text)
         assert max(ids) < sudoku_tokenizer.VOCAB_SIZES["cells"]

@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-SUDOKU = Path(__file__).resolve().parents[1] / "examples" / "sudoku"
+from tests.sudoku_examples import SUDOKU, load
+
 # One step, one small pool, no evaluation: the test checks where training starts, not how it learns.
 ONE_STEP = ["--steps", "1", "--batch", "2", "--givens", "50-50", "--pool", "1", "--eval-every", "0", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
 def train():
-    sys.path.insert(0, str(SUDOKU))
-    try:
-        spec = importlib.util.spec_from_file_location("train", SUDOKU / "train.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(SUDOKU))
+    return load("train")
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
