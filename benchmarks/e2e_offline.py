@@ -256,16 +256,20 @@ REFERENCE_REQUESTS = [  # (prompt length, seed, knobs), as tests/test_reference_
 REFERENCE_BLOCKS = 2  # canvases per request
 
 
-def reference_tokens(model_dir: str, device: str) -> list[tuple[list[int], "torch.Tensor"]]:
+def reference_tokens(model_dir: str, device: str, dtype: str = "float32",
+                     eager: bool = False) -> list[tuple[list[int], "torch.Tensor"]]:
     """transformers' generate on the plugin's draws (reference.py), on `device`: each request's
-    tokens and its halting passes' materialised logits at temperature 1 ([tokens, V], CPU)."""
+    tokens and its halting passes' materialised logits at temperature 1 ([tokens, V], CPU).
+    `eager`: transformers' eager attention and experts (the only ones with fp64 on CPU)."""
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion
 
     from diffusiongemma_vllm.model.config import SamplerConfig
     from diffusiongemma_vllm.testing.reference import reference_generate
 
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(model_dir, dtype=torch.float32).eval().to(device)
+    kernels = dict(attn_implementation="eager", experts_implementation="eager") if eager else {}
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(
+        model_dir, dtype=getattr(torch, dtype), **kernels).eval().to(device)
     target = _OnDevice(model, device)
     out = []
     for length, seed, knobs in REFERENCE_REQUESTS:

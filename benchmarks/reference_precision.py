@@ -17,27 +17,8 @@ import json
 from pathlib import Path
 
 
-def trajectories(model_dir: str, dtype) -> list[list[int]]:
-    from transformers import DiffusionGemmaForBlockDiffusion
-
-    from benchmarks.e2e_offline import REFERENCE_BLOCKS, REFERENCE_REQUESTS, reference_prompt
-    from diffusiongemma_vllm.model.config import SamplerConfig
-    from diffusiongemma_vllm.testing.reference import reference_generate
-
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(
-        model_dir, dtype=dtype, attn_implementation="eager", experts_implementation="eager").eval()
-    out = []
-    for length, seed, knobs in REFERENCE_REQUESTS:
-        ids = reference_prompt(length, seed)
-        trace = reference_generate(model, ids, seed, REFERENCE_BLOCKS, SamplerConfig().with_request_overrides(knobs))
-        out.append(trace.sequences[0, length:].tolist())
-    return out
-
-
 def main(argv=None) -> None:
-    import torch
-
-    from benchmarks.e2e_offline import agreement, checkpoint
+    from benchmarks.e2e_offline import agreement, checkpoint, reference_tokens
     from benchmarks.gpu_e2e import Settings
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,7 +29,8 @@ def main(argv=None) -> None:
     settings = Settings(cpu=True, work=args.work, out=args.work, attention_backend=None, prompts=1, max_tokens=1,
                         steps=1, bench={})
     model_dir = checkpoint(args.checkpoint, settings)
-    fp32, fp64 = trajectories(model_dir, torch.float32), trajectories(model_dir, torch.float64)
+    fp32, fp64 = ([tokens for tokens, _ in reference_tokens(model_dir, "cpu", dtype, eager=True)]
+                  for dtype in ("float32", "float64"))
     print(json.dumps({"checkpoint": args.checkpoint, "transformers_fp32_vs_fp64": [
         agreement(a, b) for a, b in zip(fp32, fp64)]}, indent=1))
 

@@ -7,10 +7,11 @@ fairly) on the same puzzle pool, and scored `--evals` times in the run on held-o
 through transformers' generate (train.py's quick evaluation). The augmentation pair trains
 on a small pool (10 puzzles per number of givens, 210 in all), where seeing the same puzzles
 again is what augmentation changes. The recipe again with another seed (initialisation and
-draw order; the same pool) shows how far two runs differ by chance. Prints a table of the last evaluation (with the last
-loss and the seconds per step, since width and depth cost compute) and writes every curve.
+draw order; the same pool) shows how far two runs differ by chance. Prints a table of the
+last evaluation (with the last loss and the seconds per step, since width and depth cost
+compute) and writes every curve.
 
-    python examples/sudoku/levers.py --out /tmp/levers --steps 600 --parallel 2
+    python examples/sudoku/levers.py --out /tmp/levers --steps 250 --evals 2 --threads 1
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def main(argv=None) -> None:
               f"{last['40-44']['solved']:.0%} | {last['45-49']['solved']:.0%} | "
               f"{last['40-44']['cell_accuracy']:.3f} | {last['45-49']['cell_accuracy']:.3f} | "
               f"{last['45-49']['mean_passes']:.1f} |")
+
 
 if __name__ == "__main__":
     main()
