@@ -20,12 +20,13 @@ def free_port() -> int:
 
 
 class OpenAIServer:
-    def __init__(self, model: str, *args: str, startup_timeout: float = 240.0):
+    def __init__(self, model: str, *args: str, startup_timeout: float = 240.0, log_dir: str | None = None):
         self.port = free_port()
         self.model = model
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-        self.log = open(os.path.join(os.path.dirname(model.rstrip("/")), f"server-{self.port}.log"), "w")
+        log_dir = log_dir or os.path.dirname(model.rstrip("/"))  # default: beside the model
+        self.log = open(os.path.join(log_dir, f"server-{self.port}.log"), "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
              "--host", "127.0.0.1", "--port", str(self.port), *args],

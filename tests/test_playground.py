@@ -1,84 +1,22 @@
 """The playground page (GET /playground) in headless Chromium against a tiny-model server.
 
-The browser is Debian's `chromium` (`make test` installs it where apt-get can, as root); it is
-driven over the DevTools protocol with the `websockets` client, so no driver binary or browser
-download is needed. Without a Chromium the browser test skips, saying so. The server runs
-whole canvases per step (test_drafts_server.py covers `passes_per_step`).
+The browser is Debian's `chromium` (`make test` installs it where apt-get can, as root), driven
+by testing/headless_chromium.py. Without a Chromium the browser test skips, saying so. The
+server runs whole canvases per step (test_drafts_server.py covers `passes_per_step`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import shutil
-import subprocess
-import time
-import urllib.request
+import struct
 from urllib.parse import urlencode
 
 import pytest
 import requests
 
+from diffusiongemma_vllm.testing.headless_chromium import HeadlessChromium, chromium_binary
 from tests.test_drafts_server import NEVER_CONFIDENT, SERVE_SPEC, complete, split, start_server, stream_events
 
 pytestmark = pytest.mark.engine
-
-BROWSERS = ("chromium", "chromium-browser", "google-chrome")
-
-
-class HeadlessChromium:
-    """A headless Chromium and its one page, driven over the DevTools protocol."""
-
-    def __init__(self, binary: str, profile: str, width: int = 1100, height: int = 900):
-        from websockets.sync.client import connect
-
-        self.process = subprocess.Popen(
-            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0",
-             f"--user-data-dir={profile}", f"--window-size={width},{height}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        port_file = os.path.join(profile, "DevToolsActivePort")
-        deadline = time.monotonic() + 60
-        while not (os.path.exists(port_file) and open(port_file).read().strip()):
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                self.close()
-                raise RuntimeError(f"{binary} did not open its DevTools port")
-            time.sleep(0.1)
-        port = open(port_file).read().split()[0]
-        pages = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=30))
-        self.connection = contextlib.ExitStack()
-        self.socket = self.connection.enter_context(
-            connect(next(p for p in pages if p["type"] == "page")["webSocketDebuggerUrl"], max_size=None))
-        self.calls = 0
-
-    def call(self, method: str, **params) -> dict:
-        self.calls += 1
-        self.socket.send(json.dumps({"id": self.calls, "method": method, "params": params}))
-        while True:
-            message = json.loads(self.socket.recv(timeout=60))
-            if message.get("id") == self.calls:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message["result"]
-
-    def evaluate(self, expression: str):
-        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
-
-    def wait_for(self, expression: str, timeout: float):
-        deadline = time.monotonic() + timeout
-        while not (value := self.evaluate(expression)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return value
-
-    def close(self) -> None:
-        if getattr(self, "connection", None) is not None:
-            self.connection.close()
-        self.process.terminate()
-        self.process.wait(timeout=30)
-
-
-def chromium_binary() -> str | None:
-    return next((path for name in BROWSERS if (path := shutil.which(name))), None)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +48,8 @@ def test_drafts_with_whole_canvas_steps(server):
 
 def test_playground_shows_drafts_and_ends_with_the_completion(server, tmp_path):
     """Catches a page that does not parse the draft stream, shows no drafts, or assembles
-    committed text that differs from the non-streamed completion of the same request."""
+    committed text that differs from the non-streamed completion of the same request; and a
+    screenshot (the README's picture) that is not a PNG cut just below the page's content."""
     binary = chromium_binary()
     if binary is None:
         pytest.skip("no headless Chromium (Debian: apt-get install chromium; `make test` installs it as root)")
@@ -127,9 +66,15 @@ def test_playground_shows_drafts_and_ends_with_the_completion(server, tmp_path):
         final = browser.evaluate("document.getElementById('final').textContent")
         drafts = int(browser.evaluate("document.getElementById('final').dataset.drafts"))
         history = browser.evaluate("document.querySelectorAll('.history div').length")
+        content_bottom = browser.evaluate("document.getElementById('canvases').getBoundingClientRect().bottom")
+        page_width = browser.evaluate("document.documentElement.scrollWidth")
+        browser.screenshot(tmp_path / "playground.png")
     finally:
         browser.close()
     assert drafts == history > 0
+    png = (tmp_path / "playground.png").read_bytes()
+    width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk
+    assert png.startswith(b"\x89PNG") and width == page_width and content_bottom < height <= content_bottom + 32
     expected = complete(server, prompt="Write an essay", max_tokens=300, seed=4,
                         vllm_xargs={"max_denoising_steps": 8})["choices"][0]["text"]
     assert final == expected
