@@ -59,12 +59,9 @@ def test_playground_shows_drafts_and_ends_with_the_completion(server, tmp_path):
     browser = HeadlessChromium(binary, str(tmp_path / "profile"))
     try:
         browser.call("Page.navigate", url=f"{server.url}/playground?{urlencode(query)}")
-        state = browser.wait_for("['done', 'error'].includes(document.body?.dataset.state) && document.body.dataset.state",
-                                 timeout=300)
-        status = browser.evaluate("document.getElementById('status').textContent")
-        assert state == "done", status
-        final = browser.evaluate("document.getElementById('final').textContent")
-        drafts = int(browser.evaluate("document.getElementById('final').dataset.drafts"))
+        outcome = browser.playground_outcome(timeout=300)
+        assert outcome["state"] == "done", outcome["status"]
+        final, drafts = outcome["final"], outcome["drafts"]
         history = browser.evaluate("document.querySelectorAll('.history div').length")
         content_bottom = browser.evaluate("document.getElementById('canvases').getBoundingClientRect().bottom")
         page_width = browser.evaluate("document.documentElement.scrollWidth")

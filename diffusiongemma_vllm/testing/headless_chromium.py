@@ -68,6 +68,15 @@ class HeadlessChromium:
             time.sleep(0.2)
         return value
 
+    def playground_outcome(self, timeout: float) -> dict:
+        """Waits for the playground page's run to end: its state ('done' or 'error', None on
+        timeout), status line, committed text and number of drafts shown."""
+        state = self.wait_for("['done', 'error'].includes(document.body?.dataset.state) && document.body.dataset.state",
+                              timeout=timeout)
+        return {"state": state or None, "status": self.evaluate("document.getElementById('status').textContent"),
+                "final": self.evaluate("document.getElementById('final').textContent"),
+                "drafts": int(self.evaluate("document.getElementById('final').dataset.drafts || 0"))}
+
     def screenshot(self, path: Path) -> None:
         """The page as a PNG, cut just below its lowest element, once its transitions end."""
         self.wait_for("document.getAnimations().every((a) => a.playState !== 'running')", timeout=10)

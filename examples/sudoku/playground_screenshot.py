@@ -49,16 +49,13 @@ def main(argv=None) -> int:
             browser = HeadlessChromium(binary, os.path.join(scratch, "profile"))
             try:
                 browser.call("Page.navigate", url=f"{server.url}/playground?{urlencode(query)}")
-                state = browser.wait_for("['done', 'error'].includes(document.body?.dataset.state)"
-                                         " && document.body.dataset.state", timeout=300)
-                if state != "done":
-                    print("the page did not finish: " + browser.evaluate("document.getElementById('status').textContent"),
-                          file=sys.stderr)
+                outcome = browser.playground_outcome(timeout=300)
+                if outcome["state"] != "done":
+                    print(f"the page did not finish: {outcome['status']}", file=sys.stderr)
                     return 1
-                answer = browser.evaluate("document.getElementById('final').textContent").strip()
-                passes = browser.evaluate("document.getElementById('final').dataset.drafts")
+                answer = outcome["final"].strip()
                 solved = puzzles.is_valid_solution(args.puzzle, answer)
-                print(f"{passes} drafts (one per pass), {'solved' if solved else 'not solved'}: {answer}")
+                print(f"{outcome['drafts']} drafts (one per pass), {'solved' if solved else 'not solved'}: {answer}")
                 if not solved:
                     return 1
                 browser.screenshot(args.out)
