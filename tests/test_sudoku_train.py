@@ -1,4 +1,5 @@
-"""train.py continues from a trained checkpoint (`--init-from`), and refuses one of another shape."""
+"""train.py continues from a trained checkpoint (`--init-from`), grows a shallower one deeper
+without changing what it computes, and refuses one of another shape."""
 
 from __future__ import annotations
 
@@ -40,3 +41,35 @@ def test_init_from_a_checkpoint_of_another_shape_is_refused(train, tmp_path):
     with pytest.raises(SystemExit, match="does not fit this model"):
         train.main(["--run-dir", str(tmp_path / "run"), "--init-from", str(SUDOKU / "checkpoint"),
                     "--hidden", "64", *ONE_STEP])
+
+
+def test_a_deeper_model_starts_as_the_checkpoints_function(train):
+    """Catches growth that changes the model (a layer misplaced, an inserted layer that adds to
+    the residual stream): the grown model's training loss on the same draws equals the
+    checkpoint's exactly, and the inserted layers are the ones whose post-norm scales are zero."""
+    from sudoku_tokenizer import build_sudoku_tokenizer
+
+    tokenizer = build_sudoku_tokenizer("cells")
+    puzzle = ".6..329.7..7.4651.539..16.23946.8........342621645.8.997.314268.83..57.46427.935."
+    solution = "461532987827946513539871642394628175758193426216457839975314268183265794642789351"
+    prompts = torch.tensor([train.encode_prompt(tokenizer, puzzle)] * 4)
+    targets = torch.tensor([train.encode_target(tokenizer, solution, "cells")] * 4)
+    losses, models = [], []
+    for layers in (4, 6):
+        model = train.build_model(0, train.model_spec("cells", 128, layers))
+        train.load_weights(model, SUDOKU / "checkpoint")
+        with torch.no_grad():
+            losses.append(train.diffusion_loss(model.eval(), prompts, targets, torch.Generator().manual_seed(0)))
+        models.append(model)
+    assert torch.equal(losses[0], losses[1])
+    grown = models[1].model.decoder.layers
+    assert [not layer.post_attention_layernorm.weight.any() for layer in grown] == \
+        [False, False, False, True, True, False]
+    shipped = weights(SUDOKU / "checkpoint")
+    assert torch.equal(grown[5].self_attn.q_proj.weight, shipped["model.decoder.layers.3.self_attn.q_proj.weight"])
+
+
+def test_a_deeper_checkpoint_than_the_model_is_refused(train, tmp_path):
+    with pytest.raises(SystemExit, match="more than this model"):
+        train.main(["--run-dir", str(tmp_path / "run"), "--init-from", str(SUDOKU / "checkpoint"),
+                    "--layers", "3", *ONE_STEP])

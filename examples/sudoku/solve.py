@@ -12,6 +12,7 @@ with a warning (any rule-abiding grid that keeps the givens counts as solved).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -25,7 +26,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("puzzle", help="81 characters, '.' or '0' for blanks")
     parser.add_argument("--checkpoint", default=str(Path(__file__).parent / "checkpoint"))
-    parser.add_argument("--max-denoising-steps", type=int, default=48)
+    parser.add_argument("--max-denoising-steps", type=int,
+                        help="pass cap (the temperature schedule spans it); default: the checkpoint's")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     puzzle = args.puzzle.strip().replace("0", puzzles.BLANK)
@@ -42,9 +44,11 @@ def main(argv=None) -> int:
 
     from evaluate import open_llm
 
+    cap = args.max_denoising_steps or json.loads((Path(args.checkpoint) / "generation_config.json").read_text())[
+        "max_denoising_steps"]
     llm = open_llm(args.checkpoint)
     out = llm.generate([puzzle + "\n"], SamplingParams(
-        max_tokens=MAX_TOKENS, seed=args.seed, extra_args={"max_denoising_steps": args.max_denoising_steps}))
+        max_tokens=MAX_TOKENS, seed=args.seed, extra_args={"max_denoising_steps": cap}))
     reply = out[0].outputs[0].text.strip()
     (passes,) = llm.collective_rpc("diffusion_stats")[0]["canvas_passes"]  # one canvas: {passes: 1}
     print(puzzles.render(puzzle), "\n")
@@ -53,7 +57,7 @@ def main(argv=None) -> int:
     else:
         print(f"the model replied: {reply!r}")
     verdict = "solved" if puzzles.is_valid_solution(puzzle, reply) else "not solved"
-    print(f"\n{verdict} after {passes} denoise passes (cap {args.max_denoising_steps})")
+    print(f"\n{verdict} after {passes} denoise passes (cap {cap})")
     return 0
 
 

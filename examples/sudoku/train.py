@@ -31,7 +31,9 @@ Every `--eval-every` steps the model solves a fixed held-out set through transfo
 `generate` (the reference sampler, release settings); the log keeps loss and those scores.
 
 `--init-from CHECKPOINT` starts from a trained checkpoint's weights (a fresh optimizer and
-schedule): training continues past an earlier run whose run directory is gone.
+schedule): training continues past an earlier run whose run directory is gone. With more
+`--layers` than the checkpoint has, the checkpoint grows deeper and starts as the same function
+(load_weights).
 Resumable (`--run-dir` keeps model, optimizer, step, trained seconds, pool and log) and writes
 the final checkpoint in the release layout with the Sudoku tokenizer. Runs on CPU (the default)
 or, with `--device cuda`, on a GPU. `--workers N` splits each batch over N processes
@@ -48,6 +50,7 @@ import contextlib
 import json
 import math
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -67,6 +70,13 @@ CANVAS = 88  # 81 cells + <eos> + <pad> fill
 TRAIN_SEED = 0  # pool seeds derive from it; evaluate.py's held-out seed is far from all of them
 
 
+# The sampler the checkpoint is served with (its generation_config.json; evaluate.py --sweep and
+# README "Sampler defaults"): hot to cold over at most 16 passes, where the release goes from
+# 0.8 to 0.4 over 48. A wrong board the model is sure of halts at the release's temperatures;
+# sampling hotter early shakes it loose.
+SAMPLER = {"max_denoising_steps": 16, "t_max": 1.5, "t_min": 0.4}
+
+
 def model_spec(layout: str, hidden: int = 128, layers: int = 4) -> TinySpec:
     """The release architecture at Sudoku size: 4 query heads, one full-attention layer last."""
     return TinySpec(vocab_size=VOCAB_SIZES[layout], hidden_size=hidden, intermediate_size=2 * hidden,
@@ -74,7 +84,7 @@ def model_spec(layout: str, hidden: int = 128, layers: int = 4) -> TinySpec:
                     num_global_key_value_heads=1,
                     layer_types=("sliding_attention",) * (layers - 1) + ("full_attention",),
                     sliding_window=256, num_experts=4, top_k_experts=2, moe_intermediate_size=hidden,
-                    max_position_embeddings=512, canvas_length=CANVAS, vision_hidden_size=32)
+                    max_position_embeddings=512, canvas_length=CANVAS, vision_hidden_size=32, generation=SAMPLER)
 
 
 def encode_prompt(tokenizer, puzzle: str) -> list[int]:
@@ -188,15 +198,39 @@ def build_model(seed: int, spec: TinySpec):
     return DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(**spec.release_config())).float()
 
 
+LANGUAGE_LAYER = re.compile(r"((?:decoder|language_model)\.layers\.)(\d+)\.")
+
+
 def load_weights(model, checkpoint: Path) -> None:
-    """Copy a release-layout checkpoint's weights into `model`, which must have its shape."""
+    """Copy a release-layout checkpoint's weights into `model`, which must have its width and
+    layout and at least its depth.
+
+    A deeper `model` grows the checkpoint without changing what it computes: the checkpoint's
+    last (full-attention) layer stays last, and the layers inserted before it keep their fresh
+    weights but start with zero post-attention and post-feed-forward norm scales, so each adds
+    nothing to the residual stream until training moves those scales.
+    """
     from transformers import DiffusionGemmaForBlockDiffusion
 
     trained = DiffusionGemmaForBlockDiffusion.from_pretrained(str(checkpoint), dtype=torch.float32)
+    source = trained.config.text_config.num_hidden_layers
+    target = model.config.text_config.num_hidden_layers
+    if target < source:
+        raise SystemExit(f"{checkpoint} has {source} layers, more than this model's {target} (--layers)")
+
+    def moved(name: str) -> str:
+        return LANGUAGE_LAYER.sub(lambda m: f"{m[1]}{target - 1}." if int(m[2]) == source - 1 else m[0], name, 1)
+
+    state = model.state_dict()
+    state.update({moved(name): tensor for name, tensor in trained.state_dict().items()})
     try:
-        model.load_state_dict(trained.state_dict())
+        model.load_state_dict(state)
     except RuntimeError as error:
         raise SystemExit(f"{checkpoint} does not fit this model (--layout, --hidden, --layers): {error}") from None
+    with torch.no_grad():
+        for layer in model.model.decoder.layers[source - 1:target - 1]:  # the encoder shares these weights
+            layer.post_attention_layernorm.weight.zero_()
+            layer.post_feedforward_layernorm.weight.zero_()
 
 
 def structure_embeddings(model, tokenizer, seed: int) -> None:
@@ -234,7 +268,8 @@ def learning_rate(progress: float, step: int, peak: float, warmup: int = 100) ->
 
 
 def quick_eval(model, tokenizer, per_bucket: int) -> dict:
-    """Solved fraction, blank-cell accuracy and passes on held-out puzzles (transformers' generate)."""
+    """Solved fraction, blank-cell accuracy and passes on held-out puzzles (transformers' generate
+    with the release's sampler, 48 passes, which every run's training curve has used)."""
     import evaluate
 
     model.eval()
@@ -252,7 +287,8 @@ def parse_args(argv):
     parser.add_argument("--out", help="write the final checkpoint (release layout) here")
     parser.add_argument("--minutes", type=float, default=90.0, help="wall-clock training budget (spans the schedule)")
     parser.add_argument("--steps", type=int, help="budget in steps instead of minutes")
-    parser.add_argument("--init-from", type=Path, help="start from this checkpoint's weights (same shape and layout)")
+    parser.add_argument("--init-from", type=Path,
+                        help="start from this checkpoint's weights (same width and layout; a shallower one grows)")
     parser.add_argument("--layout", choices=LAYOUTS, default="cells")
     parser.add_argument("--init", choices=("structured", "random"), default="structured")
     parser.add_argument("--hidden", type=int, default=128)
