@@ -5,7 +5,8 @@ sent through vLLM with this plugin (offline `LLM`), with the checkpoint's sample
 pass caps (`max_denoising_steps` per request; its temperature schedule spans the cap). Per bucket: solved fraction (a valid grid keeping
 every given), cell accuracy over the blanks, givens kept, refused (answered with
 puzzles.INVALID_REPLY: wanted on broken requests, a false alarm on puzzles) and mean denoise
-passes until the canvas halted (from the worker's `diffusion_stats`). Rows:
+passes until the canvas halted and the share of canvases that used every pass of the cap (from
+the worker's `diffusion_stats`). Rows:
 - `plugin`: the trained checkpoint through the plugin, at each cap, and on `broken` requests
   (boards with a clash or a character that is no cell, text of another length);
 - `plugin:release`: the same with the release's sampler (RELEASE_SAMPLER, 48 passes), to show
@@ -27,6 +28,7 @@ import random
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -95,30 +97,35 @@ def open_llm(checkpoint: str):
                kv_cache_memory_bytes=KV_CACHE_BYTES)
 
 
-def passes_and_canvases(llm) -> tuple[int, int]:
-    """Denoise passes and canvases so far, from the worker's histogram {passes: canvases}."""
-    histogram = llm.collective_rpc("diffusion_stats")[0]["canvas_passes"]
-    return sum(p * n for p, n in histogram.items()), sum(histogram.values())
+def canvas_passes(llm) -> Counter:
+    """The worker's histogram so far: {denoise passes: canvases that took that many}."""
+    return Counter(llm.collective_rpc("diffusion_stats")[0]["canvas_passes"])
 
 
 def plugin_answers(llm, texts: list[str], max_steps: int | None = None,
-                   sampler: dict | None = None) -> tuple[list[str], float]:
-    """The plugin's replies to `texts` (each sent with a newline) and the mean passes taken;
-    `max_steps` and `sampler` override the checkpoint's sampler defaults per request (the
-    temperature schedule spans `max_steps`)."""
+                   sampler: dict | None = None) -> tuple[list[str], Counter]:
+    """The plugin's replies to `texts` (each sent with a newline) and the histogram of the
+    passes their canvases took; `max_steps` and `sampler` override the checkpoint's sampler
+    defaults per request (the temperature schedule spans `max_steps`)."""
     from vllm import SamplingParams
 
-    passes_before, canvases_before = passes_and_canvases(llm)
+    before = canvas_passes(llm)
     knobs = {**({"max_denoising_steps": max_steps} if max_steps else {}), **(sampler or {})}
     params = [SamplingParams(max_tokens=81, seed=i, extra_args=knobs) for i in range(len(texts))]
     outputs = llm.generate([t + "\n" for t in texts], params, use_tqdm=False)
-    passes, canvases = passes_and_canvases(llm)
-    return [o.outputs[0].text for o in outputs], (passes - passes_before) / (canvases - canvases_before)
+    return [o.outputs[0].text for o in outputs], canvas_passes(llm) - before
 
 
-def through_plugin(llm, pairs, max_steps: int | None, sampler: dict | None = None) -> dict:
-    answers, mean_passes = plugin_answers(llm, [p for p, _ in pairs], max_steps, sampler)
-    return {**score(pairs, answers), "mean_passes": mean_passes}
+def pass_summary(histogram: Counter, cap: int) -> dict:
+    """Mean passes per canvas, and the share of canvases that used every pass of `cap` (cut
+    off by it, or halting on the last pass)."""
+    canvases = sum(histogram.values())
+    return {"mean_passes": sum(p * n for p, n in histogram.items()) / canvases, "at_cap": histogram[cap] / canvases}
+
+
+def through_plugin(llm, pairs, cap: int, sampler: dict | None = None) -> dict:
+    answers, histogram = plugin_answers(llm, [p for p, _ in pairs], cap, sampler)
+    return {**score(pairs, answers), **pass_summary(histogram, cap)}
 
 
 def sampler_sweep(llm, per_bucket: int) -> list[dict]:
@@ -127,9 +134,9 @@ def sampler_sweep(llm, per_bucket: int) -> list[dict]:
     data = held_out(per_bucket, buckets=((40, 44), (45, 49)), seed=VALIDATION_SEED)
     rows = []
     for sampler in SWEEP:
-        results = [through_plugin(llm, pairs, None, sampler) for pairs in data.values()]
+        results = [through_plugin(llm, pairs, sampler["max_denoising_steps"], sampler) for pairs in data.values()]
         rows.append({**sampler, **{f"{key} {b[0]}-{b[1]}": r[key] for b, r in zip(data, results)
-                                   for key in ("solved", "mean_passes")}})
+                                   for key in ("solved", "mean_passes", "at_cap")}})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -147,7 +154,8 @@ def transformers_answers(model, tokenizer, pairs, max_steps: int) -> dict:
     answers = tokenizer.batch_decode(new, skip_special_tokens=True)
     # tokens_per_forward = non-pad new tokens / decoder passes, per row.
     passes = (new != tokenizer.pad_token_id).sum(-1).float() / out.tokens_per_forward.float()
-    return {**score(pairs, answers), "mean_passes": float(passes.mean())}
+    return {**score(pairs, answers), "mean_passes": float(passes.mean()),
+            "at_cap": float((passes > max_steps - 0.5).float().mean())}
 
 
 def through_transformers(checkpoint: str, pairs, max_steps: int) -> dict:
@@ -177,9 +185,9 @@ def print_table(rows: list[dict]) -> None:
     """One line per row; `refused` = answered with puzzles.INVALID_REPLY (wanted on `broken`
     requests only)."""
     columns = (("solved", 7, "{:7.1%}"), ("cell_accuracy", 6, "{:6.3f}"), ("givens_kept", 9, "{:9.1%}"),
-               ("refused", 7, "{:7.1%}"), ("mean_passes", 7, "{:7.1f}"))
+               ("refused", 7, "{:7.1%}"), ("mean_passes", 7, "{:7.1f}"), ("at_cap", 6, "{:6.1%}"))
     print(f"{'system':14} {'cap':>4} {'givens':>7} {'solved':>7} {'cells':>6} {'givens ok':>9} {'refused':>7} "
-          f"{'passes':>7}")
+          f"{'passes':>7} {'at cap':>6}")
     for r in rows:
         cells = [fmt.format(r[key]) if r.get(key) is not None else "-".rjust(width) for key, width, fmt in columns]
         print(f"{r['system']:14} {r['cap']:>4} {r['givens']:>7} " + " ".join(cells))
@@ -217,11 +225,12 @@ def main(argv=None) -> None:
         if name == "plugin":
             for bucket, pairs in data.items():
                 rows.append({"system": "plugin:release", "cap": RELEASE_SAMPLER["max_denoising_steps"],
-                             "givens": f"{bucket[0]}-{bucket[1]}", **through_plugin(llm, pairs, None, RELEASE_SAMPLER)})
+                             "givens": f"{bucket[0]}-{bucket[1]}",
+                             **through_plugin(llm, pairs, RELEASE_SAMPLER["max_denoising_steps"], RELEASE_SAMPLER)})
         if name == "plugin" and args.broken:
-            answers, mean_passes = plugin_answers(llm, broken_requests(args.broken), max(caps))
+            answers, histogram = plugin_answers(llm, broken_requests(args.broken), max(caps))
             rows.append({"system": name, "cap": max(caps), "givens": "broken", "refused": refused(answers),
-                         "mean_passes": mean_passes})
+                         **pass_summary(histogram, max(caps))})
         del llm
     if not args.skip_transformers:
         for bucket, pairs in data.items():
