@@ -20,7 +20,7 @@ from tests.sudoku_examples import SUDOKU, load
 
 pytestmark = pytest.mark.engine
 
-MEASURED_SOLVED = (0.906 + 0.969) / 2  # evaluate.py, the checkpoint's sampler, 64 + 64 puzzles (README)
+MEASURED_SOLVED = (0.984 + 0.922) / 2  # evaluate.py, the checkpoint's sampler, 64 + 64 puzzles (README)
 PUZZLES = 32
 MIN_SOLVED = MEASURED_SOLVED - 3.5 * math.sqrt(MEASURED_SOLVED * (1 - MEASURED_SOLVED) / PUZZLES)
 BROKEN = 16
@@ -39,7 +39,7 @@ def test_trained_checkpoint_solves_held_out_puzzles_and_refuses_broken_ones():
     answers, _ = evaluate.plugin_answers(llm, [p for p, _ in pairs])
     scores = evaluate.score(pairs, answers)
     assert scores["solved"] >= MIN_SOLVED, scores
-    assert scores["refused"] <= 1 / PUZZLES, scores  # measured: 2 of 256 valid puzzles refused
+    assert scores["refused"] <= 1 / PUZZLES, scores  # measured: 2 of 256 valid puzzles refused (1 of 128 at 45-55)
     requests = evaluate.broken_requests(BROKEN)
     assert all(puzzles.board_problem(r) for r in requests)
     broken, _ = evaluate.plugin_answers(llm, requests)

@@ -64,7 +64,7 @@ def test_two_workers_train_and_write_a_checkpoint(tmp_path):
     out = tmp_path / "out"
     run = subprocess.run(
         [sys.executable, str(SUDOKU / "train.py"), "--run-dir", str(tmp_path / "run"), "--out", str(out),
-         "--init-from", str(SUDOKU / "checkpoint"), "--steps", "2", "--batch", "4", "--givens", "50-50",
+         "--init-from", str(SUDOKU / "checkpoint"), "--layers", "6", "--steps", "2", "--batch", "4", "--givens", "50-50",
          "--pool", "2", "--eval-every", "0", "--threads", "1", "--workers", str(WORLD)],
         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
