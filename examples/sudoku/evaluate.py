@@ -2,11 +2,11 @@
 
 Held-out puzzles (a seed never used in training, unique solutions) in givens buckets are
 sent through vLLM with this plugin (offline `LLM`), with the checkpoint's sampler at several
-pass caps (`max_denoising_steps` per request; its temperature schedule spans the cap). Per bucket: solved fraction (a valid grid keeping
-every given), cell accuracy over the blanks, givens kept, refused (answered with
-puzzles.INVALID_REPLY: wanted on broken requests, a false alarm on puzzles) and mean denoise
-passes until the canvas halted and the share of canvases that used every pass of the cap (from
-the worker's `diffusion_stats`). Rows:
+pass caps (`max_denoising_steps` per request; its temperature schedule spans the cap). Per
+bucket: solved fraction (a valid grid keeping every given), cell accuracy over the blanks,
+givens kept, refused (answered with puzzles.INVALID_REPLY: wanted on broken requests, a false
+alarm on puzzles), mean denoise passes until the canvas halted and the share of canvases that
+used every pass of the cap (from the worker's `diffusion_stats`). Rows:
 - `plugin`: the trained checkpoint through the plugin, at each cap, and on `broken` requests
   (boards with a clash or a character that is no cell, text of another length);
 - `plugin:release`: the same with the release's sampler (RELEASE_SAMPLER, 48 passes), to show
@@ -52,8 +52,8 @@ RELEASE_SAMPLER = asdict(SamplerConfig())
 SWEEP = [{**RELEASE_SAMPLER, **change} for change in (
     {}, {"entropy_bound": 0.03}, {"entropy_bound": 0.3},
     {"t_max": 0.5, "t_min": 0.2}, {"t_max": 1.2, "t_min": 0.8}, {"t_max": 1.5, "t_min": 1.0},
-    *({"max_denoising_steps": passes, "t_max": hot} for passes, hot in ((16, 1.2), (16, 1.5), (16, 2.0), (12, 1.5),
-                                                                        (24, 1.5))),
+    *({"max_denoising_steps": passes, "t_max": hot}
+      for passes, hot in ((16, 1.2), (16, 1.5), (16, 2.0), (12, 1.5), (24, 1.5))),
     {"max_denoising_steps": 16, "t_max": 1.5, "entropy_bound": 0.03},
     {"max_denoising_steps": 16, "t_max": 1.5, "entropy_bound": 0.3},
     {"confidence_threshold": 0.001}, {"stability_threshold": 2})]
