@@ -12,7 +12,6 @@ with a warning (any rule-abiding grid that keeps the givens counts as solved).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -44,11 +43,14 @@ def main(argv=None) -> int:
 
     from evaluate import open_llm
 
-    cap = args.max_denoising_steps or json.loads((Path(args.checkpoint) / "generation_config.json").read_text())[
-        "max_denoising_steps"]
+    from diffusiongemma_vllm.model.config import SamplerConfig
+
     llm = open_llm(args.checkpoint)
+    override = {"max_denoising_steps": args.max_denoising_steps} if args.max_denoising_steps else None
+    # The cap the engine applies: the request's override, else the served default.
+    cap = SamplerConfig.served_by(llm.llm_engine.model_config).with_request_overrides(override).max_denoising_steps
     out = llm.generate([puzzle + "\n"], SamplingParams(
-        max_tokens=MAX_TOKENS, seed=args.seed, extra_args={"max_denoising_steps": cap}))
+        max_tokens=MAX_TOKENS, seed=args.seed, extra_args=override))
     reply = out[0].outputs[0].text.strip()
     (passes,) = llm.collective_rpc("diffusion_stats")[0]["canvas_passes"]  # one canvas: {passes: 1}
     print(puzzles.render(puzzle), "\n")
