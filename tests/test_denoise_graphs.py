@@ -97,11 +97,14 @@ def test_batches_beyond_the_ladder_run_eagerly(standalone):
 
 
 def test_ladder_covers_max_num_seqs_and_captures_largest_first(standalone):
-    """Catches start-up captures of sizes no step can need (memory for nothing), a ladder
-    whose top cannot hold max_num_seqs canvases, and captures in an order that keeps the
-    smaller graphs from reusing the largest one's memory pool."""
+    """Catches start-up captures of sizes no step can need (memory for nothing; a top rounded
+    up past the canvases a pass may hold needs more than the workspaces vLLM locked, and the
+    failed capture turned every graph off), a ladder whose top cannot hold max_num_seqs
+    canvases, and captures in an order that keeps the smaller graphs from reusing the
+    largest one's memory pool."""
     assert ladder_for(1) == (1,)
-    assert ladder_for(5) == (1, 2, 4, 8)
+    assert ladder_for(5) == (1, 2, 4, 5)
+    assert ladder_for(39) == (1, 2, 4, 8, 16, 32, 39)
     assert ladder_for(64) == (1, 2, 4, 8, 16, 32, 64)
     assert ladder_for(256) == (1, 2, 4, 8, 16, 32, 64)
     cfg = standalone.model.cfg
@@ -111,8 +114,8 @@ def test_ladder_covers_max_num_seqs_and_captures_largest_first(standalone):
     like = CanvasBatch.start([CanvasJob(0, SamplerConfig(), seed=0)], cfg.canvas_length, cfg.vocab_size,
                              cfg.hidden_size, torch.float32, "cpu")
     graphs.capture_ladder(like)
-    assert list(graphs.captured) == [8, 4, 2, 1]
-    assert [len(static) for _, static in graphs.captured.values()] == [8, 4, 2, 1]
+    assert list(graphs.captured) == [5, 4, 2, 1]
+    assert [len(static) for _, static in graphs.captured.values()] == [5, 4, 2, 1]
 
 
 def test_paged_step_inputs_put_ready_requests_in_job_order():

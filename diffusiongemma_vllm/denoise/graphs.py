@@ -3,7 +3,7 @@
 A denoise pass launches hundreds of kernels (30 layers of attention, MoE and norms, then the
 sampler); launched one by one from Python they cost milliseconds of host time per pass. Here
 `passes_per_replay` consecutive `denoise.denoise_pass` calls are captured once per ladder size
-(1, 2, 4, ..., 64 canvases) into a graph that reads and writes one static `CanvasBatch`, and
+(1, 2, 4, ..., up to 64 canvases, `ladder_for`) into a graph that reads and writes one static `CanvasBatch`, and
 each later run of passes is one replay.
 
 - Halting is masking: a canvas that halts inside a replay stays frozen for the remaining
@@ -38,10 +38,13 @@ logger = logging.getLogger(__name__)
 
 
 def ladder_for(max_canvases: int) -> tuple[int, ...]:
-    """The ladder sizes a step of at most `max_canvases` canvases can need (larger steps run
-    their passes eagerly until enough canvases halt)."""
-    top = next((size for size in LADDER if size >= max_canvases), LADDER[-1])
-    return tuple(size for size in LADDER if size <= top)
+    """The ladder sizes a step of at most `max_canvases` canvases can need, topped by that
+    count itself (up to LADDER[-1]; larger steps run their passes eagerly until enough
+    canvases halt). The top is exact, not the next power of two: a pass never holds more
+    canvases than vLLM sized its activation memory and locked workspaces for
+    (max_num_batched_tokens // canvas length), and a capture beyond them would fail."""
+    top = min(max_canvases, LADDER[-1])
+    return tuple(size for size in LADDER if size < top) + (top,)
 
 
 class CudaGraph:
