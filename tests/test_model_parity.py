@@ -113,3 +113,31 @@ def test_commit_then_next_block_and_batched_requests(pair):
     prefix = torch.tensor([n + cfg.canvas_length for n in lengths])
     got = ours.logits(ours.denoise(torch.tensor([0, 1]), canvases, prefix, None))
     assert relative_error(got, torch.cat(wants)) < TOLERANCE
+
+
+@torch.no_grad()
+def test_a_canvas_reaching_past_max_position_embeddings(tmp_path):
+    """Catches a RoPE table of only max_position_embeddings rows: the canvas after the last
+    committable position (max_model_len - 1, here max_position_embeddings - 1) reaches C - 1
+    positions beyond it, which read past the table: silently wrong rotations on CPU (measured
+    here before the fix), a device-side assert or garbage on a GPU. transformers computes any
+    position."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from diffusiongemma_vllm.testing.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+
+    path = str(build_tiny_checkpoint(tmp_path, TinySpec(max_position_embeddings=48, canvas_length=16), seed=5))
+    ours = load_standalone(path, max_model_len=48)
+    ref = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(4)
+    prompt_len = 47
+    ids = torch.randint(0, ours.model.cfg.vocab_size, (1, prompt_len), generator=gen)
+    canvas = torch.randint(0, ours.model.cfg.vocab_size, (1, 16), generator=gen)
+    ours.allocate(1, 64)
+    rows = torch.tensor([0])
+    ours.prefill(rows, ids, torch.tensor([0]))
+    cache = new_cache(ref)
+    hf_encode(ref, ids, cache)
+    got = ours.logits(ours.denoise(rows, canvas, torch.tensor([prompt_len]), None))
+    assert relative_error(got, hf_denoise(ref, canvas, cache)) < TOLERANCE
+

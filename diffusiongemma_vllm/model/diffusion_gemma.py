@@ -136,7 +136,10 @@ class DiffusionGemmaAttention(nn.Module):
         rope = {"rope_type": layer.rope_type, "rope_theta": layer.rope_theta}
         if layer.rope_type == "proportional":
             rope["partial_rotary_factor"] = layer.partial_rotary_factor
-        self.rotary_emb = get_rope(self.head_dim, max_position=cfg.max_position_embeddings,
+        # A canvas after the last committable position (max_model_len - 1, at most
+        # max_position_embeddings - 1) reaches C - 1 positions further: the cos/sin table must
+        # hold them (its rows do not depend on its length; transformers computes any position).
+        self.rotary_emb = get_rope(self.head_dim, max_position=cfg.max_position_embeddings + cfg.canvas_length,
                                    rope_parameters=rope, is_neox_style=True)
         self.attn = Attention(self.num_heads, self.head_dim, 1.0, num_kv_heads=self.num_kv_heads,
                               cache_config=cache_config, quant_config=quant_config,
