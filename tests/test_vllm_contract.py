@@ -57,6 +57,8 @@ Worker (cpu_worker.py, gpu_worker.py, worker_stats.py, standalone.py)
 - `CPUWorker.init_device` building `model_runner` inline; `Worker._make_model_runner`;
   `GPUModelRunner.capture_model() -> int`, called by the worker unless enforce_eager;
   `collective_rpc` reaching a worker method by name (`run_method`).
+- `envs.VLLM_BATCH_INVARIANT`, which the worker step follows, turned on in the GPU worker
+  (`init_batch_invariance`), TRITON_ATTN supporting it.
 - `_set_torch_accelerator_to_noop`, `init_distributed_environment`,
   `initialize_model_parallel`, `model_parallel_is_initialized`.
 Scheduler (scheduler.py, drafts/publisher.py)
@@ -710,6 +712,24 @@ def test_collective_rpc_reaches_a_worker_method_by_name(live):
 
     stats = run_method(Worker(), "diffusion_stats", (), {})
     assert stats["canvases"] == 4 and stats["pending_canvases"] == 0  # two canvases per request
+
+
+def test_batch_invariant_switch_and_the_gpu_worker_turning_it_on(monkeypatch):
+    """Catches vLLM renaming or dropping its batch-invariant switch, which the worker step
+    follows (one key split in the denoise attention, fixed sampler chunks): the variable must
+    read as the flag, vLLM's GPU worker must turn the mode on while it sets up, and the
+    default GPU backend must support it. That seeded requests then give the same tokens alone
+    and batched is benchmarks/gpu_e2e.py's stage a_invariant."""
+    from vllm import envs
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+    from vllm.v1.worker import gpu_worker
+
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
+    assert envs.VLLM_BATCH_INVARIANT is True
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "0")
+    assert envs.VLLM_BATCH_INVARIANT is False
+    assert "init_batch_invariance()" in inspect.getsource(gpu_worker.init_worker_distributed_environment)
+    assert TritonAttentionBackend.supports_batch_invariance()
 
 
 def test_accelerator_noop_shim(monkeypatch):

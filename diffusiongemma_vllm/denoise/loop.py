@@ -18,6 +18,7 @@ where `rows` picks each canvas's request inputs (prefix, positions) by its index
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
@@ -132,14 +133,16 @@ class CanvasBatch:
         return (self.t_min + (self.t_max - self.t_min) * remaining / self.max_steps).float()
 
 
-def row_stats_for(device: torch.device) -> RowStatsFn:
+def row_stats_for(device: torch.device, batch_invariant: bool = False) -> RowStatsFn:
     """The sampler statistics for `device`: the GEMM sampler on CUDA (cuBLAS products, Triton
-    statistics; kernels/gemm_sampler.py), else the vocab-tiled torch path."""
+    statistics; kernels/gemm_sampler.py), else the vocab-tiled torch path (fixed chunks, so
+    batch-invariant as it is). `batch_invariant` fixes the GEMM sampler's vocabulary chunk."""
     if device.type == "cuda":
-        from diffusiongemma_vllm.kernels.gemm_sampler import gemm_row_stats, triton
+        from diffusiongemma_vllm.kernels.gemm_sampler import INVARIANT_VOCAB_CHUNK, gemm_row_stats, triton
 
         if triton is not None:
-            return gemm_row_stats
+            return functools.partial(gemm_row_stats, vocab_chunk=INVARIANT_VOCAB_CHUNK) if batch_invariant \
+                else gemm_row_stats
     return vocab_tiled_row_stats
 
 
@@ -198,7 +201,7 @@ def denoise_canvases(jobs: list[CanvasJob], canvas_length: int, run_pass: RunPas
                      device: torch.device | str = "cpu", record: bool = False, graphs=None,
                      first_row: int = 0, resumed: dict[int, CanvasBatch] | None = None,
                      max_passes: int | None = None, keep_hidden: bool = False,
-                     on_pass: OnPass | None = None) -> DenoiseResult:
+                     on_pass: OnPass | None = None, row_stats: RowStatsFn | None = None) -> DenoiseResult:
     """Denoise one canvas per job until each halts, or for at most `max_passes` passes: the
     canvases still running then come back as `pending`, and a later call continues them
     exactly through `resumed` (job index -> a one-canvas batch; draws are keyed by the
@@ -209,10 +212,10 @@ def denoise_canvases(jobs: list[CanvasJob], canvas_length: int, run_pass: RunPas
     halting-pass hidden states, from which its logprobs come (kernels/top_logprobs.py).
     `on_pass(batch, slots)`, if given, sees the batch after each pass (or replay) and before
     halted canvases leave it, `slots` [n] being each canvas's job index (live drafts,
-    drafts/publisher.py); it must only read."""
+    drafts/publisher.py); it must only read. `row_stats` defaults to `row_stats_for(device)`."""
     device = torch.device(device)
     weight = unembedding.weight
-    row_stats = row_stats_for(device)
+    row_stats = row_stats or row_stats_for(device)
     batch = CanvasBatch.start(jobs, canvas_length, weight.shape[0], weight.shape[1], weight.dtype, device, first_row)
     for index, state in (resumed or {}).items():
         batch.put_(index, state)

@@ -30,6 +30,11 @@ Per-request settings: the checkpoint's generation_config.json, overridden by the
 `extra_args` (validated at admission by request_validator.py); the seed is the request's
 `seed`, or a random one kept for its lifetime. A request that asked for live drafts has its
 canvas's argmax published every `draft_every` passes (drafts/publisher.py); the others add no work.
+
+Under vLLM's batch-invariant mode (`VLLM_BATCH_INVARIANT=1`, which makes vLLM's own layers'
+results independent of the batch) the plugin's own kernels follow: the denoise attention
+runs one key split and the GEMM sampler fixed vocabulary chunks, so a seeded request's
+arithmetic does not depend on the canvases beside it.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
+from vllm import envs
 
 from diffusiongemma_vllm.model.canvas_context import CanvasPass, PagedPrefix, PrefixKV, canvas_forward_context
 from diffusiongemma_vllm.model.config import SamplerConfig, passes_per_step
@@ -104,6 +110,8 @@ class DenoiseStep:
         # max_num_batched_tokens, so more ready canvases than that are denoised in turns.
         self.canvases_per_pass = max(1, vllm_config.scheduler_config.max_num_batched_tokens // self.canvas_length)
         self.unembedding = model.unembedding()
+        self.batch_invariant = envs.VLLM_BATCH_INVARIANT
+        self.row_stats = row_stats_for(device, self.batch_invariant)
         self.paged_inputs: PagedStepInputs | None = None  # GPU: built at the first step
         self.paged_run_pass = None  # GPU: the run_pass over paged_inputs
         self.graphs: DenoiseGraphs | None = None
@@ -156,7 +164,7 @@ class DenoiseStep:
                 limit = None if any(must_finish[first:last]) else self.passes_per_step
                 turns.append(denoise_canvases(
                     jobs[first:last], self.canvas_length, run_pass, self.unembedding, device=self.device,
-                    graphs=self.graphs, first_row=first, max_passes=limit, keep_hidden=any(wants_logprobs[first:last]),
+                    row_stats=self.row_stats, graphs=self.graphs, first_row=first, max_passes=limit, keep_hidden=any(wants_logprobs[first:last]),
                     resumed={slot - first: resumed[slot] for slot in range(first, last) if slot in resumed},
                     on_pass=self.drafts.watch(drafts[first:last]) if self.drafts is not None else None))
                 for job, held in turns[-1].pending.items():
@@ -232,10 +240,10 @@ class DenoiseStep:
         if self.paged_inputs is not None:
             return
         max_num_seqs = self.vllm_config.scheduler_config.max_num_seqs
-        self.paged_inputs = PagedStepInputs.build(runner, max_num_seqs)
+        self.paged_inputs = PagedStepInputs.build(runner, max_num_seqs, num_splits=1 if self.batch_invariant else None)
         self.paged_run_pass = self._pass_runner(self.paged_inputs.context_lens, self.paged_inputs.prefixes)
         if not self.vllm_config.model_config.enforce_eager:
-            self.graphs = DenoiseGraphs(self.paged_run_pass, self.unembedding, row_stats_for(self.device),
+            self.graphs = DenoiseGraphs(self.paged_run_pass, self.unembedding, self.row_stats,
                                         ladder=ladder_for(min(max_num_seqs, self.canvases_per_pass)))
 
     def _load_paged_inputs(self, runner, ready: list[int], context: list[int]):
@@ -286,7 +294,7 @@ class PagedStepInputs:
     prefixes: dict[str, PagedPrefix]
 
     @classmethod
-    def build(cls, runner, max_num_seqs: int) -> "PagedStepInputs":
+    def build(cls, runner, max_num_seqs: int, num_splits: int | None) -> "PagedStepInputs":
         layers = runner.compilation_config.static_forward_context
         device = runner.device
         tables, prefixes = [], {}
@@ -296,7 +304,7 @@ class PagedStepInputs:
             tables.append(table)
             for name in group.layer_names:
                 key, value = paged_views(layers[name].kv_cache)
-                prefixes[name] = PagedPrefix(key, value, table, group.kv_cache_spec.block_size)
+                prefixes[name] = PagedPrefix(key, value, table, group.kv_cache_spec.block_size, num_splits)
         return cls(torch.zeros(max_num_seqs, dtype=torch.long, device=device), tables, prefixes)
 
     def load(self, runner, ready: list[int], context: list[int]) -> None:

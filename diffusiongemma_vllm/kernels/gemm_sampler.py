@@ -15,7 +15,7 @@ materialised fp32 logits 4.9 ms and 1.3 GB for one canvas
 (benchmarks/results/2026-11-27-h100-gpu_check.md).
 
 Per chunk of `vocab_chunk` ids, for a chunk of rows:
-1. logits = h @ E_c^T with fp32 output (`_mm_fp32`): [rows, vocab_chunk] fp32;
+1. logits = h @ E_c^T with fp32 output (`mm_fp32`): [rows, vocab_chunk] fp32;
 2. `_chunk_stats_kernel`, one program per row, sweeps the chunk: its max m_c, S_c = sum
    exp(z - m_c), W_c = sum exp(z - m_c) (z - m_c), the first-index argmax and the Gumbel
    argmax, written as the chunk's partials. With the soft signal it then rescales against
@@ -27,6 +27,12 @@ At the end the chunks' statistics are merged (flash decoding's combine; the firs
 ties: lowest id) and soft is divided by the row's normaliser. Rows are chunked too, so that
 rows x vocab_chunk stays at `block_elements`: peak memory beyond the outputs is one fp32
 logits block and one P block (96 MiB at the default), whatever the number of canvases.
+By default the chunk is as wide as that block allows, so it narrows as rows grow; that moves
+the chunk boundaries, and with them the order the chunks' statistics and soft signal are
+summed, so a row's entropy and soft signal round differently in another batch. A fixed
+`vocab_chunk` (`INVARIANT_VOCAB_CHUNK` under vLLM's batch-invariant mode) keeps a row's
+arithmetic independent of the rows beside it, given products that are (cuBLAS without
+split-K, which that mode sets).
 
 Entropy = log S - W / S with W taken relative to the max, so nothing cancels at |z| ~ cap / T.
 The draw is argmax_v(z_v + g_v), g = -log(-log u), u_v = word v % 4 of tl.rand4x(key_row,
@@ -50,6 +56,7 @@ except ImportError:  # CPU-only installs without Triton still import this module
 
 BLOCK_ELEMENTS = 1 << 24  # rows x vocab_chunk of one logits block: 64 MiB fp32
 MIN_VOCAB_CHUNK = 4096  # GEMMs narrower than this lose tensor-core efficiency
+INVARIANT_VOCAB_CHUNK = 16384  # the chunk under batch-invariant mode (the vocab-tiled path's)
 
 
 if triton is not None:
@@ -131,6 +138,7 @@ def gemm_row_stats(
     with_soft: bool,
     block_elements: int = BLOCK_ELEMENTS,
     min_vocab_chunk: int = MIN_VOCAB_CHUNK,
+    vocab_chunk: int | None = None,  # a fixed chunk width (a multiple of 4); None: the widest that fits the block
     block: int = 2048,  # columns per step of the statistics kernel (a power of two >= 4)
     num_warps: int = 8,
 ) -> RowStats:
@@ -143,7 +151,9 @@ def gemm_row_stats(
     assert temperature.shape == gumbel_keys.shape == (n,) and temperature.is_floating_point()
     assert gumbel_keys.dtype in (torch.int64, torch.int32), gumbel_keys.dtype
     # A multiple of 4: _gumbel_run draws ids from a multiple of 4.
-    vocab_chunk = max(4, min(vocab, max(min_vocab_chunk, block_elements // n)) // 4 * 4)
+    if vocab_chunk is None:
+        vocab_chunk = max(4, min(vocab, max(min_vocab_chunk, block_elements // n)) // 4 * 4)
+    assert vocab_chunk > 0 and vocab_chunk % 4 == 0, vocab_chunk
     row_chunk = max(1, block_elements // vocab_chunk)
     parts = [_row_chunk(hidden[r:r + row_chunk], embedding, softcap, temperature[r:r + row_chunk].contiguous(),
                         gumbel_keys[r:r + row_chunk].contiguous(), with_soft, vocab_chunk, block, num_warps)
@@ -166,7 +176,7 @@ def _row_chunk(hidden, embedding, softcap, temperature, keys, with_soft, vocab_c
         scale = torch.empty((rows,), dtype=torch.float32, device=device)
     for c in range(chunks):
         chunk = embedding[c * vocab_chunk:(c + 1) * vocab_chunk]
-        logits = _mm_fp32(hidden, chunk.T)  # [rows, chunk width] fp32
+        logits = mm_fp32(hidden, chunk.T)  # [rows, chunk width] fp32
         probs = torch.empty(logits.shape, dtype=embedding.dtype, device=device) if with_soft else logits
         _chunk_stats_kernel[(rows,)](
             logits, temperature, keys, stats[c], ids[c], probs,
@@ -174,7 +184,7 @@ def _row_chunk(hidden, embedding, softcap, temperature, keys, with_soft, vocab_c
             rows, logits.shape[1], c * vocab_chunk, float(softcap),
             WITH_SOFT=with_soft, BLOCK=block, num_warps=num_warps)
         if with_soft:
-            soft.mul_(scale[:, None]).add_(_mm_fp32(probs, chunk))
+            soft.mul_(scale[:, None]).add_(mm_fp32(probs, chunk))
     m, total, weighted, drawn = stats.transpose(0, 1)  # each [chunks, rows]
     top = m.max(0).values  # also the final running_max
     w = torch.exp(m - top)
@@ -186,7 +196,7 @@ def _row_chunk(hidden, embedding, softcap, temperature, keys, with_soft, vocab_c
     return RowStats(argmax, sample, entropy, soft.div_(norm[:, None]) if with_soft else None)
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with fp32 output: tensor-core inputs, fp32 accumulation and result on CUDA."""
     if a.is_cuda and a.dtype != torch.float32:
         return torch.mm(a, b, out_dtype=torch.float32)

@@ -37,6 +37,9 @@ class PagedPrefix:
     value_cache: torch.Tensor
     block_table: torch.Tensor  # [n, max_blocks] int32, in blocks of `table_block_size` tokens
     table_block_size: int
+    # Key-sequence splits of the kernel. None: enough to fill the GPU, so fewer as the batch
+    # grows, which changes a canvas's summation order; 1 under vLLM's batch-invariant mode.
+    num_splits: int | None = None
 
 
 @dataclass(frozen=True)

@@ -170,7 +170,7 @@ class DiffusionGemmaAttention(nn.Module):
         if isinstance(prefix, PagedPrefix):
             out = paged_canvas_attention(q, k, v, prefix.key_cache, prefix.value_cache, prefix.block_table,
                                          spec.context_lens.to(torch.int32), self.sliding_window, spec.causal,
-                                         table_block_size=prefix.table_block_size)
+                                         table_block_size=prefix.table_block_size, num_splits=prefix.num_splits)
         else:
             out = naive_canvas_attention(q, k, v, prefix.key, prefix.value, prefix.lens, spec.context_lens,
                                          self.sliding_window, causal=spec.causal)
