@@ -88,11 +88,17 @@ def run_checks(server, checks: Checks, settings: Settings) -> None:
     unsupported = complete(server, max_tokens=8, min_p=0.1)
     checks.check("unsupported_field_400", unsupported.status_code == 400 and "min_p" in unsupported.text,
                  [unsupported.status_code, unsupported.text[:200]])
-    logprobs = complete(server, max_tokens=40, ignore_eos=True, seed=3, logprobs=2, vllm_xargs=steps)
-    values = (logprobs.json()["choices"][0].get("logprobs") or {}).get("token_logprobs") or [] \
-        if logprobs.status_code == 200 else []
+    logprobs = complete(server, max_tokens=40, ignore_eos=True, seed=3, logprobs=2, vllm_xargs=steps,
+                        return_tokens_as_token_ids=True)
+    entries = (logprobs.json()["choices"][0].get("logprobs") or {}) if logprobs.status_code == 200 else {}
+    values = entries.get("token_logprobs") or []
     checks.check("logprobs_of_every_token", len(values) == 40 and all(v <= 0 for v in values),
                  [logprobs.status_code, len(values)])
+    # The committed token is its pass's argmax: it must head its own alternatives (rows aligned,
+    # logits from the sampler's products).
+    heads = [top.get(token) == max(top.values()) == value for token, value, top in
+             zip(entries.get("tokens") or [], values, entries.get("top_logprobs") or [])]
+    checks.check("committed_token_heads_its_top_logprobs", len(heads) == 40 and all(heads), sum(heads))
     checks.check("whole_vocabulary_logprobs_400", complete(server, max_tokens=8, logprobs=-1).status_code == 400)
 
     start = time.time()

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from diffusiongemma_vllm.kernels.gemm_sampler import mm_fp32
+
 
 @dataclass(frozen=True)
 class TopLogprobs:
@@ -34,7 +36,12 @@ class TopLogprobs:
 
 
 def _logits(hidden: torch.Tensor, embedding: torch.Tensor, softcap: float) -> torch.Tensor:
-    return torch.tanh((hidden @ embedding.T).float() / softcap) * softcap
+    # The products of the sampler that chose the committed argmax on this device: fp32 output
+    # on CUDA (gemm_sampler.py; a bf16 product would round the logits to bf16 spacing, 0.06-0.125
+    # at |z| in the tens, tying ranks and parting them from that argmax), the input dtype's
+    # product elsewhere (vocab_tiled_sampler.py).
+    products = mm_fp32(hidden, embedding.T) if hidden.is_cuda else (hidden @ embedding.T).float()
+    return torch.tanh(products / softcap) * softcap
 
 
 def naive_top_logprobs(hidden: torch.Tensor, embedding: torch.Tensor, softcap: float, tokens: torch.Tensor,
