@@ -211,6 +211,9 @@ STARTUP_PATTERNS = {
     "kv_cache_gib": r"Available KV cache memory: ([\d.]+) GiB",
     "kv_cache_tokens": r"KV cache size: ([\d,]+) tokens",
     "max_concurrency_x": r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x",
+    "denoise_graphs_estimate_gib": r"DiffusionGemma denoise graphs: ([\d.]+) GiB estimated",
+    "graph_pool_actual_gib": r"CUDA graph pool memory: ([\d.]+) GiB \(actual\)",
+    "graph_pool_estimated_gib": r"CUDA graph pool memory: [\d.]+ GiB \(actual\), ([\d.]+) GiB \(estimated\)",
 }
 _STAMP = re.compile(r"(\d\d-\d\d \d\d:\d\d:\d\d)")
 

@@ -701,6 +701,37 @@ def test_gpu_runner_capture_hook_signature():
     assert callable(Worker.compile_or_warm_up_model)
 
 
+def test_memory_profiling_hooks_and_the_denoise_pass_they_run(live):
+    """Catches vLLM's start-up memory hooks moving or changing shape (the plugin's GPU runner
+    runs a denoise pass at the largest canvas batch in `profile_run`, inside the worker's
+    memory profiling, and adds its graphs' memory to `profile_cudagraph_memory() -> int`), and
+    a profiling pass that cannot run on the attention layers vLLM registered (their
+    `num_kv_heads` / `head_size`) or that leaves state in the worker step. The pass runs here
+    on the CPU runner through the Triton paged kernel in the interpreter; its measured peak
+    and the KV cache it frees up are benchmarks/gpu_e2e.py stage c_release's."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    from diffusiongemma_vllm.denoise.loop import CanvasBatch, CanvasJob
+    from diffusiongemma_vllm.engine.denoise_memory import graph_memory
+
+    assert list(inspect.signature(GPUModelRunner.profile_run).parameters) == ["self", "randomize_inputs"]
+    assert inspect.signature(GPUModelRunner.profile_cudagraph_memory).return_annotation in (int, "int")
+    source = inspect.getsource(Worker.determine_available_memory)
+    profiled = source[source.index("memory_profiling("):source.index("profile_cudagraph_memory()")]
+    assert "profile_run(" in profiled
+    step = live.runner.denoise_step
+    before = (step.stats.canvases, dict(step.pending), step.paged_inputs, step.graphs)
+    memory = graph_memory(step, live.runner)
+    cfg = step.model.cfg
+    one = CanvasBatch.start([CanvasJob(0, step.default_sampler, seed=0)], cfg.canvas_length, cfg.vocab_size,
+                            cfg.hidden_size, torch.float32, "cpu")
+    assert step.largest_pass == memory.canvases == 4  # max_num_seqs 4; 64 batched tokens / canvas 16
+    assert memory.static_bytes == (1 + 2 + 4) * sum(t.nbytes for t in one.tensors().values())
+    assert memory.peak_bytes == 0  # measured on CUDA only
+    assert (step.stats.canvases, dict(step.pending), step.paged_inputs, step.graphs) == before
+
+
 def test_collective_rpc_reaches_a_worker_method_by_name(live):
     """Catches `collective_rpc("diffusion_stats")` no longer calling a worker method by name."""
     from vllm.v1.serial_utils import run_method

@@ -1,19 +1,40 @@
 """vLLM's V1 GPU model runner with the plugin's worker step (model_runner.py).
 
-`capture_model` (worker start-up, skipped by vLLM under enforce_eager) also captures the
-denoise passes' CUDA graphs. This module never imports vLLM's CPU runner or worker (see
-model_runner.py for why).
+At start-up it also puts the denoise loop into vLLM's memory plan (denoise_memory.py):
+`profile_run` runs one denoise pass at the largest canvas batch after vLLM's forward, and
+`profile_cudagraph_memory` adds what the denoise graphs will hold. `capture_model` (skipped by
+vLLM under enforce_eager) also captures the denoise passes' CUDA graphs. This module never
+imports vLLM's CPU runner or worker (see model_runner.py for why).
 """
 
 from __future__ import annotations
 
 import torch
+from vllm.logger import init_logger
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+from diffusiongemma_vllm.engine.denoise_memory import graph_memory, run_largest_pass
 from diffusiongemma_vllm.engine.model_runner import DenoiseStepRunnerMixin
+
+logger = init_logger(__name__)
 
 
 class DiffusionGemmaGPURunner(DenoiseStepRunnerMixin, GPUModelRunner):
+    def profile_run(self, *args, **kwargs) -> None:
+        """vLLM's profiling forward, then a denoise pass at the largest canvas batch, inside
+        vLLM's memory profiling: the peak it measures covers both."""
+        super().profile_run(*args, **kwargs)
+        run_largest_pass(self.denoise_step, self)
+
+    def profile_cudagraph_memory(self) -> int:
+        """vLLM's graph estimate plus the denoise graphs' (their pool and static batches)."""
+        estimate = super().profile_cudagraph_memory()  # vLLM calls this only when graphs are on
+        denoise = graph_memory(self.denoise_step, self)
+        logger.info("DiffusionGemma denoise graphs: %.2f GiB estimated (one pass over %d canvases %.2f GiB, "
+                    "static batches %.2f GiB)", (denoise.peak_bytes + denoise.static_bytes) / 2**30,
+                    denoise.canvases, denoise.peak_bytes / 2**30, denoise.static_bytes / 2**30)
+        return estimate + denoise.peak_bytes + denoise.static_bytes
+
     def capture_model(self) -> int:
         """vLLM's graphs of the causal pass, then the denoise graph ladder; returns the graph
         memory, as vLLM's does."""

@@ -12,7 +12,7 @@ tokens (vLLM's `discard_request_mask` is False for it). For every ready request 
    same passes (at most max_num_batched_tokens // C canvases per pass, the activation size
    vLLM reserved memory for; more take turns), until each halts (denoise/loop.py), without
    returning to the scheduler; on GPU the passes replay CUDA graphs (denoise/graphs.py)
-   unless the engine runs with `enforce_eager`;
+   unless the engine runs without CUDA graphs (`enforce_eager`, `cudagraph_mode` NONE);
 3. emits the argmax canvas (trimmed at max_model_len) as the request's sampled tokens.
 The scheduler appends them, applies EOS / stop ids / max_tokens (trimming inside the
 canvas), and next step schedules the emitted tokens again: that pass is the commit.
@@ -47,6 +47,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 import torch
 from vllm import envs
+from vllm.config import CUDAGraphMode
 
 from diffusiongemma_vllm.model.canvas_context import CanvasPass, PagedPrefix, PrefixKV, canvas_forward_context
 from diffusiongemma_vllm.model.config import SamplerConfig, passes_per_step
@@ -109,9 +110,11 @@ class DenoiseStep:
         # A pass over m canvases runs m * C tokens through the layers; vLLM sized its memory for
         # max_num_batched_tokens, so more ready canvases than that are denoised in turns.
         self.canvases_per_pass = max(1, vllm_config.scheduler_config.max_num_batched_tokens // self.canvas_length)
+        self.largest_pass = min(vllm_config.scheduler_config.max_num_seqs, self.canvases_per_pass)
         self.unembedding = model.unembedding()
-        self.batch_invariant = envs.VLLM_BATCH_INVARIANT
-        self.row_stats = row_stats_for(device, self.batch_invariant)
+        # vLLM's batch-invariant mode: one key split in the denoise attention, fixed sampler chunks.
+        self.key_splits = 1 if envs.VLLM_BATCH_INVARIANT else None
+        self.row_stats = row_stats_for(device, batch_invariant=envs.VLLM_BATCH_INVARIANT)
         self.paged_inputs: PagedStepInputs | None = None  # GPU: built at the first step
         self.paged_run_pass = None  # GPU: the run_pass over paged_inputs
         self.graphs: DenoiseGraphs | None = None
@@ -240,11 +243,11 @@ class DenoiseStep:
         if self.paged_inputs is not None:
             return
         max_num_seqs = self.vllm_config.scheduler_config.max_num_seqs
-        self.paged_inputs = PagedStepInputs.build(runner, max_num_seqs, num_splits=1 if self.batch_invariant else None)
+        self.paged_inputs = PagedStepInputs.build(runner, max_num_seqs, self.key_splits)
         self.paged_run_pass = self._pass_runner(self.paged_inputs.context_lens, self.paged_inputs.prefixes)
-        if not self.vllm_config.model_config.enforce_eager:
+        if self.vllm_config.compilation_config.cudagraph_mode != CUDAGraphMode.NONE:  # off under enforce_eager
             self.graphs = DenoiseGraphs(self.paged_run_pass, self.unembedding, self.row_stats,
-                                        ladder=ladder_for(min(max_num_seqs, self.canvases_per_pass)))
+                                        ladder=ladder_for(self.largest_pass))
 
     def _load_paged_inputs(self, runner, ready: list[int], context: list[int]):
         """GPU: copy this step's context lengths and block-table rows into the static inputs
