@@ -48,6 +48,16 @@ def new_cache(ref):
     return DynamicCache(config=ref.config.text_config)
 
 
+def prefill_both(ours, ref, ids, max_len: int):
+    """The prompt `ids` [1, L] prefilled in both models: our request row 0 (a cache of
+    `max_len` tokens) and transformers' cache, which is returned."""
+    ours.allocate(1, max_len)
+    ours.prefill(torch.tensor([0]), ids, torch.tensor([0]))
+    cache = new_cache(ref)
+    hf_encode(ref, ids, cache)
+    return cache
+
+
 @torch.no_grad()
 def test_prefill_logits_match(pair):
     """Catches any drift in the causal stack: norms, rope, k_eq_v, MoE routing, layer_scalar."""
@@ -69,11 +79,8 @@ def test_denoise_logits_match_with_and_without_self_conditioning(pair):
     prompt_len = 2 * cfg.sliding_window + 3
     ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=gen)
     canvas = torch.randint(0, cfg.vocab_size, (1, cfg.canvas_length), generator=gen)
-    ours.allocate(1, 512)
+    cache = prefill_both(ours, ref, ids, 512)
     rows = torch.tensor([0])
-    ours.prefill(rows, ids, torch.tensor([0]))
-    cache = new_cache(ref)
-    hf_encode(ref, ids, cache)
 
     first = ours.logits(ours.denoise(rows, canvas, torch.tensor([prompt_len]), None))
     want_first = hf_denoise(ref, canvas, cache)
@@ -133,11 +140,7 @@ def test_a_canvas_reaching_past_max_position_embeddings(tmp_path):
     prompt_len = 47
     ids = torch.randint(0, ours.model.cfg.vocab_size, (1, prompt_len), generator=gen)
     canvas = torch.randint(0, ours.model.cfg.vocab_size, (1, 16), generator=gen)
-    ours.allocate(1, 64)
-    rows = torch.tensor([0])
-    ours.prefill(rows, ids, torch.tensor([0]))
-    cache = new_cache(ref)
-    hf_encode(ref, ids, cache)
-    got = ours.logits(ours.denoise(rows, canvas, torch.tensor([prompt_len]), None))
+    cache = prefill_both(ours, ref, ids, 64)
+    got = ours.logits(ours.denoise(torch.tensor([0]), canvas, torch.tensor([prompt_len]), None))
     assert relative_error(got, hf_denoise(ref, canvas, cache)) < TOLERANCE
 
