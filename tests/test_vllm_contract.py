@@ -1102,7 +1102,9 @@ def test_rms_norm_scales_by_its_weight_or_not_at_all(layer_config):
 
 
 def test_router_gate_and_experts_with_a_custom_routing_function(layer_config):
-    """Catches renamed arguments of GateLinear (`out_dtype`) or FusedMoEFactory
+    """Catches renamed arguments or flags of GateLinear (`out_dtype`; `allow_ll_bf16_gemm`, its
+    split-K cute-DSL tier for small batches, which the router turns off under
+    VLLM_BATCH_INVARIANT) or FusedMoEFactory
     (`custom_routing_function`, `activation`, `renormalize`), vLLM no longer calling the custom
     routing function with (hidden_states, gating_output, topk, renormalize), experts that no
     longer load the checkpoint's fused `experts.gate_up_proj` [E, 2I, H] (gate rows first) and
@@ -1115,6 +1117,7 @@ def test_router_gate_and_experts_with_a_custom_routing_function(layer_config):
     hidden, inter, experts, top_k = 32, 32, 4, 2
     gate = GateLinear(hidden, experts, bias=False, out_dtype=torch.float32, prefix="contract.router")
     assert gate.out_dtype == torch.float32
+    assert gate.allow_ll_bf16_gemm is False  # the flag the plugin clears under VLLM_BATCH_INVARIANT
     weight = torch.randn(experts, hidden)
     gate.weight.data.copy_(weight)
     x = torch.randn(5, hidden)

@@ -5,15 +5,17 @@ committed the canvas, the halting pass, at temperature 1: log softmax(softcap(h 
 the whole vocabulary, with h the final hidden state of that pass at the position. The
 committed token is that pass's argmax, so its rank is 1 unless the logits tie.
 
-Materialising the logits costs rows x V fp32 (268 MB per canvas at V = 262144). Here the
-vocabulary is walked in chunks, as in vocab_tiled_sampler.py: a running max and sum give
-log Z, a running top-k (each chunk's top-k merged with the best so far) gives the
-alternatives, and the committed token's logit is read from the chunk that holds it, so it
-is bit-identical to the value ranked against. The rank (vLLM's: how many logits are >= the
-token's) is exact: counted from a top-(k+1), plus one more sweep for the rows whose token's
-logit is not above the last one kept (a token outside the top, or a tie: never for a
-committed argmax without ties). Runs once per finished canvas, not
-per pass, with torch matmuls on any device (cuBLAS on a GPU).
+Materialising the logits costs rows x V fp32 (268 MB per canvas at V = 262144). Here rows
+and vocabulary are walked in chunks, one rows x vocab_chunk block at a time (64 MiB by
+default, as in gemm_sampler.py, so a turn of 64 canvases peaks at a few blocks, not 4 GiB),
+with online statistics as in vocab_tiled_sampler.py: a running max and sum give log Z, a
+running top-k (each chunk's top-k merged with the best so far) gives the alternatives, and
+the committed token's logit is read from the chunk that holds it, so it is bit-identical to
+the value ranked against. The rank (vLLM's: how many logits are >= the token's) is exact:
+counted from a top-(k+1), plus one more sweep for the rows whose token's logit is not above
+the last one kept (a token outside the top, or a tie: never for a committed argmax without
+ties). Runs once per finished canvas, not per pass, with torch matmuls on any device
+(cuBLAS on a GPU).
 
 `naive_top_logprobs` materialises everything and is the reference.
 """
@@ -59,9 +61,18 @@ def top_logprobs(
     tokens: torch.Tensor,  # [N] int64 committed ids
     k: int,  # alternatives per row, >= 0
     vocab_chunk: int = 16384,
+    block_elements: int = 1 << 24,  # rows x vocab_chunk of one logits block: 64 MiB fp32
 ) -> TopLogprobs:
     assert hidden.dim() == 2 and embedding.dim() == 2 and hidden.shape[1] == embedding.shape[1]
     assert tokens.shape == hidden.shape[:1] and 0 <= k <= embedding.shape[0]
+    row_chunk = max(1, block_elements // vocab_chunk)  # peak memory stays a few blocks, whatever the rows
+    parts = [_top_logprobs_rows(hidden[r:r + row_chunk], embedding, softcap, tokens[r:r + row_chunk], k, vocab_chunk)
+             for r in range(0, hidden.shape[0], row_chunk)]
+    return TopLogprobs(*(torch.cat(field) for field in zip(*(
+        (p.token_logprob, p.rank, p.top_ids, p.top_logprobs) for p in parts))))
+
+
+def _top_logprobs_rows(hidden, embedding, softcap: float, tokens, k: int, vocab_chunk: int) -> TopLogprobs:
     rows, device = hidden.shape[0], hidden.device
     keep = k + 1  # one beyond the alternatives: a token above the last kept logit has all ties counted
     m = torch.full((rows,), float("-inf"), device=device)
