@@ -33,7 +33,7 @@ DUMMY_BLOCK = 16  # tokens in each layer's one dummy page
 @dataclass(frozen=True)
 class DenoiseMemory:
     canvases: int  # canvases of the profiled pass
-    peak_bytes: int  # allocated during it beyond what was live before (0 off CUDA)
+    peak_bytes: int  # reserved during it beyond what was reserved before (0 off CUDA)
     static_bytes: int  # the graph ladder's static batches
 
 
@@ -58,8 +58,8 @@ def run_largest_pass(step, runner, canvases: int | None = None) -> int:
 
 
 def graph_memory(step, runner) -> DenoiseMemory:
-    """What the denoise graph ladder will hold: the peak of one pass at its top size (its
-    pool; measured on CUDA) and the static batches of its sizes."""
+    """What the denoise graph ladder will hold: the allocator's peak over one pass at its top
+    size (its pool; measured on CUDA) and the static batches of its sizes."""
     ladder = ladder_for(step.largest_pass)
     cfg = step.model.cfg
     one = CanvasBatch.start([CanvasJob(0, step.default_sampler, seed=0)], step.canvas_length, cfg.vocab_size,
@@ -70,11 +70,11 @@ def graph_memory(step, runner) -> DenoiseMemory:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+        before = torch.cuda.memory_reserved()
     canvases = run_largest_pass(step, runner, ladder[-1])
     peak = 0
-    if on_gpu:
+    if on_gpu:  # reserved, not allocated: a graph pool keeps whole allocator segments
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
+        peak = torch.cuda.max_memory_reserved() - before
         torch.cuda.empty_cache()
     return DenoiseMemory(canvases, peak, static)
