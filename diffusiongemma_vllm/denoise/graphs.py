@@ -3,8 +3,8 @@
 A denoise pass launches hundreds of kernels (30 layers of attention, MoE and norms, then the
 sampler); launched one by one from Python they cost milliseconds of host time per pass. Here
 `passes_per_replay` consecutive `denoise.denoise_pass` calls are captured once per ladder size
-(1, 2, 4, ..., up to 64 canvases, `ladder_for`) into a graph that reads and writes one static `CanvasBatch`, and
-each later run of passes is one replay.
+(1, 2, 4, ..., up to 64 canvases, `ladder_for`) into a graph that reads and writes one static
+`CanvasBatch`, and each later run of passes is one replay.
 
 - Halting is masking: a canvas that halts inside a replay stays frozen for the remaining
   passes (denoise_pass only updates running canvases), so nothing in a replay waits on the

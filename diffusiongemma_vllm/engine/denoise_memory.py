@@ -49,7 +49,7 @@ def run_largest_pass(step, runner, canvases: int | None = None) -> int:
         page = torch.zeros((1, DUMMY_BLOCK, layers[name].num_kv_heads, layers[name].head_size), dtype=dtype,
                            device=device)
         prefixes[name] = PagedPrefix(page, page, table, DUMMY_BLOCK, step.key_splits)
-    run_pass = step._pass_runner(torch.zeros(n, dtype=torch.long, device=device), prefixes)
+    run_pass = step.pass_runner(torch.zeros(n, dtype=torch.long, device=device), prefixes)
     jobs = [CanvasJob(0, step.default_sampler, seed=i) for i in range(n)]
     with torch.inference_mode():
         denoise_canvases(jobs, step.canvas_length, run_pass, step.unembedding, device=device,

@@ -113,8 +113,9 @@ class DenoiseStep:
         self.largest_pass = min(vllm_config.scheduler_config.max_num_seqs, self.canvases_per_pass)
         self.unembedding = model.unembedding()
         # vLLM's batch-invariant mode: one key split in the denoise attention, fixed sampler chunks.
-        self.key_splits = 1 if envs.VLLM_BATCH_INVARIANT else None
-        self.row_stats = row_stats_for(device, batch_invariant=envs.VLLM_BATCH_INVARIANT)
+        invariant = envs.VLLM_BATCH_INVARIANT
+        self.key_splits = 1 if invariant else None
+        self.row_stats = row_stats_for(device, batch_invariant=invariant)
         self.paged_inputs: PagedStepInputs | None = None  # GPU: built at the first step
         self.paged_run_pass = None  # GPU: the run_pass over paged_inputs
         self.graphs: DenoiseGraphs | None = None
@@ -160,14 +161,15 @@ class DenoiseStep:
             if self.device.type == "cuda":
                 run_pass = self._load_paged_inputs(runner, ready, context)
             else:
-                run_pass = self._pass_runner(torch.tensor(context), self._gather_prefixes(runner, ready, context))
+                run_pass = self.pass_runner(torch.tensor(context), self._gather_prefixes(runner, ready, context))
             turns = []
             for first in range(0, len(jobs), self.canvases_per_pass):
                 last = min(len(jobs), first + self.canvases_per_pass)
                 limit = None if any(must_finish[first:last]) else self.passes_per_step
                 turns.append(denoise_canvases(
                     jobs[first:last], self.canvas_length, run_pass, self.unembedding, device=self.device,
-                    row_stats=self.row_stats, graphs=self.graphs, first_row=first, max_passes=limit, keep_hidden=any(wants_logprobs[first:last]),
+                    row_stats=self.row_stats, graphs=self.graphs, first_row=first, max_passes=limit,
+                    keep_hidden=any(wants_logprobs[first:last]),
                     resumed={slot - first: resumed[slot] for slot in range(first, last) if slot in resumed},
                     on_pass=self.drafts.watch(drafts[first:last]) if self.drafts is not None else None))
                 for job, held in turns[-1].pending.items():
@@ -199,7 +201,7 @@ class DenoiseStep:
             span = slice(n * self.canvas_length, (n + 1) * self.canvas_length)
             out.logprobs[rows[job]] = TopLogprobs(*(field[span] for field in on_host))
 
-    def _pass_runner(self, context_lens: torch.Tensor, prefixes: dict[str, PrefixKV | PagedPrefix]):
+    def pass_runner(self, context_lens: torch.Tensor, prefixes: dict[str, PrefixKV | PagedPrefix]):
         """run_pass over canvases whose request inputs sit at `rows` of `context_lens` and of
         each prefix. Only device work: on GPU the same function is captured in graphs."""
         canvas_length = self.canvas_length
@@ -244,7 +246,7 @@ class DenoiseStep:
             return
         max_num_seqs = self.vllm_config.scheduler_config.max_num_seqs
         self.paged_inputs = PagedStepInputs.build(runner, max_num_seqs, self.key_splits)
-        self.paged_run_pass = self._pass_runner(self.paged_inputs.context_lens, self.paged_inputs.prefixes)
+        self.paged_run_pass = self.pass_runner(self.paged_inputs.context_lens, self.paged_inputs.prefixes)
         if self.vllm_config.compilation_config.cudagraph_mode != CUDAGraphMode.NONE:  # off under enforce_eager
             self.graphs = DenoiseGraphs(self.paged_run_pass, self.unembedding, self.row_stats,
                                         ladder=ladder_for(self.largest_pass))
