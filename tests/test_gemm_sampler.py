@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
-from diffusiongemma_vllm.kernels import gemm_sampler  # noqa: E402
+from diffusiongemma_vllm.kernels.fixed_order_gemm import fixed_order_mm  # noqa: E402
 from diffusiongemma_vllm.kernels.gemm_sampler import gemm_row_stats  # noqa: E402
 from diffusiongemma_vllm.kernels.vocab_tiled_sampler import naive_row_stats, vocab_tiled_row_stats  # noqa: E402
 from diffusiongemma_vllm.denoise.noise import vocab_uniform  # noqa: E402
@@ -124,21 +124,21 @@ def test_draws_do_not_depend_on_chunking_or_batch():
     assert torch.equal(a.sample[7:], b.sample) and torch.equal(a.argmax[7:], b.argmax)
 
 
-def test_a_fixed_vocabulary_chunk_makes_a_row_independent_of_its_batch(monkeypatch):
-    """Catches chunk boundaries that follow the batch under vLLM's batch-invariant mode: with a
-    fixed `vocab_chunk` a row's entropy and soft signal must be bit-identical alone and among
-    40 rows. The products are the GEMM library's part (cuBLAS without split-K in that mode);
-    a row-by-row product stands in for it here, so only the sampler's own arithmetic is
-    compared. The default chunking, which narrows with the rows, must differ, or this test
-    could not see the difference."""
-    monkeypatch.setattr(gemm_sampler, "mm_fp32", lambda a, b: torch.stack([row.float() @ b.float() for row in a]))
+def test_batch_invariant_settings_make_a_row_independent_of_its_batch():
+    """Catches chunk boundaries that follow the batch, or products whose rounding does, under
+    vLLM's batch-invariant mode: with a fixed `vocab_chunk` and the fixed-order GEMM (what
+    `row_stats_for(..., batch_invariant=True)` passes), a row's statistics must be
+    bit-identical alone and among 40 rows. The default chunking, which narrows with the rows,
+    must differ, or this test could not see the difference."""
     h, e, t, keys = make_inputs(40, 700, 32, torch.float32, 1.0, seed=11)
-    sizes = dict(block_elements=40 * 64, min_vocab_chunk=16, **TINY)  # default chunk: 700 alone, 64 in the batch
+    # Default chunk: 700 wide alone, 64 in the batch.
+    sizes = dict(block_elements=40 * 64, min_vocab_chunk=16, matmul=fixed_order_mm, **TINY)
 
     def alone_and_batched(vocab_chunk):
         alone = gemm_row_stats(h[:2], e, SOFTCAP, t[:2], keys[:2], True, vocab_chunk=vocab_chunk, **sizes)
         batched = gemm_row_stats(h, e, SOFTCAP, t, keys, True, vocab_chunk=vocab_chunk, **sizes)
-        return [torch.equal(getattr(alone, f), getattr(batched, f)[:2]) for f in ("argmax", "sample", "entropy", "soft")]
+        return [torch.equal(getattr(alone, field), getattr(batched, field)[:2])
+                for field in ("argmax", "sample", "entropy", "soft")]
 
     assert alone_and_batched(128) == [True] * 4
     assert alone_and_batched(None)[2:] == [False, False]

@@ -30,7 +30,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia import compiler as nvidia  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from diffusiongemma_vllm.kernels import gemm_sampler, paged_canvas_attention, philox_tokens  # noqa: E402
+from diffusiongemma_vllm.kernels import fixed_order_gemm, gemm_sampler, paged_canvas_attention, philox_tokens  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 ADA = GPUTarget("cuda", 89, 32)
@@ -99,6 +99,11 @@ def compile_all() -> dict:
             num_warps=defaults["num_warps"].default, floats=("softcap",))
     out["philox_tokens"] = compile_for(HOPPER, philox_tokens._philox_tokens_kernel,
                                        {"key_ptr": "*i64", "out_ptr": "*i64"}, dict(BLOCK=256), num_warps=4)
+    launch = fixed_order_gemm.LAUNCH
+    out["fixed_order_gemm"] = compile_for(
+        HOPPER, fixed_order_gemm._fixed_order_mm_kernel, {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*fp32"},
+        dict(BLOCK_M=launch["BLOCK_M"], BLOCK_N=launch["BLOCK_N"], BLOCK_K=launch["BLOCK_K"], UPCAST=False,
+             PRECISION="tf32"), num_warps=launch["num_warps"], num_stages=launch["num_stages"])
     return out
 
 
@@ -132,11 +137,11 @@ def test_the_check_sees_an_oversized_launch(compiled):
 
 
 @pytest.mark.parametrize("name", ["combine_256", "combine_512", "sampler_soft_False", "sampler_soft_True",
-                                  "philox_tokens"])
+                                  "philox_tokens", "fixed_order_gemm"])
 def test_other_kernels_compile_without_spills(compiled, name):
     """Catches the split combine, the sampler's statistics kernel (a loop-carried type change,
-    a join or reshape the GPU backend rejects) or the token kernel failing to compile for an
-    H100 or spilling at their launch settings."""
+    a join or reshape the GPU backend rejects), the token kernel or the fixed-order GEMM failing
+    to compile for an H100 or spilling at their launch settings."""
     shared, spills = compiled[name]
     assert shared <= SHARED_LIMIT[90] and spills == 0, (shared, spills)
 

@@ -136,13 +136,15 @@ class CanvasBatch:
 def row_stats_for(device: torch.device, batch_invariant: bool = False) -> RowStatsFn:
     """The sampler statistics for `device`: the GEMM sampler on CUDA (cuBLAS products, Triton
     statistics; kernels/gemm_sampler.py), else the vocab-tiled torch path (fixed chunks, so
-    batch-invariant as it is). `batch_invariant` fixes the GEMM sampler's vocabulary chunk."""
+    batch-invariant as it is). `batch_invariant` fixes the GEMM sampler's vocabulary chunk and
+    takes its products from a fixed-order Triton GEMM instead of cuBLAS."""
     if device.type == "cuda":
+        from diffusiongemma_vllm.kernels.fixed_order_gemm import fixed_order_mm
         from diffusiongemma_vllm.kernels.gemm_sampler import INVARIANT_VOCAB_CHUNK, gemm_row_stats, triton
 
         if triton is not None:
-            return functools.partial(gemm_row_stats, vocab_chunk=INVARIANT_VOCAB_CHUNK) if batch_invariant \
-                else gemm_row_stats
+            return functools.partial(gemm_row_stats, vocab_chunk=INVARIANT_VOCAB_CHUNK, matmul=fixed_order_mm) \
+                if batch_invariant else gemm_row_stats
     return vocab_tiled_row_stats
 
 

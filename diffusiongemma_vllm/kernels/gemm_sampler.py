@@ -31,8 +31,9 @@ By default the chunk is as wide as that block allows, so it narrows as rows grow
 the chunk boundaries, and with them the order the chunks' statistics and soft signal are
 summed, so a row's entropy and soft signal round differently in another batch. A fixed
 `vocab_chunk` (`INVARIANT_VOCAB_CHUNK` under vLLM's batch-invariant mode) keeps a row's
-arithmetic independent of the rows beside it, given products that are (cuBLAS without
-split-K, which that mode sets).
+arithmetic independent of the rows beside it, given products that are: under that mode the
+products are `fixed_order_gemm.fixed_order_mm` (`matmul`), not cuBLAS, whose kernel choice
+follows the shape.
 
 Entropy = log S - W / S with W taken relative to the max, so nothing cancels at |z| ~ cap / T.
 The draw is argmax_v(z_v + g_v), g = -log(-log u), u_v = word v % 4 of tl.rand4x(key_row,
@@ -139,6 +140,7 @@ def gemm_row_stats(
     block_elements: int = BLOCK_ELEMENTS,
     min_vocab_chunk: int = MIN_VOCAB_CHUNK,
     vocab_chunk: int | None = None,  # a fixed chunk width (a multiple of 4); None: the widest that fits the block
+    matmul=None,  # (a, b) -> a @ b in fp32; None: mm_fp32 (cuBLAS); fixed_order_gemm's under batch invariance
     block: int = 2048,  # columns per step of the statistics kernel (a power of two >= 4)
     num_warps: int = 8,
 ) -> RowStats:
@@ -156,7 +158,8 @@ def gemm_row_stats(
     assert vocab_chunk > 0 and vocab_chunk % 4 == 0, vocab_chunk
     row_chunk = max(1, block_elements // vocab_chunk)
     parts = [_row_chunk(hidden[r:r + row_chunk], embedding, softcap, temperature[r:r + row_chunk].contiguous(),
-                        gumbel_keys[r:r + row_chunk].contiguous(), with_soft, vocab_chunk, block, num_warps)
+                        gumbel_keys[r:r + row_chunk].contiguous(), with_soft, vocab_chunk, block, num_warps,
+                        matmul or mm_fp32)
              for r in range(0, n, row_chunk)]
     if len(parts) == 1:
         return parts[0]
@@ -164,7 +167,8 @@ def gemm_row_stats(
         (p.argmax, p.sample, p.entropy, p.soft) for p in parts))))
 
 
-def _row_chunk(hidden, embedding, softcap, temperature, keys, with_soft, vocab_chunk, block, num_warps) -> RowStats:
+def _row_chunk(hidden, embedding, softcap, temperature, keys, with_soft, vocab_chunk, block, num_warps,
+               matmul) -> RowStats:
     rows, device = hidden.shape[0], hidden.device
     chunks = triton.cdiv(embedding.shape[0], vocab_chunk)
     stats = torch.empty((chunks, 4, rows), dtype=torch.float32, device=device)  # m, S, W, Gumbel max
@@ -176,7 +180,7 @@ def _row_chunk(hidden, embedding, softcap, temperature, keys, with_soft, vocab_c
         scale = torch.empty((rows,), dtype=torch.float32, device=device)
     for c in range(chunks):
         chunk = embedding[c * vocab_chunk:(c + 1) * vocab_chunk]
-        logits = mm_fp32(hidden, chunk.T)  # [rows, chunk width] fp32
+        logits = matmul(hidden, chunk.T)  # [rows, chunk width] fp32
         probs = torch.empty(logits.shape, dtype=embedding.dtype, device=device) if with_soft else logits
         _chunk_stats_kernel[(rows,)](
             logits, temperature, keys, stats[c], ids[c], probs,
@@ -184,7 +188,7 @@ def _row_chunk(hidden, embedding, softcap, temperature, keys, with_soft, vocab_c
             rows, logits.shape[1], c * vocab_chunk, float(softcap),
             WITH_SOFT=with_soft, BLOCK=block, num_warps=num_warps)
         if with_soft:
-            soft.mul_(scale[:, None]).add_(mm_fp32(probs, chunk))
+            soft.mul_(scale[:, None]).add_(matmul(probs, chunk))
     m, total, weighted, drawn = stats.transpose(0, 1)  # each [chunks, rows]
     top = m.max(0).values  # also the final running_max
     w = torch.exp(m - top)
