@@ -375,8 +375,8 @@ def fp32_stage(checks: Checks, settings: Settings) -> None:
 def invariant_stage(checks: Checks, settings: Settings) -> None:
     """vLLM's batch-invariant mode, which the plugin's kernels follow (engine/worker_step.py):
     a_tiny's requests in bf16 with CUDA graphs, seeded alone vs batched (exact), their
-    agreement with a_tiny's tokens, and the throughput against a_tiny's; then the sampler's
-    cuBLAS products at the release shapes, which the tiny checkpoint cannot show."""
+    agreement with a_tiny's tokens, and the throughput against a_tiny's; then the sampler at
+    the release shapes, which the tiny checkpoint cannot show (check_sampler_gemms_invariant)."""
     os.environ["VLLM_BATCH_INVARIANT"] = "1"  # before the engine: its processes inherit it
     llm = engine(checkpoint("gpu_friendly", settings), settings, checks, dtype=settings.dtype)
     run = generate_set(llm, settings, checks)

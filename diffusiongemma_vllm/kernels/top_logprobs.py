@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffusiongemma_vllm.kernels.gemm_sampler import mm_fp32
+from diffusiongemma_vllm.kernels.gemm_sampler import BLOCK_ELEMENTS, mm_fp32
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def top_logprobs(
     tokens: torch.Tensor,  # [N] int64 committed ids
     k: int,  # alternatives per row, >= 0
     vocab_chunk: int = 16384,
-    block_elements: int = 1 << 24,  # rows x vocab_chunk of one logits block: 64 MiB fp32
+    block_elements: int = BLOCK_ELEMENTS,  # rows x vocab_chunk of one logits block, as the sampler's
 ) -> TopLogprobs:
     assert hidden.dim() == 2 and embedding.dim() == 2 and hidden.shape[1] == embedding.shape[1]
     assert tokens.shape == hidden.shape[:1] and 0 <= k <= embedding.shape[0]
