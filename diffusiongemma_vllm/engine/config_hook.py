@@ -11,12 +11,12 @@ architecture name in place of vLLM's in-tree one:
   leaves the backend open (Blackwell with FlashAttention 4) sets `use_non_causal`, as vLLM's
   own DiffusionGemma hook does, so the default order prefers a backend whose pages the
   denoise attention reads over FlashInfer;
-- sets the compilation mode to NONE unless the user chose one: the model is not
-  torch.compiled (a compiled forward would replay the traced causal branch for a denoise
-  pass; the phase is read from the forward context in Python), and vLLM's default compile
-  mode would otherwise turn its custom ops off for compilation that never happens (RMSNorm,
-  RoPE and GeGLU in native torch, so eager and default engines would differ); vLLM then
-  keeps its full CUDA graphs for decode-only batches;
+- sets the compilation mode to NONE unless the user chose one, so the layer stack runs
+  eagerly with vLLM's custom ops (RMSNorm, RoPE, GeGLU kernels) and vLLM keeps its full CUDA
+  graphs for decode-only batches; a chosen mode (`-O3`, `compilation_config`) torch.compiles
+  the stack once for both phases, with the plugin's attention op among the splitting ops
+  (`compile_stack`; model/phase_attention.py). Compilation stays opt-in until it has been
+  measured on a GPU (benchmarks/gpu_e2e.py stage c_compile);
 - turns off async scheduling, which assumes one sampled token per request and step, and
   installs the plugin's scheduler (scheduler.py), which keeps a request whose canvas spans
   several steps scheduled;
@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import os
 
-from vllm.config import CompilationMode
+from vllm.config import CompilationConfig, CompilationMode
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import Gemma4Config, VerifyAndUpdateConfig
 
@@ -108,6 +108,23 @@ def check_backend_name(name: str, platform: str) -> None:
                f"{' and '.join(READABLE_BACKENDS[platform])} only; choose one with --attention-backend")
 
 
+def compile_stack(compilation) -> None:
+    """No compilation unless the user chose a mode. Under vLLM's piecewise compilation the
+    plugin's attention op is a splitting op beside vLLM's own (phase_attention.py): it holds
+    vLLM's attention for prefill, whose metadata must not be frozen into a piecewise graph. An
+    empty list the user gave (one graph, full CUDA graphs only) is left empty."""
+    if compilation.mode is None:
+        compilation.mode = CompilationMode.NONE
+    if compilation.mode != CompilationMode.VLLM_COMPILE or compilation.splitting_ops == []:
+        return
+    from diffusiongemma_vllm.model.phase_attention import OP_NAME
+
+    if compilation.splitting_ops is None:
+        compilation.splitting_ops = list(CompilationConfig._attention_ops)  # vLLM's default list
+    if OP_NAME not in compilation.splitting_ops:
+        compilation.splitting_ops.append(OP_NAME)
+
+
 class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
@@ -147,8 +164,7 @@ class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
             if vllm_config.attention_config.backend is None:
                 vllm_config.attention_config.use_non_causal = True
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-        if vllm_config.compilation_config.mode is None:
-            vllm_config.compilation_config.mode = CompilationMode.NONE
+        compile_stack(vllm_config.compilation_config)
         if vllm_config.scheduler_config.async_scheduling:
             logger.warning("DiffusionGemma: async scheduling turned off (it assumes one token per request "
                            "and step; the plugin emits a canvas)")

@@ -8,7 +8,9 @@ The same weights run
   reading vLLM's paged cache in place on GPU); inputs are the scaled embeddings
   mixed with the self-conditioning signal and RMS-normalised (`embed_canvas`).
 The phase reaches attention as metadata in vLLM's forward context
-(`canvas_context.canvas_pass_for`), so `forward` keeps vLLM's signature.
+(`canvas_context.canvas_pass_for`), so `forward` keeps vLLM's signature, and every layer's
+attention is one opaque op that reads it at run time (phase_attention.py): the layer stack
+(`DiffusionGemmaModel`) compiles once under vLLM's torch.compile and serves both phases.
 
 Layer maths follow transformers' `DiffusionGemmaForBlockDiffusion` (research/hf_reference.md
 section 2.2): RMSNorm as `x * w` in fp32, q/k norms with learned vectors, v norm without,
@@ -16,7 +18,7 @@ attention scale 1.0, V = raw K projection on full layers, dense MLP in parallel 
 top-k MoE routed on the un-normed residual, a trained `layer_scalar` per layer, tied
 embeddings, fp32 logits soft-capped at 30.
 
-Checkpoint layout: the text stack lives once under `model.decoder.*`; the encoder's
+Checkpoint layout: the text stack lives once under `model.decoder.*` (here `model.*`); the encoder's
 `layer_scalar` copies are checked against the decoder's and dropped; the vision tower is
 loaded by name and skipped (text serving only).
 
@@ -38,6 +40,7 @@ import torch
 from torch import nn
 
 from vllm import envs
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.activation import get_act_and_mul_fn
@@ -50,12 +53,10 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
-from diffusiongemma_vllm.model.canvas_context import PagedPrefix, canvas_pass_for
+from diffusiongemma_vllm.model import phase_attention  # noqa: F401  registers torch.ops.diffusiongemma
 from diffusiongemma_vllm.model.checkpoint import checked_text_weights, quantized_format
 from diffusiongemma_vllm.model.config import BackboneConfig, LayerAttention
 from diffusiongemma_vllm.denoise.loop import Unembedding
-from diffusiongemma_vllm.kernels.canvas_attention import naive_canvas_attention
-from diffusiongemma_vllm.kernels.paged_canvas_attention import paged_canvas_attention
 
 
 class GatedMLP(nn.Module):
@@ -155,31 +156,9 @@ class DiffusionGemmaAttention(nn.Module):
         k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim))).flatten(-2)
         q, k = self.rotary_emb(positions, q, k)
         v = self.v_norm(v.unflatten(-1, (self.num_kv_heads, self.head_dim))).flatten(-2)
-        spec = canvas_pass_for(self.attn.layer_name)
-        if spec is None:
-            out = self.attn(q, k, v)
-        else:
-            out = self._canvas_attention(spec, q, k, v)
+        out = torch.ops.diffusiongemma.phase_attention(q, k, v, self.attn.layer_name)  # phase_attention.py
         out, _ = self.o_proj(out)
         return out
-
-    def _canvas_attention(self, spec, q, k, v) -> torch.Tensor:
-        canvas = spec.canvas_length
-        q = q.view(-1, canvas, self.num_heads, self.head_dim)
-        k = k.view(-1, canvas, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, canvas, self.num_kv_heads, self.head_dim)
-        name = self.attn.layer_name
-        prefix = spec.prefix(name)
-        if isinstance(prefix, PagedPrefix):
-            out = paged_canvas_attention(q, k, v, prefix.key_cache, prefix.value_cache, prefix.block_table,
-                                         spec.context_lens.to(torch.int32), self.sliding_window, spec.causal,
-                                         table_block_size=prefix.table_block_size, num_splits=prefix.num_splits)
-        else:
-            out = naive_canvas_attention(q, k, v, prefix.key, prefix.value, prefix.lens, spec.context_lens,
-                                         self.sliding_window, causal=spec.causal)
-        if spec.kv_sink is not None:
-            spec.kv_sink(name, k, v)
-        return out.flatten(0, 1).flatten(-2)
 
 
 class DecoderLayer(nn.Module):
@@ -216,54 +195,75 @@ class DecoderLayer(nn.Module):
         return hidden_states * self.layer_scalar
 
 
+@support_torch_compile(dynamic_arg_dims={"positions": 0, "inputs_embeds": 0})  # the token dim
+class DiffusionGemmaModel(nn.Module):
+    """The text stack, under `model.` (the checkpoint's `model.decoder.`): the embeddings, the
+    self-conditioning block, the layers and the final norm. Its forward runs the layers and
+    the norm over input embeddings that both phases compute outside it (`embed_input_ids`,
+    `embed_canvas`), so prefill and denoise call it with the same arguments: it is what vLLM
+    torch.compiles under a compilation mode the user chooses, traced once (phase_attention.py)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        cfg = BackboneConfig.from_hf(vllm_config.model_config.hf_config)
+        cache_config, quant_config = vllm_config.cache_config, vllm_config.quant_config
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, prefix=f"{prefix}.embed_tokens")
+        self.register_buffer("normalizer", torch.tensor(cfg.hidden_size**0.5), persistent=False)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, cache_config, quant_config, prefix=f"{prefix}.layers.{i}")
+            for i in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(cfg, prefix=f"{prefix}.self_conditioning")
+
+    def forward(self, positions: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(positions, hidden_states)
+        return self.norm(hidden_states)
+
+
 class DiffusionGemmaForBlockDiffusion(nn.Module):
     """vLLM model class for the `DiffusionGemmaForBlockDiffusion` architecture."""
 
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
-    hf_to_vllm_mapper = WeightsMapper(orig_to_new_prefix={"model.decoder.": ""})
+    hf_to_vllm_mapper = WeightsMapper(orig_to_new_prefix={"model.decoder.": "model."})
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         cfg = BackboneConfig.from_hf(vllm_config.model_config.hf_config)
         self.cfg = cfg
         self.stored_format = quantized_format(vllm_config.model_config.hf_config)
-        cache_config, quant_config = vllm_config.cache_config, vllm_config.quant_config
-        if quant_config is not None:
-            _ignore_v_rows_with_k(quant_config, cfg)
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, prefix="embed_tokens")
-        self.register_buffer("normalizer", torch.tensor(cfg.hidden_size**0.5), persistent=False)
-        self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, cache_config, quant_config, prefix=f"layers.{i}") for i in range(cfg.num_layers)
-        )
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.self_conditioning = SelfConditioning(cfg, prefix="self_conditioning")
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, prefix="lm_head").tie_weights(self.embed_tokens)
+        if vllm_config.quant_config is not None:
+            _ignore_v_rows_with_k(vllm_config.quant_config, cfg)
+        self.model = DiffusionGemmaModel(vllm_config=vllm_config, prefix="model")
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, prefix="lm_head").tie_weights(
+            self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(cfg.vocab_size)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Prefill inputs: E[ids] * sqrt(hidden), the scale rounded to the weight dtype as in HF."""
-        embeds = self.embed_tokens(input_ids)
-        return embeds * self.normalizer.to(embeds.dtype)
+        embeds = self.model.embed_tokens(input_ids)
+        return embeds * self.model.normalizer.to(embeds.dtype)
 
     def embed_canvas(self, canvas_ids: torch.Tensor, soft_embeds: torch.Tensor | None) -> torch.Tensor:
         """Denoise inputs: the scaled canvas embeddings through the self-conditioning block."""
-        return self.self_conditioning(self.embed_input_ids(canvas_ids), soft_embeds)
+        return self.model.self_conditioning(self.embed_input_ids(canvas_ids), soft_embeds)
 
     def unembedding(self) -> Unembedding:
         """The tied embedding as the denoise sampler reads it (logits and self-conditioning)."""
-        weight = self.embed_tokens.weight[: self.cfg.vocab_size]
-        return Unembedding(weight, self.cfg.final_logit_softcap, self.normalizer.to(weight.dtype).item())
+        weight = self.model.embed_tokens.weight[: self.cfg.vocab_size]
+        return Unembedding(weight, self.cfg.final_logit_softcap, self.model.normalizer.to(weight.dtype).item())
 
     def attention_layer_names(self) -> list[str]:
         """Names of the attention layers, the keys of a canvas pass's metadata (canvas_context.py)."""
-        return [layer.self_attn.attn.layer_name for layer in self.layers]
+        return [layer.self_attn.attn.layer_name for layer in self.model.layers]
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
                 inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        for layer in self.layers:
-            hidden_states = layer(positions, hidden_states)
-        return self.norm(hidden_states)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_input_ids(input_ids)
+        return self.model(positions, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """fp32 logits, soft-capped after the cast as transformers does."""
@@ -273,15 +273,16 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         quantized = self.stored_quantized_modules() if self.stored_format else frozenset()
-        checked = checked_text_weights(self.cfg, weights, self.stored_format, quantized)
-        return AutoWeightsLoader(self).load_weights(checked, mapper=_weights_mapper(self.cfg))
+        checked = checked_text_weights(self.cfg, weights, self.stored_format, quantized)  # names without model.decoder.
+        loaded = AutoWeightsLoader(self.model).load_weights(checked, mapper=_weights_mapper(self.cfg))
+        return {f"model.{name}" for name in loaded}
 
     def stored_quantized_modules(self) -> frozenset[str]:
         """The checkpoint modules (names without `model.decoder.`) whose weights vLLM loads in a
         quantized dtype: those of the layers its quant config quantized. A full layer's V rows
         come from k_proj, so it has no v_proj; a layer's experts are named `layers.{i}.experts`."""
         names = set()
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.model.layers):
             p = f"layers.{i}."
             attn = ["q_proj", "k_proj"] + ([] if self.cfg.layers[i].k_eq_v else ["v_proj"])
             for module, stored in ((layer.self_attn.qkv_proj, [f"self_attn.{n}" for n in attn]),
@@ -290,8 +291,8 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
                                    (layer.mlp.down_proj, ["mlp.down_proj"]), (layer.experts, ["experts"])):
                 if _loads_quantized(module):
                     names.update(p + n for n in stored)
-        for module, stored in ((self.self_conditioning.gate_up_proj, ["gate_proj", "up_proj"]),
-                               (self.self_conditioning.down_proj, ["down_proj"])):
+        for module, stored in ((self.model.self_conditioning.gate_up_proj, ["gate_proj", "up_proj"]),
+                               (self.model.self_conditioning.down_proj, ["down_proj"])):
             if _loads_quantized(module):
                 names.update("self_conditioning." + n for n in stored)
         return frozenset(names)
@@ -315,7 +316,7 @@ def _ignore_v_rows_with_k(quant_config, cfg: BackboneConfig) -> None:
     if not isinstance(quant_config, CompressedTensorsConfig):
         return
     for i, layer in enumerate(cfg.layers):
-        k, v = f"layers.{i}.self_attn.k_proj", f"layers.{i}.self_attn.v_proj"
+        k, v = f"model.layers.{i}.self_attn.k_proj", f"model.layers.{i}.self_attn.v_proj"
         ignored = should_ignore_layer(k, quant_config.ignore), should_ignore_layer(v, quant_config.ignore)
         if layer.k_eq_v and ignored == (True, False):
             quant_config.ignore.append(v)

@@ -94,7 +94,7 @@ class StandaloneModel:
     def allocate(self, num_requests: int, max_len: int) -> None:
         dtype = next(self.model.parameters()).dtype
         tensors = {}
-        for layer in self.model.layers:
+        for layer in self.model.model.layers:
             attn = layer.self_attn
             shape = (num_requests, max_len, attn.num_kv_heads, attn.head_dim)
             # NaN-poisoned: reading a position nobody wrote shows up in every output.
