@@ -8,11 +8,18 @@ capture and the denoise graph ladder; gpu_e2e.startup_split), then one 512-token
 sampled all along (NVML, no CUDA context in this process) and compared with what vLLM
 planned: a denoise at 64 canvases must fit what its profiling reserved, without OOM.
 
+Stage c_compile runs the same with the layer stack under vLLM's torch.compile (compilation
+mode VLLM_COMPILE: Inductor's fusions between attention calls, vLLM's piecewise CUDA graphs for
+the commit passes) and reports its figures over c_release's from the same run: the
+torch.compile lever of issue 14, measured before and after.
+
 On CPU the same body runs at tiny sizes (8 requests), to check the stage, not the numbers.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import subprocess
 import threading
@@ -99,7 +106,9 @@ def release_model(settings: Settings, steps: int) -> str:
     return str(out)
 
 
-def release_stage(checks: Checks, settings: Settings) -> None:
+def release_stage(checks: Checks, settings: Settings, compiled: bool = False) -> None:
+    """`compiled`: the layer stack under vLLM's torch.compile (mode VLLM_COMPILE), compared
+    with c_release's numbers from the same run's summary."""
     from vllm import LLM, SamplingParams
 
     size = CPU if settings.cpu else GPU
@@ -107,7 +116,9 @@ def release_stage(checks: Checks, settings: Settings) -> None:
     memory = MemorySampler(settings.cpu)
     args = dict(model=model, load_format="dummy", dtype=settings.dtype, max_model_len=size["max_model_len"],
                 max_num_seqs=size["concurrency"], max_num_batched_tokens=size["max_num_batched_tokens"], seed=0,
-                enforce_eager=settings.cpu)
+                enforce_eager=settings.cpu and not compiled)
+    if compiled:
+        args["compilation_config"] = {"mode": 3}  # CompilationMode.VLLM_COMPILE
     if not settings.cpu:
         args["gpu_memory_utilization"] = size["gpu_memory_utilization"]
     if settings.attention_backend:
@@ -145,12 +156,26 @@ def release_stage(checks: Checks, settings: Settings) -> None:
     checks.measure("memory", used)
     if used.get("total_gib") and used["samples"]:
         checks.check("peak_within_device", used["peak_used_gib"] < 0.99 * used["total_gib"], used)
-    checks.measure("headline", {"init_s": checks.data["engine"]["init_s"], "c1_tok_s": single["tok_s"],
-                                f"c{size['concurrency']}_tok_s": full["tok_s"], "largest_pass": stats["largest_pass"],
-                                **used})
+    headline = {"init_s": checks.data["engine"]["init_s"], "c1_tok_s": single["tok_s"],
+                f"c{size['concurrency']}_tok_s": full["tok_s"], "largest_pass": stats["largest_pass"], **used}
+    if compiled:
+        headline["over_c_release"] = over_eager_stack(settings, headline)
+    checks.measure("headline", headline)
 
 
-BODIES = {"c_release": release_stage}
+def over_eager_stack(settings: Settings, headline: dict) -> dict | str:
+    """This stage's figures over c_release's (the same engine with the stack run eagerly), from
+    the run's summary; a note when c_release did not run or failed."""
+    summary = Path(settings.out) / "summary.json"
+    release = json.loads(summary.read_text())["stages"].get("c_release", {}) if summary.exists() else {}
+    eager = release.get("headline")
+    if not isinstance(eager, dict) or not release.get("ok"):
+        return "c_release did not complete in this run: no ratio"
+    return {key: round(headline[key] / eager[key], 3) for key in headline
+            if key.endswith(("tok_s", "init_s")) and eager.get(key)}
+
+
+BODIES = {"c_release": release_stage, "c_compile": functools.partial(release_stage, compiled=True)}
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

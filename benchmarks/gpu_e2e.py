@@ -22,16 +22,18 @@ Stages, highest priority first (the default order; `--stages` picks groups or na
   c  c_release    config.json of google/diffusiongemma-26B-A4B-it, dummy weights: start-up split,
                   memory, 64 concurrent 512-token requests at max_model_len 8192 (on CPU: a
                   tiny model in the release's config structure, 8 requests)
+     c_compile    the same with the layer stack under vLLM's torch.compile, over c_release
   d  benchmarks/compare_ar.py at the release shapes, one system per stage (offline, then the
      server; plugin at 12 and 48 passes last) and d_report: one table with the goal ratios
 
 Budget (estimates for an H100 with cold caches; nothing here has run on a GPU yet). A session
 has 15 device minutes; machine start and the 4 bundle chunks take 2-3, leaving one 10-minute
-call and a short one. vLLM does not torch.compile the plugin's model, so a tiny engine starts in
-20-30 s (processes and imports, vLLM's graphs up to 32 tokens, the denoise ladder of 1-16
+call and a short one. The plugin's engines run without compilation (opt-in until c_compile has
+measured it), so a tiny engine starts in 20-30 s (processes and imports, vLLM's graphs up to 32 tokens, the denoise ladder of 1-16
 canvases, first Triton compiles): env and each a_* stage 15-90 s, b_server ~60 s, a+b ~8 min.
 c_release ~2.5-4 min (47.5 GiB of dummy weights in seconds, profiling at 16384 tokens, vLLM's
-capture up to 128 tokens, the 1-64 ladder, ~30 s of requests). The default budget (510 s in
+capture up to 128 tokens, the 1-64 ladder, ~30 s of requests); c_compile adds about a minute
+of torch.compile. The default budget (510 s in
 gpu_e2e.sh) runs c only if a+b were quick, else skips it: then `--stages c` in the next call.
 Each d stage starts one release-shape engine: the plugin ~2 min, AR and in-tree ~3 min (about
 57 s of torch.compile, then vLLM's capture), plus about a minute of requests, so d needs two
@@ -97,6 +99,8 @@ STAGES = (
           what="FLASH_ATTN, FLASHINFER, fp8 KV cache: served or refused by name"),  # 45-90
     Stage("c_release", "c", "benchmarks.e2e_release", 420, 150,
           what="26B-A4B dummy weights: start-up, memory, 64 x 512 tokens"),  # 150-240
+    Stage("c_compile", "c", "benchmarks.e2e_release", 420, 180,
+          what="the same, layer stack torch.compiled: over c_release"),  # 210-300
     *(Stage(f"d_{mode}_{system}", "d", "benchmarks.e2e_bench", 540, 180,
             cuda_only="vLLM's in-tree DiffusionGemma needs Model Runner V2, i.e. Triton on a GPU" * (system == "in-tree"),
             what=f"compare_ar {mode}: {system}")

@@ -64,7 +64,7 @@ def load(model, model_dir, vllm_config):
 
     with set_current_vllm_config(vllm_config):
         model.load_weights(load_file(f"{model_dir}/model.safetensors").items())
-    return dict(model.named_parameters())
+    return dict(model.model.named_parameters())  # the text stack's, named as in the checkpoint
 
 
 def bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -121,17 +121,17 @@ def test_nvfp4_release_ignore_list_covers_full_layer_v_rows(dirs):
     config = json.loads(open(f"{dirs['nvfp4']}/config.json").read())
     quant = CompressedTensorsConfig.from_config(config["quantization_config"])
     configure_quant_config(quant, DiffusionGemmaForBlockDiffusion)  # what vLLM does before building the model
-    assert "layers.0.self_attn.q_proj" in quant.ignore  # the checkpoint's names, mapped to the model's
+    assert "model.layers.0.self_attn.q_proj" in quant.ignore  # the checkpoint's names, mapped to the model's
     fused = quant.packed_modules_mapping
     with pytest.raises(ValueError, match="different quantization schemes"):
-        should_ignore_layer("layers.1.self_attn.qkv_proj", quant.ignore, fused)
+        should_ignore_layer("model.layers.1.self_attn.qkv_proj", quant.ignore, fused)
 
     from transformers import AutoConfig
 
     _ignore_v_rows_with_k(quant, BackboneConfig.from_hf(AutoConfig.from_pretrained(dirs["nvfp4"])))
-    assert should_ignore_layer("layers.1.self_attn.qkv_proj", quant.ignore, fused)
-    assert should_ignore_layer("layers.0.self_attn.qkv_proj", quant.ignore, fused)
-    assert not should_ignore_layer("layers.1.mlp.gate_up_proj", quant.ignore, fused)
+    assert should_ignore_layer("model.layers.1.self_attn.qkv_proj", quant.ignore, fused)
+    assert should_ignore_layer("model.layers.0.self_attn.qkv_proj", quant.ignore, fused)
+    assert not should_ignore_layer("model.layers.1.mlp.gate_up_proj", quant.ignore, fused)
 
 
 @pytest.fixture
@@ -172,7 +172,7 @@ def test_online_fp8_quantizes_the_bf16_layout_after_loading(dirs, cpu_fp8_quant)
     params = load(model, dirs["bf16"], config)
     with set_current_vllm_config(config):
         process_weights_after_loading(model, config.model_config, torch.device("cpu"))
-    params = dict(model.named_parameters())
+    params = dict(model.model.named_parameters())
     ckpt = load_file(f"{dirs['bf16']}/model.safetensors")
     for name in ("embed_tokens.weight", "layers.0.router.proj.weight", "self_conditioning.down_proj.weight"):
         assert params[name].dtype == torch.bfloat16, name
