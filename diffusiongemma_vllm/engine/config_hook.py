@@ -13,7 +13,7 @@ architecture name in place of vLLM's in-tree one:
   denoise attention reads over FlashInfer;
 - sets the compilation mode to NONE unless the user chose one, so the layer stack runs
   eagerly with vLLM's custom ops (RMSNorm, RoPE, GeGLU kernels) and vLLM keeps its full CUDA
-  graphs for decode-only batches; a chosen mode (`-O3`, `compilation_config`) torch.compiles
+  graphs for decode-only batches; a chosen mode (`compilation_config`, or `-O1` / `-O3`) torch.compiles
   the stack once for both phases, with the plugin's attention op among the splitting ops
   (`compile_stack`; model/phase_attention.py). Compilation stays opt-in until it has been
   measured on a GPU (benchmarks/gpu_e2e.py stage c_compile);
@@ -55,6 +55,7 @@ from __future__ import annotations
 import os
 
 from vllm.config import CompilationConfig, CompilationMode
+from vllm.config.vllm import OptimizationLevel
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import Gemma4Config, VerifyAndUpdateConfig
 
@@ -108,13 +109,17 @@ def check_backend_name(name: str, platform: str) -> None:
                f"{' and '.join(READABLE_BACKENDS[platform])} only; choose one with --attention-backend")
 
 
-def compile_stack(compilation) -> None:
-    """No compilation unless the user chose a mode. Under vLLM's piecewise compilation the
-    plugin's attention op is a splitting op beside vLLM's own (phase_attention.py): it holds
-    vLLM's attention for prefill, whose metadata must not be frozen into a piecewise graph. An
-    empty list the user gave (one graph, full CUDA graphs only) is left empty."""
+def compile_stack(vllm_config) -> None:
+    """No compilation unless the user asked for it: a compilation mode, or an optimization
+    level other than vLLM's default O2 (`-O1`, `-O3`: vLLM compiles at every level above O0, so
+    the default level cannot tell a choice from no choice). Under vLLM's piecewise compilation
+    the plugin's attention op is a splitting op beside vLLM's own (phase_attention.py): it
+    holds vLLM's attention for prefill, whose metadata must not be frozen into a piecewise
+    graph. An empty list the user gave (one graph, full CUDA graphs only) is left empty."""
+    compilation = vllm_config.compilation_config
     if compilation.mode is None:
-        compilation.mode = CompilationMode.NONE
+        chosen = vllm_config.optimization_level in (OptimizationLevel.O1, OptimizationLevel.O3)
+        compilation.mode = CompilationMode.VLLM_COMPILE if chosen else CompilationMode.NONE
     if compilation.mode != CompilationMode.VLLM_COMPILE or compilation.splitting_ops == []:
         return
     from diffusiongemma_vllm.model.phase_attention import OP_NAME
@@ -164,7 +169,7 @@ class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
             if vllm_config.attention_config.backend is None:
                 vllm_config.attention_config.use_non_causal = True
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-        compile_stack(vllm_config.compilation_config)
+        compile_stack(vllm_config)
         if vllm_config.scheduler_config.async_scheduling:
             logger.warning("DiffusionGemma: async scheduling turned off (it assumes one token per request "
                            "and step; the plugin emits a canvas)")
