@@ -19,7 +19,8 @@
 # its own, give it timeout_s - 30); a stage that does not fit is skipped and says so. Results
 # come back in $OUT: summary.json and summary.md (rewritten before and after every stage),
 # logs/<stage>.log, gpu_e2e.log, bench/d_*.json and d_report's plots. A later session runs
-# what is left, e.g. `--stages c_release,d_offline_plugin,d_offline_ar,d_report`; benchmark
+# what is left, e.g. `--stages c_release,c_compile` (c_compile divides by the c_release of the
+# same call) or `--stages d_offline_plugin,d_offline_ar,d_report`; benchmark
 # runs of several sessions merge with `python benchmarks/compare_report.py */bench/d_*.json`.
 #
 # Compile cache (untested on the device): vLLM's torch.compile and Triton caches live in
