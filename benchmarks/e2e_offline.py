@@ -65,8 +65,8 @@ def engine(model: str, settings: Settings, checks: Checks, *, dtype: str, eager:
     if dtype == "float32":
         os.environ["TRITON_F32_DEFAULT"] = "ieee"  # the engine processes inherit it
 
-    args = dict(model=model, dtype=dtype, max_model_len=MAX_MODEL_LEN, max_num_seqs=16, seed=0,
-                enforce_eager=eager or settings.cpu, **engine_args)
+    args = {**dict(model=model, dtype=dtype, max_model_len=MAX_MODEL_LEN, max_num_seqs=16, seed=0,
+                   enforce_eager=eager or settings.cpu), **engine_args}
     if settings.attention_backend:
         args["attention_backend"] = settings.attention_backend
     start = time.time()
@@ -503,9 +503,49 @@ def alternatives_stage(checks: Checks, settings: Settings) -> None:
     checks.measure("headline", {name: "served" if "served" in o else "refused" for name, o in outcomes.items()})
 
 
+def compile_stage(checks: Checks, settings: Settings) -> None:
+    """The layer stack under vLLM's torch.compile with its CUDA graphs (piecewise for prefill and
+    commit batches up to vLLM's largest capture size, full for decode), vLLM's address check
+    on (DEBUG logging: a piecewise replay asserts it reads the addresses it captured):
+    - the shipped Sudoku checkpoint in fp32, compiled vs enforce_eager: each puzzle alone (a
+      prefill within the captured sizes, so piecewise graphs replay) and all together (beyond
+      them), replies equal (as tests/test_compiled_stack.py on CPU);
+    - a_tiny's requests in bf16 (canvases committed by 256-token causal passes): agreement with
+      a_tiny's tokens and throughput over a_tiny's, the torch.compile lever on the tiny model
+      (Inductor's fp32 arithmetic in fused bf16 chains makes exact equality no criterion)."""
+    from vllm import SamplingParams
+
+    from tests.sudoku_examples import SUDOKU, load
+
+    sudoku = SUDOKU / "checkpoint"
+    data = load("evaluate").held_out(4)  # the held-out puzzles of the example's evaluation
+    puzzles = [p + "\n" for p, _ in data[(40, 44)] + data[(45, 49)]]
+    sampling = [SamplingParams(max_tokens=81, seed=i) for i in range(len(puzzles))]
+    replies = {}
+    for mode in ("eager", "compiled"):
+        if mode == "compiled":
+            os.environ["VLLM_LOGGING_LEVEL"] = "DEBUG"  # vLLM's replay address check
+        extra = {"compilation_config": {"mode": 3}} if mode == "compiled" else {}
+        llm = engine(str(sudoku), settings, checks, dtype="float32", eager=mode == "eager", max_model_len=256, **extra)
+        alone = [llm.generate([p], q, use_tqdm=False)[0].outputs[0].text for p, q in zip(puzzles, sampling)]
+        together = [o.outputs[0].text for o in llm.generate(puzzles, sampling, use_tqdm=False)]
+        replies[mode] = {"alone": alone, "together": together}
+        del llm
+    os.environ.pop("VLLM_LOGGING_LEVEL", None)
+    checks.check("sudoku_compiled_equals_eager", replies["compiled"] == replies["eager"],
+                 {mode: r["alone"][:2] for mode, r in replies.items()})
+    llm = engine(checkpoint("gpu_friendly", settings), settings, checks, dtype=settings.dtype,
+                 compilation_config={"mode": 3})
+    run = generate_set(llm, settings, checks)
+    plain = load_tokens(settings, "a_tiny")
+    versus = compare_sets(plain, run) if plain is not None else "no tokens from a_tiny (did it run?)"
+    checks.measure("headline", {**checks.data["generate"], "vs_a_tiny": versus,
+                                "sudoku_equal": checks.data["checks"]["sudoku_compiled_equals_eager"]["passed"]})
+
+
 BODIES = {"env": env_stage, "a_tiny": tiny_stage, "a_eager": eager_stage, "a_release_kv": release_kv_stage,
           "a_fp32": fp32_stage, "a_invariant": invariant_stage, "a_reference": reference_stage, "a_pps": pps_stage,
-          "a_alternatives": alternatives_stage}
+          "a_alternatives": alternatives_stage, "a_compile": compile_stage}
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

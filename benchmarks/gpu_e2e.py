@@ -19,6 +19,9 @@ Stages, highest priority first (the default order; `--stages` picks groups or na
   a  a_invariant  bf16 under VLLM_BATCH_INVARIANT=1: alone vs batched exact, and its cost; the
                   sampler's GEMMs at the release shapes, 256 rows alone vs among 1024 (bitwise)
   a  a_alternatives  FLASH_ATTN, FLASHINFER, an fp8 KV cache: each served or refused by name
+  a  a_compile    the layer stack under vLLM's torch.compile with its piecewise CUDA graphs
+                  (vLLM's replay address check on): the Sudoku checkpoint compiled vs eager
+                  (exact), a_tiny's requests compiled (agreement and speed over a_tiny)
   c  c_release    config.json of google/diffusiongemma-26B-A4B-it, dummy weights: start-up split,
                   memory, 64 concurrent 512-token requests at max_model_len 8192 (on CPU: a
                   tiny model in the release's config structure, 8 requests)
@@ -97,6 +100,8 @@ STAGES = (
           what="bf16, VLLM_BATCH_INVARIANT=1: alone vs batched exact; sampler GEMMs at release shapes"),  # 60
     Stage("a_alternatives", "a", "benchmarks.e2e_offline", 420, 60,
           what="FLASH_ATTN, FLASHINFER, fp8 KV cache: served or refused by name"),  # 45-90
+    Stage("a_compile", "a", "benchmarks.e2e_offline", 360, 120,
+          what="torch.compile: Sudoku fp32 compiled vs eager (exact), tiny bf16 vs a_tiny"),  # 150-240
     Stage("c_release", "c", "benchmarks.e2e_release", 420, 150,
           what="26B-A4B dummy weights: start-up, memory, 64 x 512 tokens"),  # 150-240
     Stage("c_compile", "c", "benchmarks.e2e_release", 420, 180,

@@ -55,33 +55,44 @@ def test_default_engine_runs_vllms_custom_ops_without_a_compile_mode(tiny_dir):
 
 
 def test_a_chosen_compile_mode_splits_the_graph_at_the_plugins_attention_op():
-    """Catches vLLM's piecewise compilation treating the plugin's attention op as ordinary
-    graph code: a piecewise CUDA graph would then capture one prefill batch's attention
-    metadata (vLLM's attention runs inside the op) and replay it for every later batch. A
-    user's empty list (one graph, full CUDA graphs only) stays empty; no mode, no splitting."""
+    """Catches vLLM's piecewise compilation set up so that its CUDA graphs replay stale
+    addresses: the plugin's attention op treated as ordinary graph code (a piecewise graph
+    would capture one prefill batch's attention metadata: vLLM's attention runs inside the op),
+    or the stack's inputs read where the capture found them (the embeddings are a fresh tensor
+    per call, so vLLM must copy them into its static buffers). A user's empty list (one graph,
+    full CUDA graphs only) stays empty; without a mode nothing changes; a denoise pass that
+    cannot fit the compiled range and the attention-quantization fusion are refused by name."""
     from types import SimpleNamespace
 
-    from vllm.config import CompilationConfig, CompilationMode
+    from vllm.config import CompilationConfig, CompilationMode, PassConfig
     from vllm.config.vllm import OptimizationLevel
 
     from diffusiongemma_vllm.engine.config_hook import compile_stack
     from diffusiongemma_vllm.model.phase_attention import OP_NAME
 
-    def hooked(level=OptimizationLevel.O2, **compilation) -> CompilationConfig:
-        config = SimpleNamespace(compilation_config=CompilationConfig(**compilation), optimization_level=level)
+    def hooked(level=OptimizationLevel.O2, tokens=2048, **compilation) -> CompilationConfig:
+        config = SimpleNamespace(compilation_config=CompilationConfig(**compilation), optimization_level=level,
+                                 model_config=SimpleNamespace(hf_config=SimpleNamespace(canvas_length=256)),
+                                 scheduler_config=SimpleNamespace(max_num_batched_tokens=tokens))
         compile_stack(config)
         return config.compilation_config
 
     default = hooked(mode=CompilationMode.VLLM_COMPILE)
     assert default.splitting_ops == [*CompilationConfig._attention_ops, OP_NAME]
+    assert default.cudagraph_copy_inputs
     chosen = hooked(mode=CompilationMode.VLLM_COMPILE, splitting_ops=["vllm::unified_attention_with_output"])
     assert chosen.splitting_ops == ["vllm::unified_attention_with_output", OP_NAME]
     assert hooked(mode=CompilationMode.VLLM_COMPILE, splitting_ops=[]).splitting_ops == []
     unset = hooked()
-    assert unset.mode == CompilationMode.NONE and unset.splitting_ops is None
+    assert unset.mode == CompilationMode.NONE and unset.splitting_ops is None and not unset.cudagraph_copy_inputs
     for level in (OptimizationLevel.O1, OptimizationLevel.O3):
         by_level = hooked(level)
         assert by_level.mode == CompilationMode.VLLM_COMPILE and OP_NAME in by_level.splitting_ops
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        hooked(tokens=128, mode=CompilationMode.VLLM_COMPILE)
+    assert hooked(tokens=128).mode == CompilationMode.NONE  # eager passes need no compiled range
+    with pytest.raises(ValueError, match="fuse_attn_quant"):
+        hooked(mode=CompilationMode.VLLM_COMPILE, pass_config=PassConfig(fuse_attn_quant=True))
 
 
 def test_optimization_levels_above_the_default_compile_the_stack(tiny_dir):

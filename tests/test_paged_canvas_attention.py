@@ -137,6 +137,18 @@ def test_a_fixed_split_count_makes_a_canvas_independent_of_its_batch(num_splits)
     assert torch.equal(alone, batched[:1])
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_output_written_into_a_given_tensor(num_splits):
+    """Catches `out=` ignored or partly written (the split combine writing elsewhere): under
+    vLLM's piecewise CUDA graphs the attention op writes into the buffer the next captured
+    piece reads (model/phase_attention.py), so an output left in a fresh tensor is lost."""
+    q, k, v, kc, vc, table, ctx, (pk, pv, lens) = make_case((40, 3), 9, 4, 2, 256, 16, torch.float32, seed=9)
+    out = torch.full_like(q, float("nan"))
+    got = paged_canvas_attention(q, k, v, kc, vc, table, ctx, 16, False, num_splits=num_splits, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, naive_canvas_attention(q, k, v, pk, pv, lens, ctx, 16, False), rtol=1e-4, atol=5e-5)
+
+
 def test_launch_that_runs_out_of_resources_falls_back_to_the_compact_settings(monkeypatch):
     """Catches a model call that dies when the head dim's table entry (chosen from offline
     compiles, not a GPU run) does not fit the card: it must retry with COMPACT_LAUNCH and

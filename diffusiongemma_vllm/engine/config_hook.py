@@ -112,18 +112,36 @@ def check_backend_name(name: str, platform: str) -> None:
 def compile_stack(vllm_config) -> None:
     """No compilation unless the user asked for it: a compilation mode, or an optimization
     level other than vLLM's default O2 (`-O1`, `-O3`: vLLM compiles at every level above O0, so
-    the default level cannot tell a choice from no choice). Under vLLM's piecewise compilation
-    the plugin's attention op is a splitting op beside vLLM's own (phase_attention.py): it
-    holds vLLM's attention for prefill, whose metadata must not be frozen into a piecewise
-    graph. An empty list the user gave (one graph, full CUDA graphs only) is left empty."""
+    the default level cannot tell a choice from no choice). Under vLLM's piecewise compilation:
+    - the plugin's attention op is a splitting op beside vLLM's own (phase_attention.py): it
+      holds vLLM's attention for prefill, whose metadata must not be frozen into a piecewise
+      graph (an empty list the user gave, one graph with full CUDA graphs only, stays empty);
+    - vLLM copies the stack's inputs into static buffers before a piecewise graph replays
+      (`cudagraph_copy_inputs`): the input embeddings are computed outside the stack, in a
+      fresh tensor per call, while a replay reads the address its capture saw;
+    - a denoise pass must fit the range vLLM compiles, up to max_num_batched_tokens: at least
+      one canvas;
+    - attention-quantization fusion is refused: it needs vLLM's attention op in the graph,
+      which sits inside the plugin's."""
     compilation = vllm_config.compilation_config
     if compilation.mode is None:
         chosen = vllm_config.optimization_level in (OptimizationLevel.O1, OptimizationLevel.O3)
         compilation.mode = CompilationMode.VLLM_COMPILE if chosen else CompilationMode.NONE
-    if compilation.mode != CompilationMode.VLLM_COMPILE or compilation.splitting_ops == []:
+    if compilation.mode != CompilationMode.VLLM_COMPILE:
         return
     from diffusiongemma_vllm.model.phase_attention import OP_NAME
 
+    canvas = vllm_config.model_config.hf_config.canvas_length
+    tokens = vllm_config.scheduler_config.max_num_batched_tokens
+    if tokens < canvas:
+        refuse("max_num_batched_tokens", tokens, f"under torch.compile a denoise pass of one canvas ({canvas} "
+               f"tokens) must fit the compiled range; raise it to at least {canvas}, or compile nothing")
+    if compilation.pass_config.fuse_attn_quant:
+        refuse("pass_config.fuse_attn_quant", True, "vLLM's attention runs inside the plugin's attention op, "
+               "where the fusion pass cannot see it")
+    compilation.cudagraph_copy_inputs = True
+    if compilation.splitting_ops == []:
+        return
     if compilation.splitting_ops is None:
         compilation.splitting_ops = list(CompilationConfig._attention_ops)  # vLLM's default list
     if OP_NAME not in compilation.splitting_ops:

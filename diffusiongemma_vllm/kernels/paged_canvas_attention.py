@@ -238,8 +238,9 @@ def paged_canvas_attention(
     num_splits: int | None = None,  # key-sequence splits; None: enough to fill the GPU's SMs once
     num_warps: int | None = None,
     num_stages: int | None = None,
+    out: torch.Tensor | None = None,  # [n, C, heads, head_dim] contiguous, query dtype: written in place
 ) -> torch.Tensor:
-    """Returns [n, C, heads, head_dim] (contiguous) in the query dtype. Launch settings left
+    """Returns [n, C, heads, head_dim] (contiguous) in the query dtype: `out` when given. Launch settings left
     as None come from LAUNCH[head_dim] (GENERIC_LAUNCH for other head dims; COMPACT_LAUNCH on
     GPUs with less shared memory than an H100, or after the table's entry ran out of resources)."""
     requested, requested_splits = (block_m, block_n, block_dv, num_warps, num_stages), num_splits
@@ -268,7 +269,9 @@ def paged_canvas_attention(
     if num_splits is None:  # at most one wave: a second, partial wave would cost more than it adds
         num_splits = max(1, min(MAX_SPLITS, sms // (row_blocks * dv_blocks * n * kv_heads)))
 
-    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    assert out.shape == query.shape and out.dtype == query.dtype and out.is_contiguous()
     split = num_splits > 1  # then the kernel writes fp32 partials and their log-sum-exp for the combine
     partial = torch.empty((num_splits, *query.shape), dtype=torch.float32, device=query.device) if split else out
     lse = torch.empty((num_splits, n, canvas, heads), dtype=torch.float32, device=query.device) if split else out
@@ -294,7 +297,8 @@ def paged_canvas_attention(
             raise
         _OVERSIZED.add((query.device.index, head_dim))
         return paged_canvas_attention(query, key, value, key_cache, value_cache, block_table, context_lens,
-                                      sliding_window, causal, scale, table_block_size, num_splits=requested_splits)
+                                      sliding_window, causal, scale, table_block_size, num_splits=requested_splits,
+                                      out=out)
     if split:
         rows = n * canvas * heads
         block_r = max(1, 4096 // block_d)

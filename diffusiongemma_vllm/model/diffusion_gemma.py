@@ -156,7 +156,8 @@ class DiffusionGemmaAttention(nn.Module):
         k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim))).flatten(-2)
         q, k = self.rotary_emb(positions, q, k)
         v = self.v_norm(v.unflatten(-1, (self.num_kv_heads, self.head_dim))).flatten(-2)
-        out = torch.ops.diffusiongemma.phase_attention(q, k, v, self.attn.layer_name)  # phase_attention.py
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # here, in traced code: phase_attention.py
+        torch.ops.diffusiongemma.phase_attention(q, k, v, out, self.attn.layer_name)
         out, _ = self.o_proj(out)
         return out
 

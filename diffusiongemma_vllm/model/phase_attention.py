@@ -16,6 +16,11 @@ profiling prefill). As an opaque op the branch stays a run-time decision; the op
 splitting op of vLLM's piecewise compilation (config_hook.py), so vLLM's piecewise CUDA
 graphs never capture one request's attention metadata, and Inductor fuses what lies
 between two attention calls (norms, residual adds, RoPE, the router's scaling).
+The op writes into `output`, which the caller allocates in traced code, as vLLM's own
+attention op does: a piecewise graph replays on the addresses it captured, so the piece after
+the op must find the output where the captured piece allocated it; a tensor the op returned
+would live elsewhere on every replay. The paged kernel writes there directly; vLLM's
+attention (prefill) and the CPU reference are copied in.
 """
 
 from __future__ import annotations
@@ -33,22 +38,19 @@ from diffusiongemma_vllm.model.canvas_context import CanvasPass, PagedPrefix, ca
 OP_NAME = "diffusiongemma::phase_attention"  # as vLLM's splitting_ops name ops
 
 
-def phase_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_name: str) -> torch.Tensor:
-    """[tokens, heads * head_dim] attention output of vLLM attention layer `layer_name`, for
-    query [tokens, heads * head_dim] and key / value [tokens, kv_heads * head_dim]."""
+def phase_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
+                    layer_name: str) -> None:
+    """Attention of vLLM attention layer `layer_name` into `output` [tokens, heads * head_dim],
+    for query [tokens, heads * head_dim] and key / value [tokens, kv_heads * head_dim]."""
     layer = get_forward_context().no_compile_layers[layer_name]  # vLLM's Attention module
     spec = canvas_pass_for(layer_name)
     if spec is None:
-        return layer(query, key, value)
-    return _canvas_attention(spec, layer, query, key, value)
+        output.copy_(layer(query, key, value))
+    else:
+        _canvas_attention(spec, layer, query, key, value, output)
 
 
-def _phase_attention_fake(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          layer_name: str) -> torch.Tensor:
-    return torch.empty_like(query)  # V has the head dim of Q and K in every Gemma 4 layer
-
-
-def _canvas_attention(spec: CanvasPass, layer, query, key, value) -> torch.Tensor:
+def _canvas_attention(spec: CanvasPass, layer, query, key, value, output) -> None:
     canvas, heads, kv_heads, head_dim = spec.canvas_length, layer.num_heads, layer.num_kv_heads, layer.head_size
     q = query.view(-1, canvas, heads, head_dim)
     k = key.view(-1, canvas, kv_heads, head_dim)
@@ -56,16 +58,17 @@ def _canvas_attention(spec: CanvasPass, layer, query, key, value) -> torch.Tenso
     name = layer.layer_name
     prefix = spec.prefix(name)
     if isinstance(prefix, PagedPrefix):
-        out = paged_canvas_attention(q, k, v, prefix.key_cache, prefix.value_cache, prefix.block_table,
-                                     spec.context_lens.to(torch.int32), layer.sliding_window, spec.causal,
-                                     table_block_size=prefix.table_block_size, num_splits=prefix.num_splits)
+        paged_canvas_attention(q, k, v, prefix.key_cache, prefix.value_cache, prefix.block_table,
+                               spec.context_lens.to(torch.int32), layer.sliding_window, spec.causal,
+                               table_block_size=prefix.table_block_size, num_splits=prefix.num_splits,
+                               out=output.view(q.shape))
     else:
         out = naive_canvas_attention(q, k, v, prefix.key, prefix.value, prefix.lens, spec.context_lens,
                                      layer.sliding_window, causal=spec.causal)
+        output.copy_(out.flatten(0, 1).flatten(-2))
     if spec.kv_sink is not None:
         spec.kv_sink(name, k, v)
-    return out.flatten(0, 1).flatten(-2)
 
 
 _library = Library("diffusiongemma", "FRAGMENT")  # the op lives as long as this module
-direct_register_custom_op("phase_attention", phase_attention, fake_impl=_phase_attention_fake, target_lib=_library)
+direct_register_custom_op("phase_attention", phase_attention, mutates_args=["output"], target_lib=_library)
