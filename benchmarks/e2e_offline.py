@@ -27,7 +27,7 @@ from pathlib import Path
 from diffusiongemma_vllm.testing.tiny_checkpoint import RELEASE_GENERATION_CONFIG
 
 from benchmarks.compare_ar import canvas_passes
-from benchmarks.gpu_e2e import Checks, Settings, stage_main
+from benchmarks.gpu_e2e import Checks, Settings, ratios_over, stage_main
 
 RELEASE_RATIOS = dict(layer_types=("sliding_attention",) * 5 + ("full_attention",), sliding_window=128, num_experts=8,
                       top_k_experts=2, moe_intermediate_size=128, canvas_length=256)
@@ -505,19 +505,22 @@ def alternatives_stage(checks: Checks, settings: Settings) -> None:
 
 def compile_stage(checks: Checks, settings: Settings) -> None:
     """The layer stack under vLLM's torch.compile with its CUDA graphs (piecewise for prefill and
-    commit batches up to vLLM's largest capture size, full for decode), vLLM's address check
-    on (DEBUG logging: a piecewise replay asserts it reads the addresses it captured):
-    - the shipped Sudoku checkpoint in fp32, compiled vs enforce_eager: each puzzle alone (a
-      prefill within the captured sizes, so piecewise graphs replay) and all together (beyond
-      them), replies equal (as tests/test_compiled_stack.py on CPU);
-    - a_tiny's requests in bf16 (canvases committed by 256-token causal passes): agreement with
-      a_tiny's tokens and throughput over a_tiny's, the torch.compile lever on the tiny model
-      (Inductor's fp32 arithmetic in fused bf16 chains makes exact equality no criterion)."""
+    commit batches up to vLLM's largest capture size, full for decode):
+    - the shipped Sudoku checkpoint in fp32, compiled vs eager, with vLLM's replay address
+      check on in the compiled engine (DEBUG logging: a piecewise replay asserts it reads the
+      addresses it captured): each puzzle alone (a prefill within the captured sizes, so
+      piecewise graphs replay) and all together (beyond them); replies must be equal, as in
+      tests/test_compiled_stack.py on CPU;
+    - a_tiny's requests in bf16 compiled (canvases committed by 256-token causal passes):
+      agreement with a_tiny's tokens and throughput over a_tiny's, the torch.compile lever on
+      the tiny model (Inductor computes fused bf16 chains in fp32: exact equality is no criterion).
+    Compilation is checked to have happened: vLLM's compile cache must gain an artifact."""
     from vllm import SamplingParams
 
     from tests.sudoku_examples import SUDOKU, load
 
-    sudoku = SUDOKU / "checkpoint"
+    compiled = {"compilation_config": {"mode": 3}, "enforce_eager": False}  # CompilationMode.VLLM_COMPILE
+    started = time.time()
     data = load("evaluate").held_out(4)  # the held-out puzzles of the example's evaluation
     puzzles = [p + "\n" for p, _ in data[(40, 44)] + data[(45, 49)]]
     sampling = [SamplingParams(max_tokens=81, seed=i) for i in range(len(puzzles))]
@@ -525,21 +528,23 @@ def compile_stage(checks: Checks, settings: Settings) -> None:
     for mode in ("eager", "compiled"):
         if mode == "compiled":
             os.environ["VLLM_LOGGING_LEVEL"] = "DEBUG"  # vLLM's replay address check
-        extra = {"compilation_config": {"mode": 3}} if mode == "compiled" else {}
-        llm = engine(str(sudoku), settings, checks, dtype="float32", eager=mode == "eager", max_model_len=256, **extra)
+        llm = engine(str(SUDOKU / "checkpoint"), settings, checks, dtype="float32", eager=mode == "eager",
+                     max_model_len=256, **(compiled if mode == "compiled" else {}))
         alone = [llm.generate([p], q, use_tqdm=False)[0].outputs[0].text for p, q in zip(puzzles, sampling)]
         together = [o.outputs[0].text for o in llm.generate(puzzles, sampling, use_tqdm=False)]
         replies[mode] = {"alone": alone, "together": together}
         del llm
     os.environ.pop("VLLM_LOGGING_LEVEL", None)
+    cache = Path(os.environ.get("VLLM_CACHE_ROOT", Path.home() / ".cache" / "vllm")) / "torch_compile_cache"
+    checks.check("compiled", any(f.stat().st_mtime >= started for f in cache.rglob("*") if f.is_file()), str(cache))
     checks.check("sudoku_compiled_equals_eager", replies["compiled"] == replies["eager"],
                  {mode: r["alone"][:2] for mode, r in replies.items()})
-    llm = engine(checkpoint("gpu_friendly", settings), settings, checks, dtype=settings.dtype,
-                 compilation_config={"mode": 3})
+    llm = engine(checkpoint("gpu_friendly", settings), settings, checks, dtype=settings.dtype, **compiled)
     run = generate_set(llm, settings, checks)
     plain = load_tokens(settings, "a_tiny")
     versus = compare_sets(plain, run) if plain is not None else "no tokens from a_tiny (did it run?)"
     checks.measure("headline", {**checks.data["generate"], "vs_a_tiny": versus,
+                                "over_a_tiny": ratios_over(settings, "a_tiny", checks.data["generate"], ("tok_s",)),
                                 "sudoku_equal": checks.data["checks"]["sudoku_compiled_equals_eager"]["passed"]})
 
 

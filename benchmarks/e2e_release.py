@@ -19,7 +19,6 @@ On CPU the same body runs at tiny sizes (8 requests), to check the stage, not th
 from __future__ import annotations
 
 import functools
-import json
 import os
 import subprocess
 import threading
@@ -28,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.compare_ar import canvas_passes
-from benchmarks.gpu_e2e import Checks, Settings, stage_main
+from benchmarks.gpu_e2e import Checks, Settings, ratios_over, stage_main
 
 GPU = dict(concurrency=64, max_tokens=512, steps=16, max_model_len=8192, max_num_batched_tokens=16384,
            gpu_memory_utilization=0.9)
@@ -159,20 +158,8 @@ def release_stage(checks: Checks, settings: Settings, compiled: bool = False) ->
     headline = {"init_s": checks.data["engine"]["init_s"], "c1_tok_s": single["tok_s"],
                 f"c{size['concurrency']}_tok_s": full["tok_s"], "largest_pass": stats["largest_pass"], **used}
     if compiled:
-        headline["over_c_release"] = over_eager_stack(settings, headline)
+        headline["over_c_release"] = ratios_over(settings, "c_release", headline, ("tok_s", "init_s"))
     checks.measure("headline", headline)
-
-
-def over_eager_stack(settings: Settings, headline: dict) -> dict | str:
-    """This stage's figures over c_release's (the same engine with the stack run eagerly), from
-    the run's summary; a note when c_release did not run or failed."""
-    summary = Path(settings.out) / "summary.json"
-    release = json.loads(summary.read_text())["stages"].get("c_release", {}) if summary.exists() else {}
-    eager = release.get("headline")
-    if not isinstance(eager, dict) or not release.get("ok"):
-        return "c_release did not complete in this run: no ratio"
-    return {key: round(headline[key] / eager[key], 3) for key in headline
-            if key.endswith(("tok_s", "init_s")) and eager.get(key)}
 
 
 BODIES = {"c_release": release_stage, "c_compile": functools.partial(release_stage, compiled=True)}

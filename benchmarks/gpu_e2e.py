@@ -348,6 +348,19 @@ def status_of(result: dict) -> str:
     return "ok" if result.get("ok") else "FAILED"
 
 
+def ratios_over(settings: Settings, stage: str, headline: dict, suffixes: tuple[str, ...]) -> dict | str:
+    """`headline`'s figures ending in `suffixes` over the same figures of `stage`, an earlier
+    stage of this run (from OUT/summary.json, which the driver rewrites after every stage);
+    a note when that stage did not complete in this run."""
+    summary = Path(settings.out) / "summary.json"
+    earlier = json.loads(summary.read_text())["stages"].get(stage, {}) if summary.exists() else {}
+    base = earlier.get("headline")
+    if not isinstance(base, dict) or not earlier.get("ok"):
+        return f"{stage} did not complete in this run: no ratio"
+    return {key: round(value / base[key], 3) for key, value in headline.items()
+            if key.endswith(suffixes) and isinstance(value, (int, float)) and base.get(key)}
+
+
 def write_summary(summary: dict, out: Path) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     (out / "summary.md").write_text(markdown(summary))

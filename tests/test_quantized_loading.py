@@ -63,7 +63,10 @@ def load(model, model_dir, vllm_config):
     from vllm.config import set_current_vllm_config
 
     with set_current_vllm_config(vllm_config):
-        model.load_weights(load_file(f"{model_dir}/model.safetensors").items())
+        loaded = model.load_weights(load_file(f"{model_dir}/model.safetensors").items())
+    # vLLM's loader compares the names load_weights returns with the model's own (model.*)
+    params = {name for name, _ in model.named_parameters()}
+    assert "model.embed_tokens.weight" in loaded and {n for n in params if n.endswith("weight")} <= loaded
     return dict(model.model.named_parameters())  # the text stack's, named as in the checkpoint
 
 

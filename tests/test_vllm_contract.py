@@ -1185,7 +1185,7 @@ def test_attention_layer_attributes_the_phase_op_reads(layer_config):
     """Catches renamed attributes of vLLM's Attention that phase_attention.py reads for the
     canvas op (heads, head size, window), a model-level window reaching the full layers of
     DiffusionGemma's config (vLLM gives a layer without its own window the cache config's),
-    or a changed output shape of its call (the op's fake says it is the query's)."""
+    or a changed output shape of its call (the op copies it into a buffer of the query's)."""
     from vllm.forward_context import set_forward_context
     from vllm.model_executor.layers.attention import Attention
 

@@ -3,8 +3,9 @@
 The model keeps vLLM's forward signature. A pass over canvases (`denoise`, or a causal
 commit computed outside vLLM's attention) runs inside `canvas_forward_context(spec, ...)`:
 vLLM's own forward context, whose per-layer attention metadata is the `CanvasPass` for
-every attention layer. Each attention layer asks `canvas_pass_for(its layer name)` and, given
-one, attends with the canvas op instead of vLLM's paged attention. Under vLLM's own forwards
+every attention layer. Each layer's attention op (phase_attention.py) asks
+`canvas_pass_for(its layer name)` and, given one, attends with the canvas op instead of vLLM's
+paged attention. Under vLLM's own forwards
 the metadata is the attention backend's (or None), so the answer is None and the forward is
 an ordinary vLLM `prefill`: causal, writing KV through vLLM's attention backend. Nothing is
 kept in a module global, so the phase is per call, as vLLM's torch.compile integration

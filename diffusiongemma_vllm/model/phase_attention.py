@@ -1,6 +1,6 @@
 """Attention of both phases as one opaque custom op, so the model's forward compiles once.
 
-Every attention layer calls `torch.ops.diffusiongemma.phase_attention(q, k, v, layer_name)`.
+Every attention layer calls `torch.ops.diffusiongemma.phase_attention(q, k, v, output, layer_name)`.
 At run time the op asks the forward context which phase this forward is
 (`canvas_context.canvas_pass_for`):
 - none (a vLLM forward): `prefill`, vLLM's own attention layer, which writes the KV cache
@@ -50,7 +50,19 @@ def phase_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         _canvas_attention(spec, layer, query, key, value, output)
 
 
-def _canvas_attention(spec: CanvasPass, layer, query, key, value, output) -> None:
+def _phase_attention_fake(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
+                          layer_name: str) -> None:
+    return None  # writes `output` only
+
+
+def _canvas_attention(
+    spec: CanvasPass,
+    layer,  # vLLM's Attention: heads, head size, window, layer name
+    query: torch.Tensor,  # [n * C, heads * head_dim]
+    key: torch.Tensor,  # [n * C, kv_heads * head_dim]
+    value: torch.Tensor,  # [n * C, kv_heads * head_dim]
+    output: torch.Tensor,  # [n * C, heads * head_dim] contiguous
+) -> None:
     canvas, heads, kv_heads, head_dim = spec.canvas_length, layer.num_heads, layer.num_kv_heads, layer.head_size
     q = query.view(-1, canvas, heads, head_dim)
     k = key.view(-1, canvas, kv_heads, head_dim)
@@ -71,4 +83,5 @@ def _canvas_attention(spec: CanvasPass, layer, query, key, value, output) -> Non
 
 
 _library = Library("diffusiongemma", "FRAGMENT")  # the op lives as long as this module
-direct_register_custom_op("phase_attention", phase_attention, mutates_args=["output"], target_lib=_library)
+direct_register_custom_op("phase_attention", phase_attention, mutates_args=["output"],
+                          fake_impl=_phase_attention_fake, target_lib=_library)
