@@ -32,13 +32,13 @@ Stages, highest priority first (the default order; `--stages` picks groups or na
 Budget (estimates for an H100 with cold caches; nothing here has run on a GPU yet). A session
 has 15 device minutes; machine start and the 4 bundle chunks take 2-3, leaving one 10-minute
 call and a short one. The plugin's engines run without compilation (opt-in until c_compile has
-measured it), so a tiny engine starts in 20-30 s (processes and imports, vLLM's graphs up to 32 tokens, the denoise ladder of 1-16
-canvases, first Triton compiles): env and each a_* stage 15-90 s, b_server ~60 s, a+b ~8 min
-(a_compile, after them, 2.5-4 min: three engines, two compiled).
-c_release ~2.5-4 min (47.5 GiB of dummy weights in seconds, profiling at 16384 tokens, vLLM's
-capture up to 128 tokens, the 1-64 ladder, ~30 s of requests); c_compile adds about a minute
-of torch.compile. The default budget (510 s in
-gpu_e2e.sh) runs c only if a+b were quick, else skips it: then `--stages c` in the next call.
+measured it), so a tiny engine starts in 20-30 s (processes and imports, vLLM's graphs up to
+32 tokens, the denoise ladder of 1-16 canvases, first Triton compiles): env and each a_* stage
+15-90 s, b_server ~60 s, a+b ~8 min (a_compile, after them, 2.5-4 min: three engines, two
+compiled). c_release ~2.5-4 min (47.5 GiB of dummy weights in seconds, profiling at 16384
+tokens, vLLM's capture up to 128 tokens, the 1-64 ladder, ~30 s of requests); c_compile adds
+about a minute of torch.compile. The default budget (510 s in gpu_e2e.sh) runs c only if a+b
+were quick, else skips it: then `--stages c` in the next call.
 Each d stage starts one release-shape engine: the plugin ~2 min, AR and in-tree ~3 min (about
 57 s of torch.compile, then vLLM's capture), plus about a minute of requests, so d needs two
 more sessions (offline; server and 12/48 passes), fewer with the compile cache gpu_e2e.sh can

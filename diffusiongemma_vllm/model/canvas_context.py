@@ -5,11 +5,10 @@ commit computed outside vLLM's attention) runs inside `canvas_forward_context(sp
 vLLM's own forward context, whose per-layer attention metadata is the `CanvasPass` for
 every attention layer. Each layer's attention op (phase_attention.py) asks
 `canvas_pass_for(its layer name)` and, given one, attends with the canvas op instead of vLLM's
-paged attention. Under vLLM's own forwards
-the metadata is the attention backend's (or None), so the answer is None and the forward is
-an ordinary vLLM `prefill`: causal, writing KV through vLLM's attention backend. Nothing is
-kept in a module global, so the phase is per call, as vLLM's torch.compile integration
-expects of what a forward reads.
+paged attention. Under vLLM's own forwards the metadata is the attention backend's (or None),
+so the answer is None and the forward is an ordinary vLLM `prefill`: causal, writing KV
+through vLLM's attention backend. Nothing is kept in a module global, so the phase is per
+call, as vLLM's torch.compile integration expects of what a forward reads.
 """
 
 from __future__ import annotations
