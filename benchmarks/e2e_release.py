@@ -4,9 +4,11 @@ The config.json of google/diffusiongemma-26B-A4B-it (tiny_checkpoint.write_relea
 `load_format="dummy"`, bf16, max_model_len 8192, 64 sequences and 16384 batched tokens (64
 canvases per denoise pass): the engine starts (its log gives the split into weights, vLLM's
 capture and the denoise graph ladder; gpu_e2e.startup_split), then one 512-token request, then
-64 concurrent ones, 16 passes per canvas (random weights never halt early). Device memory is
-sampled all along (NVML, no CUDA context in this process) and compared with what vLLM
-planned: a denoise at 64 canvases must fit what its profiling reserved, without OOM.
+64 concurrent ones, 16 passes per canvas (random weights never halt early), then one denoise
+pass profiled in the engine at 1 and 64 canvases (`pass_profile`: time, launch gaps, over the
+bandwidth floor; issue 14's per-pass goals). Device memory is sampled all along (NVML, no
+CUDA context in this process) and compared with what vLLM planned: a denoise at 64 canvases
+must fit what its profiling reserved, without OOM.
 
 Stage c_compile runs the same with the layer stack under vLLM's torch.compile (compilation
 mode VLLM_COMPILE: Inductor's fusions between attention calls, vLLM's piecewise CUDA graphs for
@@ -29,6 +31,7 @@ from pathlib import Path
 from benchmarks.compare_ar import canvas_passes
 from benchmarks.gpu_e2e import Checks, Settings, ratios_over, stage_main
 
+CANVAS_LENGTH = 256  # the release's, and the CPU stand-in's
 GPU = dict(concurrency=64, max_tokens=512, steps=16, max_model_len=8192, max_num_batched_tokens=16384,
            gpu_memory_utilization=0.9)
 CPU = dict(concurrency=8, max_tokens=512, steps=3, max_model_len=2048, max_num_batched_tokens=2048)
@@ -98,7 +101,7 @@ def release_model(settings: Settings, steps: int) -> str:
     from diffusiongemma_vllm.testing.tiny_checkpoint import RELEASE_SPEC, TinySpec, write_release_config
 
     spec = RELEASE_SPEC if not settings.cpu else TinySpec(
-        canvas_length=256, sliding_window=128, layer_types=("sliding_attention",) * 5 + ("full_attention",))
+        canvas_length=CANVAS_LENGTH, sliding_window=128, layer_types=("sliding_attention",) * 5 + ("full_attention",))
     out = Path(settings.work) / ("release_diffusion" if not settings.cpu else "release_structure_tiny")
     if not (out / "config.json").exists():
         write_release_config(out, replace(spec, generation={"max_denoising_steps": steps}))
@@ -150,16 +153,40 @@ def release_stage(checks: Checks, settings: Settings, compiled: bool = False) ->
     checks.check("largest_pass_is_every_canvas", stats["largest_pass"] == size["concurrency"], stats["largest_pass"])
     cap = size["steps"]  # every canvas but the warm-up's (2 passes) runs to the cap
     checks.check("random_weights_run_the_pass_cap", passes.count(cap) == len(passes) - 1, sorted(set(passes)))
+    per_pass = pass_profile(checks, llm, size, single)
     memory.stop.set()
     used = memory.gib()
     checks.measure("memory", used)
     if used.get("total_gib") and used["samples"]:
         checks.check("peak_within_device", used["peak_used_gib"] < 0.99 * used["total_gib"], used)
     headline = {"init_s": checks.data["engine"]["init_s"], "c1_tok_s": single["tok_s"],
-                f"c{size['concurrency']}_tok_s": full["tok_s"], "largest_pass": stats["largest_pass"], **used}
+                f"c{size['concurrency']}_tok_s": full["tok_s"], "largest_pass": stats["largest_pass"], **used, **per_pass}
     if compiled:
-        headline["over_c_release"] = ratios_over(settings, "c_release", headline, ("tok_s", "init_s"))
+        headline["over_c_release"] = ratios_over(settings, "c_release", headline, ("tok_s", "init_s", "_ms"))
     checks.measure("headline", headline)
+
+
+def pass_profile(checks: Checks, llm, size: dict, single: dict) -> dict:
+    """One denoise pass at 1 canvas and at the most a pass holds, timed in the engine
+    (engine/pass_profile.py), against issue 14's per-pass goals: within 1.3x of the bandwidth
+    floor at 1 canvas, under 0.5 ms of launch gaps per pass with graphs. Also the c1 run's wall
+    time per denoise pass (its prefill and commit passes included), whose excess over the
+    pass is the host's share."""
+    profiles = {n: llm.collective_rpc("profile_denoise_pass", kwargs={"canvases": n})[0]
+                for n in (1, size["concurrency"])}
+    checks.measure("pass_profile", profiles)
+    one, most = profiles[1], profiles[size["concurrency"]]
+    canvases = -(-size["max_tokens"] // CANVAS_LENGTH)
+    served = single["s"] * 1e3 / (canvases * size["steps"])
+    headline = {"pass_c1_ms": one["pass_ms"], f"pass_c{size['concurrency']}_ms": most["pass_ms"],
+                "gaps_c1_ms": one["gaps_ms"], "activities_c1": one["activities"],
+                "served_per_pass_c1_ms": served, "weight_bytes": one["weight_bytes"],
+                "over_floor_copy_c1": one.get("over_floor_copy"), "over_floor_spec_c1": one.get("over_floor_spec")}
+    goals = {"pass within 1.3x of the spec floor at 1 canvas": (one.get("over_floor_spec"), 1.3),
+             "launch gaps under 0.5 ms per pass": (one["gaps_ms"], 0.5)}
+    headline["goals"] = {name: {"value": value, "goal": goal, "met": None if value is None else value <= goal}
+                         for name, (value, goal) in goals.items()}
+    return headline
 
 
 BODIES = {"c_release": release_stage, "c_compile": functools.partial(release_stage, compiled=True)}

@@ -13,6 +13,8 @@ first:
   sampler            the GEMM sampler (with and without the soft embedding), torch vocab-tiled
                      (up to 4 canvases: the CPU path) and materialised, per pass: ms and peak
                      memory (the fused Triton kernel it replaced: results of 2026-11-27)
+  router             the router's expert choice per layer: torch reference vs the fused kernel
+                     (ms, device activities, same experts), and the difference per 30-layer pass
   backbone           one denoise pass of the 26B-A4B backbone (random bf16 weights) through the
                      plugin's `denoise_pass`, eager vs CUDA graph, per-pass overhead
   ar_decode          one autoregressive step of the same backbone at batch 1 and 64, and the
@@ -51,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import math
@@ -72,9 +75,11 @@ from diffusiongemma_vllm.model.config import MAX_DENOISING_STEPS_LIMIT, Backbone
 from diffusiongemma_vllm.denoise.loop import (CanvasBatch, CanvasJob, Unembedding, denoise_canvases, denoise_pass,
                                          row_stats_for)
 from diffusiongemma_vllm.denoise.graphs import CudaGraph, DenoiseGraphs
+from diffusiongemma_vllm.engine.device_timing import device_busy, median_ms, synchronize
 from diffusiongemma_vllm.denoise.noise import philox_bits
 from diffusiongemma_vllm.kernels.canvas_attention import naive_canvas_attention
 from diffusiongemma_vllm.kernels.gemm_sampler import gemm_row_stats
+from diffusiongemma_vllm.kernels.moe_routing import moe_routing, naive_moe_routing
 from diffusiongemma_vllm.kernels.paged_canvas_attention import paged_canvas_attention
 from diffusiongemma_vllm.kernels.philox_tokens import philox_tokens
 from diffusiongemma_vllm.kernels.vocab_tiled_sampler import RowStats, naive_row_stats, vocab_tiled_row_stats
@@ -224,39 +229,6 @@ class Run:
         return torch.Generator(device=self.device).manual_seed(seed)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_ms(fns, device: torch.device, warmup: int, reps: int, budget_ms: float = 3000.0) -> float:
-    """Median time of one call, cycling through `fns` (the same call on different inputs).
-    Slow calls get fewer repeats (at least 3) so that one measurement stays near `budget_ms`."""
-    fns = fns if isinstance(fns, (list, tuple)) else [fns]
-    last_ms = 0.0
-    for i in range(warmup):
-        t0 = time.perf_counter()
-        fns[i % len(fns)]()
-        synchronize(device)
-        last_ms = (time.perf_counter() - t0) * 1e3
-    reps = max(min(reps, 3), min(reps, int(budget_ms / max(last_ms, 1e-3))))
-    times = []
-    for i in range(reps):
-        fn = fns[i % len(fns)]
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def peak_mib(fn, device: torch.device) -> float | None:
     """Peak memory allocated while `fn` runs, above what was allocated before (outputs included)."""
     if device.type != "cuda":
@@ -269,22 +241,6 @@ def peak_mib(fn, device: torch.device) -> float | None:
     torch.cuda.synchronize()
     del result
     return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def device_busy(fn) -> tuple[float | None, int | None]:
-    """(summed device ms, device activities) of what one call launches, from the profiler;
-    (None, None) when unavailable. Activities are kernels plus copies and memsets."""
-    from torch.profiler import ProfilerActivity, profile
-
-    try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        events = [e for e in prof.key_averages() if (getattr(e, "self_device_time_total", 0) or 0) > 0]
-    except Exception:  # noqa: BLE001 - no CUPTI here: the graph gap stays unknown
-        return None, None
-    total_us = sum(e.self_device_time_total for e in events)
-    return (total_us / 1e3 or None), sum(e.count for e in events)
 
 
 def graph_ms(run: Run, fn) -> tuple[float, float | None, float | None]:
@@ -458,7 +414,7 @@ def gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> tor
 def grouped_experts(x, weights, ids, w1, w2) -> torch.Tensor:
     """Top-k MoE as two grouped matmuls over expert-sorted rows; no host sync (graph-safe)."""
     tokens, top_k = ids.shape
-    flat = ids.flatten()
+    flat = ids.flatten().long()  # the router gives int32 ids, as vLLM's FusedMoE takes them
     order = torch.argsort(flat, stable=True)
     counts = torch.zeros(w1.shape[0], dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
     offs = counts.cumsum(0).to(torch.int32)
@@ -544,8 +500,8 @@ class Backbone:
 
     def moe(self, w, x, residual, touched: list | None) -> torch.Tensor:
         logits = (rms_norm(residual, None) * w.router_scale * self.cfg.hidden_size**-0.5) @ w.router.T
-        weights, ids = torch.topk(torch.softmax(logits.float(), dim=-1), self.cfg.top_k_experts, dim=-1)
-        weights = weights / weights.sum(-1, keepdim=True) * w.expert_scale[ids].float()
+        route = moe_routing if logits.is_cuda else naive_moe_routing  # as model/diffusion_gemma.py's Router
+        weights, ids = route(logits.float(), w.expert_scale, self.cfg.top_k_experts)
         if touched is not None:
             touched.append(int(ids.unique().numel()))
         return self.experts(x, weights, ids, w.w1, w.w2)
@@ -749,6 +705,27 @@ def time_attention(rec: dict, run: Run) -> None:
             rows.append({"layer": kind, "canvases": n, "ms": ms, "tflops": flops / ms / 1e9,
                          "gbps": (kv_bytes + io_bytes) / ms / 1e6, "input_sets": copies})
             del sets, fns
+
+
+def time_router(rec: dict, run: Run) -> None:
+    """The router's expert choice for one layer: the torch reference (softmax, top-k,
+    renormalise, per-expert scale: several kernels) against the fused Triton kernel (one), on
+    the same logits; then the difference over a 30-layer pass."""
+    cfg, gen = run.cfg, run.gen(7)
+    rows = rec["rows"] = []
+    for n in run.plan.canvas_counts:
+        run.report.check()
+        logits = torch.randn(n * run.plan.canvas, cfg.num_experts, generator=gen, device=run.device) * 4
+        scale = (0.5 + torch.rand(cfg.num_experts, generator=gen, device=run.device)).bfloat16()
+        want, got = (fn(logits, scale, cfg.top_k_experts) for fn in (naive_moe_routing, moe_routing))
+        row = {"canvases": n, "same_experts": bool(torch.equal(want[1], got[1])),
+               "weights_max_rel_err": float(((got[0] - want[0]).abs() / want[0].abs()).max())}
+        for name, fn in (("torch", naive_moe_routing), ("fused", moe_routing)):
+            call = functools.partial(fn, logits, scale, cfg.top_k_experts)
+            row[f"{name}_ms"] = median_ms(call, run.device, run.plan.warmup, run.plan.reps)
+            row[f"{name}_activities"] = device_busy(call)[1] if run.device.type == "cuda" else None
+        row["saved_per_pass_ms"] = TOTAL_LAYERS * (row["torch_ms"] - row["fused_ms"])
+        rows.append(row)
 
 
 def l2_bytes(run: Run) -> int:
@@ -1165,7 +1142,7 @@ def sampler_growth(sections: dict) -> float | None:
 
 SECTIONS = [("environment", measure_environment, False), ("attention_parity", check_attention_parity, False),
             ("sampler_parity", check_sampler_parity, False), ("attention", time_attention, False),
-            ("sampler", time_sampler, False), ("backbone", time_backbone, False),
+            ("sampler", time_sampler, False), ("router", time_router, False), ("backbone", time_backbone, False),
             ("ar_decode", time_ar_decode, False), ("roofline", roofline, True),
             ("transformers", time_transformers, False), ("plugin_loop", time_plugin_loop, False),
             ("block_sweep", sweep_attention_blocks, False), ("sampler_sweep", sweep_gemm_sampler, False),

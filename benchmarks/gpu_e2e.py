@@ -23,8 +23,10 @@ Stages, highest priority first (the default order; `--stages` picks groups or na
                   (vLLM's replay address check on): the Sudoku checkpoint compiled vs eager
                   (exact), a_tiny's requests compiled (agreement and speed over a_tiny)
   c  c_release    config.json of google/diffusiongemma-26B-A4B-it, dummy weights: start-up split,
-                  memory, 64 concurrent 512-token requests at max_model_len 8192 (on CPU: a
-                  tiny model in the release's config structure, 8 requests)
+                  memory, 64 concurrent 512-token requests at max_model_len 8192, one pass at
+                  1 and 64 canvases against its bandwidth floor, with its launch gaps (issue
+                  14's per-pass goals); on CPU a tiny model in the release's config
+                  structure, 8 requests
      c_compile    the same with the layer stack under vLLM's torch.compile, over c_release
   d  benchmarks/compare_ar.py at the release shapes, one system per stage (offline, then the
      server; plugin at 12 and 48 passes last) and d_report: one table with the goal ratios
@@ -104,7 +106,7 @@ STAGES = (
     Stage("a_compile", "a", "benchmarks.e2e_offline", 360, 120,
           what="torch.compile: Sudoku fp32 compiled vs eager (exact), tiny bf16 vs a_tiny"),  # 150-240
     Stage("c_release", "c", "benchmarks.e2e_release", 420, 150,
-          what="26B-A4B dummy weights: start-up, memory, 64 x 512 tokens"),  # 150-240
+          what="26B-A4B dummy weights: start-up, memory, 64 x 512 tokens, pass vs floor"),  # 150-240
     Stage("c_compile", "c", "benchmarks.e2e_release", 420, 180,
           what="the same, layer stack torch.compiled: over c_release"),  # 210-300
     *(Stage(f"d_{mode}_{system}", "d", "benchmarks.e2e_bench", 540, 180,

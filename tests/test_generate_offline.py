@@ -102,6 +102,24 @@ def test_denoise_passes_per_scheduler_step_exceed_one(llm):
     assert max(stats["canvas_passes"]) >= 2
 
 
+def test_profile_denoise_pass_times_a_pass_and_leaves_serving_unchanged(llm):
+    """Catches the pass profile RPC (engine/pass_profile.py) missing from the worker, timing a
+    pass over other canvases than asked, accepting a count no pass may hold, or leaving state
+    behind that changes what a seeded request generates."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=40, ignore_eos=True, seed=11)
+    before = llm.generate(prompts(1), params)[0].outputs[0].token_ids
+    profiles = [llm.collective_rpc("profile_denoise_pass", kwargs={"canvases": n, "repeats": 3})[0] for n in (1, 4)]
+    for n, profile in zip((1, 4), profiles):
+        assert (profile["canvases"], profile["pass_canvases"], profile["graph_replay"]) == (n, n, False)
+        assert profile["pass_ms"] > 0 and profile["copy_bytes_per_s"] > 0
+        assert profile["activities"] is None and profile["weight_bytes"] is None  # CUDA only
+    with pytest.raises(Exception, match="between 1 and 4"):
+        llm.collective_rpc("profile_denoise_pass", kwargs={"canvases": 5})
+    assert llm.generate(prompts(1), params)[0].outputs[0].token_ids == before
+
+
 def test_bad_knob_raises_value_error_naming_field(llm):
     """Catches an invalid request reaching the engine through the offline API."""
     from vllm import SamplingParams

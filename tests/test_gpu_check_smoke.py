@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("environment", "attention_parity", "sampler_parity", "attention", "sampler", "backbone", "plugin_loop",
+SECTIONS = ("environment", "attention_parity", "sampler_parity", "attention", "sampler", "router", "backbone", "plugin_loop",
             "ar_decode", "roofline", "transformers", "block_sweep", "sampler_sweep", "goals")
 
 
@@ -36,6 +36,7 @@ def test_smoke_run_fills_every_section(tmp_path):
         assert row["eager_ms_30"] > row["eager_ms"] > 0
     assert all(row["ok"] for row in data["sections"]["sampler_parity"]["rows"])
     assert data["sections"]["sampler_parity"]["philox_tokens_equal_torch_philox"] is True
+    assert all(row["same_experts"] and row["weights_max_rel_err"] < 1e-5 for row in data["sections"]["router"]["rows"])
     loop_rows = data["sections"]["plugin_loop"]["rows"]
     assert loop_rows[0]["eager_repeat_agreement"] == 1.0
     assert all(row["eager_ms_per_pass"] > 0 for row in loop_rows)

@@ -30,7 +30,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia import compiler as nvidia  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from diffusiongemma_vllm.kernels import fixed_order_gemm, gemm_sampler, paged_canvas_attention, philox_tokens  # noqa: E402
+from diffusiongemma_vllm.kernels import (fixed_order_gemm, gemm_sampler, moe_routing, paged_canvas_attention,  # noqa: E402
+                                         philox_tokens)
 
 HOPPER = GPUTarget("cuda", 90, 32)
 ADA = GPUTarget("cuda", 89, 32)
@@ -99,6 +100,10 @@ def compile_all() -> dict:
             num_warps=defaults["num_warps"].default, floats=("softcap",))
     out["philox_tokens"] = compile_for(HOPPER, philox_tokens._philox_tokens_kernel,
                                        {"key_ptr": "*i64", "out_ptr": "*i64"}, dict(BLOCK=256), num_warps=4)
+    out["moe_routing"] = compile_for(
+        HOPPER, moe_routing._moe_routing_kernel,
+        {"logits_ptr": "*fp32", "scale_ptr": "*bf16", "weights_ptr": "*fp32", "ids_ptr": "*i32"},
+        dict(NUM_EXPERTS=128, TOP_K=8, BLOCK_T=moe_routing.BLOCK_T, BLOCK_E=128, BLOCK_K=8), num_warps=4)
     launch = fixed_order_gemm.LAUNCH
     out["fixed_order_gemm"] = compile_for(
         HOPPER, fixed_order_gemm._fixed_order_mm_kernel, {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*fp32"},
@@ -137,11 +142,12 @@ def test_the_check_sees_an_oversized_launch(compiled):
 
 
 @pytest.mark.parametrize("name", ["combine_256", "combine_512", "sampler_soft_False", "sampler_soft_True",
-                                  "philox_tokens", "fixed_order_gemm"])
+                                  "philox_tokens", "fixed_order_gemm", "moe_routing"])
 def test_other_kernels_compile_without_spills(compiled, name):
     """Catches the split combine, the sampler's statistics kernel (a loop-carried type change,
-    a join or reshape the GPU backend rejects), the token kernel or the fixed-order GEMM failing
-    to compile for an H100 or spilling at their launch settings."""
+    a join or reshape the GPU backend rejects), the token kernel, the fixed-order GEMM or the
+    router's kernel (at the release's 128 experts, top 8) failing to compile for an H100 or
+    spilling at their launch settings."""
     shared, spills = compiled[name]
     assert shared <= SHARED_LIMIT[90] and spills == 0, (shared, spills)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffusiongemma_vllm.model.canvas_context import PagedPrefix
+from diffusiongemma_vllm.model.canvas_context import PagedPrefix, PrefixKV
 from diffusiongemma_vllm.denoise.graphs import ladder_for
 from diffusiongemma_vllm.denoise.loop import CanvasBatch, CanvasJob, denoise_canvases
 
@@ -37,22 +37,31 @@ class DenoiseMemory:
     static_bytes: int  # the graph ladder's static batches
 
 
+def empty_prefix_pass(step, runner, canvases: int, paged: bool = True):
+    """The step's run_pass for `canvases` canvases on empty prefixes (context length 0, no KV
+    read): one dummy page per layer read through the paged kernel, or (`paged` False, the CPU
+    runner's path) empty gathered prefixes."""
+    layers = runner.compilation_config.static_forward_context
+    dtype, device = step.unembedding.weight.dtype, step.device
+    table = torch.zeros((canvases, 1), dtype=torch.int32, device=device)
+    lens = torch.zeros(canvases, dtype=torch.long, device=device)
+    prefixes = {}
+    for name in step.model.attention_layer_names():
+        shape = (1 if paged else canvases, DUMMY_BLOCK, layers[name].num_kv_heads, layers[name].head_size)
+        page = torch.zeros(shape, dtype=dtype, device=device)
+        prefixes[name] = PagedPrefix(page, page, table, DUMMY_BLOCK, step.key_splits) if paged \
+            else PrefixKV(page, page, lens)
+    return step.pass_runner(lens, prefixes)
+
+
 def run_largest_pass(step, runner, canvases: int | None = None) -> int:
     """One eager denoise pass over `canvases` (default: the most a pass may hold) on empty
     prefixes; returns how many canvases it ran."""
     n = canvases or step.largest_pass
-    layers = runner.compilation_config.static_forward_context
-    dtype, device = step.unembedding.weight.dtype, step.device
-    table = torch.zeros((n, 1), dtype=torch.int32, device=device)
-    prefixes = {}
-    for name in step.model.attention_layer_names():
-        page = torch.zeros((1, DUMMY_BLOCK, layers[name].num_kv_heads, layers[name].head_size), dtype=dtype,
-                           device=device)
-        prefixes[name] = PagedPrefix(page, page, table, DUMMY_BLOCK, step.key_splits)
-    run_pass = step.pass_runner(torch.zeros(n, dtype=torch.long, device=device), prefixes)
+    run_pass = empty_prefix_pass(step, runner, n)
     jobs = [CanvasJob(0, step.default_sampler, seed=i) for i in range(n)]
     with torch.inference_mode():
-        denoise_canvases(jobs, step.canvas_length, run_pass, step.unembedding, device=device,
+        denoise_canvases(jobs, step.canvas_length, run_pass, step.unembedding, device=step.device,
                          row_stats=step.row_stats, max_passes=1)
     return n
 

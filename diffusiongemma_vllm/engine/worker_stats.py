@@ -1,13 +1,21 @@
-"""The `diffusion_stats()` RPC both platform workers add (cpu_worker.py, gpu_worker.py).
+"""The RPCs both platform workers add (cpu_worker.py, gpu_worker.py).
 
-It reports the worker step's counters (passes per scheduler step, passes per canvas,
-canvases held between steps) to `LLM.collective_rpc("diffusion_stats")` and the benchmarks.
+- `diffusion_stats()`: the worker step's counters (passes per scheduler step, passes per
+  canvas, canvases held between steps), for `LLM.collective_rpc("diffusion_stats")` and the
+  benchmarks;
+- `profile_denoise_pass(canvases, repeats)`: one denoise pass timed on the device, against the
+  bandwidth floor of its weights (pass_profile.py).
 """
 
 from __future__ import annotations
+
+from diffusiongemma_vllm.engine.pass_profile import profile_denoise_pass
 
 
 class DiffusionStatsMixin:
     def diffusion_stats(self) -> dict:
         step = self.model_runner.denoise_step
         return {**step.stats.as_dict(), "pending_canvases": len(step.pending)}
+
+    def profile_denoise_pass(self, canvases: int = 1, repeats: int = 20) -> dict:
+        return profile_denoise_pass(self.model_runner, canvases, repeats)

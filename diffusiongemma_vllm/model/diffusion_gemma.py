@@ -57,6 +57,7 @@ from diffusiongemma_vllm.model import phase_attention  # noqa: F401  registers t
 from diffusiongemma_vllm.model.checkpoint import checked_text_weights, quantized_format
 from diffusiongemma_vllm.model.config import BackboneConfig, LayerAttention
 from diffusiongemma_vllm.denoise.loop import Unembedding
+from diffusiongemma_vllm.kernels import moe_routing
 
 
 class GatedMLP(nn.Module):
@@ -112,11 +113,10 @@ class Router(nn.Module):
         return logits
 
     def routing_function(self, hidden_states, gating_output, topk: int, renormalize: bool):
-        probs = torch.softmax(gating_output.float(), dim=-1)
-        weights, ids = torch.topk(probs, k=topk, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights * self.per_expert_scale[ids].float()
-        return weights.float(), ids.to(torch.int32)
+        """One Triton launch on CUDA (kernels/moe_routing.py), its torch reference elsewhere."""
+        if gating_output.is_cuda and moe_routing.triton is not None:
+            return moe_routing.moe_routing(gating_output, self.per_expert_scale, topk)
+        return moe_routing.naive_moe_routing(gating_output, self.per_expert_scale, topk)
 
 
 class DiffusionGemmaAttention(nn.Module):
