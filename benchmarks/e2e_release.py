@@ -169,19 +169,28 @@ def release_stage(checks: Checks, settings: Settings, compiled: bool = False) ->
 def pass_profile(checks: Checks, llm, size: dict, single: dict) -> dict:
     """One denoise pass at 1 canvas and at the most a pass holds, timed in the engine
     (engine/pass_profile.py), against issue 14's per-pass goals: within 1.3x of the bandwidth
-    floor at 1 canvas, under 0.5 ms of launch gaps per pass with graphs. Also the c1 run's wall
-    time per denoise pass (its prefill and commit passes included), whose excess over the
-    pass is the host's share."""
-    profiles = {n: llm.collective_rpc("profile_denoise_pass", kwargs={"canvases": n})[0]
-                for n in (1, size["concurrency"])}
+    floor at 1 canvas, under 0.5 ms of launch gaps per pass with graphs; the fused kernels'
+    lever, the pass at 1 canvas with them off over on (each captured afresh); and the c1
+    run's wall time per denoise pass (its prefill and commit passes included), whose excess
+    over the pass is the host's share."""
+    def profile(canvases: int, fused_kernels: bool | None = None) -> dict:
+        return llm.collective_rpc("profile_denoise_pass", kwargs={"canvases": canvases,
+                                                                   "fused_kernels": fused_kernels})[0]
+
+    runs = {"c1": (1, None), f"c{size['concurrency']}": (size["concurrency"], None),
+            "c1_fused": (1, True), "c1_unfused": (1, False)}
+    profiles = {name: profile(*run) for name, run in runs.items()}
     checks.measure("pass_profile", profiles)
-    one, most = profiles[1], profiles[size["concurrency"]]
+    one, most = profiles["c1"], profiles[f"c{size['concurrency']}"]
+    fused, unfused = profiles["c1_fused"], profiles["c1_unfused"]
     canvases = -(-size["max_tokens"] // CANVAS_LENGTH)
     served = single["s"] * 1e3 / (canvases * size["steps"])
     headline = {"pass_c1_ms": one["pass_ms"], f"pass_c{size['concurrency']}_ms": most["pass_ms"],
                 "gaps_c1_ms": one["gaps_ms"], "activities_c1": one["activities"],
                 "served_per_pass_c1_ms": served, "weight_bytes": one["weight_bytes"],
-                "over_floor_copy_c1": one.get("over_floor_copy"), "over_floor_spec_c1": one.get("over_floor_spec")}
+                "over_floor_copy_c1": one.get("over_floor_copy"), "over_floor_spec_c1": one.get("over_floor_spec"),
+                "fused_kernels_c1": {"unfused_over_fused_pass": unfused["pass_ms"] / fused["pass_ms"],
+                                     "activities_fused": fused["activities"], "activities_unfused": unfused["activities"]}}
     goals = {"pass within 1.3x of the spec floor at 1 canvas": (one.get("over_floor_spec"), 1.3),
              "launch gaps under 0.5 ms per pass": (one["gaps_ms"], 0.5)}
     headline["goals"] = {name: {"value": value, "goal": goal, "met": None if value is None else value <= goal}

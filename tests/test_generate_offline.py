@@ -110,9 +110,12 @@ def test_profile_denoise_pass_times_a_pass_and_leaves_serving_unchanged(llm):
 
     params = SamplingParams(max_tokens=40, ignore_eos=True, seed=11)
     before = llm.generate(prompts(1), params)[0].outputs[0].token_ids
-    profiles = [llm.collective_rpc("profile_denoise_pass", kwargs={"canvases": n, "repeats": 3})[0] for n in (1, 4)]
-    for n, profile in zip((1, 4), profiles):
-        assert (profile["canvases"], profile["pass_canvases"], profile["graph_replay"]) == (n, n, False)
+    runs = [(1, None), (4, None), (2, False)]
+    profiles = [llm.collective_rpc("profile_denoise_pass", kwargs={"canvases": n, "repeats": 3, "fused_kernels": fused})[0]
+                for n, fused in runs]
+    for (n, fused), profile in zip(runs, profiles):
+        assert (profile["canvases"], profile["pass_canvases"], profile["mode"]) == (n, n, "eager")
+        assert profile["fused_kernels"] is fused
         assert profile["pass_ms"] > 0 and profile["copy_bytes_per_s"] > 0
         assert profile["activities"] is None and profile["weight_bytes"] is None  # CUDA only
     with pytest.raises(Exception, match="between 1 and 4"):

@@ -31,7 +31,7 @@ from triton.backends.nvidia import compiler as nvidia  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from diffusiongemma_vllm.kernels import (fixed_order_gemm, gemm_sampler, moe_routing, paged_canvas_attention,  # noqa: E402
-                                         philox_tokens)
+                                         philox_tokens, qkv_norm_rope)
 
 HOPPER = GPUTarget("cuda", 90, 32)
 ADA = GPUTarget("cuda", 89, 32)
@@ -104,6 +104,12 @@ def compile_all() -> dict:
         HOPPER, moe_routing._moe_routing_kernel,
         {"logits_ptr": "*fp32", "scale_ptr": "*bf16", "weights_ptr": "*fp32", "ids_ptr": "*i32"},
         dict(NUM_EXPERTS=128, TOP_K=8, BLOCK_T=moe_routing.BLOCK_T, BLOCK_E=128, BLOCK_K=8), num_warps=4)
+    for head_dim, kv_heads in ((256, 8), (512, 2)):  # the release's sliding and full layers
+        out[f"qkv_norm_rope_{head_dim}"] = compile_for(
+            HOPPER, qkv_norm_rope._qkv_norm_rope_kernel,
+            {name: "*i64" if name == "positions_ptr" else "*bf16" for name in
+             ("qkv_ptr", "positions_ptr", "q_weight_ptr", "k_weight_ptr", "cos_sin_ptr", "q_ptr", "k_ptr", "v_ptr")},
+            dict(NUM_HEADS=16, NUM_KV_HEADS=kv_heads, HEAD_DIM=head_dim), num_warps=2, floats=("eps",))
     launch = fixed_order_gemm.LAUNCH
     out["fixed_order_gemm"] = compile_for(
         HOPPER, fixed_order_gemm._fixed_order_mm_kernel, {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*fp32"},
@@ -142,12 +148,14 @@ def test_the_check_sees_an_oversized_launch(compiled):
 
 
 @pytest.mark.parametrize("name", ["combine_256", "combine_512", "sampler_soft_False", "sampler_soft_True",
-                                  "philox_tokens", "fixed_order_gemm", "moe_routing"])
+                                  "philox_tokens", "fixed_order_gemm", "moe_routing", "qkv_norm_rope_256",
+                                  "qkv_norm_rope_512"])
 def test_other_kernels_compile_without_spills(compiled, name):
     """Catches the split combine, the sampler's statistics kernel (a loop-carried type change,
-    a join or reshape the GPU backend rejects), the token kernel, the fixed-order GEMM or the
-    router's kernel (at the release's 128 experts, top 8) failing to compile for an H100 or
-    spilling at their launch settings."""
+    a join or reshape the GPU backend rejects), the token kernel, the fixed-order GEMM, the
+    router's kernel (at the release's 128 experts, top 8) or the per-head norms with RoPE
+    (head dims 256 and 512) failing to compile for an H100 or spilling at their launch
+    settings."""
     shared, spills = compiled[name]
     assert shared <= SHARED_LIMIT[90] and spills == 0, (shared, spills)
 

@@ -10,6 +10,9 @@ backbone. What one call reports:
   the ladder size that holds `canvases` (`pass_canvases`), the work serving runs; else (CPU,
   enforce_eager) eager passes, wall time. Fresh canvases on empty prefixes: context length 0,
   so no KV page is read and the floor is the weights alone.
+- `fused_kernels` True or False: the same pass with the model's fused CUDA kernels (router,
+  per-head norms with RoPE) forced on or off, captured into a graph of its own (`mode`
+  "graph"), so that one engine measures a fusion's before and after.
 - `activities`, `busy_ms` (CUDA): the device activities of one pass (kernels, copies,
   memsets) and their summed time, from torch's profiler; `gaps_ms` = pass_ms - busy_ms is the
   device idling between them, the launch overhead left inside a graph.
@@ -26,8 +29,11 @@ lengths, which hold nothing between steps, but not while passes_per_step keeps c
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from diffusiongemma_vllm.denoise.graphs import CudaGraph
 from diffusiongemma_vllm.denoise.loop import CanvasBatch, CanvasJob, denoise_pass
 from diffusiongemma_vllm.engine.denoise_memory import empty_prefix_pass
 from diffusiongemma_vllm.engine.device_timing import copy_bandwidth, device_busy, median_ms, spec_bandwidth
@@ -36,25 +42,40 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def one_pass(step, runner, canvases: int):
-    """(call running one pass, canvases in it, whether it replays a graph)."""
+def one_pass(step, runner, canvases: int, fused_kernels: bool | None = None):
+    """(call running one pass, canvases in it, how it runs: "ladder graph", "graph" or "eager").
+    `fused_kernels` None: the pass serving runs, from the ladder; True or False: with the
+    model's fused CUDA kernels on or off, captured here into a graph of its own when the
+    engine runs graphs (the same capture as the ladder's), else eager."""
     graphs = step.graphs
-    if graphs is not None and graphs.covers(canvases) and graphs.size_for(canvases) in graphs.captured:
+    graphs_on = graphs is not None and graphs.disabled is None
+    if fused_kernels is None and graphs_on and graphs.covers(canvases) and graphs.size_for(canvases) in graphs.captured:
         size = graphs.size_for(canvases)
         graph, _ = graphs.captured[size]
         step.paged_inputs.context_lens.zero_()  # the graph's prefixes: empty
         assert graphs.passes_per_replay == 1, "a replay must be one pass"
-        return graph.replay, size, True
-    on_gpu = step.device.type == "cuda"
-    run_pass = empty_prefix_pass(step, runner, canvases, paged=on_gpu)
+        return graph.replay, size, "ladder graph"
     cfg = step.model.cfg
     jobs = [CanvasJob(0, step.default_sampler, seed=i) for i in range(canvases)]
     batch = CanvasBatch.start(jobs, step.canvas_length, cfg.vocab_size, cfg.hidden_size,
                               step.unembedding.weight.dtype, step.device)
-    return (lambda: denoise_pass(batch, run_pass, step.unembedding, step.row_stats)), canvases, False
+    kernels = functools.partial(step.model.fused_kernels, True if fused_kernels is None else fused_kernels)
+    if graphs_on:
+        step.paged_inputs.context_lens.zero_()
+        graph = CudaGraph(pool=None)
+        with kernels():
+            graph.capture(lambda: denoise_pass(batch, step.paged_run_pass, step.unembedding, step.row_stats))
+        return graph.replay, canvases, "graph"
+    run_pass = empty_prefix_pass(step, runner, canvases, paged=step.device.type == "cuda")
+
+    def eager() -> None:
+        with kernels():
+            denoise_pass(batch, run_pass, step.unembedding, step.row_stats)
+
+    return eager, canvases, "eager"
 
 
-def profile_denoise_pass(runner, canvases: int = 1, repeats: int = 20) -> dict:
+def profile_denoise_pass(runner, canvases: int = 1, repeats: int = 20, fused_kernels: bool | None = None) -> dict:
     step = runner.denoise_step
     if step.pending:
         raise ValueError(f"profile_denoise_pass runs between requests: {len(step.pending)} canvases are "
@@ -65,12 +86,15 @@ def profile_denoise_pass(runner, canvases: int = 1, repeats: int = 20) -> dict:
     device = step.device
     on_gpu = device.type == "cuda"
     with torch.inference_mode():
-        call, size, replayed = one_pass(step, runner, canvases)
+        call, size, mode = one_pass(step, runner, canvases, fused_kernels)
         ms = median_ms(call, device, warmup=3, reps=repeats)
         busy, activities = device_busy(call) if on_gpu else (None, None)
+        del call
         copy = copy_bandwidth(device)
+    if on_gpu:
+        torch.cuda.empty_cache()  # a graph captured here
     name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
-    out = {"device": name, "canvases": canvases, "pass_canvases": size, "graph_replay": replayed,
+    out = {"device": name, "canvases": canvases, "pass_canvases": size, "mode": mode, "fused_kernels": fused_kernels,
            "pass_ms": ms, "activities": activities, "busy_ms": busy,
            "gaps_ms": ms - busy if busy is not None else None, "copy_bytes_per_s": copy, "weight_bytes": None}
     if on_gpu:

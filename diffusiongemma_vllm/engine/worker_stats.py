@@ -3,8 +3,8 @@
 - `diffusion_stats()`: the worker step's counters (passes per scheduler step, passes per
   canvas, canvases held between steps), for `LLM.collective_rpc("diffusion_stats")` and the
   benchmarks;
-- `profile_denoise_pass(canvases, repeats)`: one denoise pass timed on the device, against the
-  bandwidth floor of its weights (pass_profile.py).
+- `profile_denoise_pass(canvases, repeats, fused_kernels)`: one denoise pass timed on the
+  device, against the bandwidth floor of its weights (pass_profile.py).
 """
 
 from __future__ import annotations
@@ -17,5 +17,5 @@ class DiffusionStatsMixin:
         step = self.model_runner.denoise_step
         return {**step.stats.as_dict(), "pending_canvases": len(step.pending)}
 
-    def profile_denoise_pass(self, canvases: int = 1, repeats: int = 20) -> dict:
-        return profile_denoise_pass(self.model_runner, canvases, repeats)
+    def profile_denoise_pass(self, canvases: int = 1, repeats: int = 20, fused_kernels: bool | None = None) -> dict:
+        return profile_denoise_pass(self.model_runner, canvases, repeats, fused_kernels)

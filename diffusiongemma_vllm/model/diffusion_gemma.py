@@ -16,7 +16,9 @@ Layer maths follow transformers' `DiffusionGemmaForBlockDiffusion` (research/hf_
 section 2.2): RMSNorm as `x * w` in fp32, q/k norms with learned vectors, v norm without,
 attention scale 1.0, V = raw K projection on full layers, dense MLP in parallel with a
 top-k MoE routed on the un-normed residual, a trained `layer_scalar` per layer, tied
-embeddings, fp32 logits soft-capped at 30.
+embeddings, fp32 logits soft-capped at 30. On CUDA, outside torch.compile, two Triton kernels
+fuse what vLLM's layers launch as several kernels each: the router's expert choice
+(kernels/moe_routing.py) and the per-head q/k/v norms with RoPE (kernels/qkv_norm_rope.py).
 
 Checkpoint layout: the text stack lives once under `model.decoder.*` (here `model.*`); the encoder's
 `layer_scalar` copies are checked against the decoder's and dropped; the vision tower is
@@ -35,6 +37,7 @@ quantization (`--quantization fp8`) loads the bf16 layout and quantizes after lo
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -57,7 +60,7 @@ from diffusiongemma_vllm.model import phase_attention  # noqa: F401  registers t
 from diffusiongemma_vllm.model.checkpoint import checked_text_weights, quantized_format
 from diffusiongemma_vllm.model.config import BackboneConfig, LayerAttention
 from diffusiongemma_vllm.denoise.loop import Unembedding
-from diffusiongemma_vllm.kernels import moe_routing
+from diffusiongemma_vllm.kernels import moe_routing, qkv_norm_rope
 
 
 class GatedMLP(nn.Module):
@@ -107,6 +110,7 @@ class Router(nn.Module):
                                prefix=f"{prefix}.proj")
         if envs.VLLM_BATCH_INVARIANT:  # its cute-DSL tier serves <= 16 tokens with a split-K kernel
             self.proj.allow_ll_bf16_gemm = False
+        self.use_fused_kernel = True  # off only inside DiffusionGemmaForBlockDiffusion.fused_kernels(False)
 
     def forward(self, residual: torch.Tensor) -> torch.Tensor:
         logits, _ = self.proj(self.norm(residual) * self.scale * self.root_size)
@@ -114,7 +118,7 @@ class Router(nn.Module):
 
     def routing_function(self, hidden_states, gating_output, topk: int, renormalize: bool):
         """One Triton launch on CUDA (kernels/moe_routing.py), its torch reference elsewhere."""
-        if gating_output.is_cuda and moe_routing.triton is not None:
+        if self.use_fused_kernel and gating_output.is_cuda and moe_routing.triton is not None:
             return moe_routing.moe_routing(gating_output, self.per_expert_scale, topk)
         return moe_routing.naive_moe_routing(gating_output, self.per_expert_scale, topk)
 
@@ -148,18 +152,35 @@ class DiffusionGemmaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.head_dim, 1.0, num_kv_heads=self.num_kv_heads,
                               cache_config=cache_config, quant_config=quant_config,
                               per_layer_sliding_window=self.sliding_window, prefix=f"{prefix}.attn")
+        # The fused kernel rotates whole heads, neox style, from the cache's rows.
+        self.fusable_norm_rope = qkv_norm_rope.triton is not None and self.rotary_emb.is_neox_style \
+            and self.rotary_emb.rotary_dim == self.head_dim and self.head_dim & (self.head_dim - 1) == 0
+        self.use_fused_kernel = True  # off only inside DiffusionGemmaForBlockDiffusion.fused_kernels(False)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
+        fused = self.use_fused_kernel and self.fusable_norm_rope and qkv.is_cuda and not torch.compiler.is_compiling()
+        q, k, v = self.norm_and_rotate(positions, qkv, fused)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # here, in traced code: phase_attention.py
+        torch.ops.diffusiongemma.phase_attention(q, k, v, out, self.attn.layer_name)
+        out, _ = self.o_proj(out)
+        return out
+
+    def norm_and_rotate(self, positions: torch.Tensor, qkv: torch.Tensor,
+                        fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q and k RMS-normed per head and rotated, v RMS-normed: one Triton launch when `fused`
+        (kernels/qkv_norm_rope.py: the eager CUDA path), else vLLM's norm and RoPE layers (CPU,
+        and under torch.compile, where Inductor fuses them)."""
+        if fused:
+            return qkv_norm_rope.qkv_norm_rope(qkv, positions, self.q_norm.weight, self.k_norm.weight,
+                                               self.rotary_emb.cos_sin_cache, self.num_heads, self.num_kv_heads,
+                                               self.head_dim, self.q_norm.variance_epsilon)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = self.q_norm(q.unflatten(-1, (self.num_heads, self.head_dim))).flatten(-2)
         k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim))).flatten(-2)
         q, k = self.rotary_emb(positions, q, k)
         v = self.v_norm(v.unflatten(-1, (self.num_kv_heads, self.head_dim))).flatten(-2)
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # here, in traced code: phase_attention.py
-        torch.ops.diffusiongemma.phase_attention(q, k, v, out, self.attn.layer_name)
-        out, _ = self.o_proj(out)
-        return out
+        return q, k, v
 
 
 class DecoderLayer(nn.Module):
@@ -255,6 +276,21 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
         """The tied embedding as the denoise sampler reads it (logits and self-conditioning)."""
         weight = self.model.embed_tokens.weight[: self.cfg.vocab_size]
         return Unembedding(weight, self.cfg.final_logit_softcap, self.model.normalizer.to(weight.dtype).item())
+
+    @contextmanager
+    def fused_kernels(self, enabled: bool):
+        """The fused CUDA kernels (the router's, the per-head norms and RoPE) on or off while
+        inside, for passes run or captured meanwhile: the pass profile's before and after
+        (engine/pass_profile.py). Serving keeps them on."""
+        modules = [m for m in self.model.modules() if isinstance(m, (Router, DiffusionGemmaAttention))]
+        saved = [m.use_fused_kernel for m in modules]
+        for module in modules:
+            module.use_fused_kernel = enabled
+        try:
+            yield
+        finally:
+            for module, value in zip(modules, saved):
+                module.use_fused_kernel = value
 
     def attention_layer_names(self) -> list[str]:
         """Names of the attention layers, the keys of a canvas pass's metadata (canvas_context.py)."""
