@@ -31,7 +31,7 @@ from triton.backends.nvidia import compiler as nvidia  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from diffusiongemma_vllm.kernels import (fixed_order_gemm, gemm_sampler, moe_routing, paged_canvas_attention,  # noqa: E402
-                                         philox_tokens, qkv_norm_rope)
+                                         philox_tokens, qkv_norm_rope, residual_norms)
 
 HOPPER = GPUTarget("cuda", 90, 32)
 ADA = GPUTarget("cuda", 89, 32)
@@ -110,6 +110,17 @@ def compile_all() -> dict:
             {name: "*i64" if name == "positions_ptr" else "*bf16" for name in
              ("qkv_ptr", "positions_ptr", "q_weight_ptr", "k_weight_ptr", "cos_sin_ptr", "q_ptr", "k_ptr", "v_ptr")},
             dict(NUM_HEADS=16, NUM_KV_HEADS=kv_heads, HEAD_DIM=head_dim), num_warps=2, floats=("eps",))
+    rows = dict(BLOCK=4096)  # the release's hidden size, 2816, padded
+    out["post_attention_norms"] = compile_for(
+        HOPPER, residual_norms._post_attention_kernel, dict.fromkeys(
+            ("attn_ptr", "hidden_ptr", "post_attention_ptr", "pre_ff_ptr", "pre_ff2_ptr", "router_scale_ptr",
+             "residual_ptr", "ff_ptr", "ff2_ptr", "router_ptr"), "*bf16"),
+        rows, num_warps=residual_norms._warps(2816), floats=("eps", "root_size"))
+    out["layer_output"] = compile_for(
+        HOPPER, residual_norms._layer_output_kernel, dict.fromkeys(
+            ("dense_ptr", "routed_ptr", "residual_ptr", "post_ff1_ptr", "post_ff2_ptr", "post_ff_ptr",
+             "layer_scalar_ptr", "out_ptr"), "*bf16"),
+        rows, num_warps=residual_norms._warps(2816), floats=("eps",))
     launch = fixed_order_gemm.LAUNCH
     out["fixed_order_gemm"] = compile_for(
         HOPPER, fixed_order_gemm._fixed_order_mm_kernel, {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*fp32"},
@@ -149,13 +160,13 @@ def test_the_check_sees_an_oversized_launch(compiled):
 
 @pytest.mark.parametrize("name", ["combine_256", "combine_512", "sampler_soft_False", "sampler_soft_True",
                                   "philox_tokens", "fixed_order_gemm", "moe_routing", "qkv_norm_rope_256",
-                                  "qkv_norm_rope_512"])
+                                  "qkv_norm_rope_512", "post_attention_norms", "layer_output"])
 def test_other_kernels_compile_without_spills(compiled, name):
     """Catches the split combine, the sampler's statistics kernel (a loop-carried type change,
     a join or reshape the GPU backend rejects), the token kernel, the fixed-order GEMM, the
-    router's kernel (at the release's 128 experts, top 8) or the per-head norms with RoPE
-    (head dims 256 and 512) failing to compile for an H100 or spilling at their launch
-    settings."""
+    router's kernel (at the release's 128 experts, top 8), the per-head norms with RoPE (head
+    dims 256 and 512) or the residual norms (hidden 2816) failing to compile for an H100 or
+    spilling at their launch settings."""
     shared, spills = compiled[name]
     assert shared <= SHARED_LIMIT[90] and spills == 0, (shared, spills)
 

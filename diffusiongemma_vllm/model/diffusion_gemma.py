@@ -16,9 +16,10 @@ Layer maths follow transformers' `DiffusionGemmaForBlockDiffusion` (research/hf_
 section 2.2): RMSNorm as `x * w` in fp32, q/k norms with learned vectors, v norm without,
 attention scale 1.0, V = raw K projection on full layers, dense MLP in parallel with a
 top-k MoE routed on the un-normed residual, a trained `layer_scalar` per layer, tied
-embeddings, fp32 logits soft-capped at 30. On CUDA, outside torch.compile, two Triton kernels
-fuse what vLLM's layers launch as several kernels each: the router's expert choice
-(kernels/moe_routing.py) and the per-head q/k/v norms with RoPE (kernels/qkv_norm_rope.py).
+embeddings, fp32 logits soft-capped at 30. On CUDA, outside torch.compile, Triton kernels fuse
+what vLLM's layers launch as several kernels each: the router's expert choice
+(kernels/moe_routing.py), the per-head q/k/v norms with RoPE (kernels/qkv_norm_rope.py) and
+the norms around each residual add (kernels/residual_norms.py).
 
 Checkpoint layout: the text stack lives once under `model.decoder.*` (here `model.*`); the encoder's
 `layer_scalar` copies are checked against the decoder's and dropped; the vision tower is
@@ -60,7 +61,7 @@ from diffusiongemma_vllm.model import phase_attention  # noqa: F401  registers t
 from diffusiongemma_vllm.model.checkpoint import checked_text_weights, quantized_format
 from diffusiongemma_vllm.model.config import BackboneConfig, LayerAttention
 from diffusiongemma_vllm.denoise.loop import Unembedding
-from diffusiongemma_vllm.kernels import moe_routing, qkv_norm_rope
+from diffusiongemma_vllm.kernels import moe_routing, qkv_norm_rope, residual_norms
 
 
 class GatedMLP(nn.Module):
@@ -112,8 +113,11 @@ class Router(nn.Module):
             self.proj.allow_ll_bf16_gemm = False
         self.use_fused_kernel = True  # off only inside DiffusionGemmaForBlockDiffusion.fused_kernels(False)
 
-    def forward(self, residual: torch.Tensor) -> torch.Tensor:
-        logits, _ = self.proj(self.norm(residual) * self.scale * self.root_size)
+    def scaled_input(self, residual: torch.Tensor) -> torch.Tensor:
+        return self.norm(residual) * self.scale * self.root_size
+
+    def forward(self, scaled_input: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.proj(scaled_input)
         return logits
 
     def routing_function(self, hidden_states, gating_output, topk: int, renormalize: bool):
@@ -206,15 +210,39 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm_1 = norm()
         self.post_feedforward_layernorm_2 = norm()
         self.register_buffer("layer_scalar", torch.ones(1))
+        self.use_fused_kernel = True  # off only inside DiffusionGemmaForBlockDiffusion.fused_kernels(False)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         attn = self.self_attn(positions, self.input_layernorm(hidden_states))
+        fused = self.use_fused_kernel and residual_norms.triton is not None and hidden_states.is_cuda \
+            and not torch.compiler.is_compiling()
+        residual, ff_in, ff2_in, router_in = self.post_attention(attn, hidden_states, fused)
+        dense = self.mlp(ff_in)
+        routed = self.experts(ff2_in, self.router(router_in))
+        return self.output(dense, routed, residual, fused)
+
+    def post_attention(self, attn: torch.Tensor, hidden_states: torch.Tensor,
+                       fused: bool) -> tuple[torch.Tensor, ...]:
+        """(residual, dense MLP input, experts input, router input): one Triton launch when
+        `fused` (kernels/residual_norms.py: the eager CUDA path), else vLLM's norms."""
+        if fused:
+            return residual_norms.post_attention_norms(
+                attn, hidden_states, self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight,
+                self.pre_feedforward_layernorm_2.weight, self.router.scale, self.post_attention_layernorm.variance_epsilon)
         residual = hidden_states + self.post_attention_layernorm(attn)
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(residual)))
-        routed = self.experts(self.pre_feedforward_layernorm_2(residual), self.router(residual))
-        routed = self.post_feedforward_layernorm_2(routed)
-        hidden_states = residual + self.post_feedforward_layernorm(dense + routed)
-        return hidden_states * self.layer_scalar
+        return (residual, self.pre_feedforward_layernorm(residual), self.pre_feedforward_layernorm_2(residual),
+                self.router.scaled_input(residual))
+
+    def output(self, dense: torch.Tensor, routed: torch.Tensor, residual: torch.Tensor, fused: bool) -> torch.Tensor:
+        """The layer's output from the dense MLP's and the experts' outputs: one Triton launch
+        when `fused`, else vLLM's norms."""
+        if fused:
+            return residual_norms.layer_output(
+                dense, routed, residual, self.post_feedforward_layernorm_1.weight,
+                self.post_feedforward_layernorm_2.weight, self.post_feedforward_layernorm.weight, self.layer_scalar,
+                self.post_feedforward_layernorm.variance_epsilon)
+        mixed = self.post_feedforward_layernorm_1(dense) + self.post_feedforward_layernorm_2(routed)
+        return (residual + self.post_feedforward_layernorm(mixed)) * self.layer_scalar
 
 
 @support_torch_compile(dynamic_arg_dims={"positions": 0, "inputs_embeds": 0})  # the token dim
@@ -279,10 +307,10 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
 
     @contextmanager
     def fused_kernels(self, enabled: bool):
-        """The fused CUDA kernels (the router's, the per-head norms and RoPE) on or off while
+        """The fused CUDA kernels (the router's, the per-head norms and RoPE, the residual norms) on or off while
         inside, for passes run or captured meanwhile: the pass profile's before and after
         (engine/pass_profile.py). Serving keeps them on."""
-        modules = [m for m in self.model.modules() if isinstance(m, (Router, DiffusionGemmaAttention))]
+        modules = [m for m in self.model.modules() if isinstance(m, (Router, DiffusionGemmaAttention, DecoderLayer))]
         saved = [m.use_fused_kernel for m in modules]
         for module in modules:
             module.use_fused_kernel = enabled
