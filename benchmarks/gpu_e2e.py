@@ -25,8 +25,8 @@ Stages, highest priority first (the default order; `--stages` picks groups or na
   c  c_release    config.json of google/diffusiongemma-26B-A4B-it, dummy weights: start-up split,
                   memory, 64 concurrent 512-token requests at max_model_len 8192, one pass at
                   1 and 64 canvases against its bandwidth floor, with its launch gaps (issue
-                  14's per-pass goals); on CPU a tiny model in the release's config
-                  structure, 8 requests
+                  14's per-pass goals), and at 1 canvas with the fused kernels off and on;
+                  on CPU a tiny model in the release's config structure, 8 requests
      c_compile    the same with the layer stack under vLLM's torch.compile, over c_release
   d  benchmarks/compare_ar.py at the release shapes, one system per stage (offline, then the
      server; plugin at 12 and 48 passes last) and d_report: one table with the goal ratios

@@ -30,7 +30,7 @@ def test_kernel_routes_like_the_reference(tokens, experts, top_k):
     """Catches a CUDA routing that picks other experts, orders them differently, or weighs
     them otherwise than the torch routing the CPU engine and the reference replay use (a
     softmax over the top k only, a missing renormalisation or per-expert scale, a padded
-    expert column or a row past the last token picked or written)."""
+    expert column picked, a partial last block of tokens mixed up)."""
     logits, scale = router_inputs(tokens, experts, seed=tokens + experts)
     want_weights, want_ids = naive_moe_routing(logits, scale, top_k)
     weights, ids = moe_routing(logits, scale, top_k)
@@ -58,6 +58,18 @@ def test_equal_logits_pick_the_lower_expert_first():
     weights, ids = moe_routing(logits, torch.ones(8), 3)
     assert ids.tolist() == [[5, 0, 1]] * 3
     torch.testing.assert_close(weights.sum(-1), torch.ones(3))
+
+
+def test_nan_logits_still_pick_distinct_real_experts():
+    """Catches NaN router logits (a broken activation upstream) turning into expert ids past
+    the last expert, which the fused MoE would index out of bounds."""
+    logits, scale = router_inputs(3, 6, seed=5)
+    logits[0] = float("nan")
+    logits[1, 2] = float("nan")
+    weights, ids = moe_routing(logits, scale, 4)
+    assert int(ids.min()) >= 0 and int(ids.max()) < 6
+    assert all(len(set(row)) == 4 for row in ids.tolist())
+    assert 2 not in ids[1].tolist() and torch.isfinite(weights[1:]).all()
 
 
 def test_no_tokens_is_an_empty_result():

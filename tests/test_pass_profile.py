@@ -4,14 +4,17 @@ engine is in test_generate_offline.py; the CUDA figures come from benchmarks/gpu
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from diffusiongemma_vllm.denoise.graphs import DenoiseGraphs
+from diffusiongemma_vllm.engine import pass_profile
 from diffusiongemma_vllm.engine.device_timing import spec_bandwidth
 from diffusiongemma_vllm.engine.pass_profile import one_pass, profile_denoise_pass
+from diffusiongemma_vllm.model.config import SamplerConfig
 
 
 class RecordingGraph:
@@ -40,6 +43,57 @@ def test_a_profile_replays_the_graph_serving_would_use_on_empty_prefixes():
     assert (size, mode) == (4, "ladder graph")
     assert {s: g.replays for s, (g, _) in step.graphs.captured.items()} == {1: 0, 2: 0, 4: 1, 8: 0}
     assert step.paged_inputs.context_lens.tolist() == [0] * 5
+
+
+class SwitchableModel:
+    """The model's `fused_kernels` switch, recording which setting each pass ran under."""
+
+    cfg = SimpleNamespace(vocab_size=11, hidden_size=4)
+
+    def __init__(self):
+        self.fused = True
+
+    @contextmanager
+    def fused_kernels(self, enabled: bool):
+        saved, self.fused = self.fused, enabled
+        try:
+            yield
+        finally:
+            self.fused = saved
+
+
+class RunOnCapture:
+    """CudaGraph's interface: capture runs the work (as its warm-up does), replay reruns it."""
+
+    def __init__(self, pool):
+        self.work = None
+
+    def capture(self, work) -> None:
+        self.work = work
+        work()
+
+    def replay(self) -> None:
+        self.work()
+
+
+def test_a_profile_with_fused_kernels_set_captures_that_pass_afresh(monkeypatch):
+    """Catches the before/after of the fused kernels timing the ladder's graph (captured with
+    them on) instead of a capture under the asked setting, a capture over the last step's
+    prefixes, or a static batch the capture does not keep alive (the replays would read freed
+    memory)."""
+    step = step_with_graphs(captured=(1, 2, 4, 8), context_lens=[300, 17])
+    step.model = SwitchableModel()
+    step.default_sampler, step.device = SamplerConfig(), torch.device("cpu")
+    step.unembedding = SimpleNamespace(weight=torch.zeros(11, 4))
+    step.paged_run_pass = step.row_stats = None
+    passes = []
+    monkeypatch.setattr(pass_profile, "CudaGraph", RunOnCapture)
+    monkeypatch.setattr(pass_profile, "denoise_pass", lambda batch, *rest: passes.append((len(batch), step.model.fused)))
+    call, size, mode = one_pass(step, runner=None, canvases=2, fused_kernels=False)
+    assert (size, mode) == (2, "graph") and passes == [(2, False)]
+    assert step.model.fused and step.paged_inputs.context_lens.tolist() == [0, 0]
+    assert len(call.__self__.batch) == 2
+    assert all(g.replays == 0 for g, _ in step.graphs.captured.values())
 
 
 def test_a_profile_refuses_while_canvases_wait_between_steps():

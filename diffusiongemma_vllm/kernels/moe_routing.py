@@ -11,8 +11,9 @@ row maxima (the largest logit first, the lowest expert index among equal logits)
 writes weights and ids. vLLM's in-tree Gemma 4 fuses its routing the same way.
 
 Differences from the reference: the exponentials are Triton's (a few ulps apart from torch's),
-and experts whose logits are equal are ordered by index, where torch.topk leaves the order of
-equal probabilities unspecified.
+experts whose logits are equal are ordered by index, where torch.topk leaves the order of
+equal probabilities unspecified, and a NaN logit counts as -inf (torch gives the row NaN
+weights; here the ids stay valid experts either way).
 """
 
 from __future__ import annotations
@@ -41,19 +42,22 @@ if triton is not None:
         is_expert = experts[None, :] < NUM_EXPERTS
         logits = tl.load(logits_ptr + rows[:, None].to(tl.int64) * logits_stride + experts[None, :],
                          mask=in_rows[:, None] & is_expert, other=0.0).to(tl.float32)
-        logits = tl.where(is_expert, logits, -float("inf"))  # rows past num_tokens stay finite zeros
+        # Padding columns and NaN logits (a broken activation) never win: -inf, and every pick
+        # is an unpicked real expert, so ids stay in range whatever the logits hold.
+        logits = tl.where(is_expert & (logits == logits), logits, -float("inf"))
         exp = tl.exp(logits - tl.max(logits, axis=1)[:, None])
         probs = exp / tl.sum(exp, axis=1)[:, None]
         chosen = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
         ids = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
-        remaining = logits
+        free = is_expert & (rows[:, None] >= 0)  # [BLOCK_T, BLOCK_E]: not picked yet
         for j in tl.static_range(TOP_K):
-            best = tl.max(remaining, axis=1)
-            index = tl.min(tl.where(remaining == best[:, None], experts[None, :], BLOCK_E), axis=1)
+            best = tl.max(tl.where(free, logits, -float("inf")), axis=1)
+            index = tl.min(tl.where(free & (logits == best[:, None]), experts[None, :], BLOCK_E), axis=1)
+            index = tl.minimum(index, NUM_EXPERTS - 1)
             hit = experts[None, :] == index[:, None]
             chosen = tl.where(cols[None, :] == j, tl.sum(tl.where(hit, probs, 0.0), axis=1)[:, None], chosen)
             ids = tl.where(cols[None, :] == j, index[:, None], ids)
-            remaining = tl.where(hit, -float("inf"), remaining)
+            free = free & ~hit
         is_pick = cols[None, :] < TOP_K
         scale = tl.load(scale_ptr + ids, mask=is_pick, other=1.0).to(tl.float32)
         weights = chosen / tl.sum(chosen, axis=1)[:, None] * scale
