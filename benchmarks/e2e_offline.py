@@ -219,7 +219,54 @@ def env_stage(checks: Checks, settings: Settings) -> None:
         checks.check("gpu_worker_leaves_torch_cuda_alone",
                      "vllm.v1.worker.cpu.shm" not in sys.modules and torch.cuda.set_stream is set_stream,
                      {"worker": path, "cpu_shm_imported": "vllm.v1.worker.cpu.shm" in sys.modules})
+    if not settings.cpu:
+        parity = fused_kernel_parity()
+        checks.measure("fused_kernels", parity)
+        checks.check("fused_kernels_match_their_references", all(row["ok"] for row in parity.values()), parity)
     checks.measure("headline", {"versions": versions, "worker": path})
+
+
+def fused_kernel_parity(device: str = "cuda", tokens: int = 256) -> dict:
+    """The eager CUDA path's fused kernels (model/diffusion_gemma.py) against their torch
+    references at the release shapes, bf16, on this GPU, before any engine uses them: the
+    router must pick the same experts (random logits: no ties) with weights within 1e-5, the
+    norms agree within the tests' bf16 bound (1.6 % plus one bf16 step of the largest value). `device` "cpu" with `tokens` a few: its CPU test, in Triton's interpreter."""
+    import torch
+
+    from diffusiongemma_vllm.kernels import moe_routing, qkv_norm_rope, residual_norms
+
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape, scale=1.0, dtype=torch.bfloat16):
+        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
+
+    def close(got, want) -> dict:
+        errors = [float((a.float() - b.float()).abs().max()) / max(float(b.float().abs().max()), 1e-30)
+                  for a, b in zip(got, want)]
+        ok = all(torch.allclose(a.float(), b.float(), rtol=1.6e-2, atol=2**-7 * float(b.float().abs().max()))
+                 for a, b in zip(got, want))
+        return {"max_error_over_max": max(errors), "ok": ok}
+
+    out = {}
+    logits, scale = randn(4 * tokens, 128, scale=4, dtype=torch.float32), 0.5 + randn(128).abs()
+    (weights, ids), (ref_weights, ref_ids) = (f(logits, scale, 8) for f in (moe_routing.moe_routing,
+                                                                             moe_routing.naive_moe_routing))
+    error = float(((weights - ref_weights).abs() / ref_weights.abs()).max())
+    out["moe_routing"] = {"same_experts": bool(torch.equal(ids, ref_ids)), "weights_max_rel_error": error,
+                          "ok": bool(torch.equal(ids, ref_ids)) and error < 1e-5}
+    for head_dim, kv_heads in ((256, 8), (512, 2)):
+        args = (randn(tokens, (16 + 2 * kv_heads) * head_dim, scale=3),
+                torch.randint(0, 8192, (tokens,), generator=gen, device=device),
+                1 + 0.5 * randn(head_dim), 1 + 0.5 * randn(head_dim), randn(8192, head_dim).clamp(-1, 1))
+        out[f"qkv_norm_rope_{head_dim}"] = close(qkv_norm_rope.qkv_norm_rope(*args, 16, kv_heads, head_dim, 1e-6),
+                                                 qkv_norm_rope.naive_qkv_norm_rope(*args, 16, kv_heads, head_dim, 1e-6))
+    rows, norms = [randn(tokens, 2816, scale=1 + 3 * i) for i in range(3)], [1 + 0.5 * randn(2816) for _ in range(4)]
+    out["post_attention_norms"] = close(residual_norms.post_attention_norms(*rows[:2], *norms, 1e-6),
+                                        residual_norms.naive_post_attention_norms(*rows[:2], *norms, 1e-6))
+    scalar = torch.tensor([0.7], device=device, dtype=torch.bfloat16)
+    out["layer_output"] = close([residual_norms.layer_output(*rows, *norms[:3], scalar, 1e-6)],
+                                [residual_norms.naive_layer_output(*rows, *norms[:3], scalar, 1e-6)])
+    return out
 
 
 def tiny_stage(checks: Checks, settings: Settings) -> None:

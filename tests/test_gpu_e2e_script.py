@@ -293,3 +293,18 @@ def test_shell_wrapper_runs_the_driver(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert gpu_e2e.status_of(summary["stages"]["env"]) == "ok", summary["stages"]["env"]
     assert (tmp_path / "out" / "gpu_e2e.log").read_text().count("SUMMARY") == 1
+
+
+def test_env_stage_kernel_parity_check_passes_and_can_fail(monkeypatch):
+    """Catches the env stage's first GPU check of the fused kernels (e2e_offline.py) that
+    crashes before the GPU run, or that passes whatever the kernels write."""
+    pytest.importorskip("triton")
+    from benchmarks import e2e_offline
+    from diffusiongemma_vllm.kernels import residual_norms
+
+    parity = e2e_offline.fused_kernel_parity(device="cpu", tokens=3)
+    assert set(parity) == {"moe_routing", "qkv_norm_rope_256", "qkv_norm_rope_512", "post_attention_norms",
+                           "layer_output"}
+    assert all(row["ok"] for row in parity.values()), parity
+    monkeypatch.setattr(residual_norms, "layer_output", lambda dense, *rest: dense)
+    assert not e2e_offline.fused_kernel_parity(device="cpu", tokens=3)["layer_output"]["ok"]

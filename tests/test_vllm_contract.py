@@ -53,7 +53,7 @@ Runner (model_runner.py, cpu_runner.py, gpu_runner.py, engine/worker_step.py)
   [name].kv_cache` / `.attn_backend` / `.isa`.
 - `set_forward_context(None, vllm_config)` around a forward without attention metadata.
 - A plain attribute on `ModelRunnerOutput` surviving the executor's pickling.
-Worker (cpu_worker.py, gpu_worker.py, worker_stats.py, standalone.py)
+Worker (cpu_worker.py, gpu_worker.py, worker_rpcs.py, standalone.py)
 - `CPUWorker.init_device` building `model_runner` inline; `Worker._make_model_runner`;
   `GPUModelRunner.capture_model() -> int`, called by the worker unless enforce_eager;
   `collective_rpc` reaching a worker method by name (`run_method`).
@@ -744,9 +744,9 @@ def test_collective_rpc_reaches_a_worker_method_by_name(live):
     """Catches `collective_rpc("diffusion_stats")` no longer calling a worker method by name."""
     from vllm.v1.serial_utils import run_method
 
-    from diffusiongemma_vllm.engine.worker_stats import DiffusionStatsMixin
+    from diffusiongemma_vllm.engine.worker_rpcs import DiffusionWorkerRPCs
 
-    class Worker(DiffusionStatsMixin):
+    class Worker(DiffusionWorkerRPCs):
         model_runner = live.runner
 
     stats = run_method(Worker(), "diffusion_stats", (), {})

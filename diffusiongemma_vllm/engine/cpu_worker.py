@@ -9,10 +9,10 @@ from __future__ import annotations
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from diffusiongemma_vllm.engine.cpu_runner import DiffusionGemmaCPURunner
-from diffusiongemma_vllm.engine.worker_stats import DiffusionStatsMixin
+from diffusiongemma_vllm.engine.worker_rpcs import DiffusionWorkerRPCs
 
 
-class DiffusionGemmaCPUWorker(DiffusionStatsMixin, CPUWorker):
+class DiffusionGemmaCPUWorker(DiffusionWorkerRPCs, CPUWorker):
     def init_device(self):
         super().init_device()
         # CPUWorker builds vLLM's runner inline (no factory method); replace it before the

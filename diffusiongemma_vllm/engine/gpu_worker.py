@@ -5,9 +5,9 @@ from __future__ import annotations
 from vllm.v1.worker.gpu_worker import Worker
 
 from diffusiongemma_vllm.engine.gpu_runner import DiffusionGemmaGPURunner
-from diffusiongemma_vllm.engine.worker_stats import DiffusionStatsMixin
+from diffusiongemma_vllm.engine.worker_rpcs import DiffusionWorkerRPCs
 
 
-class DiffusionGemmaGPUWorker(DiffusionStatsMixin, Worker):
+class DiffusionGemmaGPUWorker(DiffusionWorkerRPCs, Worker):
     def _make_model_runner(self):
         return DiffusionGemmaGPURunner(self.vllm_config, self.device)

@@ -1,7 +1,7 @@
 """One denoise pass of the running engine, timed on its device and set against its bandwidth floor.
 
 Workers answer `LLM.collective_rpc("profile_denoise_pass", kwargs={"canvases": 1})`
-(worker_stats.py). Issue 14's goals are stated per pass: at one canvas, a bf16 pass within
+(worker_rpcs.py). Issue 14's goals are stated per pass: at one canvas, a bf16 pass within
 1.3x of the time its weights take to read at the card's bandwidth, and under 0.5 ms of
 overhead per pass with CUDA graphs. Nothing else measures them inside vLLM: serving throughput
 mixes in prefill, commit passes and scheduling, and benchmarks/gpu_check.py times a stand-in

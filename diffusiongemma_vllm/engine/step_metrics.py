@@ -20,7 +20,7 @@ vLLM exports only what its API-server process records, while the counters arise 
    them as KV fetches) and records them in Prometheus' default registry, which `/metrics`
    serves.
 Scheduler stats exist only while stats logging is on (the default for `vllm serve`); offline
-`LLM` keeps `collective_rpc("diffusion_stats")` (worker_stats.py).
+`LLM` keeps `collective_rpc("diffusion_stats")` (worker_rpcs.py).
 """
 
 from __future__ import annotations

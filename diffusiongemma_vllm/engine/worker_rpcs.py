@@ -12,7 +12,7 @@ from __future__ import annotations
 from diffusiongemma_vllm.engine.pass_profile import profile_denoise_pass
 
 
-class DiffusionStatsMixin:
+class DiffusionWorkerRPCs:
     def diffusion_stats(self) -> dict:
         step = self.model_runner.denoise_step
         return {**step.stats.as_dict(), "pending_canvases": len(step.pending)}
