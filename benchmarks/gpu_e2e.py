@@ -89,7 +89,7 @@ class Stage:
 
 # The comments: estimated H100 seconds, cold caches (see the budget above).
 STAGES = (
-    Stage("env", "a", "benchmarks.e2e_offline", 60, 10, what="versions, device, imports, fused kernels' parity"),  # 20
+    Stage("env", "a", "benchmarks.e2e_offline", 90, 10, what="versions, device, imports, fused kernels' parity"),  # 25
     Stage("a_tiny", "a", "benchmarks.e2e_offline", 180, 60, what="tiny bf16, CUDA graphs: generate checks"),  # 50
     Stage("a_eager", "a", "benchmarks.e2e_offline", 120, 40, what="same requests, enforce_eager: equality"),  # 35
     Stage("a_release_kv", "a", "benchmarks.e2e_offline", 180, 60, what="release KV page shapes, tiny"),  # 50
