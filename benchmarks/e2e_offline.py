@@ -230,7 +230,8 @@ def fused_kernel_parity(device: str = "cuda", tokens: int = 256) -> dict:
     """The eager CUDA path's fused kernels (model/diffusion_gemma.py) against their torch
     references at the release shapes, bf16, on this GPU, before any engine uses them: the
     router must pick the same experts (random logits: no ties) with weights within 1e-5, the
-    norms agree within the tests' bf16 bound (1.6 % plus one bf16 step of the largest value). `device` "cpu" with `tokens` a few: its CPU test, in Triton's interpreter."""
+    norms agree within the tests' bf16 bound (1.6 % plus one bf16 step of the largest value).
+    `device` "cpu" with `tokens` a few: its CPU test, in Triton's interpreter."""
     import torch
 
     from diffusiongemma_vllm.kernels import moe_routing, qkv_norm_rope, residual_norms

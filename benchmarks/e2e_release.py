@@ -163,7 +163,8 @@ def release_stage(checks: Checks, settings: Settings, compiled: bool = False) ->
     if used.get("total_gib") and used["samples"]:
         checks.check("peak_within_device", used["peak_used_gib"] < 0.99 * used["total_gib"], used)
     headline = {"init_s": checks.data["engine"]["init_s"], "c1_tok_s": single["tok_s"],
-                f"c{size['concurrency']}_tok_s": full["tok_s"], "largest_pass": stats["largest_pass"], **used, **per_pass}
+                f"c{size['concurrency']}_tok_s": full["tok_s"], "largest_pass": stats["largest_pass"], **used,
+                **per_pass}
     if compiled:
         headline["over_c_release"] = ratios_over(settings, "c_release", headline, ("tok_s", "init_s", "_ms"))
     checks.measure("headline", headline)
@@ -193,7 +194,8 @@ def pass_profile(checks: Checks, llm, size: dict, single: dict) -> dict:
                 "served_per_pass_c1_ms": served, "weight_bytes": one["weight_bytes"],
                 "over_floor_copy_c1": one.get("over_floor_copy"), "over_floor_spec_c1": one.get("over_floor_spec"),
                 "fused_kernels_c1": {"unfused_over_fused_pass": unfused["pass_ms"] / fused["pass_ms"],
-                                     "activities_fused": fused["activities"], "activities_unfused": unfused["activities"]}}
+                                     "activities_fused": fused["activities"],
+                                     "activities_unfused": unfused["activities"]}}
     goals = {"pass within 1.3x of the spec floor at 1 canvas": (one.get("over_floor_spec"), 1.3),
              "launch gaps under 0.5 ms per pass": (one["gaps_ms"], 0.5)}
     headline["goals"] = {name: {"value": value, "goal": goal, "met": None if value is None else value <= goal}

@@ -111,7 +111,8 @@ def test_profile_denoise_pass_times_a_pass_and_leaves_serving_unchanged(llm):
     params = SamplingParams(max_tokens=40, ignore_eos=True, seed=11)
     before = llm.generate(prompts(1), params)[0].outputs[0].token_ids
     runs = [(1, None), (4, None), (2, False)]
-    profiles = [llm.collective_rpc("profile_denoise_pass", kwargs={"canvases": n, "repeats": 3, "fused_kernels": fused})[0]
+    profiles = [llm.collective_rpc("profile_denoise_pass",
+                                   kwargs={"canvases": n, "repeats": 3, "fused_kernels": fused})[0]
                 for n, fused in runs]
     for (n, fused), profile in zip(runs, profiles):
         assert (profile["canvases"], profile["pass_canvases"], profile["mode"]) == (n, n, "eager")

@@ -30,8 +30,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia import compiler as nvidia  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from diffusiongemma_vllm.kernels import (fixed_order_gemm, gemm_sampler, moe_routing, paged_canvas_attention,  # noqa: E402
-                                         philox_tokens, qkv_norm_rope, residual_norms)
+from diffusiongemma_vllm.kernels import (fixed_order_gemm, gemm_sampler, moe_routing,  # noqa: E402
+                                         paged_canvas_attention, philox_tokens, qkv_norm_rope, residual_norms)
 
 HOPPER = GPUTarget("cuda", 90, 32)
 ADA = GPUTarget("cuda", 89, 32)
@@ -103,13 +103,15 @@ def compile_all() -> dict:
     out["moe_routing"] = compile_for(
         HOPPER, moe_routing._moe_routing_kernel,
         {"logits_ptr": "*fp32", "scale_ptr": "*bf16", "weights_ptr": "*fp32", "ids_ptr": "*i32"},
-        dict(NUM_EXPERTS=128, TOP_K=8, BLOCK_T=moe_routing.BLOCK_T, BLOCK_E=128, BLOCK_K=8), num_warps=4)
+        dict(NUM_EXPERTS=128, TOP_K=8, BLOCK_T=moe_routing.BLOCK_T, BLOCK_E=128, BLOCK_K=8),
+        num_warps=moe_routing.NUM_WARPS)
     for head_dim, kv_heads in ((256, 8), (512, 2)):  # the release's sliding and full layers
         out[f"qkv_norm_rope_{head_dim}"] = compile_for(
             HOPPER, qkv_norm_rope._qkv_norm_rope_kernel,
             {name: "*i64" if name == "positions_ptr" else "*bf16" for name in
              ("qkv_ptr", "positions_ptr", "q_weight_ptr", "k_weight_ptr", "cos_sin_ptr", "q_ptr", "k_ptr", "v_ptr")},
-            dict(NUM_HEADS=16, NUM_KV_HEADS=kv_heads, HEAD_DIM=head_dim), num_warps=2, floats=("eps",))
+            dict(NUM_HEADS=16, NUM_KV_HEADS=kv_heads, HEAD_DIM=head_dim), num_warps=qkv_norm_rope._warps(head_dim),
+            floats=("eps",))
     rows = dict(BLOCK=4096)  # the release's hidden size, 2816, padded
     out["post_attention_norms"] = compile_for(
         HOPPER, residual_norms._post_attention_kernel, dict.fromkeys(

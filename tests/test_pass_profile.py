@@ -88,7 +88,8 @@ def test_a_profile_with_fused_kernels_set_captures_that_pass_afresh(monkeypatch)
     step.paged_run_pass = step.row_stats = None
     passes = []
     monkeypatch.setattr(pass_profile, "CudaGraph", RunOnCapture)
-    monkeypatch.setattr(pass_profile, "denoise_pass", lambda batch, *rest: passes.append((len(batch), step.model.fused)))
+    monkeypatch.setattr(pass_profile, "denoise_pass",
+                        lambda batch, *rest: passes.append((len(batch), step.model.fused)))
     call, size, mode = one_pass(step, runner=None, canvases=2, fused_kernels=False)
     assert (size, mode) == (2, "graph") and passes == [(2, False)]
     assert step.model.fused and step.paged_inputs.context_lens.tolist() == [0, 0]

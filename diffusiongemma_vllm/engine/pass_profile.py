@@ -103,7 +103,8 @@ def profile_denoise_pass(runner, canvases: int = 1, repeats: int = 20, fused_ker
     name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     out = {"device": name, "canvases": canvases, "pass_canvases": size, "mode": mode, "fused_kernels": fused_kernels,
            "pass_ms": ms, "activities": activities, "busy_ms": busy,
-           "gaps_ms": ms - busy if busy is not None and busy <= 1.05 * ms else None, "copy_bytes_per_s": copy, "weight_bytes": None}
+           "gaps_ms": ms - busy if busy is not None and busy <= 1.05 * ms else None,
+           "copy_bytes_per_s": copy, "weight_bytes": None}
     if on_gpu:
         weights = weight_bytes(step.model)
         out.update(weight_bytes=weights, **floor("copy", weights, copy, ms))

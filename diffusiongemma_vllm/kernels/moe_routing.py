@@ -27,6 +27,7 @@ except ImportError:  # CPU-only installs without Triton still import this module
     triton = None
 
 BLOCK_T = 16  # tokens per program: a [16, 128] fp32 tile at the release's 128 experts
+NUM_WARPS = 4
 
 
 if triton is not None:
@@ -49,11 +50,10 @@ if triton is not None:
         probs = exp / tl.sum(exp, axis=1)[:, None]
         chosen = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
         ids = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
-        free = is_expert & (rows[:, None] >= 0)  # [BLOCK_T, BLOCK_E]: not picked yet
+        free = tl.broadcast_to(is_expert, [BLOCK_T, BLOCK_E])  # not picked yet
         for j in tl.static_range(TOP_K):
             best = tl.max(tl.where(free, logits, -float("inf")), axis=1)
             index = tl.min(tl.where(free & (logits == best[:, None]), experts[None, :], BLOCK_E), axis=1)
-            index = tl.minimum(index, NUM_EXPERTS - 1)
             hit = experts[None, :] == index[:, None]
             chosen = tl.where(cols[None, :] == j, tl.sum(tl.where(hit, probs, 0.0), axis=1)[:, None], chosen)
             ids = tl.where(cols[None, :] == j, index[:, None], ids)
@@ -80,7 +80,7 @@ def moe_routing(logits: torch.Tensor,  # [T, E] router logits (fp32 from the rou
         _moe_routing_kernel[(triton.cdiv(tokens, BLOCK_T),)](
             logits, per_expert_scale, weights, ids, tokens, logits.stride(0), NUM_EXPERTS=experts, TOP_K=top_k,
             BLOCK_T=BLOCK_T, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=triton.next_power_of_2(top_k),
-            num_warps=4)
+            num_warps=NUM_WARPS)
     return weights, ids
 
 

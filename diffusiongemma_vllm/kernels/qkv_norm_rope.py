@@ -78,8 +78,12 @@ def qkv_norm_rope(qkv: torch.Tensor,  # [T, (heads + 2 * kv_heads) * head_dim], 
     if tokens:
         _qkv_norm_rope_kernel[(tokens, num_heads + 2 * num_kv_heads)](
             qkv, positions, q_weight, k_weight, cos_sin_cache, q, k, v, qkv.stride(0), eps,
-            NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, num_warps=2 if head_dim >= 256 else 1)
+            NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, num_warps=_warps(head_dim))
     return q, k, v
+
+
+def _warps(head_dim: int) -> int:
+    return 2 if head_dim >= 256 else 1
 
 
 def naive_qkv_norm_rope(qkv, positions, q_weight, k_weight, cos_sin_cache, num_heads: int, num_kv_heads: int,

@@ -13,7 +13,7 @@ microseconds of gap. Here one program per token row does each group: `post_atten
 
 Rounding follows transformers: each norm is computed in fp32, times its weight, and rounded
 once to the activation dtype; adds and the router's scalings are rounded where transformers'
-tensors are (the `rounded` helper), so in fp32 the kernels are the torch composition up to
+tensors are (the `_rounded` helper), so in fp32 the kernels are the torch composition up to
 summation order, and in bf16 they differ from it only where the norms' fp32 sums do.
 """
 
@@ -99,7 +99,8 @@ def post_attention_norms(attn: torch.Tensor,  # [T, H] the attention block's out
     outs = tuple(torch.empty_like(hidden) for _ in range(4))
     if tokens:
         _post_attention_kernel[(tokens,)](attn, hidden, post_attention, pre_ff, pre_ff2, router_scale, *outs, width,
-                                          eps, width**-0.5, BLOCK=triton.next_power_of_2(width), num_warps=_warps(width))
+                                          eps, width**-0.5, BLOCK=triton.next_power_of_2(width),
+                                          num_warps=_warps(width))
     return outs
 
 
