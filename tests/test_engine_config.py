@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 
-@pytest.mark.parametrize("name", ["tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"])
-def test_model_parallelism_is_rejected_naming_the_setting(tiny_dir, name):
-    """Catches silently wrong text under tensor parallelism (each rank would sample from its own
-    vocabulary shard) or a hang under pipeline or data parallelism (ranks out of lockstep): the
-    engine must refuse to start and say which setting to change."""
+@pytest.mark.parametrize("name", ["pipeline_parallel_size", "data_parallel_size"])
+def test_pipeline_and_data_parallelism_are_rejected_naming_the_setting(tiny_dir, name):
+    """Catches a hang under pipeline or data parallelism (ranks out of lockstep): the engine
+    must refuse to start and say which setting to change (tensor parallelism runs:
+    tests/test_tensor_parallel.py)."""
     from vllm.engine.arg_utils import EngineArgs
 
     from diffusiongemma_vllm import register

@@ -28,6 +28,7 @@ from diffusiongemma_vllm.denoise import noise
 from diffusiongemma_vllm.model.config import SamplerConfig
 from diffusiongemma_vllm.kernels.vocab_tiled_sampler import RowStats, vocab_tiled_row_stats
 from diffusiongemma_vllm.denoise.sampler import PassResult, decide, unchanged_passes
+from diffusiongemma_vllm.denoise.vocab_shards import VocabShards, merge_row_stats
 
 RunPass = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 RowStatsFn = Callable[..., RowStats]
@@ -37,11 +38,29 @@ OnPass = Callable[["CanvasBatch", torch.Tensor], None]
 @dataclass(frozen=True)
 class Unembedding:
     """The tied embedding as the sampler uses it: logits = softcap(h . E), and the
-    self-conditioning signal softmax(z) @ E * scale."""
+    self-conditioning signal softmax(z) @ E * scale. Under tensor parallelism `weight` is
+    this rank's slice of the vocabulary, from id `first_id`, and `shards` merges the slices'
+    statistics (vocab_shards.py)."""
 
-    weight: torch.Tensor  # [V, H]
+    weight: torch.Tensor  # [V, H], or this rank's [rows, H]
     softcap: float
     scale: float
+    first_id: int = 0
+    vocab_size: int | None = None  # the whole vocabulary; None: weight's rows
+    shards: VocabShards | None = None
+
+    @property
+    def vocab(self) -> int:
+        """Ids of the whole vocabulary: what canvases are drawn from."""
+        return self.vocab_size if self.vocab_size is not None else self.weight.shape[0]
+
+    def row_stats(self, row_stats: RowStatsFn, hidden: torch.Tensor, temperature: torch.Tensor,
+                  keys: torch.Tensor) -> RowStats:
+        """`row_stats` over the whole vocabulary, with the self-conditioning signal."""
+        if self.shards is None:
+            return row_stats(hidden, self.weight, self.softcap, temperature, keys, True)
+        local = row_stats(hidden, self.weight, self.softcap, temperature, keys, True, first_id=self.first_id)
+        return merge_row_stats(local, self.shards)
 
 
 @dataclass(frozen=True)
@@ -156,9 +175,8 @@ def denoise_pass(batch: CanvasBatch, run_pass: RunPass, unembedding: Unembedding
     n, length, width = hidden.shape
     temperature = batch.temperature().repeat_interleave(length)
     keys = noise.gumbel_row_keys(batch.block_keys, batch.steps, length).flatten()
-    stats = row_stats(hidden.reshape(n * length, width), unembedding.weight, unembedding.softcap, temperature,
-                      keys, True)
-    renoise = noise.renoise_tokens(batch.block_keys, batch.steps, length, unembedding.weight.shape[0])
+    stats = unembedding.row_stats(row_stats, hidden.reshape(n * length, width), temperature, keys)
+    renoise = noise.renoise_tokens(batch.block_keys, batch.steps, length, unembedding.vocab)
     result = decide(stats.argmax.view(n, length), stats.sample.view(n, length), stats.entropy.view(n, length),
                     renoise, batch.entropy_bound)
     unchanged = unchanged_passes(batch.argmax, result.argmax, batch.unchanged)
@@ -218,7 +236,7 @@ def denoise_canvases(jobs: list[CanvasJob], canvas_length: int, run_pass: RunPas
     device = torch.device(device)
     weight = unembedding.weight
     row_stats = row_stats or row_stats_for(device)
-    batch = CanvasBatch.start(jobs, canvas_length, weight.shape[0], weight.shape[1], weight.dtype, device, first_row)
+    batch = CanvasBatch.start(jobs, canvas_length, unembedding.vocab, weight.shape[1], weight.dtype, device, first_row)
     for index, state in (resumed or {}).items():
         batch.put_(index, state)
     tokens = torch.full((len(jobs), canvas_length), -1, dtype=torch.long)

@@ -25,10 +25,11 @@ architecture name in place of vLLM's in-tree one:
   inherit it;
 - installs the plugin's worker and its request validator;
 - lifts the checkpoint's `max_new_tokens=256` default so `max_tokens` alone bounds a reply;
-- rejects tensor, pipeline and data parallelism: every rank would run its own denoise loop;
-  the sampler reads the whole tied embedding, which tensor parallelism shards by vocabulary,
-  and vLLM's data-parallel MoE runs its ranks' forwards in lockstep, which the loop's
-  extra passes would break;
+- rejects pipeline and data parallelism: a pass needs every layer (pipeline stages would
+  hand each pass's activations along), and vLLM's data-parallel MoE runs its ranks' forwards
+  in lockstep, which the loop's extra passes would break. Tensor parallelism runs: every
+  rank runs the same denoise loop and the sampler merges the ranks' vocabulary slices
+  (denoise/vocab_shards.py);
 - rejects the other settings the worker step cannot honour, naming each, so they fail here
   and not at the first step: speculative decoding, watermarking (it biases vLLM's sampler,
   which the worker step replaces, and needs Model Runner V2), a logprobs mode other than raw_logprobs,
@@ -158,10 +159,11 @@ class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
         from vllm.platforms import current_platform
 
         parallel = vllm_config.parallel_config
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        for name in ("pipeline_parallel_size", "data_parallel_size"):
             if getattr(parallel, name) != 1:
-                raise ValueError(f"DiffusionGemma (diffusiongemma-vllm) runs on one device per engine: {name} must be 1, "
-                                 f"got {getattr(parallel, name)}; serve more GPUs with one engine each")
+                raise ValueError(f"DiffusionGemma (diffusiongemma-vllm) does not run {name.split('_')[0]} parallelism: "
+                                 f"{name} must be 1, got {getattr(parallel, name)}; use tensor_parallel_size, or one "
+                                 "engine per device")
         if vllm_config.speculative_config is not None:
             refuse("speculative_config", vllm_config.speculative_config.method,
                    "a block-diffusion step already emits a whole canvas per request")

@@ -69,7 +69,7 @@ def one_pass(step, runner, canvases: int, fused_kernels: bool | None = None):
     if graphs_on:
         step.paged_inputs.context_lens.zero_()
         graph = CudaGraph(pool=None)
-        with kernels():
+        with kernels(), step.capture_context():
             graph.capture(lambda: denoise_pass(batch, step.paged_run_pass, step.unembedding, step.row_stats))
         graph.batch = batch  # what the replays read and write: it lives as long as the graph
         return graph.replay, canvases, "graph"

@@ -39,15 +39,20 @@ arithmetic does not depend on the canvases beside it.
 
 from __future__ import annotations
 
-import random
+import contextlib
+import functools
+import hashlib
 import time
 from collections import Counter
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
 from vllm import envs
 from vllm.config import CUDAGraphMode
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
 from diffusiongemma_vllm.model.canvas_context import CanvasPass, PagedPrefix, PrefixKV, canvas_forward_context
 from diffusiongemma_vllm.model.config import SamplerConfig, passes_per_step
@@ -119,11 +124,14 @@ class DenoiseStep:
         self.paged_inputs: PagedStepInputs | None = None  # GPU: built at the first step
         self.paged_run_pass = None  # GPU: the run_pass over paged_inputs
         self.graphs: DenoiseGraphs | None = None
-        self.drafts = DraftPublisher.from_env()  # live drafts (drafts/publisher.py); bound now, before any request
+        self.capture_context = graph_capture_context(device)
+        # Live drafts (drafts/publisher.py), bound now, before any request; under tensor
+        # parallelism every rank holds the same canvases and the first publishes.
+        self.drafts = DraftPublisher.from_env() if get_tensor_model_parallel_rank() == 0 else None
 
     def _settings(self, req_id: str, sampling_params) -> _RequestSettings:
         if req_id not in self.settings:
-            seed = sampling_params.seed if sampling_params.seed is not None else random.getrandbits(62)
+            seed = sampling_params.seed if sampling_params.seed is not None else unseeded_seed(req_id)
             sampler = self.default_sampler.with_request_overrides(sampling_params.extra_args)
             self.settings[req_id] = _RequestSettings(seed, sampler)
         return self.settings[req_id]
@@ -195,7 +203,9 @@ class DenoiseStep:
         index = torch.tensor(jobs, device=self.device)
         hidden = turn.hidden[index].flatten(0, 1)  # [jobs * C, H]
         tokens = turn.tokens[jobs].flatten().to(self.device)
-        result = top_logprobs(hidden, self.unembedding.weight, self.unembedding.softcap, tokens, k)
+        unembedding = self.unembedding
+        result = top_logprobs(hidden, unembedding.weight, unembedding.softcap, tokens, k,
+                              first_id=unembedding.first_id, shards=unembedding.shards)
         on_host = [getattr(result, f.name).cpu() for f in fields(result)]
         for n, job in enumerate(jobs):
             span = slice(n * self.canvas_length, (n + 1) * self.canvas_length)
@@ -236,7 +246,7 @@ class DenoiseStep:
             return
         cfg = self.model.cfg
         dummy = [CanvasJob(0, self.default_sampler, seed=0)]
-        with torch.inference_mode():
+        with torch.inference_mode(), self.capture_context():
             like = CanvasBatch.start(dummy, self.canvas_length, cfg.vocab_size, cfg.hidden_size,
                                      self.unembedding.weight.dtype, self.device)
             self.graphs.capture_ladder(like)
@@ -319,6 +329,24 @@ class PagedStepInputs:
         num_reqs = runner.input_batch.num_reqs
         for group_id, table in enumerate(self.tables):
             table[:n].copy_(runner.input_batch.block_table[group_id].get_device_tensor(num_reqs)[index])
+
+
+def graph_capture_context(device: torch.device) -> Callable[[], AbstractContextManager]:
+    """What the denoise graphs are captured inside: vLLM's `graph_capture` under tensor
+    parallelism on a GPU (its custom all-reduce registers the buffers a captured collective
+    reads, as for vLLM's own graphs), else nothing."""
+    if device.type == "cuda" and get_tensor_model_parallel_world_size() > 1:
+        from vllm.distributed.parallel_state import graph_capture
+
+        return functools.partial(graph_capture, device)
+    return contextlib.nullcontext
+
+
+def unseeded_seed(req_id: str) -> int:
+    """The seed of a request that set none: a hash of vLLM's request id, which ends in a random
+    suffix, so it differs from request to request and run to run, and every tensor-parallel
+    rank derives the same one (their canvases must stay identical)."""
+    return int.from_bytes(hashlib.blake2b(req_id.encode(), digest_size=8).digest(), "little") >> 2
 
 
 def _pad(rows: list[torch.Tensor]) -> torch.Tensor:

@@ -143,6 +143,7 @@ def gemm_row_stats(
     matmul=None,  # (a, b) -> a @ b in fp32; None: mm_fp32 (cuBLAS); fixed_order_gemm's under batch invariance
     block: int = 2048,  # columns per step of the statistics kernel (a power of two >= 4)
     num_warps: int = 8,
+    first_id: int = 0,  # the vocabulary id of embedding row 0 (a tensor-parallel rank's slice), a multiple of 4
 ) -> RowStats:
     assert triton is not None, "gemm_row_stats needs Triton; vocab_tiled_row_stats is the torch path"
     n, width = hidden.shape
@@ -152,6 +153,7 @@ def gemm_row_stats(
     assert embedding.stride(1) == 1, embedding.stride()
     assert temperature.shape == gumbel_keys.shape == (n,) and temperature.is_floating_point()
     assert gumbel_keys.dtype in (torch.int64, torch.int32), gumbel_keys.dtype
+    assert first_id % 4 == 0, first_id  # _gumbel_run draws ids from a multiple of 4
     # A multiple of 4: _gumbel_run draws ids from a multiple of 4.
     if vocab_chunk is None:
         vocab_chunk = max(4, min(vocab, max(min_vocab_chunk, block_elements // n)) // 4 * 4)
@@ -159,16 +161,13 @@ def gemm_row_stats(
     row_chunk = max(1, block_elements // vocab_chunk)
     parts = [_row_chunk(hidden[r:r + row_chunk], embedding, softcap, temperature[r:r + row_chunk].contiguous(),
                         gumbel_keys[r:r + row_chunk].contiguous(), with_soft, vocab_chunk, block, num_warps,
-                        matmul or mm_fp32)
+                        matmul or mm_fp32, first_id)
              for r in range(0, n, row_chunk)]
-    if len(parts) == 1:
-        return parts[0]
-    return RowStats(*(torch.cat(field) if field[0] is not None else None for field in zip(*(
-        (p.argmax, p.sample, p.entropy, p.soft) for p in parts))))
+    return parts[0] if len(parts) == 1 else RowStats.cat(parts)
 
 
 def _row_chunk(hidden, embedding, softcap, temperature, keys, with_soft, vocab_chunk, block, num_warps,
-               matmul) -> RowStats:
+               matmul, first_id) -> RowStats:
     rows, device = hidden.shape[0], hidden.device
     chunks = triton.cdiv(embedding.shape[0], vocab_chunk)
     stats = torch.empty((chunks, 4, rows), dtype=torch.float32, device=device)  # m, S, W, Gumbel max
@@ -185,7 +184,7 @@ def _row_chunk(hidden, embedding, softcap, temperature, keys, with_soft, vocab_c
         _chunk_stats_kernel[(rows,)](
             logits, temperature, keys, stats[c], ids[c], probs,
             running_max if with_soft else stats, scale if with_soft else stats,
-            rows, logits.shape[1], c * vocab_chunk, float(softcap),
+            rows, logits.shape[1], first_id + c * vocab_chunk, float(softcap),
             WITH_SOFT=with_soft, BLOCK=block, num_warps=num_warps)
         if with_soft:
             soft.mul_(scale[:, None]).add_(matmul(probs, chunk))
@@ -197,7 +196,8 @@ def _row_chunk(hidden, embedding, softcap, temperature, keys, with_soft, vocab_c
     # torch.argmax takes the first chunk on ties, i.e. the lowest vocabulary id.
     argmax = ids[:, 0].gather(0, m.argmax(0, keepdim=True))[0]
     sample = ids[:, 1].gather(0, drawn.argmax(0, keepdim=True))[0]
-    return RowStats(argmax, sample, entropy, soft.div_(norm[:, None]) if with_soft else None)
+    return RowStats(argmax, sample, entropy, soft.div_(norm[:, None]) if with_soft else None,
+                    top, top + torch.log(norm), drawn.max(0).values)
 
 
 def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -17,16 +17,25 @@ the last one kept (a token outside the top, or a tie: never for a committed argm
 ties). Runs once per finished canvas, not per pass, with torch matmuls on any device
 (cuBLAS on a GPU).
 
+Under tensor parallelism `embedding` is this rank's slice of the vocabulary (ids from
+`first_id`): each rank reduces its slice, then the slices' log Z, the token's logit (on the
+rank that holds it) and top-(k+1) lists are gathered and merged, and the extra sweep's counts
+are summed over the ranks (denoise/vocab_shards.py says why every rank ends with the same values).
+
 `naive_top_logprobs` materialises everything and is the reference.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from diffusiongemma_vllm.kernels.gemm_sampler import BLOCK_ELEMENTS, mm_fp32
+
+if TYPE_CHECKING:
+    from diffusiongemma_vllm.denoise.vocab_shards import VocabShards
 
 
 @dataclass(frozen=True)
@@ -62,17 +71,21 @@ def top_logprobs(
     k: int,  # alternatives per row, >= 0
     vocab_chunk: int = 16384,
     block_elements: int = BLOCK_ELEMENTS,  # rows x vocab_chunk of one logits block, as the sampler's
+    first_id: int = 0,  # the vocabulary id of embedding row 0 (a tensor-parallel rank's slice)
+    shards: VocabShards | None = None,  # the tensor-parallel ranks whose slices merge
 ) -> TopLogprobs:
     assert hidden.dim() == 2 and embedding.dim() == 2 and hidden.shape[1] == embedding.shape[1]
-    assert tokens.shape == hidden.shape[:1] and 0 <= k <= embedding.shape[0]
+    assert tokens.shape == hidden.shape[:1] and k >= 0 and (shards is not None or k <= embedding.shape[0])
     row_chunk = max(1, block_elements // vocab_chunk)  # peak memory stays a few blocks, whatever the rows
-    parts = [_top_logprobs_rows(hidden[r:r + row_chunk], embedding, softcap, tokens[r:r + row_chunk], k, vocab_chunk)
+    parts = [_top_logprobs_rows(hidden[r:r + row_chunk], embedding, softcap, tokens[r:r + row_chunk], k, vocab_chunk,
+                                first_id, shards)
              for r in range(0, hidden.shape[0], row_chunk)]
     return TopLogprobs(*(torch.cat(field) for field in zip(*(
         (p.token_logprob, p.rank, p.top_ids, p.top_logprobs) for p in parts))))
 
 
-def _top_logprobs_rows(hidden, embedding, softcap: float, tokens, k: int, vocab_chunk: int) -> TopLogprobs:
+def _top_logprobs_rows(hidden, embedding, softcap: float, tokens, k: int, vocab_chunk: int, first_id: int,
+                       shards: VocabShards | None) -> TopLogprobs:
     rows, device = hidden.shape[0], hidden.device
     keep = k + 1  # one beyond the alternatives: a token above the last kept logit has all ties counted
     m = torch.full((rows,), float("-inf"), device=device)
@@ -85,16 +98,34 @@ def _top_logprobs_rows(hidden, embedding, softcap: float, tokens, k: int, vocab_
         m_new = torch.maximum(m, z.max(-1).values)
         total = total * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(-1)
         m = m_new
-        inside = (tokens >= start) & (tokens < start + z.shape[1])
-        local = (tokens - start).clamp(0, z.shape[1] - 1)
+        first = first_id + start
+        inside = (tokens >= first) & (tokens < first + z.shape[1])
+        local = (tokens - first).clamp(0, z.shape[1] - 1)
         chosen = torch.where(inside, z.gather(1, local[:, None]).squeeze(1), chosen)
         value, index = z.topk(min(keep, z.shape[1]), dim=-1)
         best, order = torch.cat([best, value], 1).topk(min(keep, best.shape[1] + value.shape[1]), dim=-1)
-        best_ids = torch.cat([best_ids, index + start], 1).gather(1, order)
+        best_ids = torch.cat([best_ids, index + first], 1).gather(1, order)
     log_z = m + torch.log(total)
+    if shards is not None:
+        log_z, chosen, best, best_ids = _merge_slices(log_z, chosen, best, best_ids, keep, shards)
     rank = (best >= chosen[:, None]).sum(-1)
     outside = (chosen <= best[:, -1]).nonzero().squeeze(-1) if best.shape[1] == keep else rank[:0]
     if len(outside):  # logits >= the token's may lie beyond the kept top: count over the vocabulary
-        rank[outside] = sum((_logits(hidden[outside], embedding[s:s + vocab_chunk], softcap)
-                             >= chosen[outside, None]).sum(-1) for s in range(0, embedding.shape[0], vocab_chunk))
+        counts = sum((_logits(hidden[outside], embedding[s:s + vocab_chunk], softcap) >= chosen[outside, None]).sum(-1)
+                     for s in range(0, embedding.shape[0], vocab_chunk))
+        rank[outside] = counts if shards is None else shards.all_reduce(counts.float()).long()
     return TopLogprobs(chosen - log_z, rank, best_ids[:, :k], best[:, :k] - log_z[:, None])
+
+
+def _merge_slices(log_z, chosen, best, best_ids, keep: int, shards: VocabShards):
+    """The whole vocabulary's log Z, token logit and top-`keep` from each rank's slice's.
+    Lists are padded to `keep` (a slice narrower than that) with -inf, which never ranks."""
+    rows, short = best.shape[0], keep - best.shape[1]
+    best = torch.cat([best, best.new_full((rows, short), float("-inf"))], 1)
+    best_ids = torch.cat([best_ids, best_ids.new_zeros((rows, short))], 1)
+    local = torch.cat([log_z[:, None], chosen[:, None], best, best_ids.float()], 1)  # ids exact below 2^24
+    gathered = shards.all_gather(local)  # [ranks, N, 2 + 2 keep]
+    everyone = lambda columns: gathered[..., columns].transpose(0, 1).flatten(1)  # noqa: E731 [N, ranks * width]
+    best, order = everyone(slice(2, 2 + keep)).topk(min(keep, shards.ranks * keep), dim=-1)
+    best_ids = everyone(slice(2 + keep, None)).gather(1, order).long()
+    return torch.logsumexp(gathered[..., 0], 0), gathered[..., 1].max(0).values, best, best_ids

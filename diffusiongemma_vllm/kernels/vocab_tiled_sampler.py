@@ -12,11 +12,15 @@ too, so peak memory is `row_chunk x vocab_chunk`, independent of how many canvas
 
 `naive_row_stats` materialises everything and is the reference. The draw is argmax(z + g)
 with g from `noise.gumbel_noise` (counter-based, so a chunk computes its own noise).
+
+`embedding` may be one slice of the vocabulary (a tensor-parallel rank's rows, ids from
+`first_id`): ids and noise are then the global ones, and the statistics cover the slice;
+`vocab_shards.merge_row_stats` combines the slices' statistics into the whole vocabulary's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -29,6 +33,16 @@ class RowStats:
     sample: torch.Tensor  # [N] int64
     entropy: torch.Tensor  # [N] fp32
     soft: torch.Tensor | None  # [N, H] fp32: softmax(z) @ E
+    # What merging vocabulary slices needs (vocab_shards.py): max z, log sum exp z, max (z + g).
+    top: torch.Tensor | None = None  # [N] fp32
+    log_norm: torch.Tensor | None = None  # [N] fp32
+    drawn: torch.Tensor | None = None  # [N] fp32
+
+    @classmethod
+    def cat(cls, parts: list["RowStats"]) -> "RowStats":
+        """The row chunks' statistics as one."""
+        return cls(*(torch.cat([getattr(p, f.name) for p in parts]) if getattr(parts[0], f.name) is not None
+                     else None for f in fields(cls)))
 
 
 def _scaled_logits(hidden, embedding, softcap: float, temperature) -> torch.Tensor:
@@ -37,13 +51,14 @@ def _scaled_logits(hidden, embedding, softcap: float, temperature) -> torch.Tens
 
 
 def naive_row_stats(hidden: torch.Tensor, embedding: torch.Tensor, softcap: float, temperature: torch.Tensor,
-                    gumbel_keys: torch.Tensor, with_soft: bool) -> RowStats:
+                    gumbel_keys: torch.Tensor, with_soft: bool, first_id: int = 0) -> RowStats:
     z = _scaled_logits(hidden, embedding, softcap, temperature)  # [N, V]
     log_probs = torch.log_softmax(z, dim=-1)
     probs = log_probs.exp()
-    noise = gumbel_noise(gumbel_keys, 0, z.shape[1])
+    drawn = z + gumbel_noise(gumbel_keys, first_id, first_id + z.shape[1])
     soft = probs @ embedding.float() if with_soft else None
-    return RowStats(z.argmax(-1), (z + noise).argmax(-1), -(probs * log_probs).sum(-1), soft)
+    return RowStats(z.argmax(-1) + first_id, drawn.argmax(-1) + first_id, -(probs * log_probs).sum(-1), soft,
+                    z.max(-1).values, torch.logsumexp(z, -1), drawn.max(-1).values)
 
 
 def vocab_tiled_row_stats(
@@ -55,17 +70,16 @@ def vocab_tiled_row_stats(
     with_soft: bool,
     row_chunk: int = 256,
     vocab_chunk: int = 16384,
+    first_id: int = 0,  # the vocabulary id of embedding row 0 (a tensor-parallel rank's slice)
 ) -> RowStats:
     assert hidden.dim() == 2 and embedding.dim() == 2 and hidden.shape[1] == embedding.shape[1]
     assert temperature.shape == gumbel_keys.shape == hidden.shape[:1]
-    parts = [_row_chunk_stats(hidden[i:i + row_chunk], embedding, softcap, temperature[i:i + row_chunk],
-                              gumbel_keys[i:i + row_chunk], with_soft, vocab_chunk)
-             for i in range(0, hidden.shape[0], row_chunk)]
-    return RowStats(*(torch.cat(field) if field[0] is not None else None for field in zip(*(
-        (p.argmax, p.sample, p.entropy, p.soft) for p in parts))))
+    return RowStats.cat([_row_chunk_stats(hidden[i:i + row_chunk], embedding, softcap, temperature[i:i + row_chunk],
+                                          gumbel_keys[i:i + row_chunk], with_soft, vocab_chunk, first_id)
+                         for i in range(0, hidden.shape[0], row_chunk)])
 
 
-def _row_chunk_stats(hidden, embedding, softcap, temperature, keys, with_soft, vocab_chunk) -> RowStats:
+def _row_chunk_stats(hidden, embedding, softcap, temperature, keys, with_soft, vocab_chunk, first_id) -> RowStats:
     rows, device = hidden.shape[0], hidden.device
     m = torch.full((rows,), float("-inf"), device=device)
     total = torch.zeros(rows, device=device)  # sum exp(z - m)
@@ -77,7 +91,7 @@ def _row_chunk_stats(hidden, embedding, softcap, temperature, keys, with_soft, v
     soft = torch.zeros(rows, hidden.shape[1], device=device) if with_soft else None
     for start in range(0, embedding.shape[0], vocab_chunk):
         chunk = embedding[start:start + vocab_chunk]
-        ids = torch.arange(start, start + chunk.shape[0], device=device)
+        ids = torch.arange(first_id + start, first_id + start + chunk.shape[0], device=device)
         z = _scaled_logits(hidden, chunk, softcap, temperature)  # [rows, chunk]
         m_new = torch.maximum(m, z.max(-1).values)
         rescale = torch.exp(m - m_new)
@@ -90,8 +104,9 @@ def _row_chunk_stats(hidden, embedding, softcap, temperature, keys, with_soft, v
         value, index = z.max(-1)  # first index on ties, like torch.argmax
         better = value > best
         best, best_id = torch.where(better, value, best), torch.where(better, ids[index], best_id)
-        value, index = (z + gumbel_noise(keys, start, start + chunk.shape[0])).max(-1)
+        value, index = (z + gumbel_noise(keys, first_id + start, first_id + start + chunk.shape[0])).max(-1)
         better = value > drawn
         drawn, drawn_id = torch.where(better, value, drawn), torch.where(better, ids[index], drawn_id)
-    entropy = m + torch.log(total) - weighted / total
-    return RowStats(best_id, drawn_id, entropy, soft / total[:, None] if with_soft else None)
+    log_norm = m + torch.log(total)
+    return RowStats(best_id, drawn_id, log_norm - weighted / total, soft / total[:, None] if with_soft else None,
+                    m, log_norm, drawn)

@@ -46,7 +46,7 @@ from torch import nn
 from vllm import envs
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
-from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 from vllm.model_executor.layers.activation import get_act_and_mul_fn
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.fused_moe import FusedMoEFactory, GateLinear
@@ -61,6 +61,7 @@ from diffusiongemma_vllm.model import phase_attention  # noqa: F401  registers t
 from diffusiongemma_vllm.model.checkpoint import checked_text_weights, quantized_format
 from diffusiongemma_vllm.model.config import BackboneConfig, LayerAttention
 from diffusiongemma_vllm.denoise.loop import Unembedding
+from diffusiongemma_vllm.denoise.vocab_shards import VocabShards
 from diffusiongemma_vllm.kernels import moe_routing, qkv_norm_rope, residual_norms
 
 
@@ -301,9 +302,14 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
         return self.model.self_conditioning(self.embed_input_ids(canvas_ids), soft_embeds)
 
     def unembedding(self) -> Unembedding:
-        """The tied embedding as the denoise sampler reads it (logits and self-conditioning)."""
-        weight = self.model.embed_tokens.weight[: self.cfg.vocab_size]
-        return Unembedding(weight, self.cfg.final_logit_softcap, self.model.normalizer.to(weight.dtype).item())
+        """The tied embedding as the denoise sampler reads it (logits and self-conditioning):
+        under tensor parallelism this rank's rows of the vocabulary, whose statistics the
+        ranks merge (denoise/vocab_shards.py)."""
+        shard = self.model.embed_tokens.shard_indices
+        weight = self.model.embed_tokens.weight[: shard.num_org_elements]  # without the padding rows
+        return Unembedding(weight, self.cfg.final_logit_softcap, self.model.normalizer.to(weight.dtype).item(),
+                           first_id=shard.org_vocab_start_index, vocab_size=self.cfg.vocab_size,
+                           shards=_tensor_parallel_shards())
 
     @contextmanager
     def fused_kernels(self, enabled: bool):
@@ -361,6 +367,16 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
             if _loads_quantized(module):
                 names.update("self_conditioning." + n for n in stored)
         return frozenset(names)
+
+
+def _tensor_parallel_shards() -> VocabShards | None:
+    """The tensor-parallel group's collectives as the sampler's merge takes them; None on one rank."""
+    group = get_tp_group()
+    if group.world_size == 1:
+        return None
+    return VocabShards(group.rank_in_group, group.world_size,
+                       lambda local: group.all_gather(local, dim=0).view(group.world_size, *local.shape),
+                       group.all_reduce)
 
 
 def _loads_quantized(module: nn.Module) -> bool:

@@ -1,0 +1,57 @@
+"""The denoise sampler under tensor parallelism: each rank holds one slice of the vocabulary.
+
+vLLM shards the tied embedding by vocabulary rows across the tensor-parallel ranks
+(`VocabParallelEmbedding`): rank r holds the ids [start_r, start_r + rows_r). Everything the
+sampler needs is a sum or a maximum over the vocabulary, so each rank computes it over its
+slice, with the same functions at the global ids (so the same Gumbel noise), and the slices
+merge as the vocabulary chunks inside one rank do:
+- log Z = logsumexp_r log Z_r, and slice r carries the share w_r = exp(log Z_r - log Z) of
+  the probability;
+- entropy: H = sum_r w_r (H_r - log w_r), since p = w_r q_r on slice r;
+- the self-conditioning signal: sum_r w_r soft_r;
+- argmax and draw: the slice with the largest max z (max z + g); the lowest rank wins ties,
+  and it holds the lower ids, so this is torch.argmax's first-index rule over the whole
+  vocabulary.
+Per pass that is one all-gather of [N, 6] scalars and one all-reduce of the [N, H] signal.
+Every rank merges the same gathered values in the same order, so all ranks hold the same
+tokens and the denoise loop's host decisions (which canvases halted) agree across ranks; the
+all-reduce gives every rank the same sum, as in vLLM's own layers. Logprobs merge the same way
+(kernels/top_logprobs.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from diffusiongemma_vllm.kernels.vocab_tiled_sampler import RowStats
+
+EXACT_IDS = 1 << 24  # token ids travel as fp32 in the gathered statistics: exact below this
+
+
+@dataclass(frozen=True)
+class VocabShards:
+    """This rank's place among the tensor-parallel ranks and the collectives over them."""
+
+    rank: int
+    ranks: int
+    all_gather: Callable[[torch.Tensor], torch.Tensor]  # [N, ...] on each rank -> [ranks, N, ...], in rank order
+    all_reduce: Callable[[torch.Tensor], torch.Tensor]  # elementwise sum over the ranks
+
+
+def merge_row_stats(stats: RowStats, shards: VocabShards) -> RowStats:
+    """The whole vocabulary's statistics from this rank's slice's (`stats`, ids global)."""
+    local = torch.stack([stats.top, stats.log_norm, stats.drawn, stats.entropy, stats.argmax.float(),
+                         stats.sample.float()], dim=-1)
+    top, log_norm, drawn, entropy, argmax, sample = shards.all_gather(local).unbind(-1)  # each [ranks, N]
+    total = torch.logsumexp(log_norm, dim=0)
+    log_share = log_norm - total
+    share = torch.exp(log_share)
+    soft = None
+    if stats.soft is not None:
+        soft = shards.all_reduce(stats.soft * share[shards.rank, :, None])
+    return RowStats(argmax.gather(0, top.argmax(0, keepdim=True))[0].long(),
+                    sample.gather(0, drawn.argmax(0, keepdim=True))[0].long(),
+                    (share * (entropy - log_share)).sum(0), soft, top.max(0).values, total, drawn.max(0).values)
