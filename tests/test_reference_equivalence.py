@@ -81,19 +81,28 @@ def test_pass_by_pass_decisions_match_reference(tiny_dir, references):
 
 
 @pytest.mark.engine
-@pytest.mark.parametrize("checkpoint", ["sf", "unequal_pages"])
-def test_engine_commits_the_reference_tokens(tiny_dirs, references, checkpoint):
+@pytest.mark.parametrize("checkpoint, tensor_parallel, passes", [("sf", 1, None), ("unequal_pages", 1, None),
+                                                                 ("sf", 2, 2)])
+def test_engine_commits_the_reference_tokens(tiny_dirs, references, bind_cpu_ranks, checkpoint, tensor_parallel,
+                                             passes):
     """Catches engine-side divergence: wrong prefix read from the paged cache (also with the
     release's unequal per-layer page sizes, where the cache groups' block sizes differ), a
     commit that does not match the reference encoder pass, or multi-token bookkeeping that
     drops tokens; and logprobs from the wrong pass, the wrong temperature, misaligned with
-    their tokens, or changing the tokens (one request asks for none)."""
+    their tokens, or changing the tokens (one request asks for none). With two tensor-parallel
+    ranks (each with half the heads, the full layer's one KV head on both, half of each expert
+    and of the vocabulary) and canvases resumed over steps of 2 passes: a sampler or logprobs
+    that read one rank's vocabulary slice, ranks whose canvases drift apart, or a resumed
+    canvas that differs on one rank."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     if checkpoint != "sf":
         references = reference_runs(tiny_dirs[checkpoint])
-    llm = LLM(model=tiny_dirs[checkpoint], dtype="float32", max_model_len=512, enforce_eager=True)
+    if tensor_parallel > 1:
+        bind_cpu_ranks(tensor_parallel)
+    llm = LLM(model=tiny_dirs[checkpoint], dtype="float32", max_model_len=512, enforce_eager=True,
+              tensor_parallel_size=tensor_parallel, additional_config={"passes_per_step": passes} if passes else {})
     canvas = llm.llm_engine.model_config.hf_config.canvas_length
     prompts = [TokensPrompt(prompt_token_ids=prompt_ids(n, seed)) for n, seed, _ in REQUESTS]
     params = [SamplingParams(max_tokens=BLOCKS * canvas, ignore_eos=True, seed=seed, extra_args=knobs,
@@ -112,6 +121,7 @@ def test_engine_commits_the_reference_tokens(tiny_dirs, references, checkpoint):
             assert entry[token].rank == 1  # the committed token is the halting pass's argmax
             for token_id, logprob in entry.items():
                 assert abs(logprob.logprob - want[position, token_id].item()) < 1e-4
-    stats = llm.collective_rpc("diffusion_stats")[0]
-    assert stats["passes_per_step"] > 1
+    stats = llm.collective_rpc("diffusion_stats")
+    assert len(stats) == tensor_parallel and all(rank == stats[0] for rank in stats)
+    assert 1 < stats[0]["passes_per_step"] <= (passes or float("inf"))
     del llm
