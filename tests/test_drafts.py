@@ -162,6 +162,16 @@ def test_publisher_reaches_a_subscriber_over_the_socket(tmp_path):
     publisher.socket.close()
 
 
+def test_only_the_first_tensor_parallel_rank_publishes(tmp_path, monkeypatch):
+    """Catches every rank binding the server's one draft address (all but one would fail, and
+    which one publishes would be a race): the first rank binds it, the others publish nothing."""
+    monkeypatch.setenv(DRAFTS_ENV, f"ipc://{tmp_path}/drafts")
+    assert DraftPublisher.from_env(tensor_parallel_rank=1) is None
+    first = DraftPublisher.from_env(tensor_parallel_rank=0)
+    assert first is not None and first.socket.getsockopt_string(first.zmq.LAST_ENDPOINT).endswith("/drafts")
+    first.socket.close()
+
+
 def sse(body: dict) -> str:
     return f"data: {json.dumps(body)}\n\n"
 

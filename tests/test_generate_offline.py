@@ -161,3 +161,14 @@ def test_thirty_two_concurrent_requests_complete_and_report_peak_memory(llm, cap
     with capsys.disabled():
         print(f"\n32 concurrent requests x 96 tokens: {elapsed:.1f} s, peak RSS of engine processes "
               f"{peak['rss'] / 2**30:.2f} GiB")
+
+
+def test_unseeded_requests_get_seeds_every_rank_derives_alike():
+    """Catches a seed drawn from process-local randomness for a request without one: each
+    tensor-parallel rank would draw its own and their canvases would drift apart. The seed must
+    follow from vLLM's request id alone (which ends in a random suffix), and differ between ids."""
+    from diffusiongemma_vllm.engine.worker_step import unseeded_seed
+
+    seeds = [unseeded_seed(f"{n}-1a2b3c4d") for n in range(100)]
+    assert seeds == [unseeded_seed(f"{n}-1a2b3c4d") for n in range(100)]
+    assert len(set(seeds)) == 100 and all(0 <= seed < 1 << 62 for seed in seeds)

@@ -120,9 +120,11 @@ class DraftPublisher:
         self.socket.bind(address)
 
     @classmethod
-    def from_env(cls) -> "DraftPublisher | None":
+    def from_env(cls, tensor_parallel_rank: int = 0) -> "DraftPublisher | None":
+        """The publisher of a worker, bound to the address `register()` set; None when none is set,
+        and on every tensor-parallel rank but the first (all ranks hold the same canvases)."""
         address = os.environ.get(ENV)
-        if not address:
+        if not address or tensor_parallel_rank != 0:
             return None
         try:
             return cls(address)

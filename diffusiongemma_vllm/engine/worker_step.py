@@ -125,9 +125,8 @@ class DenoiseStep:
         self.paged_run_pass = None  # GPU: the run_pass over paged_inputs
         self.graphs: DenoiseGraphs | None = None
         self.capture_context = graph_capture_context(device)
-        # Live drafts (drafts/publisher.py), bound now, before any request; under tensor
-        # parallelism every rank holds the same canvases and the first publishes.
-        self.drafts = DraftPublisher.from_env() if get_tensor_model_parallel_rank() == 0 else None
+        # Live drafts (drafts/publisher.py), bound now, before any request.
+        self.drafts = DraftPublisher.from_env(get_tensor_model_parallel_rank())
 
     def _settings(self, req_id: str, sampling_params) -> _RequestSettings:
         if req_id not in self.settings:
