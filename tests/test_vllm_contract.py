@@ -82,6 +82,10 @@ Layers (model/diffusion_gemma.py)
   `WeightsMapper(orig_to_new_stacked=)`, `AutoWeightsLoader.load_weights(mapper=)`,
   `get_tensor_model_parallel_world_size`; the loader's `process_weights_after_loading`, and
   `get_model` (the live runner's `load_model`).
+Tensor parallelism (model/diffusion_gemma.py, engine/worker_step.py)
+- `VocabParallelEmbedding.shard_indices` (`org_vocab_start_index`, `num_org_elements`); the
+  tensor-parallel group's `rank_in_group`, `world_size`, `all_gather(input_, dim)`,
+  `all_reduce`; `get_tensor_model_parallel_rank`; `parallel_state.graph_capture(device)`.
 Compilation (model/diffusion_gemma.py, model/phase_attention.py, engine/config_hook.py)
 - `support_torch_compile(dynamic_arg_dims=)`: under mode NONE the class's call is its forward;
   `direct_register_custom_op(target_lib=, fake_impl=)` in a library of our own;
@@ -1276,6 +1280,29 @@ def test_tied_embedding_head_and_logits(layer_config):
     assert torch.equal(embed(ids), table[ids])
     x = torch.randn(3, hidden)
     torch.testing.assert_close(LogitsProcessor(vocab)(head, x)[:, :vocab], x @ table.T)
+
+
+def test_vocabulary_shards_and_tensor_parallel_collectives(single_rank):
+    """Catches a change in how VocabParallelEmbedding splits the vocabulary across ranks (the
+    sampler reads rank r's rows as ids from `shard_indices.org_vocab_start_index`, without the
+    padding rows), or in the collectives the sampler's merge calls: the tensor-parallel group's
+    `rank_in_group` / `world_size`, `all_gather(input_, dim)` concatenating in rank order,
+    `all_reduce`, and `graph_capture(device)` around the denoise graphs' capture on a GPU.
+    Two real ranks run in tests/test_reference_equivalence.py (CPU; GPUs: not yet)."""
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tp_group
+    from vllm.distributed.parallel_state import graph_capture
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding, pad_vocab_size
+
+    vocab = 100
+    padded = pad_vocab_size(vocab)  # 128: 64 rows per rank of two
+    ranks = [VocabParallelEmbedding._get_indices(padded, padded, vocab, vocab, rank, 2) for rank in (0, 1)]
+    assert [(r.org_vocab_start_index, r.num_org_elements) for r in ranks] == [(0, padded // 2), (padded // 2, 36)]
+    group = get_tp_group()
+    assert (group.rank_in_group, group.world_size, get_tensor_model_parallel_rank()) == (0, 1, 0)
+    assert list(inspect.signature(group.all_gather).parameters) == ["input_", "dim"]
+    x = torch.randn(3, 6)
+    assert group.all_gather(x, dim=0) is x and group.all_reduce(x) is x  # one rank: no-ops
+    assert list(inspect.signature(graph_capture).parameters) == ["device"]
 
 
 # --- Metrics ---------------------------------------------------------------------------------
