@@ -40,7 +40,10 @@ The draw is argmax_v(z_v + g_v), g = -log(-log u), u_v = word v % 4 of tl.rand4x
 v // 4) (Philox 4x32-10): it depends on (key, v) alone, not on chunks or the batch;
 `noise.gumbel_noise` is the same noise in torch. The logits' products are exact for bf16
 inputs and summed in fp32, so the reference is `naive_row_stats` on fp32 copies of the inputs.
-Temperatures must be > 0 (not checked: that would synchronise the device).
+Temperatures must be > 0 (not checked: that would synchronise the device). Under tensor
+parallelism `embedding` is one rank's slice of the vocabulary, from id `first_id`: ids and
+noise are the global ones, and the returned top, log-normaliser and Gumbel maximum let
+`denoise/vocab_shards.py` merge the slices.
 """
 
 from __future__ import annotations
