@@ -4,7 +4,7 @@ engine is in test_generate_offline.py; the CUDA figures come from benchmarks/gpu
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -30,7 +30,7 @@ def step_with_graphs(captured: tuple[int, ...], context_lens: list[int]) -> Simp
                            graph_factory=lambda pool: None)
     graphs.captured = {size: (RecordingGraph(size), None) for size in captured}
     return SimpleNamespace(graphs=graphs, paged_inputs=SimpleNamespace(context_lens=torch.tensor(context_lens)),
-                           pending={}, largest_pass=8, canvas_length=16)
+                           pending={}, largest_pass=8, canvas_length=16, capture_context=nullcontext)
 
 
 def test_a_profile_replays_the_graph_serving_would_use_on_empty_prefixes():
