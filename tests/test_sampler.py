@@ -11,7 +11,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     StableAndConfidentStoppingCriteria,
 )
 
-from diffusiongemma_vllm.model.config import SamplerConfig
+from diffusiongemma_vllm.model.config import TEMPERATURE_RANGE, SamplerConfig
 from diffusiongemma_vllm.denoise.noise import CanvasNoise
 from diffusiongemma_vllm.kernels.vocab_tiled_sampler import vocab_tiled_row_stats
 from diffusiongemma_vllm.denoise.sampler import decide, entropy_bound_mask, unchanged_passes
@@ -105,8 +105,22 @@ def test_generation_config_round_trip_and_overrides():
     ({"max_denoising_steps": True}, "max_denoising_steps"), ({"entropy_bound": float("nan")}, "entropy_bound"), ({"entropy_bound": 0}, "entropy_bound"),
     ({"t_min": 0}, "t_min"), ({"t_max": 0.1}, "t_max"), ({"stability_threshold": -1}, "stability_threshold"),
     ({"confidence_threshold": "0.1"}, "confidence_threshold"),
+    ({"t_max": float("inf")}, "t_max"), ({"t_max": 1e39}, "t_max"), ({"t_min": 1e-40, "t_max": 1e-40}, "t_min"),
 ])
 def test_invalid_knobs_name_the_field(knobs, field):
-    """Catches a bad request value reaching the sampler (a crash or a silent default)."""
+    """Catches a bad request value reaching the sampler (a crash or a silent default), including
+    temperatures the fp32 sampler turns into NaN (served as blank text, with logprobs a 400 that
+    blamed JSON)."""
     with pytest.raises(ValueError, match=field):
         SamplerConfig().with_request_overrides(knobs)
+
+
+def test_temperatures_at_the_ends_of_the_accepted_range_give_finite_statistics():
+    """Catches a temperature range that admits values the fp32 sampler turns into NaN."""
+    gen = torch.Generator().manual_seed(0)
+    hidden, embedding = torch.randn(8, 16, generator=gen) * 10, torch.randn(300, 16, generator=gen)
+    for temperature in TEMPERATURE_RANGE:
+        stats = vocab_tiled_row_stats(hidden, embedding, 30.0, torch.full((8,), temperature), torch.arange(8), True)
+        assert torch.isfinite(stats.entropy).all() and torch.isfinite(stats.soft).all()
+    stats = vocab_tiled_row_stats(hidden, embedding, 30.0, torch.full((8,), 1e-38), torch.arange(8), True)
+    assert not torch.isfinite(stats.entropy).all()  # what the range keeps out

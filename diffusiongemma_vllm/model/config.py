@@ -134,6 +134,10 @@ def _layer_attention(text, index: int, kind: str, rope: dict) -> LayerAttention:
 SAMPLER_FIELDS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max",
                   "stability_threshold", "confidence_threshold")
 MAX_DENOISING_STEPS_LIMIT = 1024
+# Temperatures the fp32 sampler computes with: the softcapped logits (|z| <= 30) divided by
+# a temperature below this overflow the entropy's sums, and an infinite one flattens the
+# canvas to padding (a red-team run found both served as blank text).
+TEMPERATURE_RANGE = (1e-4, 1e4)
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,11 @@ class SamplerConfig:
         for name in ("entropy_bound", "t_min"):  # transformers rejects 0 for both
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        low, high = TEMPERATURE_RANGE
+        for name in ("t_min", "t_max"):
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(f"{name} must be within [{low:g}, {high:g}] (a sampling temperature), "
+                                 f"got {getattr(self, name)!r}")
         if self.t_max < self.t_min:
             raise ValueError(f"t_max must be >= t_min, got t_max={self.t_max!r} < t_min={self.t_min!r}")
 
