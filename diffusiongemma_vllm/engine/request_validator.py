@@ -24,8 +24,11 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from diffusiongemma_vllm.model.config import SAMPLER_FIELDS, SamplerConfig
 from diffusiongemma_vllm.drafts.publisher import DRAFT_ARGS, check_draft_args
 
-# extra_args keys vLLM reads itself (v1/request.py: disaggregated prefill and KV reporting).
+# extra_args keys vLLM reads itself (v1/request.py: disaggregated prefill and KV reporting),
+# with the values it can use: it calls .get on the transfer params (a string was a 500 with an
+# empty message) and compares the report mode with "full".
 VLLM_EXTRA_ARGS = ("kv_transfer_params", "ec_transfer_params", "kv_cache_report_mode")
+KV_CACHE_REPORT_MODES = ("incremental", "full")
 ACCEPTED_EXTRA_ARGS = SAMPLER_FIELDS + DRAFT_ARGS + VLLM_EXTRA_ARGS
 
 # Sampling fields the block sampler does not implement, with the value that means "off".
@@ -63,6 +66,12 @@ def check_request(sampling_params) -> None:
         raise ValueError(f"unknown DiffusionGemma request setting {unknown[0]!r} (vllm_xargs / extra_args); "
                          f"accepted: {', '.join(SAMPLER_FIELDS + DRAFT_ARGS[:1])}")
     check_draft_args(extra_args)
+    for name in ("kv_transfer_params", "ec_transfer_params"):
+        if extra_args.get(name) is not None and not isinstance(extra_args[name], dict):
+            raise ValueError(f"{name} must be an object, got {extra_args[name]!r}")
+    if extra_args.get("kv_cache_report_mode", "incremental") not in KV_CACHE_REPORT_MODES:
+        raise ValueError(f"kv_cache_report_mode must be one of {', '.join(KV_CACHE_REPORT_MODES)}, "
+                         f"got {extra_args['kv_cache_report_mode']!r}")
     for name, off in UNSUPPORTED.items():
         value = getattr(sampling_params, name, off)
         if value != off and value not in ({}, []):
