@@ -166,10 +166,12 @@ def test_concurrent_streams_get_only_their_own_drafts(server):
     ({"stream": True, "vllm_xargs": {"draft_every": 0}}, "draft_every"),
     ({"stream": True, "n": 2, "vllm_xargs": {"draft_every": 2}}, "n=1"),
     ({"vllm_xargs": {"draft_every": 2}}, "stream"),
+    ({"vllm_xargs": {"draft_every": 2, "draft_key": "mine"}}, "draft_key"),
 ])
 def test_bad_draft_requests_are_a_400(server, body, says):
     """Catches a draft request the stream cannot serve (bad interval, several choices, not
-    streamed) being accepted and answered without drafts."""
+    streamed) being accepted and answered without drafts, or a client's own draft_key getting
+    past the not-streamed check (drafts published for nobody)."""
     response = requests.post(server.url + "/v1/completions", timeout=300,
                              json={"model": "tiny", "prompt": "Write", "max_tokens": 8, **body})
     assert response.status_code == 400

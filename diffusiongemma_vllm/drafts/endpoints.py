@@ -66,6 +66,10 @@ async def playground() -> HTMLResponse:
 async def _serve(vllm_route, request, raw_request: Request, chat: bool):
     subscriber: DraftSubscriber | None = getattr(raw_request.app.state, "diffusion_drafts", None)
     xargs = request.vllm_xargs or {}
+    if "draft_key" in xargs:  # the server's to set: a client's would publish drafts nobody reads
+        return JSONResponse(status_code=400, content={"error": {
+            "message": "draft_key is set by the server; ask for drafts with draft_every on a streamed request",
+            "type": "BadRequestError", "param": "draft_key", "code": 400}})
     if "draft_every" not in xargs or not request.stream or subscriber is None:
         return await vllm_route(request, raw_request)  # the request_validator refuses a stray draft_every
     key = uuid.uuid4().hex
