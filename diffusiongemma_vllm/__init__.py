@@ -8,6 +8,8 @@ drafts travel on (drafts/publisher.py); nothing here imports torch model code or
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import tempfile
 import uuid
@@ -30,5 +32,14 @@ def register() -> None:
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     MODELS_CONFIG_MAP[ARCHITECTURE] = DiffusionGemmaEngineConfig
     # The first vLLM process (API server or LLM) runs this before starting the engine, whose
-    # processes inherit the address: one per server.
-    os.environ.setdefault(DRAFTS_ENV, f"ipc://{tempfile.gettempdir()}/dg-drafts-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    # processes inherit the address: one per server. That process removes the socket's file
+    # (which the worker creates) when it exits.
+    if DRAFTS_ENV not in os.environ:
+        path = f"{tempfile.gettempdir()}/dg-drafts-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        os.environ[DRAFTS_ENV] = f"ipc://{path}"
+        atexit.register(_remove_file, path)
+
+
+def _remove_file(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -80,6 +82,17 @@ def test_register_names_one_draft_address_per_server(monkeypatch):
     monkeypatch.setenv(DRAFTS_ENV, "ipc:///tmp/inherited")
     register()
     assert os.environ[DRAFTS_ENV] == "ipc:///tmp/inherited"
+
+
+def test_the_process_that_names_the_draft_address_removes_its_socket_file_at_exit():
+    """Catches one leftover socket file in the temp folder per server start (the worker binds
+    the ipc:// address, which creates the file; nothing removed it)."""
+    script = ("import os, pathlib, diffusiongemma_vllm as d; d.register(); "
+              "path = os.environ[d.DRAFTS_ENV].removeprefix('ipc://'); pathlib.Path(path).touch(); print(path)")
+    env = {k: v for k, v in os.environ.items() if k != DRAFTS_ENV}
+    path = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert path and not os.path.exists(path)
 
 
 @pytest.fixture(scope="module")
