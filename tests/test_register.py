@@ -38,3 +38,14 @@ def test_register_twice_resolves_to_plugin_class():
     assert ModelRegistry.models[ARCHITECTURE].load_model_cls() is DiffusionGemmaForBlockDiffusion
     assert MODELS_CONFIG_MAP[ARCHITECTURE] is DiffusionGemmaEngineConfig
     assert diffusiongemma_vllm.MODEL_CLASS.endswith(":DiffusionGemmaForBlockDiffusion")
+
+
+def test_plugin_logs_print_as_vllms_do():
+    """Catches the plugin's INFO lines (the engine settings it forces at start-up) being
+    dropped: vLLM configures only its own `vllm` logger (at engine start), and a logger outside
+    it falls through to Python's last-resort handler, which prints warnings only."""
+    code = ("from vllm.config.logging import LoggingConfig; from vllm.logger import configure_logging; "
+            "configure_logging(LoggingConfig()); from diffusiongemma_vllm.engine import config_hook; "
+            "config_hook.logger.info('forced settings')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert any("INFO" in line and line.endswith("forced settings") for line in (out.stdout + out.stderr).splitlines())

@@ -34,7 +34,7 @@ import torch
 from diffusiongemma_vllm.denoise.loop import CanvasBatch, RowStatsFn, RunPass, Unembedding, denoise_pass
 
 LADDER = (1, 2, 4, 8, 16, 32, 64)
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger, the one vLLM configures
 
 
 def ladder_for(max_canvases: int) -> tuple[int, ...]:

@@ -44,7 +44,7 @@ from diffusiongemma_vllm import ARCHITECTURE, DRAFTS_ENV
 from diffusiongemma_vllm.drafts.stream import DraftFormat, DraftSubscriber, with_drafts
 from diffusiongemma_vllm.drafts.publisher import check_draft_args
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger, the one vLLM configures
 router = APIRouter()
 
 

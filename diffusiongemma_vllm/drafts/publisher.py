@@ -48,7 +48,7 @@ HEADER = struct.Struct("<Bqqq")  # kind, block, pass, text tokens
 DRAFT, CLOSE = 0, 1
 SEND_HWM = 10_000  # messages queued per subscriber before the PUB socket drops (never blocks)
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger, the one vLLM configures
 
 
 def check_draft_args(extra_args: dict) -> None:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from diffusiongemma_vllm.drafts.publisher import CLOSE, Message
 
 QUEUE_SIZE = 4096  # drafts held for one stream whose client reads slowly; more are dropped
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger, the one vLLM configures
 
 
 class DraftSubscriber:

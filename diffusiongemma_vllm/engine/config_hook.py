@@ -64,7 +64,7 @@ from diffusiongemma_vllm.model.checkpoint import quantized_format
 from diffusiongemma_vllm.model.config import SamplerConfig, passes_per_step
 from diffusiongemma_vllm.engine.request_validator import serve_defaults
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, the one vLLM configures
 
 WORKERS = {
     "cpu": "diffusiongemma_vllm.engine.cpu_worker.DiffusionGemmaCPUWorker",

@@ -16,7 +16,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from diffusiongemma_vllm.engine.denoise_memory import graph_memory, run_largest_pass
 from diffusiongemma_vllm.engine.model_runner import DenoiseStepRunnerMixin
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, the one vLLM configures
 
 
 class DiffusionGemmaGPURunner(DenoiseStepRunnerMixin, GPUModelRunner):
