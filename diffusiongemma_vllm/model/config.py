@@ -9,6 +9,7 @@ Everything downstream takes this frozen object, never the raw HF config.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 EXPECTED_MODEL_TYPE = "diffusion_gemma"
@@ -225,7 +226,11 @@ def _check_int(obj, name: str, low: int, high: int) -> None:
 def passes_per_step(additional_config) -> int | None:
     """The engine's `additional_config["passes_per_step"]` (engine/worker_step.py): the most denoise
     passes one scheduler step runs, or None (absent) for whole canvases in every step."""
-    value = (additional_config or {}).get("passes_per_step") if isinstance(additional_config, dict) else None
+    settings = additional_config if isinstance(additional_config, dict) else {}
+    for key in settings:  # other plugins' keys pass; a near miss of ours is a typo
+        if key != "passes_per_step" and difflib.get_close_matches(key, ["passes_per_step"], cutoff=0.8):
+            raise ValueError(f"additional_config has {key!r}: did you mean 'passes_per_step'?")
+    value = settings.get("passes_per_step")
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"additional_config passes_per_step must be an integer >= 1, got {value!r}")
     return value
