@@ -11,6 +11,7 @@ then shared); and an abort mid-canvas must leave nothing behind.
 from __future__ import annotations
 
 import gc
+import time
 
 import pytest
 
@@ -78,7 +79,8 @@ def test_canvases_across_steps_equal_whole_canvases(tiny_dir, stepped_llm):
 @pytest.mark.timeout(600)
 def test_aborted_request_leaves_no_canvas_behind(stepped_llm):
     """Catches a client disconnect (an abort) mid-canvas leaking the held canvas state, or
-    disturbing the requests that run after it."""
+    disturbing the requests that run after it; and the held canvas outliving the abort until
+    another request arrives (the engine's step that only finishes requests must free it)."""
     from vllm import SamplingParams
 
     engine_core = stepped_llm.llm_engine
@@ -88,6 +90,10 @@ def test_aborted_request_leaves_no_canvas_behind(stepped_llm):
     while stepped_llm.collective_rpc("diffusion_stats")[0]["pending_canvases"] == 0:
         engine_core.step()  # until its first canvas is held between steps
     engine_core.abort_request(["doomed"])
+    deadline = time.monotonic() + 30
+    while stepped_llm.collective_rpc("diffusion_stats")[0]["pending_canvases"] and time.monotonic() < deadline:
+        time.sleep(0.1)  # the engine core's next step tells the worker
+    assert stepped_llm.collective_rpc("diffusion_stats")[0]["pending_canvases"] == 0
     after = stepped_llm.generate(["the next request"], params)[0].outputs[0].token_ids
     assert after == alone
     assert stepped_llm.collective_rpc("diffusion_stats")[0]["pending_canvases"] == 0

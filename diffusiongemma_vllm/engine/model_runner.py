@@ -14,6 +14,8 @@ memory functions for the whole process, which breaks CUDA-graph capture in a GPU
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from vllm.v1.outputs import LogprobsTensors, SamplerOutput
 
@@ -27,6 +29,19 @@ class DenoiseStepRunnerMixin:
     def load_model(self, *args, **kwargs):
         super().load_model(*args, **kwargs)
         self.denoise_step = DenoiseStep(self.get_model(), self.vllm_config, self.device)
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        """vLLM's. A step that schedules no token still tells the runner which requests
+        finished (an abort of the only request, say): their held canvases are freed then, and
+        the pending gauge reported, rather than at the next request's step."""
+        output = super().execute_model(scheduler_output, *args, **kwargs)
+        if output is not None and not scheduler_output.total_num_scheduled_tokens and self.denoise_step is not None:
+            self.denoise_step.forget_finished(self.requests)
+            metrics = self.denoise_step.metrics.take()
+            if metrics:
+                output = copy.copy(output)  # vLLM's empty output is one shared object
+                output.diffusion_metrics = metrics
+        return output
 
     def sample_tokens(self, *args, **kwargs):
         """vLLM's, with the step's counters for /metrics attached (step_metrics.py)."""

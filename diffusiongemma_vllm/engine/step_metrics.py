@@ -44,17 +44,23 @@ class StepMetrics:
         self.pending = 0
         self.denoise_us = 0
         self.steps = 0
+        self.pending_changed = False
 
     def record_step(self, canvas_passes: list[int], pass_canvases: list[int], pending: int, seconds: float):
         self.canvas_passes.update(canvas_passes)
         self.pass_canvases.update(pass_canvases)
-        self.pending = pending
+        self.record_pending(pending)
         self.denoise_us += round(seconds * 1e6)
         self.steps += 1
 
+    def record_pending(self, pending: int):
+        """The canvases held between steps, also when no step denoised (requests aborted)."""
+        self.pending = pending
+        self.pending_changed = True
+
     def take(self) -> dict[str, int]:
-        """The counters as `diffusion:` keys (empty if no step denoised), and reset."""
-        if not self.steps:
+        """The counters as `diffusion:` keys (empty if nothing was recorded), and reset."""
+        if not self.pending_changed:
             return {}
         out = {f"{KEY_PREFIX}canvas_passes:{n}": count for n, count in self.canvas_passes.items()}
         out.update({f"{KEY_PREFIX}pass_canvases:{n}": count for n, count in self.pass_canvases.items()})

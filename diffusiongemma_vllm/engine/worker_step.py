@@ -141,9 +141,7 @@ class DenoiseStep:
         batch = runner.input_batch
         num_reqs = batch.num_reqs
         out = StepOutput(torch.full((num_reqs, self.canvas_length), -1, dtype=torch.int64), {})
-        live = set(runner.requests)  # a preempted request leaves the batch but not this map
-        self.settings = {k: v for k, v in self.settings.items() if k in live}
-        self.pending = {k: v for k, v in self.pending.items() if k in live}
+        self.forget_finished(runner.requests)
         ready = np.nonzero(~runner.discard_request_mask.np[:num_reqs])[0].tolist()
         if not ready:
             return out
@@ -192,6 +190,16 @@ class DenoiseStep:
         self.stats.record_step(finished, sizes)
         self.metrics.record_step(finished, sizes, len(self.pending), time.perf_counter() - started)
         return out
+
+    def forget_finished(self, live) -> None:
+        """Drop the settings and held canvases of requests no longer in `live` (the runner's
+        requests: a preempted request leaves the batch but not that map), and report the pending
+        gauge when that frees a held canvas."""
+        self.settings = {k: v for k, v in self.settings.items() if k in live}
+        held = len(self.pending)
+        self.pending = {k: v for k, v in self.pending.items() if k in live}
+        if len(self.pending) != held:
+            self.metrics.record_pending(len(self.pending))
 
     def _logprobs(self, turn, rows: list[int], wants: list[bool], k: int | None, out: StepOutput) -> None:
         """Top-k logprobs of the canvases this turn finished for requests that asked, from
