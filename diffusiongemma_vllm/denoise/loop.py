@@ -28,7 +28,7 @@ from diffusiongemma_vllm.denoise import noise
 from diffusiongemma_vllm.model.config import SamplerConfig
 from diffusiongemma_vllm.kernels.vocab_tiled_sampler import RowStats, vocab_tiled_row_stats
 from diffusiongemma_vllm.denoise.sampler import PassResult, decide, unchanged_passes
-from diffusiongemma_vllm.denoise.vocab_shards import VocabShards, merge_row_stats
+from diffusiongemma_vllm.denoise.vocab_shards import EXACT_IDS, VocabShards, merge_row_stats
 
 RunPass = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 RowStatsFn = Callable[..., RowStats]
@@ -48,6 +48,10 @@ class Unembedding:
     first_id: int = 0
     vocab_size: int | None = None  # the whole vocabulary; None: weight's rows
     shards: VocabShards | None = None
+
+    def __post_init__(self):
+        if self.shards is not None:  # the merge gathers token ids as fp32
+            assert self.vocab < EXACT_IDS, f"a vocabulary of {self.vocab} ids is too large to merge"
 
     @property
     def vocab(self) -> int:
