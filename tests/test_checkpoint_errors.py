@@ -76,3 +76,37 @@ def test_missing_config_field_is_named(tiny_dir):
     config.text_config.num_experts = None
     with pytest.raises(CheckpointError, match="num_experts"):
         BackboneConfig.from_hf(config)
+
+
+@pytest.mark.parametrize("value", [-32, 0])
+def test_bad_canvas_length_is_named(tiny_dir, value):
+    """Catches a canvas length that starts the engine and kills it at the first request
+    (a negative dimension), or fails start-up with a bare ZeroDivisionError."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_dir)
+    config.canvas_length = value
+    with pytest.raises(CheckpointError, match="canvas_length.*positive integer"):
+        BackboneConfig.from_hf(config)
+
+
+def test_integer_weights_are_named(tiny_dir, tmp_path):
+    """Catches an integer tensor where a float weight belongs loading silently (cast to floats,
+    changing every output)."""
+    name = "model.decoder.layers.0.self_attn.q_proj.weight"
+
+    def to_int(tensors):
+        tensors[name] = tensors[name].to(torch.int32)
+
+    path = broken_copy(tiny_dir, tmp_path / "ckpt", edit_tensors=to_int)
+    with pytest.raises(CheckpointError, match=r"q_proj\.weight.*dtype int32"):
+        load_standalone(path)
+
+
+def test_sampler_config_that_is_not_an_object_is_named():
+    """Catches generation_config.json's sampler_config given as a string being ignored (the
+    checkpoint's entropy bound silently replaced by the release default)."""
+    from diffusiongemma_vllm.model.config import SamplerConfig
+
+    with pytest.raises(CheckpointError, match="sampler_config"):
+        SamplerConfig.from_generation_config({"sampler_config": "x"})

@@ -50,7 +50,7 @@ FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 @dataclass(frozen=True)
 class TensorSpec:
     shape: tuple[int, ...] | None  # None: any shape (SCALAR: one value)
-    dtypes: tuple[torch.dtype, ...] | None = None  # None: any dtype (the model casts)
+    dtypes: tuple[torch.dtype, ...]
 
     def matches_shape(self, tensor: torch.Tensor) -> bool:
         if self.shape == SCALAR:
@@ -171,7 +171,7 @@ def expected_text_tensors(cfg: BackboneConfig, fmt: QuantizedFormat | None = Non
                      "post_feedforward_layernorm", "pre_feedforward_layernorm_2",
                      "post_feedforward_layernorm_1", "post_feedforward_layernorm_2"):
             shapes[f"{p}{norm}.weight"] = (h,)
-    specs = {name: TensorSpec(shape) for name, shape in shapes.items()}
+    specs = {name: TensorSpec(shape, FLOATS) for name, shape in shapes.items()}  # the model casts among these
     if fmt is None:
         return specs
     for module in sorted(quantized):
@@ -207,7 +207,7 @@ def checked_text_weights(
         if not spec.matches_shape(tensor):
             want = "one value" if spec.shape == SCALAR else list(spec.shape)
             raise CheckpointError(f"checkpoint tensor {name!r} has shape {list(tensor.shape)}, expected {want}{layout}")
-        if spec.dtypes is not None and tensor.dtype not in spec.dtypes:
+        if tensor.dtype not in spec.dtypes:
             want = " or ".join(str(d).removeprefix("torch.") for d in spec.dtypes)
             raise CheckpointError(f"checkpoint tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
                                   f"expected {want}{layout}")

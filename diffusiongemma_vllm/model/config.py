@@ -76,24 +76,31 @@ class BackboneConfig:
         layers = tuple(_layer_attention(text, i, kind, rope) for i, kind in enumerate(layer_types))
         eos = getattr(hf_config, "eos_token_id", None) or getattr(text, "eos_token_id", None)
         return cls(
-            vocab_size=_require(text, "vocab_size", "text_config"),
-            hidden_size=_require(text, "hidden_size", "text_config"),
-            intermediate_size=_require(text, "intermediate_size", "text_config"),
-            num_heads=_require(text, "num_attention_heads", "text_config"),
+            vocab_size=_positive_int(text, "vocab_size", "text_config"),
+            hidden_size=_positive_int(text, "hidden_size", "text_config"),
+            intermediate_size=_positive_int(text, "intermediate_size", "text_config"),
+            num_heads=_positive_int(text, "num_attention_heads", "text_config"),
             layers=layers,
-            sliding_window=_require(text, "sliding_window", "text_config"),
-            num_experts=_require(text, "num_experts", "text_config"),
-            top_k_experts=_require(text, "top_k_experts", "text_config"),
-            moe_intermediate_size=_require(text, "moe_intermediate_size", "text_config"),
+            sliding_window=_positive_int(text, "sliding_window", "text_config"),
+            num_experts=_positive_int(text, "num_experts", "text_config"),
+            top_k_experts=_positive_int(text, "top_k_experts", "text_config"),
+            moe_intermediate_size=_positive_int(text, "moe_intermediate_size", "text_config"),
             rms_norm_eps=_require(text, "rms_norm_eps", "text_config"),
             final_logit_softcap=_require(text, "final_logit_softcapping", "text_config"),
-            max_position_embeddings=_require(text, "max_position_embeddings", "text_config"),
-            canvas_length=_require(hf_config, "canvas_length", "config.json"),
+            max_position_embeddings=_positive_int(text, "max_position_embeddings", "text_config"),
+            canvas_length=_positive_int(hf_config, "canvas_length", "config.json"),
             self_conditioning_size=getattr(hf_config, "self_conditioning_size", None)
-            or _require(text, "intermediate_size", "text_config"),
+            or _positive_int(text, "intermediate_size", "text_config"),
             pad_token_id=_require(text, "pad_token_id", "text_config"),
             eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else (eos,),
         )
+
+
+def _positive_int(obj, name: str, where: str) -> int:
+    value = _require(obj, name, where)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"{where} field {name!r} must be a positive integer, got {value!r}")
+    return value
 
 
 def _require(obj, name: str, where: str):
@@ -176,6 +183,8 @@ class SamplerConfig:
         """Server defaults from generation_config.json (missing keys keep the release values)."""
         values = {name: generation[name] for name in SAMPLER_FIELDS if name in generation and name != "entropy_bound"}
         sampler = generation.get("sampler_config") or {}
+        if not isinstance(sampler, dict):
+            raise CheckpointError(f"generation_config.json: sampler_config must be an object, got {sampler!r}")
         if "entropy_bound" in sampler:
             values["entropy_bound"] = sampler["entropy_bound"]
         try:
