@@ -161,3 +161,28 @@ def test_a_failed_capture_turns_graphs_off_and_the_step_still_completes(standalo
     assert "RuntimeError: operation not permitted" in graphs.disabled
     assert not graphs.captured and not graphs.covers(1)
     assert torch.equal(replayed.tokens, eager.tokens) and torch.equal(replayed.passes, eager.passes)
+
+
+def test_a_capture_that_failed_on_another_rank_turns_these_graphs_off_too(standalone):
+    """Catches tensor-parallel ranks disagreeing on graphs after one rank's capture failed: that
+    rank would run eager passes while the others replay, and their collectives would not pair
+    up. Here this rank's captures succeed and another rank reports a failure: the graphs go off
+    after the first size, saying so, and tokens equal eager passes."""
+    model, cfg = standalone, standalone.model.cfg
+    run_pass = short_prompt_requests(model, 2)
+    unembedding = model.model.unembedding()
+    votes = []
+
+    def agree(ok: bool) -> bool:
+        votes.append(ok)
+        return False  # another rank failed
+
+    graphs = DenoiseGraphs(run_pass, unembedding, row_stats_for(torch.device("cpu")), ladder=(1, 2),
+                           graph_factory=RecordedGraph, agree=agree)
+    jobs = [CanvasJob(0, SamplerConfig(**k), seed=s) for s, k in enumerate(KNOBS[:2])]
+    graphs.capture_ladder(CanvasBatch.start(jobs, cfg.canvas_length, cfg.vocab_size, cfg.hidden_size,
+                                            torch.float32, "cpu"))
+    assert votes == [True] and "another tensor-parallel rank" in graphs.disabled and not graphs.captured
+    replayed = denoise_canvases(jobs, cfg.canvas_length, run_pass, unembedding, graphs=graphs)
+    eager = denoise_canvases(jobs, cfg.canvas_length, run_pass, unembedding)
+    assert torch.equal(replayed.tokens, eager.tokens) and torch.equal(replayed.passes, eager.passes)

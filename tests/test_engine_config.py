@@ -5,18 +5,27 @@ from __future__ import annotations
 import pytest
 
 
-@pytest.mark.parametrize("name", ["pipeline_parallel_size", "data_parallel_size"])
-def test_pipeline_and_data_parallelism_are_rejected_naming_the_setting(tiny_dir, name):
-    """Catches a hang under pipeline or data parallelism (ranks out of lockstep): the engine
+@pytest.mark.parametrize("args, says", [
+    ({"pipeline_parallel_size": 2}, "pipeline_parallel_size must be 1"),
+    ({"data_parallel_size": 2}, "data_parallel_size must be 1"),
+    ({"tensor_parallel_size": 2, "decode_context_parallel_size": 2}, "decode_context_parallel_size must be 1"),
+    ({"prefill_context_parallel_size": 2}, "prefill_context_parallel_size must be 1"),
+    ({"tensor_parallel_size": 2, "distributed_executor_backend": "external_launcher"}, "external_launcher"),
+])
+def test_parallelism_the_denoise_loop_cannot_follow_is_rejected_naming_the_setting(tiny_dir, args, says):
+    """Catches a hang under pipeline or data parallelism (ranks out of lockstep), silently wrong
+    text under context parallelism (each rank's cache holds only some prefix tokens, which the
+    denoise attention reads as the whole prefix), and ranks drawing different canvases under
+    the external launcher (each names requests, and seeds unseeded ones, on its own): the engine
     must refuse to start and say which setting to change (tensor parallelism runs:
-    tests/test_tensor_parallel.py)."""
+    tests/test_reference_equivalence.py)."""
     from vllm.engine.arg_utils import EngineArgs
 
     from diffusiongemma_vllm import register
 
     register()
-    with pytest.raises(ValueError, match=f"{name} must be 1"):
-        EngineArgs(model=tiny_dir, max_model_len=256, **{name: 2}).create_engine_config()
+    with pytest.raises(ValueError, match=says):
+        EngineArgs(model=tiny_dir, max_model_len=256, **args).create_engine_config()
 
 
 def test_single_device_config_marks_the_model_non_diffusion_for_vllm(tiny_dir):

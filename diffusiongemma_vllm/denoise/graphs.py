@@ -69,12 +69,16 @@ class CudaGraph:
 class DenoiseGraphs:
     def __init__(self, run_pass: RunPass, unembedding: Unembedding, row_stats: RowStatsFn,
                  ladder: tuple[int, ...] = LADDER, passes_per_replay: int = 1,
-                 graph_factory: Callable[[object], object] | None = None):
+                 graph_factory: Callable[[object], object] | None = None,
+                 agree: Callable[[bool], bool] = bool):
         assert list(ladder) == sorted(set(ladder)) and ladder[0] >= 1, ladder
         assert passes_per_replay >= 1
         self.run_pass, self.unembedding, self.row_stats = run_pass, unembedding, row_stats
         self.ladder, self.passes_per_replay = ladder, passes_per_replay
         self.graph_factory = graph_factory or CudaGraph
+        # Under tensor parallelism, whether every rank's capture succeeded (each passes its own):
+        # the graphs go off on all ranks or none, so their passes run the same collectives.
+        self.agree = agree
         self.pool = torch.cuda.graph_pool_handle() if graph_factory is None else None
         self.captured: dict[int, tuple[object, CanvasBatch]] = {}  # ladder size -> (graph, static batch)
         self.replays = 0
@@ -116,10 +120,13 @@ class DenoiseGraphs:
         return static.take(slice(0, n))
 
     def _try_capture(self, size: int, like: CanvasBatch) -> bool:
+        failure = None
         try:
             self.captured[size] = self._capture(size, like)
         except Exception as error:  # noqa: BLE001 - any capture failure: serve eagerly
-            self.disabled = f"capturing {size} canvases failed: {type(error).__name__}: {error}"
+            failure = f"{type(error).__name__}: {error}"
+        if not self.agree(failure is None):
+            self.disabled = f"capturing {size} canvases failed: {failure or 'on another tensor-parallel rank'}"
             logger.warning("DiffusionGemma denoise CUDA graphs off, passes run eagerly (%s)", self.disabled)
             self.captured.clear()
             if torch.cuda.is_available():

@@ -25,11 +25,13 @@ architecture name in place of vLLM's in-tree one:
   inherit it;
 - installs the plugin's worker and its request validator;
 - lifts the checkpoint's `max_new_tokens=256` default so `max_tokens` alone bounds a reply;
-- rejects pipeline and data parallelism: a pass needs every layer (pipeline stages would
-  hand each pass's activations along), and vLLM's data-parallel MoE runs its ranks' forwards
-  in lockstep, which the loop's extra passes would break. Tensor parallelism runs: every
-  rank runs the same denoise loop and the sampler merges the ranks' vocabulary slices
-  (denoise/vocab_shards.py);
+- rejects pipeline, data and context parallelism: a pass needs every layer (pipeline stages
+  would hand each pass's activations along), vLLM's data-parallel MoE runs its ranks' forwards
+  in lockstep, which the loop's extra passes would break, and under context parallelism each
+  rank's cache holds only some of the prefix's tokens, which the denoise attention reads as
+  whole. Tensor parallelism runs: every rank runs the same denoise loop and the sampler
+  merges the ranks' vocabulary slices (denoise/vocab_shards.py), except under vLLM's
+  `external_launcher`, whose ranks each name requests (and so seed unseeded ones) on their own;
 - rejects the other settings the worker step cannot honour, naming each, so they fail here
   and not at the first step: speculative decoding, watermarking (it biases vLLM's sampler,
   which the worker step replaces, and needs Model Runner V2), a logprobs mode other than raw_logprobs,
@@ -159,11 +161,17 @@ class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
         from vllm.platforms import current_platform
 
         parallel = vllm_config.parallel_config
-        for name in ("pipeline_parallel_size", "data_parallel_size"):
+        for name in ("pipeline_parallel_size", "data_parallel_size", "decode_context_parallel_size",
+                     "prefill_context_parallel_size"):
             if getattr(parallel, name) != 1:
-                raise ValueError(f"DiffusionGemma (diffusiongemma-vllm) does not run {name.split('_')[0]} parallelism: "
+                kind = name.removesuffix("_parallel_size").replace("_", " ")
+                raise ValueError(f"DiffusionGemma (diffusiongemma-vllm) does not run {kind} parallelism: "
                                  f"{name} must be 1, got {getattr(parallel, name)}; use tensor_parallel_size, or one "
                                  "engine per device")
+        if parallel.tensor_parallel_size > 1 and parallel.distributed_executor_backend == "external_launcher":
+            refuse("distributed_executor_backend", "external_launcher",
+                   "each launched rank names requests on its own, so unseeded requests would get different "
+                   "seeds and the ranks' canvases would differ; use vLLM's own executor")
         if vllm_config.speculative_config is not None:
             refuse("speculative_config", vllm_config.speculative_config.method,
                    "a block-diffusion step already emits a whole canvas per request")

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from vllm import envs
 from vllm.config import CUDAGraphMode
-from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size, get_tp_group
 
 from diffusiongemma_vllm.model.canvas_context import CanvasPass, PagedPrefix, PrefixKV, canvas_forward_context
 from diffusiongemma_vllm.model.config import SamplerConfig, passes_per_step
@@ -266,7 +266,7 @@ class DenoiseStep:
         self.paged_run_pass = self.pass_runner(self.paged_inputs.context_lens, self.paged_inputs.prefixes)
         if self.vllm_config.compilation_config.cudagraph_mode != CUDAGraphMode.NONE:  # off under enforce_eager
             self.graphs = DenoiseGraphs(self.paged_run_pass, self.unembedding, self.row_stats,
-                                        ladder=ladder_for(self.largest_pass))
+                                        ladder=ladder_for(self.largest_pass), agree=all_ranks_agree)
 
     def _load_paged_inputs(self, runner, ready: list[int], context: list[int]):
         """GPU: copy this step's context lengths and block-table rows into the static inputs
@@ -347,6 +347,17 @@ def graph_capture_context(device: torch.device) -> Callable[[], AbstractContextM
 
         return functools.partial(graph_capture, device)
     return contextlib.nullcontext
+
+
+def all_ranks_agree(ok: bool) -> bool:
+    """Whether `ok` holds on every tensor-parallel rank (each passes its own): a graph capture
+    that failed on one rank turns the graphs off on all of them."""
+    group = get_tp_group()
+    if group.world_size == 1:
+        return ok
+    flag = torch.tensor([int(ok)])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group.cpu_group)
+    return bool(flag.item())
 
 
 def unseeded_seed(req_id: str) -> int:
