@@ -192,15 +192,15 @@ def _row_chunk(hidden, embedding, softcap, temperature, keys, with_soft, vocab_c
         if with_soft:
             soft.mul_(scale[:, None]).add_(matmul(probs, chunk))
     m, total, weighted, drawn = stats.transpose(0, 1)  # each [chunks, rows]
-    top = m.max(0).values  # also the final running_max
+    # max along a dim gives the first chunk on ties, i.e. the lowest vocabulary id, as argmax does.
+    top, best_chunk = m.max(0, keepdim=True)  # top is also the final running_max
+    drawn_max, drawn_chunk = drawn.max(0, keepdim=True)
     w = torch.exp(m - top)
     norm = (w * total).sum(0)
-    entropy = torch.log(norm) - (w * (weighted + (m - top) * total)).sum(0) / norm
-    # torch.argmax takes the first chunk on ties, i.e. the lowest vocabulary id.
-    argmax = ids[:, 0].gather(0, m.argmax(0, keepdim=True))[0]
-    sample = ids[:, 1].gather(0, drawn.argmax(0, keepdim=True))[0]
-    return RowStats(argmax, sample, entropy, soft.div_(norm[:, None]) if with_soft else None,
-                    top, top + torch.log(norm), drawn.max(0).values)
+    log_norm = torch.log(norm)
+    entropy = log_norm - (w * (weighted + (m - top) * total)).sum(0) / norm
+    return RowStats(ids[:, 0].gather(0, best_chunk)[0], ids[:, 1].gather(0, drawn_chunk)[0], entropy,
+                    soft.div_(norm[:, None]) if with_soft else None, top[0], top[0] + log_norm, drawn_max[0])
 
 
 def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
