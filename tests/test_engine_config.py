@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
@@ -12,7 +14,8 @@ import pytest
     ({"prefill_context_parallel_size": 2}, "prefill_context_parallel_size must be 1"),
     ({"tensor_parallel_size": 2, "distributed_executor_backend": "external_launcher"}, "external_launcher"),
 ])
-def test_parallelism_the_denoise_loop_cannot_follow_is_rejected_naming_the_setting(tiny_dir, args, says):
+def test_parallelism_the_denoise_loop_cannot_follow_is_rejected_naming_the_setting(tiny_dir, monkeypatch, args,
+                                                                                   says):
     """Catches a hang under pipeline or data parallelism (ranks out of lockstep), silently wrong
     text under context parallelism (each rank's cache holds only some prefix tokens, which the
     denoise attention reads as the whole prefix), and ranks drawing different canvases under
@@ -24,6 +27,9 @@ def test_parallelism_the_denoise_loop_cannot_follow_is_rejected_naming_the_setti
     from diffusiongemma_vllm import register
 
     register()
+    # vLLM's config for the external launcher turns engine multiprocessing off process-wide;
+    # restored after the test, or later engines in this process would run in it.
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1"))
     with pytest.raises(ValueError, match=says):
         EngineArgs(model=tiny_dir, max_model_len=256, **args).create_engine_config()
 
