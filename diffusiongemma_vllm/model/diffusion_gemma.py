@@ -374,8 +374,8 @@ def _tensor_parallel_shards() -> VocabShards | None:
     group = get_tp_group()
     if group.world_size == 1:
         return None
-    # The fp32 soft signal is all-reduced flat: vLLM's FlashInfer all-reduce takes 2-D tensors
-    # up to 64 MB first, and fails on fp32 in a workspace its bf16 layers set up.
+    # The fp32 soft signal is all-reduced flat: vLLM tries its FlashInfer all-reduce first for
+    # 2-D tensors up to 64 MB, reported failing on fp32 (vLLM PR #44983).
     return VocabShards(group.rank_in_group, group.world_size,
                        lambda local: group.all_gather(local, dim=0).view(group.world_size, *local.shape),
                        lambda partial: group.all_reduce(partial.flatten()).view_as(partial))
