@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from diffusiongemma_vllm.testing.cpu_ranks import cpu_rank_binding
 from diffusiongemma_vllm.testing.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -43,16 +44,13 @@ def tiny_dir(tiny_dirs) -> str:
 
 @pytest.fixture
 def bind_cpu_ranks(monkeypatch):
-    """bind(ranks): give each tensor-parallel rank of a vllm-cpu engine its own cores. vllm-cpu
-    binds one NUMA node per rank unless `VLLM_CPU_OMP_THREADS_BIND` lists cores, and this
-    machine has one node."""
+    """bind(ranks): give each tensor-parallel rank of a vllm-cpu engine started in this test
+    its own cores (testing/cpu_ranks.py); skips when there are fewer cores than ranks."""
 
     def bind(ranks: int) -> None:
-        cores = sorted(os.sched_getaffinity(0))
-        if len(cores) < ranks:
-            pytest.skip(f"{ranks} tensor-parallel ranks need {ranks} cores, this machine has {len(cores)}")
-        per = len(cores) // ranks
-        groups = [cores[r * per:(r + 1) * per] for r in range(ranks)]
-        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "|".join(",".join(map(str, g)) for g in groups))
+        binding = cpu_rank_binding(ranks)
+        if binding is None:
+            pytest.skip(f"{ranks} tensor-parallel ranks need {ranks} cores")
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", binding)
 
     return bind

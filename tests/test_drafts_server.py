@@ -2,8 +2,8 @@
 
 The server runs with `passes_per_step` 3, so a canvas of 8 passes spans three scheduler
 steps and its drafts come from resumed canvases; tests/test_playground.py's server runs whole
-canvases per step. One server for the module; the last test checks it still serves after a
-client leaves mid-draft.
+canvases per step. One server on one rank, then one on two tensor-parallel ranks; the last test
+checks each still serves after a client leaves mid-draft.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import requests
 
 from benchmarks.openai_server import OpenAIServer
 from diffusiongemma_vllm import DRAFTS_ENV
+from diffusiongemma_vllm.testing.cpu_ranks import cpu_rank_binding
 from diffusiongemma_vllm.testing.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 pytestmark = pytest.mark.engine
@@ -27,11 +28,12 @@ SERVE_SPEC = TinySpec(canvas_length=256, sliding_window=128, layer_types=("slidi
 NEVER_CONFIDENT = {"max_denoising_steps": 8, "confidence_threshold": 0.0}  # every canvas runs 8 passes
 
 
-def start_server(model_dir, *args: str) -> OpenAIServer:
+def start_server(model_dir, *args: str, env: dict[str, str] | None = None) -> OpenAIServer:
     """A server with the endpoint plugin allowed (VLLM_PLUGINS names the general plugin too)
     and its own draft address (not one this test process's register() may have set)."""
-    saved = {name: os.environ.get(name) for name in ("VLLM_PLUGINS", DRAFTS_ENV)}
-    os.environ["VLLM_PLUGINS"] = "diffusiongemma"
+    env = {"VLLM_PLUGINS": "diffusiongemma", **(env or {})}
+    saved = {name: os.environ.get(name) for name in (*env, DRAFTS_ENV)}
+    os.environ.update(env)
     os.environ.pop(DRAFTS_ENV, None)
     try:
         return OpenAIServer(str(model_dir), "--max-model-len", "2048", "--served-model-name", "tiny", *args)
@@ -73,9 +75,19 @@ def model_dir(tmp_path_factory):
     return build_tiny_checkpoint(tmp_path_factory.mktemp("drafts") / "model", SERVE_SPEC, seed=3)
 
 
-@pytest.fixture(scope="module")
-def server(model_dir):
-    srv = start_server(model_dir, "--additional-config", json.dumps({"passes_per_step": 3}))
+@pytest.fixture(scope="module", params=[1, 2], ids=["one_rank", "two_ranks"])
+def server(request, model_dir):
+    """The module's server, on one rank and on two tensor-parallel ranks (only the first
+    publishes drafts; their canvases must be the same)."""
+    ranks = request.param
+    env = {}
+    if ranks > 1:
+        binding = cpu_rank_binding(ranks)
+        if binding is None:
+            pytest.skip(f"{ranks} tensor-parallel ranks need {ranks} cores")
+        env["VLLM_CPU_OMP_THREADS_BIND"] = binding
+    srv = start_server(model_dir, "--additional-config", json.dumps({"passes_per_step": 3}),
+                       "--tensor-parallel-size", str(ranks), env=env)
     yield srv
     srv.stop()
 
