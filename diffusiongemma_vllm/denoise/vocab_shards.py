@@ -15,8 +15,8 @@ merge as the vocabulary chunks inside one rank do:
 Per pass that is one all-gather of [N, 6] scalars and one all-reduce of the [N, H] signal.
 Every rank merges the same gathered values in the same order, so all ranks hold the same
 tokens and the denoise loop's host decisions (which canvases halted) agree across ranks; the
-all-reduce gives every rank the same sum, as in vLLM's own layers. Logprobs merge the same way
-(kernels/top_logprobs.py).
+all-reduce gives every rank the same sum, as in vLLM's own layers. `merge_top_lists` merges
+logprobs the same way (kernels/top_logprobs.py).
 """
 
 from __future__ import annotations
@@ -55,3 +55,18 @@ def merge_row_stats(stats: RowStats, shards: VocabShards) -> RowStats:
     return RowStats(argmax.gather(0, top.argmax(0, keepdim=True))[0].long(),
                     sample.gather(0, drawn.argmax(0, keepdim=True))[0].long(),
                     (share * (entropy - log_share)).sum(0), soft, top.max(0).values, total, drawn.max(0).values)
+
+
+def merge_top_lists(log_z, chosen, best, best_ids, keep: int, shards: VocabShards):
+    """Logprobs (kernels/top_logprobs.py): the whole vocabulary's log Z, token logit and
+    top-`keep` from each rank's slice's ([N], [N], [N, <= keep] values and global ids).
+    Lists are padded to `keep` (a slice narrower than that) with -inf, which never ranks."""
+    rows, short = best.shape[0], keep - best.shape[1]
+    best = torch.cat([best, best.new_full((rows, short), float("-inf"))], 1)
+    best_ids = torch.cat([best_ids, best_ids.new_zeros((rows, short))], 1)
+    local = torch.cat([log_z[:, None], chosen[:, None], best, best_ids.float()], 1)  # ids exact below 2^24
+    gathered = shards.all_gather(local)  # [ranks, N, 2 + 2 keep]
+    everyone = lambda columns: gathered[..., columns].transpose(0, 1).flatten(1)  # noqa: E731 [N, ranks * width]
+    best, order = everyone(slice(2, 2 + keep)).topk(min(keep, shards.ranks * keep), dim=-1)
+    best_ids = everyone(slice(2 + keep, None)).gather(1, order).long()
+    return torch.logsumexp(gathered[..., 0], 0), gathered[..., 1].max(0).values, best, best_ids

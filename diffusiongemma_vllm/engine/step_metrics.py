@@ -44,7 +44,7 @@ class StepMetrics:
         self.pending = 0
         self.denoise_us = 0
         self.steps = 0
-        self.pending_changed = False
+        self.recorded = False
 
     def record_step(self, canvas_passes: list[int], pass_canvases: list[int], pending: int, seconds: float):
         self.canvas_passes.update(canvas_passes)
@@ -56,11 +56,11 @@ class StepMetrics:
     def record_pending(self, pending: int):
         """The canvases held between steps, also when no step denoised (requests aborted)."""
         self.pending = pending
-        self.pending_changed = True
+        self.recorded = True
 
     def take(self) -> dict[str, int]:
         """The counters as `diffusion:` keys (empty if nothing was recorded), and reset."""
-        if not self.pending_changed:
+        if not self.recorded:
             return {}
         out = {f"{KEY_PREFIX}canvas_passes:{n}": count for n, count in self.canvas_passes.items()}
         out.update({f"{KEY_PREFIX}pass_canvases:{n}": count for n, count in self.pass_canvases.items()})

@@ -20,7 +20,8 @@ ties). Runs once per finished canvas, not per pass, with torch matmuls on any de
 Under tensor parallelism `embedding` is this rank's slice of the vocabulary (ids from
 `first_id`): each rank reduces its slice, then the slices' log Z, the token's logit (on the
 rank that holds it) and top-(k+1) lists are gathered and merged, and the extra sweep's counts
-are summed over the ranks (denoise/vocab_shards.py says why every rank ends with the same values).
+are summed over the ranks (denoise/vocab_shards.py, which says why every rank ends with the same
+values).
 
 `naive_top_logprobs` materialises everything and is the reference.
 """
@@ -28,14 +29,11 @@ are summed over the ranks (denoise/vocab_shards.py says why every rank ends with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from diffusiongemma_vllm.denoise.vocab_shards import VocabShards, merge_top_lists
 from diffusiongemma_vllm.kernels.gemm_sampler import BLOCK_ELEMENTS, mm_fp32
-
-if TYPE_CHECKING:
-    from diffusiongemma_vllm.denoise.vocab_shards import VocabShards
 
 
 @dataclass(frozen=True)
@@ -107,7 +105,7 @@ def _top_logprobs_rows(hidden, embedding, softcap: float, tokens, k: int, vocab_
         best_ids = torch.cat([best_ids, index + first], 1).gather(1, order)
     log_z = m + torch.log(total)
     if shards is not None:
-        log_z, chosen, best, best_ids = _merge_slices(log_z, chosen, best, best_ids, keep, shards)
+        log_z, chosen, best, best_ids = merge_top_lists(log_z, chosen, best, best_ids, keep, shards)
     rank = (best >= chosen[:, None]).sum(-1)
     outside = (chosen <= best[:, -1]).nonzero().squeeze(-1) if best.shape[1] == keep else rank[:0]
     if len(outside):  # logits >= the token's may lie beyond the kept top: count over the vocabulary
@@ -116,16 +114,3 @@ def _top_logprobs_rows(hidden, embedding, softcap: float, tokens, k: int, vocab_
         rank[outside] = counts if shards is None else shards.all_reduce(counts.float()).long()
     return TopLogprobs(chosen - log_z, rank, best_ids[:, :k], best[:, :k] - log_z[:, None])
 
-
-def _merge_slices(log_z, chosen, best, best_ids, keep: int, shards: VocabShards):
-    """The whole vocabulary's log Z, token logit and top-`keep` from each rank's slice's.
-    Lists are padded to `keep` (a slice narrower than that) with -inf, which never ranks."""
-    rows, short = best.shape[0], keep - best.shape[1]
-    best = torch.cat([best, best.new_full((rows, short), float("-inf"))], 1)
-    best_ids = torch.cat([best_ids, best_ids.new_zeros((rows, short))], 1)
-    local = torch.cat([log_z[:, None], chosen[:, None], best, best_ids.float()], 1)  # ids exact below 2^24
-    gathered = shards.all_gather(local)  # [ranks, N, 2 + 2 keep]
-    everyone = lambda columns: gathered[..., columns].transpose(0, 1).flatten(1)  # noqa: E731 [N, ranks * width]
-    best, order = everyone(slice(2, 2 + keep)).topk(min(keep, shards.ranks * keep), dim=-1)
-    best_ids = everyone(slice(2 + keep, None)).gather(1, order).long()
-    return torch.logsumexp(gathered[..., 0], 0), gathered[..., 1].max(0).values, best, best_ids
