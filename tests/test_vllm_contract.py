@@ -713,6 +713,31 @@ def test_gpu_runner_capture_hook_signature():
     assert callable(Worker.compile_or_warm_up_model)
 
 
+def test_gpu_runner_profiles_the_logits_without_running_vllms_sampler(live, monkeypatch):
+    """Catches vLLM's sampler warm-up coming back into the GPU start-up: vLLM's profile run and
+    the worker's warm-up call `_dummy_sampler_run(hidden_states)`, which with CUDA graphs on
+    JIT-compiles vLLM's Triton top-k/top-p kernels (more than 3 minutes on an H200, for a
+    sampler the denoise step replaces). The plugin's runner computes the logits there (their
+    memory stays in the profiled peak) and never calls vLLM's sampler."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    from diffusiongemma_vllm.engine.gpu_runner import DiffusionGemmaGPURunner
+
+    assert "self._dummy_sampler_run(" in inspect.getsource(GPUModelRunner.profile_run)
+    assert "_dummy_sampler_run(hidden_states=" in inspect.getsource(Worker.compile_or_warm_up_model)
+    runner = live.runner
+
+    def vllms_sampler(*args, **kwargs):
+        raise AssertionError("vLLM's sampler ran")
+
+    monkeypatch.setattr(runner, "sampler", vllms_sampler)
+    hidden = torch.randn(3, runner.model.cfg.hidden_size)
+    logits = DiffusionGemmaGPURunner._dummy_sampler_run(runner, hidden)
+    torch.testing.assert_close(logits, runner.model.compute_logits(hidden))
+    assert logits.shape == (3, runner.model.cfg.vocab_size)
+
+
 def test_memory_profiling_hooks_and_the_denoise_pass_they_run(live):
     """Catches vLLM's start-up memory hooks moving or changing shape (the plugin's GPU runner
     runs a denoise pass at the largest canvas batch in `profile_run`, inside the worker's

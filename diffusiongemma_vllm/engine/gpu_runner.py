@@ -26,6 +26,14 @@ class DiffusionGemmaGPURunner(DenoiseStepRunnerMixin, GPUModelRunner):
         super().profile_run(*args, **kwargs)
         run_largest_pass(self.denoise_step, self)
 
+    @torch.inference_mode()
+    def _dummy_sampler_run(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """vLLM's profiling run of its own sampler, without the sampler: the denoise step replaces
+        it, and run_largest_pass profiles the denoise sampler. With CUDA graphs on, vLLM JIT-warms
+        its Triton top-k/top-p kernels here, which took minutes on an H200. The logits stay, so
+        the profiled peak still holds a [max_num_reqs, vocab] block."""
+        return self.model.compute_logits(hidden_states)
+
     def profile_cudagraph_memory(self) -> int:
         """vLLM's graph estimate plus the denoise graphs' (their pool and static batches)."""
         estimate = super().profile_cudagraph_memory()  # vLLM calls this only when graphs are on
