@@ -95,11 +95,13 @@ def agreement(a: list[int], b: list[int]) -> dict:
 
 
 def compare_sets(ours: dict, theirs: dict) -> dict:
-    """Agreement of two request sets from `generate_set` (same prompts and seeds)."""
+    """Agreement of two request sets from `generate_set` (same prompts and seeds); `differing`
+    lists the requests that differ, 0 for the one run alone and i + 1 for batch request i."""
     pairs = [agreement(ours["alone"], theirs["alone"])] + [agreement(a, b) for a, b in zip(ours["batch"], theirs["batch"])]
-    return {"requests": len(pairs), "identical": sum(p["equal"] for p in pairs),
+    differing = [i for i, p in enumerate(pairs) if not p["equal"]]
+    return {"requests": len(pairs), "identical": len(pairs) - len(differing),
             "mean_fraction": round(sum(p["fraction"] for p in pairs) / len(pairs), 4),
-            "first_diffs": [p["first_diff"] for p in pairs if not p["equal"]][:16]}
+            "differing": differing[:16], "first_diffs": [pairs[i]["first_diff"] for i in differing][:16]}
 
 
 def generate_set(llm, settings: Settings, checks: Checks) -> dict:
@@ -282,15 +284,25 @@ def tiny_stage(checks: Checks, settings: Settings) -> None:
 
 
 def eager_stage(checks: Checks, settings: Settings) -> None:
+    """a_tiny's requests under enforce_eager. In fp32 the tokens must equal the graphs'; in bf16
+    their agreement is measured (an H200 gave 15 of 17 requests identical: the graphed and
+    eager runs round differently, e.g. cuBLAS may pick other kernels under stream capture), and
+    the exact bf16 check is a_invariant_eager's, under vLLM's batch-invariant kernels."""
+    graphs_vs_eager(checks, settings, "a_tiny", exact=settings.dtype == "float32")
+
+
+def graphs_vs_eager(checks: Checks, settings: Settings, graphed: str, exact: bool) -> None:
     llm = engine(checkpoint("gpu_friendly", settings), settings, checks, dtype=settings.dtype, eager=True)
     run = generate_set(llm, settings, checks)
-    graphs = load_tokens(settings, "a_tiny")
+    graphs = load_tokens(settings, graphed)
     if graphs is None:
-        checks.check("graphs_equal_eager", False, "no tokens from a_tiny (did it run?)")
+        checks.check("graphs_vs_eager", False, f"no tokens from {graphed} (did it run?)")
         return
     versus = compare_sets(graphs, run)
-    checks.check("graphs_equal_eager", versus["identical"] == versus["requests"], versus)
-    checks.measure("headline", {"graphs_vs_eager": versus, "cpu_note": "both eager on CPU" if settings.cpu else None})
+    if exact:
+        checks.check("graphs_equal_eager", versus["identical"] == versus["requests"], versus)
+    checks.measure("headline", {"graphs_vs_eager": versus, "exact": exact,
+                                "cpu_note": "both eager on CPU" if settings.cpu else None})
 
 
 def release_kv_stage(checks: Checks, settings: Settings) -> None:
@@ -428,12 +440,20 @@ def invariant_stage(checks: Checks, settings: Settings) -> None:
     os.environ["VLLM_BATCH_INVARIANT"] = "1"  # before the engine: its processes inherit it
     llm = engine(checkpoint("gpu_friendly", settings), settings, checks, dtype=settings.dtype)
     run = generate_set(llm, settings, checks)
+    save_tokens(settings, "a_invariant", run)
     check_batch_invariance(llm, settings, checks, run, exact=True)
     plain = load_tokens(settings, "a_tiny")
     versus = compare_sets(plain, run) if plain is not None else "no tokens from a_tiny (did it run?)"
     checks.measure("headline", {**checks.data["generate"], "alone_vs_batch": {
         i: p["fraction"] for i, p in checks.data["alone_vs_batch"].items()}, "vs_a_tiny": versus})
     check_sampler_gemms_invariant(checks)
+
+
+def invariant_eager_stage(checks: Checks, settings: Settings) -> None:
+    """The denoise graph ladder against enforce_eager, exact in bf16: a_invariant's requests
+    under VLLM_BATCH_INVARIANT=1 without graphs must give a_invariant's tokens."""
+    os.environ["VLLM_BATCH_INVARIANT"] = "1"
+    graphs_vs_eager(checks, settings, "a_invariant", exact=True)
 
 
 def check_sampler_gemms_invariant(checks: Checks, hidden: int = 2816, vocab: int = 262144) -> None:
@@ -597,7 +617,8 @@ def compile_stage(checks: Checks, settings: Settings) -> None:
 
 
 BODIES = {"env": env_stage, "a_tiny": tiny_stage, "a_eager": eager_stage, "a_release_kv": release_kv_stage,
-          "a_fp32": fp32_stage, "a_invariant": invariant_stage, "a_reference": reference_stage, "a_pps": pps_stage,
+          "a_fp32": fp32_stage, "a_invariant": invariant_stage,
+          "a_invariant_eager": invariant_eager_stage, "a_reference": reference_stage, "a_pps": pps_stage,
           "a_alternatives": alternatives_stage, "a_compile": compile_stage}
 
 if __name__ == "__main__":

