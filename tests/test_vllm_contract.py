@@ -39,6 +39,13 @@ Request admission (request_validator.py)
   `(vllm_config, device, is_pin_memory)`.
 - `SamplingParams` field names and their "off" defaults; the `extra_args` keys `Request` reads
   itself; OpenAI `vllm_xargs` arriving as `SamplingParams.extra_args`.
+Structured outputs (structured_commit.py)
+- `StructuredOutputsParams._backend` named by the front end before the validator runs;
+  `get_structured_output_key`; `XgrammarBackend` / `GuidanceBackend(vllm_config, tokenizer=,
+  vocab_size=)` and `compile_grammar(kind, spec, stop_token_ids=)`; the grammar's
+  `fill_bitmask(bitmask, index)` / `accept_tokens(request_id, tokens)` / `is_terminated()`;
+  `SamplingParams.all_stop_token_ids`; `cached_tokenizer_from_config`; the scheduler ending a
+  request whose tokens its grammar rejects.
 Runner (model_runner.py, cpu_runner.py, gpu_runner.py, engine/worker_step.py)
 - `CPUModelRunner` / `GPUModelRunner` `load_model`, `get_model`, `initialize_kv_cache`,
   `sample_tokens` (returns the step's `ModelRunnerOutput`) and `_sample(logits,
@@ -490,6 +497,40 @@ def test_extra_args_keys_vllm_reads_itself_and_vllm_xargs():
         values[k] for k in ("kv_transfer_params", "ec_transfer_params", "kv_cache_report_mode"))
     openai = CompletionRequest(model="m", prompt="x", vllm_xargs={"entropy_bound": 0.2, "max_denoising_steps": 8})
     assert openai.to_sampling_params(16).extra_args == {"entropy_bound": 0.2, "max_denoising_steps": 8}
+
+
+def test_structured_output_backends_and_the_engine_cores_grammar_check(config):
+    """Catches a change to what the worker builds its grammars from (the backend classes, their
+    constructor and `compile_grammar`, the key of a request's spec, the grammar's methods) or
+    to the engine core's check of committed tokens, which ends a request its grammar rejects
+    (the README says vLLM checks every commit)."""
+    from vllm.tokenizers import cached_tokenizer_from_config
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.structured_output.backend_guidance import GuidanceBackend
+    from vllm.v1.structured_output.backend_types import StructuredOutputGrammar
+    from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend
+    from vllm.v1.structured_output.request import get_structured_output_key
+
+    from diffusiongemma_vllm.engine.request_validator import STRUCTURED_BACKENDS
+
+    params = vllm.sampling_params.StructuredOutputsParams(regex="a+")
+    assert params._backend is None and get_structured_output_key(params)[1] == "a+"
+    sampling = vllm.SamplingParams(stop_token_ids=[5])
+    assert 5 in sampling.all_stop_token_ids
+    tokenizer = cached_tokenizer_from_config(model_config=config.model_config)
+    for name, backend_cls in zip(STRUCTURED_BACKENDS, (XgrammarBackend, GuidanceBackend)):
+        backend = backend_cls(config, tokenizer=tokenizer, vocab_size=config.model_config.get_vocab_size())
+        grammar = backend.compile_grammar(*get_structured_output_key(params), stop_token_ids={1})
+        assert isinstance(grammar, StructuredOutputGrammar), name
+        bitmask = torch.zeros((1, (config.model_config.get_vocab_size() + 31) // 32), dtype=torch.int32)
+        grammar.fill_bitmask(bitmask, 0)
+        assert bitmask.any() and not grammar.is_terminated()
+        assert list(inspect.signature(grammar.accept_tokens).parameters) == ["request_id", "tokens"]
+    source = inspect.getsource(Scheduler.update_from_output)
+    assert "structured_output_manager.accept_tokens(" in source and "FINISHED_ERROR" in source
+    front_end = inspect.getsource(InputProcessor._validate_params)
+    assert front_end.index("params.verify(") < front_end.index("validate_logits_processors_params(")
 
 
 # --- Runner ----------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ architecture name in place of vLLM's in-tree one:
   names an unsupported `quantization_config` field here, at start-up);
 - registers the checkpoint's sampler defaults with the request validator, so admission
   judges a request's knobs against what the worker will apply (a broken
-  generation_config.json fails here, naming the field);
+  generation_config.json fails here, naming the field), and whether structured outputs are
+  refused (`structured_refusal`);
 - logs, once, the engine settings it forces.
 Prefix caching stays on: the plugin never writes K/V itself, and the token a resumed step
 re-feeds (scheduler.py) is recomputed exactly as vLLM recomputes the last token of a fully
@@ -82,6 +83,19 @@ READABLE_BACKENDS = {"cpu": ("CPU_ATTN",), "gpu": ("FLASH_ATTN", "TRITON_ATTN")}
 # is checked by checkpoint.quantized_format) and online methods, which load the bf16 layout.
 STORED_QUANTIZATION = ("compressed-tensors", "modelopt_fp4")
 INTEGER_4BIT = ("awq", "auto_awq", "awq_marlin", "gptq", "auto_gptq", "gptq_marlin", "moe_wna16")
+
+
+def structured_refusal(vllm_config) -> str | None:
+    """Why this engine refuses structured outputs, or None. vLLM leaves a reasoning section
+    free and applies the grammar after it; the worker constrains each canvas as it commits
+    (structured_commit.py), from the first token, so it follows vLLM only when the grammar also
+    applies inside the reasoning (`enable_in_reasoning`)."""
+    config = vllm_config.structured_outputs_config
+    if config.reasoning_parser and not config.enable_in_reasoning:
+        return (f"structured outputs with reasoning_parser={config.reasoning_parser!r} are not supported by "
+                "DiffusionGemma unless the grammar also applies inside the reasoning "
+                "(--structured-outputs-config.enable_in_reasoning true): a canvas is constrained as it commits")
+    return None
 
 
 def refuse(setting: str, value, why: str) -> None:
@@ -203,7 +217,7 @@ class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
                            "and step; the plugin emits a canvas)")
         vllm_config.scheduler_config.async_scheduling = False
         steps = passes_per_step(vllm_config.additional_config)  # a bad value fails here, naming the setting
-        serve_defaults(model_config, SamplerConfig.served_by(model_config))
+        serve_defaults(model_config, SamplerConfig.served_by(model_config), structured_refusal(vllm_config))
         if vllm_config.scheduler_config.scheduler_cls is None:
             vllm_config.scheduler_config.scheduler_cls = SCHEDULER
         if vllm_config.parallel_config.worker_cls == "auto":

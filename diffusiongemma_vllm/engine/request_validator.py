@@ -9,7 +9,9 @@ DiffusionGemma architecture only. It changes no logits. It rejects, naming the f
   for as long as that engine's config lives;
 - an `extra_args` key that is neither a knob, a live-draft setting (drafts/publisher.py) nor
   one vLLM itself reads (a typo would otherwise be ignored without a word);
-- a sampling feature the block-diffusion sampler does not implement.
+- a sampling feature the block-diffusion sampler does not implement;
+- structured outputs through a backend the worker does not build (structured_commit.py), or
+  while a reasoning parser would leave the reasoning section unconstrained.
 `temperature`, `top_p` and `top_k` are accepted and do not apply (the knobs' schedule is the
 sampling temperature), as in transformers' DiffusionGemma; the README says so.
 """
@@ -30,6 +32,7 @@ from diffusiongemma_vllm.drafts.publisher import DRAFT_ARGS, check_draft_args
 VLLM_EXTRA_ARGS = ("kv_transfer_params", "ec_transfer_params", "kv_cache_report_mode")
 KV_CACHE_REPORT_MODES = ("incremental", "full")
 ACCEPTED_EXTRA_ARGS = SAMPLER_FIELDS + DRAFT_ARGS + VLLM_EXTRA_ARGS
+STRUCTURED_BACKENDS = ("xgrammar", "guidance")  # vLLM's structured-output backends structured_commit.py builds
 
 # Sampling fields the block sampler does not implement, with the value that means "off".
 UNSUPPORTED = {
@@ -42,19 +45,20 @@ UNSUPPORTED = {
     "allowed_token_ids": None,
     "bad_words": None,
     "logprob_token_ids": None,
-    "structured_outputs": None,
     "thinking_token_budget": None,
     "repetition_detection": None,
 }
 
-# id(model_config) -> the sampler defaults its checkpoint gives the worker, in this process.
-_served: dict[int, SamplerConfig] = {}
+# id(model_config) -> the sampler defaults its checkpoint gives the worker, and why structured
+# outputs are refused there (None: accepted), in this process.
+_served: dict[int, tuple[SamplerConfig, str | None]] = {}
 
 
-def serve_defaults(model_config, defaults: SamplerConfig) -> None:
-    """Validate requests against `defaults` while `model_config` (its engine's) is alive."""
+def serve_defaults(model_config, defaults: SamplerConfig, structured_refusal: str | None = None) -> None:
+    """Validate requests against `defaults` (and refuse structured outputs, saying why, if
+    `structured_refusal`) while `model_config` (its engine's) is alive."""
     key = id(model_config)
-    _served[key] = defaults
+    _served[key] = (defaults, structured_refusal)
     weakref.finalize(model_config, _served.pop, key, None)
 
 
@@ -79,9 +83,15 @@ def check_request(sampling_params) -> None:
     if sampling_params.logprobs is not None and sampling_params.logprobs < 0:
         raise ValueError("logprobs=-1 (the whole vocabulary per token) is not supported by DiffusionGemma; "
                          "ask for at most max_logprobs alternatives")
+    structured = sampling_params.structured_outputs
+    if structured is not None and structured._backend not in (None, *STRUCTURED_BACKENDS):
+        raise ValueError(f"structured outputs through the {structured._backend!r} backend are not supported by "
+                         f"DiffusionGemma; use {' or '.join(STRUCTURED_BACKENDS)} (--structured-outputs-config.backend)")
     # Every engine this process serves must accept it; a process serves one in practice.
-    for defaults in list(_served.values()) or [SamplerConfig()]:
+    for defaults, structured_refusal in list(_served.values()) or [(SamplerConfig(), None)]:
         defaults.with_request_overrides(extra_args)
+        if structured is not None and structured_refusal:
+            raise ValueError(structured_refusal)
 
 
 class DiffusionRequestValidator(LogitsProcessor):

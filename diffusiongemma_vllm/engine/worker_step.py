@@ -13,7 +13,9 @@ tokens (vLLM's `discard_request_mask` is False for it). For every ready request 
    vLLM reserved memory for; more take turns), until each halts (denoise/loop.py), without
    returning to the scheduler; on GPU the passes replay CUDA graphs (denoise/graphs.py)
    unless the engine runs without CUDA graphs (`enforce_eager`, `cudagraph_mode` NONE);
-3. emits the argmax canvas (trimmed at max_model_len) as the request's sampled tokens.
+3. emits the argmax canvas (trimmed at max_model_len) as the request's sampled tokens; a
+   request with structured outputs commits its canvas under its grammar instead
+   (structured_commit.py).
 The scheduler appends them, applies EOS / stop ids / max_tokens (trimming inside the
 canvas), and next step schedules the emitted tokens again: that pass is the commit.
 
@@ -62,6 +64,7 @@ from diffusiongemma_vllm.drafts.publisher import DraftPublisher
 from diffusiongemma_vllm.kernels.top_logprobs import TopLogprobs, top_logprobs
 from diffusiongemma_vllm.engine.kv_layout import paged_views, read_tokens
 from diffusiongemma_vllm.engine.step_metrics import StepMetrics
+from diffusiongemma_vllm.engine.structured_commit import CanvasGrammars
 
 
 @dataclass
@@ -127,6 +130,7 @@ class DenoiseStep:
         self.capture_context = graph_capture_context(device)
         # Live drafts (drafts/publisher.py), bound now, before any request.
         self.drafts = DraftPublisher.from_env(get_tensor_model_parallel_rank())
+        self.grammars = CanvasGrammars(vllm_config, self.unembedding.vocab)  # structured outputs
 
     def _settings(self, req_id: str, sampling_params) -> _RequestSettings:
         if req_id not in self.settings:
@@ -149,6 +153,8 @@ class DenoiseStep:
         req_ids = [batch.req_ids[i] for i in ready]
         started = time.perf_counter()
         jobs, resumed, must_finish, wants_logprobs, drafts = [], {}, [], [], []
+        params = [runner.requests[req_id].sampling_params for req_id in req_ids]
+        structured = [p.structured_outputs is not None for p in params]
         for slot, (req_id, length) in enumerate(zip(req_ids, context)):
             state = runner.requests[req_id]
             wants_logprobs.append(state.sampling_params.logprobs is not None)
@@ -174,11 +180,12 @@ class DenoiseStep:
                 turns.append(denoise_canvases(
                     jobs[first:last], self.canvas_length, run_pass, self.unembedding, device=self.device,
                     row_stats=self.row_stats, graphs=self.graphs, first_row=first, max_passes=limit,
-                    keep_hidden=any(wants_logprobs[first:last]),
+                    keep_hidden=any(wants_logprobs[first:last]) or any(structured[first:last]),
                     resumed={slot - first: resumed[slot] for slot in range(first, last) if slot in resumed},
                     on_pass=self.drafts.watch(drafts[first:last]) if self.drafts is not None else None))
                 for job, held in turns[-1].pending.items():
                     self.pending[req_ids[first + job]] = (context[first + job], held)
+                self._constrain(turns[-1], req_ids[first:last], params[first:last], structured[first:last])
                 self._logprobs(turns[-1], ready[first:last], wants_logprobs[first:last], batch.max_num_logprobs, out)
         tokens = torch.cat([turn.tokens for turn in turns])
         passes = torch.cat([turn.passes for turn in turns])
@@ -196,10 +203,20 @@ class DenoiseStep:
         requests: a preempted request leaves the batch but not that map), and report the pending
         gauge when that frees a held canvas."""
         self.settings = {k: v for k, v in self.settings.items() if k in live}
+        self.grammars.forget(live)
         held = len(self.pending)
         self.pending = {k: v for k, v in self.pending.items() if k in live}
         if len(self.pending) != held:
             self.metrics.record_pending(len(self.pending))
+
+    def _constrain(self, turn, req_ids: list[str], params: list, structured: list[bool]) -> None:
+        """Structured requests' finished canvases, committed under their grammars
+        (structured_commit.py), in place of the argmax in `turn.tokens`; before `_logprobs`,
+        which then reports the tokens committed."""
+        for job, want in enumerate(structured):
+            if want and turn.passes[job] >= 0:
+                turn.tokens[job] = self.grammars.commit(req_ids[job], params[job], turn.hidden[job], turn.tokens[job],
+                                                        self.unembedding)
 
     def _logprobs(self, turn, rows: list[int], wants: list[bool], k: int | None, out: StepOutput) -> None:
         """Top-k logprobs of the canvases this turn finished for requests that asked, from

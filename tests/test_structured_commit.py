@@ -1,0 +1,170 @@
+"""The grammar-constrained commit of a canvas (engine/structured_commit.py), without an engine.
+
+Grammars are xgrammar's, compiled for the tiny checkpoint's tokenizer and wrapped in vLLM's
+own `XgrammarGrammar`, as the worker builds them. The reference for every position is brute
+force: the whole vocabulary's logits, masked by a fresh matcher that replays the committed
+tokens, and their argmax.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import xgrammar as xgr
+from transformers import AutoTokenizer
+from vllm.v1.structured_output.backend_xgrammar import XgrammarGrammar
+
+from diffusiongemma_vllm.denoise.loop import Unembedding
+from diffusiongemma_vllm.engine import structured_commit
+from diffusiongemma_vllm.engine.structured_commit import constrained_canvas, unpack
+
+from tests.test_vocab_shards import ThreadRanks
+
+VOCAB, HIDDEN, LENGTH = 512, 24, 32
+PATTERN = r"[a-z]{3,9} = [0-9]{2,5};"  # at most 18 characters: it completes inside a canvas
+
+
+@pytest.fixture(scope="module")
+def compiler(tiny_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    return xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=VOCAB, stop_token_ids=[1]))
+
+
+def regex_grammar(compiler, pattern: str = PATTERN) -> XgrammarGrammar:
+    ctx = compiler.compile_regex(pattern)
+    return XgrammarGrammar(vocab_size=VOCAB, matcher=xgr.GrammarMatcher(ctx), ctx=ctx)
+
+
+def random_canvas(seed: int) -> tuple[torch.Tensor, Unembedding, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(VOCAB, HIDDEN, generator=generator)
+    hidden = torch.randn(LENGTH, HIDDEN, generator=generator)
+    unembedding = Unembedding(weight, softcap=30.0, scale=1.0)
+    return hidden, unembedding, (hidden @ weight.T).argmax(-1)
+
+
+def best_allowed(compiler, committed: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> list[int]:
+    """Brute force: each position's argmax over the vocabulary among the tokens a fresh matcher
+    allows after the committed ones, up to the stop token."""
+    grammar = regex_grammar(compiler)
+    bitmask = xgr.allocate_token_bitmask(1, VOCAB)
+    best = []
+    for position, token in enumerate(committed.tolist()):
+        grammar.fill_bitmask(bitmask, 0)
+        logits = hidden[position] @ weight.T
+        xgr.apply_token_bitmask_inplace(logits[None], bitmask)
+        best.append(int(logits.argmax()))
+        assert grammar.accept_tokens("ref", [token])
+        if grammar.is_terminated():
+            break
+    return best
+
+
+class AllowsEverything:
+    """A grammar that allows every token and never completes."""
+
+    def fill_bitmask(self, bitmask, index):
+        bitmask[index] = -1
+
+    def accept_tokens(self, request_id, tokens):
+        return True
+
+    def is_terminated(self):
+        return False
+
+
+def test_a_canvas_the_grammar_allows_commits_as_the_argmax(monkeypatch):
+    """Catches the constrained commit changing text the grammar allows (it must be the
+    unconstrained argmax), or going to the whole vocabulary when a candidate is allowed."""
+    hidden, unembedding, argmax = random_canvas(0)
+    monkeypatch.setattr(structured_commit, "masked_argmax", lambda *args: pytest.fail("no candidate allowed?"))
+    assert torch.equal(constrained_canvas(AllowsEverything(), "r", hidden, argmax, unembedding), argmax)
+
+
+@pytest.mark.parametrize("candidates", [16, 1])
+def test_each_position_takes_the_best_token_the_grammar_allows(compiler, candidates):
+    """Catches a position that commits a token the grammar refuses, one that is not the most
+    likely allowed token (from the candidates or, when none is allowed, the whole
+    vocabulary), or a walk that goes on constraining after the stop token (the rest is the
+    argmax, which a request ignoring EOS commits, as vLLM does after a grammar completes)."""
+    hidden, unembedding, argmax = random_canvas(1)
+    grammar = regex_grammar(compiler)
+    committed = constrained_canvas(grammar, "r", hidden, argmax, unembedding, candidates=candidates)
+    best = best_allowed(compiler, committed, hidden, unembedding.weight)
+    assert committed[:len(best)].tolist() == best
+    assert grammar.is_terminated() and committed[len(best) - 1] == 1  # the regex completed, then its stop token
+    assert torch.equal(committed[len(best):], argmax[len(best):])
+    assert (committed[:len(best)] != argmax[:len(best)]).any()  # the grammar did constrain this canvas
+
+
+def test_the_grammar_carries_over_to_the_next_canvas(compiler):
+    """Catches a grammar reset between a request's canvases: a canvas ending mid-match must
+    leave the matcher where it stopped, so the canvases together form one match."""
+    pattern = r"[a-z ]{120,140}\."
+    grammar, canvases = regex_grammar(compiler, pattern), []
+    while not grammar.is_terminated() and len(canvases) < 12:
+        hidden, unembedding, argmax = random_canvas(10 + len(canvases))
+        canvases.append(constrained_canvas(grammar, "r", hidden, argmax, unembedding).tolist())
+    assert grammar.is_terminated() and len(canvases) >= 2 and all(1 not in c for c in canvases[:-1])
+    text = sum(canvases[:-1], []) + canvases[-1][:canvases[-1].index(1) + 1]
+    replay = regex_grammar(compiler, pattern)
+    assert replay.accept_tokens("replay", text) and replay.is_terminated()
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_vocabulary_slices_commit_the_canvas_one_rank_does(compiler, ranks):
+    """Catches tensor-parallel ranks committing different tokens: each walks its own matcher
+    over its vocabulary slice's candidates and whole-vocabulary fallbacks, merged."""
+    hidden, whole, argmax = random_canvas(1)
+    expected = constrained_canvas(regex_grammar(compiler), "r", hidden, argmax, whole, candidates=1)
+    bounds = [0, 100, VOCAB] if ranks == 2 else [0, 7, 300, VOCAB]  # uneven, and a slice narrower than k
+
+    def work(rank, shards):
+        sliced = Unembedding(whole.weight[bounds[rank]:bounds[rank + 1]], 30.0, 1.0, first_id=bounds[rank],
+                             vocab_size=VOCAB, shards=shards)
+        return constrained_canvas(regex_grammar(compiler), "r", hidden, argmax, sliced, candidates=1)
+
+    for committed in ThreadRanks(ranks).run(work):
+        assert torch.equal(committed, expected)
+
+
+def test_a_completed_grammar_leaves_later_canvases_unconstrained(compiler):
+    """Catches a request that ignores EOS crashing the worker after its grammar completed
+    (xgrammar refuses to fill a mask once the stop token was accepted)."""
+    hidden, unembedding, argmax = random_canvas(1)
+    grammar = regex_grammar(compiler)
+    constrained_canvas(grammar, "r", hidden, argmax, unembedding)
+    assert grammar.is_terminated()
+    assert torch.equal(constrained_canvas(grammar, "r", hidden, argmax, unembedding), argmax)
+
+
+class Failing(AllowsEverything):
+    def accept_tokens(self, request_id, tokens):
+        raise RuntimeError("matcher fault")
+
+
+def test_a_grammar_that_fails_in_the_worker_fails_only_its_request(monkeypatch, caplog):
+    """Catches a grammar fault (one that cannot compile here, or a matcher that raises)
+    escaping into the engine step, which kills the engine: the request's canvases commit
+    unconstrained (vLLM's grammar check then ends it), logged once, and it is not retried."""
+    grammars = structured_commit.CanvasGrammars(vllm_config=None, vocab_size=VOCAB)
+    built = []
+    monkeypatch.setattr(grammars, "grammar", lambda req_id, params: built.append(req_id) or Failing())
+    hidden, unembedding, argmax = random_canvas(3)
+    assert torch.equal(grammars.commit("r", None, hidden, argmax, unembedding), argmax)
+    assert grammars.grammars == {"r": None} and "matcher fault" in caplog.text
+    monkeypatch.undo()
+    assert torch.equal(grammars.commit("r", None, hidden, argmax, unembedding), argmax) and built == ["r"]
+    grammars.forget(live={})
+    assert grammars.grammars == {}
+
+
+def test_bitmask_unpacks_as_xgrammar_applies_it(compiler):
+    """Catches a bit order that allows the wrong tokens in the whole-vocabulary fallback."""
+    grammar = regex_grammar(compiler)
+    bitmask = xgr.allocate_token_bitmask(1, VOCAB)
+    grammar.fill_bitmask(bitmask, 0)
+    logits = torch.zeros(1, VOCAB)
+    xgr.apply_token_bitmask_inplace(logits, bitmask)
+    allowed = unpack(bitmask[0], VOCAB)
+    assert torch.equal(allowed, logits[0].isfinite()) and 0 < allowed.sum() < VOCAB
