@@ -164,6 +164,34 @@ def check_stops(llm, settings: Settings, checks: Checks, run: dict) -> None:
                  {"eos_at": eos[0], "finish": out.finish_reason, "tokens": len(out.token_ids)})
 
 
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def check_structured(llm, settings: Settings, checks: Checks) -> None:
+    """JSON-schema requests, one per prompt, batched: every reply parses and follows the
+    schema (random weights: only the grammar-constrained commit makes them), each ends at its
+    stop token; their wall time beside the batch's unconstrained one."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    texts = prompts(settings.prompts)
+    start = time.time()
+    outs = llm.generate(texts, [params(settings, i, ignore_eos=False, structured_outputs=StructuredOutputsParams(
+        json=PERSON)) for i in range(len(texts))], use_tqdm=False)
+    elapsed = time.time() - start
+    replies = []
+    for out in outs:
+        try:
+            person = json.loads(out.outputs[0].text, strict=False)  # xgrammar lets control characters into strings
+            replies.append(out.outputs[0].finish_reason == "stop" and set(person) == {"name", "age"}
+                           and isinstance(person["age"], int))
+        except ValueError:
+            replies.append(False)
+    checks.check("structured_json_replies_parse", all(replies), {"valid": sum(replies), "requests": len(replies),
+                                                                "first": outs[0].outputs[0].text[:120]})
+    checks.measure("structured", {"batch_s": round(elapsed, 3), "tokens": sum(len(o.outputs[0].token_ids) for o in outs)})
+
+
 def record_stats(llm, settings: Settings, checks: Checks) -> dict:
     stats = llm.collective_rpc("diffusion_stats")[0]
     passes = canvas_passes(stats)
@@ -278,6 +306,7 @@ def tiny_stage(checks: Checks, settings: Settings) -> None:
     save_tokens(settings, "a_tiny", run)
     check_batch_invariance(llm, settings, checks, run, exact=settings.dtype == "float32")
     check_stops(llm, settings, checks, run)
+    check_structured(llm, settings, checks)
     stats = record_stats(llm, settings, checks)
     checks.measure("headline", {**checks.data["generate"], "alone_vs_batch": {
         i: p["fraction"] for i, p in checks.data["alone_vs_batch"].items()}, "passes_per_step": stats["passes_per_step"]})

@@ -49,6 +49,22 @@ def test_single_device_config_marks_the_model_non_diffusion_for_vllm(tiny_dir):
     assert config.scheduler_config.async_scheduling is False
 
 
+def test_structured_outputs_get_one_backend_the_worker_builds_as_vllms_engine_core(tiny_dir):
+    """Catches `auto` left on: vLLM's front end then routes each request to xgrammar or
+    guidance while its engine core compiles every request with the first one's backend, and
+    the worker, which must compile as the engine core does, cannot know which (requests failed
+    with finish_reason error). A backend the user chose stays."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from diffusiongemma_vllm import register
+
+    register()
+    assert EngineArgs(model=tiny_dir, max_model_len=256).create_engine_config().structured_outputs_config.backend \
+        == "xgrammar"
+    chosen = EngineArgs(model=tiny_dir, max_model_len=256, structured_outputs_config={"backend": "guidance"})
+    assert chosen.create_engine_config().structured_outputs_config.backend == "guidance"
+
+
 def test_default_engine_runs_vllms_custom_ops_without_a_compile_mode(tiny_dir):
     """Catches vLLM's default compile mode left on while compilation is opt-in (until it is
     measured on a GPU): it turns the custom ops off (RMSNorm, RoPE and GeGLU in native torch)

@@ -80,24 +80,10 @@ def test_knobs_are_judged_against_the_served_checkpoint_defaults():
         check_request(SamplingParams(extra_args={"t_max": 0.25}))
 
 
-def test_structured_outputs_pass_through_the_backends_the_worker_builds():
-    """Catches a structured request admitted through a backend whose grammar the worker does
-    not build, or refused through one it does (the front end names the backend first)."""
-    from vllm.sampling_params import StructuredOutputsParams
-
-    for backend in ("xgrammar", "guidance", "outlines"):
-        params = StructuredOutputsParams(json_object=True)
-        params._backend = backend
-        if backend == "outlines":
-            with pytest.raises(ValueError, match="'outlines' backend.*xgrammar or guidance"):
-                check_request(SamplingParams(structured_outputs=params))
-        else:
-            check_request(SamplingParams(structured_outputs=params))
-
-
-def test_structured_outputs_are_refused_while_a_reasoning_section_would_stay_free():
-    """Catches a structured request admitted by an engine with a reasoning parser, where vLLM
-    would apply the grammar only after the reasoning and the worker from the first token."""
+def test_structured_outputs_are_refused_where_the_worker_cannot_follow_vllm():
+    """Catches a structured request admitted by an engine whose backend the worker does not
+    build (outlines, lm-format-enforcer), or one with a reasoning parser, where vLLM would
+    apply the grammar only after the reasoning and the worker from the first token."""
     from types import SimpleNamespace
 
     from vllm.config import StructuredOutputsConfig
@@ -106,9 +92,10 @@ def test_structured_outputs_are_refused_while_a_reasoning_section_would_stay_fre
     from diffusiongemma_vllm.engine.config_hook import structured_refusal
 
     def engine(**settings):
-        return SimpleNamespace(structured_outputs_config=StructuredOutputsConfig(**settings))
+        return SimpleNamespace(structured_outputs_config=StructuredOutputsConfig(**{"backend": "xgrammar", **settings}))
 
-    assert structured_refusal(engine()) is None
+    assert structured_refusal(engine(backend="xgrammar")) is None and structured_refusal(engine(backend="guidance")) is None
+    assert "'outlines' backend" in structured_refusal(engine(backend="outlines"))
     assert structured_refusal(engine(reasoning_parser="deepseek_r1", enable_in_reasoning=True)) is None
     refusal = structured_refusal(engine(reasoning_parser="deepseek_r1"))
     model_config = ModelConfigStandIn()

@@ -85,15 +85,15 @@ def test_a_canvas_the_grammar_allows_commits_as_the_argmax(monkeypatch):
 def test_each_position_takes_the_best_token_the_grammar_allows(compiler, candidates):
     """Catches a position that commits a token the grammar refuses, one that is not the most
     likely allowed token (from the candidates or, when none is allowed, the whole
-    vocabulary), or a walk that goes on constraining after the stop token (the rest is the
-    argmax, which a request ignoring EOS commits, as vLLM does after a grammar completes)."""
+    vocabulary), or a walk that goes on after the stop token (which fills the canvas: vLLM's
+    guidance check reads a whole canvas and refuses anything after the stop)."""
     hidden, unembedding, argmax = random_canvas(1)
     grammar = regex_grammar(compiler)
     committed = constrained_canvas(grammar, "r", hidden, argmax, unembedding, candidates=candidates)
     best = best_allowed(compiler, committed, hidden, unembedding.weight)
     assert committed[:len(best)].tolist() == best
     assert grammar.is_terminated() and committed[len(best) - 1] == 1  # the regex completed, then its stop token
-    assert torch.equal(committed[len(best):], argmax[len(best):])
+    assert (committed[len(best):] == 1).all()
     assert (committed[:len(best)] != argmax[:len(best)]).any()  # the grammar did constrain this canvas
 
 
@@ -143,20 +143,58 @@ class Failing(AllowsEverything):
         raise RuntimeError("matcher fault")
 
 
+class Params:
+    """What CanvasGrammars.prepare reads of a runner's request state."""
+
+    def __init__(self, structured):
+        self.sampling_params = type("SamplingParams", (), {"structured_outputs": structured})()
+
+
 def test_a_grammar_that_fails_in_the_worker_fails_only_its_request(monkeypatch, caplog):
     """Catches a grammar fault (one that cannot compile here, or a matcher that raises)
     escaping into the engine step, which kills the engine: the request's canvases commit
-    unconstrained (vLLM's grammar check then ends it), logged once, and it is not retried."""
+    unconstrained (vLLM's grammar check then ends it), logged once, and it is not retried;
+    and grammars compiled for requests without structured outputs, or kept after they leave."""
     grammars = structured_commit.CanvasGrammars(vllm_config=None, vocab_size=VOCAB)
-    built = []
-    monkeypatch.setattr(grammars, "grammar", lambda req_id, params: built.append(req_id) or Failing())
+    compiled = []
+    monkeypatch.setattr(grammars, "_compile", lambda params: compiled.append(params) or (Failing(), None))
+    grammars.prepare({"r": Params("spec"), "plain": Params(None)})
+    grammars.prepare({"r": Params("spec")})
     hidden, unembedding, argmax = random_canvas(3)
-    assert torch.equal(grammars.commit("r", None, hidden, argmax, unembedding), argmax)
-    assert grammars.grammars == {"r": None} and "matcher fault" in caplog.text
-    monkeypatch.undo()
-    assert torch.equal(grammars.commit("r", None, hidden, argmax, unembedding), argmax) and built == ["r"]
+    assert torch.equal(grammars.commit("r", hidden, argmax, unembedding), argmax)
+    assert grammars.grammars == {"r": None} and "matcher fault" in caplog.text and len(compiled) == 1
+    assert torch.equal(grammars.commit("r", hidden, argmax, unembedding), argmax) and len(compiled) == 1
     grammars.forget(live={})
     assert grammars.grammars == {}
+
+
+def test_special_tokens_stay_out_of_a_structured_canvas_but_its_stop_tokens(compiler, tiny_dir):
+    """Catches committed text that breaks its grammar once detokenized: xgrammar counts special
+    tokens (here `<|channel>`, id 100) as their literal text, and the detokenizer drops them,
+    so the walk must spell the grammar's text from ordinary tokens and keep the stop token."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    special = structured_commit.special_ids(tokenizer, VOCAB)
+    assert special[[0, 1, 100, 106]].all() and not special[200:].any()
+    banned = special.clone()
+    banned[1] = False
+    generator = torch.Generator().manual_seed(4)
+    hidden, weight = torch.randn(LENGTH, HIDDEN, generator=generator), torch.randn(VOCAB, HIDDEN, generator=generator)
+    weight[100] = hidden.mean(0) * 50  # the model favours <|channel> everywhere
+    unembedding = Unembedding(weight, softcap=30.0, scale=1.0)
+    argmax = (hidden @ weight.T).argmax(-1)
+    committed = constrained_canvas(regex_grammar(compiler, r"a<\|channel>b"), "r", hidden, argmax, unembedding, banned)
+    text = committed[:committed.tolist().index(1)].tolist()
+    assert 100 not in text and tokenizer.decode(text, skip_special_tokens=True) == "a<|channel>b"
+    assert 100 in constrained_canvas(regex_grammar(compiler, r"a<\|channel>b"), "r", hidden, argmax, unembedding)
+
+
+def test_a_grammar_that_allows_no_token_says_so(compiler):
+    """Catches a walk that, with every allowed token banned (a stop token the grammar needs
+    also given as a stop id), commits an arbitrary token and blames the grammar for refusing it."""
+    hidden, unembedding, argmax = random_canvas(5)
+    with pytest.raises(ValueError, match="allows no token"):
+        constrained_canvas(regex_grammar(compiler, "a"), "r", hidden, argmax, unembedding,
+                           torch.ones(VOCAB, dtype=torch.bool))
 
 
 def test_bitmask_unpacks_as_xgrammar_applies_it(compiler):

@@ -155,4 +155,27 @@ def test_the_guidance_backend(tiny_dir):
     for out in outs:
         person = loads(out.outputs[0].text)
         assert out.outputs[0].finish_reason == "stop" and set(person) == {"name", "tags", "age"}
+    # guidance reads a whole canvas at once and refuses anything after its stop token
+    free = engine.generate(["hi"], SamplingParams(max_tokens=100, seed=1, ignore_eos=True, structured_outputs=
+                                                  structured(choice=["yes", "no"])))[0].outputs[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 100 and free.text.startswith(("yes", "no"))
     del engine
+
+
+def test_a_schema_the_default_backend_would_route_elsewhere_is_served_or_refused_not_failed(llm):
+    """Catches requests ending in finish_reason error when vLLM's `auto` backend sends one
+    schema to guidance and the engine core compiles it with another request's xgrammar: the
+    engine has one backend (xgrammar), which serves the schema or refuses it with a 400."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    pattern = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 6}},
+               "required": ["code"], "additionalProperties": False}
+    try:
+        outs = llm.generate(["a", "b"], [SamplingParams(max_tokens=200, seed=1, structured_outputs=structured(
+            json=pattern)), SamplingParams(max_tokens=200, seed=2, structured_outputs=structured(json=PERSON))])
+    except VLLMValidationError as refusal:
+        assert "xgrammar" in str(refusal)
+        return
+    assert [o.outputs[0].finish_reason for o in outs] == ["stop", "stop"]
+    assert set(loads(outs[0].outputs[0].text)) == {"code"}

@@ -512,7 +512,7 @@ def test_structured_output_backends_and_the_engine_cores_grammar_check(config):
     from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend
     from vllm.v1.structured_output.request import get_structured_output_key
 
-    from diffusiongemma_vllm.engine.request_validator import STRUCTURED_BACKENDS
+    from diffusiongemma_vllm.engine.config_hook import STRUCTURED_BACKENDS
 
     params = vllm.sampling_params.StructuredOutputsParams(regex="a+")
     assert params._backend is None and get_structured_output_key(params)[1] == "a+"

@@ -79,6 +79,8 @@ SCHEDULER = "diffusiongemma_vllm.engine.scheduler.CanvasScheduler"  # a string: 
 READABLE_BACKENDS = {"cpu": ("CPU_ATTN",), "gpu": ("FLASH_ATTN", "TRITON_ATTN")}
 
 
+STRUCTURED_BACKENDS = ("xgrammar", "guidance")  # vLLM's structured-output backends structured_commit.py builds
+
 # Methods whose checkpoint layout the plugin loads: stored formats (their quantization_config
 # is checked by checkpoint.quantized_format) and online methods, which load the bf16 layout.
 STORED_QUANTIZATION = ("compressed-tensors", "modelopt_fp4")
@@ -86,11 +88,15 @@ INTEGER_4BIT = ("awq", "auto_awq", "awq_marlin", "gptq", "auto_gptq", "gptq_marl
 
 
 def structured_refusal(vllm_config) -> str | None:
-    """Why this engine refuses structured outputs, or None. vLLM leaves a reasoning section
-    free and applies the grammar after it; the worker constrains each canvas as it commits
-    (structured_commit.py), from the first token, so it follows vLLM only when the grammar also
-    applies inside the reasoning (`enable_in_reasoning`)."""
+    """Why this engine refuses structured outputs, or None. The worker builds the grammars of
+    vLLM's xgrammar and guidance backends only (structured_commit.py). vLLM leaves a reasoning
+    section free and applies the grammar after it; the worker constrains each canvas as it
+    commits, from the first token, so it follows vLLM only when the grammar also applies inside
+    the reasoning (`enable_in_reasoning`)."""
     config = vllm_config.structured_outputs_config
+    if config.backend not in STRUCTURED_BACKENDS:
+        return (f"structured outputs through the {config.backend!r} backend are not supported by DiffusionGemma; "
+                f"serve with --structured-outputs-config.backend {' or '.join(STRUCTURED_BACKENDS)}")
     if config.reasoning_parser and not config.enable_in_reasoning:
         return (f"structured outputs with reasoning_parser={config.reasoning_parser!r} are not supported by "
                 "DiffusionGemma unless the grammar also applies inside the reasoning "
@@ -217,6 +223,11 @@ class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
                            "and step; the plugin emits a canvas)")
         vllm_config.scheduler_config.async_scheduling = False
         steps = passes_per_step(vllm_config.additional_config)  # a bad value fails here, naming the setting
+        if vllm_config.structured_outputs_config.backend == "auto":
+            # vLLM's front end picks a backend per request under `auto`, but its engine core
+            # compiles every request with the first one's; the worker must compile as the
+            # engine core does, so the engine gets one backend (structured_commit.py).
+            vllm_config.structured_outputs_config.backend = "xgrammar"
         serve_defaults(model_config, SamplerConfig.served_by(model_config), structured_refusal(vllm_config))
         if vllm_config.scheduler_config.scheduler_cls is None:
             vllm_config.scheduler_config.scheduler_cls = SCHEDULER

@@ -10,8 +10,8 @@ DiffusionGemma architecture only. It changes no logits. It rejects, naming the f
 - an `extra_args` key that is neither a knob, a live-draft setting (drafts/publisher.py) nor
   one vLLM itself reads (a typo would otherwise be ignored without a word);
 - a sampling feature the block-diffusion sampler does not implement;
-- structured outputs through a backend the worker does not build (structured_commit.py), or
-  while a reasoning parser would leave the reasoning section unconstrained.
+- structured outputs on an engine that cannot serve them (config_hook.structured_refusal:
+  a backend the worker does not build, or a reasoning section vLLM would leave free).
 `temperature`, `top_p` and `top_k` are accepted and do not apply (the knobs' schedule is the
 sampling temperature), as in transformers' DiffusionGemma; the README says so.
 """
@@ -32,7 +32,6 @@ from diffusiongemma_vllm.drafts.publisher import DRAFT_ARGS, check_draft_args
 VLLM_EXTRA_ARGS = ("kv_transfer_params", "ec_transfer_params", "kv_cache_report_mode")
 KV_CACHE_REPORT_MODES = ("incremental", "full")
 ACCEPTED_EXTRA_ARGS = SAMPLER_FIELDS + DRAFT_ARGS + VLLM_EXTRA_ARGS
-STRUCTURED_BACKENDS = ("xgrammar", "guidance")  # vLLM's structured-output backends structured_commit.py builds
 
 # Sampling fields the block sampler does not implement, with the value that means "off".
 UNSUPPORTED = {
@@ -84,9 +83,6 @@ def check_request(sampling_params) -> None:
         raise ValueError("logprobs=-1 (the whole vocabulary per token) is not supported by DiffusionGemma; "
                          "ask for at most max_logprobs alternatives")
     structured = sampling_params.structured_outputs
-    if structured is not None and structured._backend not in (None, *STRUCTURED_BACKENDS):
-        raise ValueError(f"structured outputs through the {structured._backend!r} backend are not supported by "
-                         f"DiffusionGemma; use {' or '.join(STRUCTURED_BACKENDS)} (--structured-outputs-config.backend)")
     # Every engine this process serves must accept it; a process serves one in practice.
     for defaults, structured_refusal in list(_served.values()) or [(SamplerConfig(), None)]:
         defaults.with_request_overrides(extra_args)

@@ -15,23 +15,33 @@ allows it, so a canvas the model already wrote in the grammar commits unchanged.
   allowed token over the whole vocabulary (`masked_argmax`: one product of its hidden state
   with the embedding). Under tensor parallelism both merge across the vocabulary slices, so
   every rank walks its own matcher to the same tokens.
+- Tokens the tokenizer marks special (fillers, turn markers) never enter a structured canvas,
+  except the request's stop tokens: detokenized text drops them, so a grammar that counts
+  them as literal text (xgrammar does) would otherwise commit text that breaks it.
 - Once the grammar is complete it allows only the request's stop tokens; the walk takes the
-  most likely of them, which ends the request there (the scheduler trims at it). Past it (a
-  request with `ignore_eos`), the canvas is the argmax, unconstrained, as vLLM leaves an
-  autoregressive request after its grammar completes.
-- The matcher is vLLM's own: the backend its front end chose for the request (xgrammar or
-  guidance), compiled from the request's `structured_outputs` with the request's stop tokens,
-  as vLLM's engine compiles it. The engine core advances its own copy with every emitted
-  canvas and ends a request whose tokens it rejects (`finish_reason` error), so vLLM checks
-  each commit independently.
-The grammar lives in the worker, one per request, advanced canvas by canvas, and is dropped
-when the request leaves (worker_step.py). A grammar that fails in the worker (it cannot be
-compiled there, or the matcher raises) is logged and its request's canvases commit
-unconstrained from then on; vLLM's grammar check then ends the request if they break the
-grammar. The engine keeps serving the others.
+  most likely of them, which ends the request there (the scheduler trims at it), and repeats
+  it to the end of the canvas. A request that ignores EOS then goes on unconstrained from its
+  next canvas, as vLLM leaves an autoregressive request after its grammar completes (tokens
+  after the stop inside one canvas would fail vLLM's guidance check, which reads a whole
+  canvas at once).
+- The matcher is vLLM's own, from the engine's one structured-outputs backend (xgrammar or
+  guidance; config_hook.py turns `auto`, which would pick per request while vLLM's engine core
+  compiles every request with the first one's, into xgrammar), compiled from the request's
+  `structured_outputs` with its stop tokens, as vLLM's engine core compiles its copy. That copy
+  is advanced with every emitted canvas and ends a request whose tokens it rejects
+  (`finish_reason` error), so vLLM checks each commit independently.
+The worker compiles a request's grammar in a background thread from the step that first
+sees the request (while its prompt is prefilled and its first canvas denoised), keeps it,
+advanced canvas by canvas, and drops it when the request leaves (worker_step.py). A grammar
+that fails in the worker (it cannot be compiled there, allows no token, or the matcher
+raises) is logged and its request's canvases commit unconstrained from then on; vLLM's
+grammar check then ends the request if they break the grammar. The engine keeps serving the
+others.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from vllm.logger import init_logger
@@ -46,48 +56,61 @@ CANDIDATES = 16  # per position, from the halting pass; beyond them, one product
 
 
 class CanvasGrammars:
-    """Each structured request's grammar in this worker, built at its first canvas."""
+    """Each structured request's grammar in this worker, compiled in a background thread from
+    the step that first sees the request."""
 
     def __init__(self, vllm_config, vocab_size: int):
         self.vllm_config = vllm_config
         self.vocab_size = vocab_size
-        self.backend = None  # vLLM's, built at the first structured request (it loads the tokenizer)
-        self.grammars: dict[str, object | None] = {}  # None: failed here, committed unconstrained
+        self.backend = None  # vLLM's, built with the first grammar (it loads the tokenizer)
+        self.special: torch.Tensor | None = None  # [vocab] bool: the ids the tokenizer marks special
+        self.compiler = ThreadPoolExecutor(1, thread_name_prefix="diffusiongemma-grammar")
+        # request -> its (grammar, banned ids) being compiled or compiled; None: failed here
+        self.grammars: dict[str, Future | None] = {}
 
-    def commit(self, req_id: str, sampling_params, hidden: torch.Tensor, argmax: torch.Tensor,
-               unembedding) -> torch.Tensor:
+    def prepare(self, requests) -> None:
+        """Start compiling the grammars of the structured requests in `requests` (the runner's)
+        that this worker has not seen yet."""
+        for req_id, state in requests.items():
+            if state.sampling_params.structured_outputs is not None and req_id not in self.grammars:
+                self.grammars[req_id] = self.compiler.submit(self._compile, state.sampling_params)
+
+    def commit(self, req_id: str, hidden: torch.Tensor, argmax: torch.Tensor, unembedding) -> torch.Tensor:
         """The canvas a structured request commits (`constrained_canvas`); its argmax if its
         grammar failed in this worker (logged once)."""
         try:
-            grammar = self.grammar(req_id, sampling_params)
-            if grammar is not None:
-                return constrained_canvas(grammar, req_id, hidden, argmax, unembedding)
+            if self.grammars[req_id] is not None:  # prepare() saw it: a KeyError is a fault, logged
+                grammar, banned = self.grammars[req_id].result()
+                return constrained_canvas(grammar, req_id, hidden, argmax, unembedding, banned)
         except Exception:  # noqa: BLE001 - one request's grammar must not stop the engine
             logger.exception("DiffusionGemma: the grammar of request %s failed in the worker; its canvases commit "
                              "unconstrained and vLLM's grammar check ends it if they break the grammar", req_id)
             self.grammars[req_id] = None
         return argmax
 
-    def grammar(self, req_id: str, sampling_params):
-        """The request's matcher, compiled as vLLM's engine compiles it."""
-        if req_id not in self.grammars:
-            from vllm.v1.structured_output.request import get_structured_output_key
+    def _compile(self, sampling_params):
+        """The request's matcher, compiled as vLLM's engine core compiles its copy, and the ids
+        its canvases must not take: the special ones other than its stop tokens."""
+        from vllm.v1.structured_output.request import get_structured_output_key
 
-            params = sampling_params.structured_outputs
-            kind, spec = get_structured_output_key(params)
-            self.grammars[req_id] = self._backend(params._backend).compile_grammar(
-                kind, spec, stop_token_ids=sampling_params.all_stop_token_ids)
-        return self.grammars[req_id]
+        backend = self._backend()
+        kind, spec = get_structured_output_key(sampling_params.structured_outputs)
+        stops = sampling_params.all_stop_token_ids
+        banned = self.special.clone()
+        banned[[i for i in stops if i < len(banned)]] = False
+        return backend.compile_grammar(kind, spec, stop_token_ids=stops), banned
 
-    def _backend(self, name: str | None):
+    def _backend(self):
         if self.backend is None:
             from vllm.tokenizers import cached_tokenizer_from_config
 
+            name = self.vllm_config.structured_outputs_config.backend
             tokenizer = cached_tokenizer_from_config(model_config=self.vllm_config.model_config)
             if name == "guidance":
                 from vllm.v1.structured_output.backend_guidance import GuidanceBackend as Backend
-            else:  # the front end named it; request_validator.py admits only STRUCTURED_BACKENDS
+            else:  # config_hook.py made `auto` xgrammar and refuses requests through the others
                 from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend as Backend
+            self.special = special_ids(tokenizer, self.vocab_size)
             self.backend = Backend(self.vllm_config, tokenizer=tokenizer, vocab_size=self.vocab_size)
             logger.info("DiffusionGemma structured outputs: vLLM's %s backend in the worker", name)
         return self.backend
@@ -96,12 +119,21 @@ class CanvasGrammars:
         self.grammars = {k: v for k, v in self.grammars.items() if k in live}
 
 
+def special_ids(tokenizer, vocab: int) -> torch.Tensor:
+    """[vocab] bools: the ids the tokenizer marks special, which detokenized text drops."""
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special)
+    special = torch.zeros(vocab, dtype=torch.bool)
+    special[[i for i in ids if i < vocab]] = True
+    return special
+
+
 def constrained_canvas(grammar, req_id: str, hidden: torch.Tensor, argmax: torch.Tensor, unembedding,
-                       candidates: int = CANDIDATES) -> torch.Tensor:
+                       banned: torch.Tensor | None = None, candidates: int = CANDIDATES) -> torch.Tensor:
     """The canvas to commit ([C] int64, on the host): left to right, each position's most
-    likely token the grammar allows after the ones before it, accepted into `grammar` (vLLM's
-    StructuredOutputGrammar, advanced in place). `hidden` [C, H] is the halting pass's,
-    `argmax` [C] its argmax (the unconstrained commit)."""
+    likely token the grammar allows after the ones before it, and not `banned` ([vocab]
+    bools), accepted into `grammar` (vLLM's StructuredOutputGrammar, advanced in place).
+    `hidden` [C, H] is the halting pass's, `argmax` [C] its argmax (the unconstrained commit)."""
     from vllm.v1.structured_output.backend_xgrammar import xgr  # the bitmask layout every backend fills
 
     if grammar.is_terminated():
@@ -111,18 +143,24 @@ def constrained_canvas(grammar, req_id: str, hidden: torch.Tensor, argmax: torch
     top = top_logprobs(hidden, unembedding.weight, unembedding.softcap, argmax.to(hidden.device), k,
                        first_id=unembedding.first_id, shards=unembedding.shards).top_ids.cpu()
     bitmask = xgr.allocate_token_bitmask(1, unembedding.vocab)
+    banned = torch.zeros(unembedding.vocab, dtype=torch.bool) if banned is None else banned
     out = torch.empty(length, dtype=torch.int64)
     for position in range(length):
         grammar.fill_bitmask(bitmask, 0)
-        allowed = (bitmask[0, top[position] // 32] >> (top[position] % 32)) & 1
-        choice = top[position, allowed.argmax()] if allowed.any() else \
-            masked_argmax(hidden[position], unembedding, unpack(bitmask[0], unembedding.vocab))
-        token = int(choice)
+        allowed = ((bitmask[0, top[position] // 32] >> (top[position] % 32)) & 1).bool() & ~banned[top[position]]
+        if allowed.any():
+            token = int(top[position, allowed.int().argmax()])
+        else:
+            mask = unpack(bitmask[0], unembedding.vocab) & ~banned
+            if not mask.any():
+                raise ValueError(f"the grammar of request {req_id} allows no token after the text so far "
+                                 "(one it needs may be among its stop tokens)")
+            token = masked_argmax(hidden[position], unembedding, mask)
         if not grammar.accept_tokens(req_id, [token]):
             raise RuntimeError(f"the grammar of request {req_id} refused token {token} it allowed")
         out[position] = token
         if grammar.is_terminated():  # a stop token: the request ends here, unless it ignores EOS
-            out[position + 1:] = argmax[position + 1:]
+            out[position + 1:] = token
             break
     return out
 

@@ -146,6 +146,7 @@ class DenoiseStep:
         num_reqs = batch.num_reqs
         out = StepOutput(torch.full((num_reqs, self.canvas_length), -1, dtype=torch.int64), {})
         self.forget_finished(runner.requests)
+        self.grammars.prepare(runner.requests)  # structured requests' grammars compile meanwhile
         ready = np.nonzero(~runner.discard_request_mask.np[:num_reqs])[0].tolist()
         if not ready:
             return out
@@ -185,7 +186,7 @@ class DenoiseStep:
                     on_pass=self.drafts.watch(drafts[first:last]) if self.drafts is not None else None))
                 for job, held in turns[-1].pending.items():
                     self.pending[req_ids[first + job]] = (context[first + job], held)
-                self._constrain(turns[-1], req_ids[first:last], params[first:last], structured[first:last])
+                self._constrain(turns[-1], req_ids[first:last], structured[first:last])
                 self._logprobs(turns[-1], ready[first:last], wants_logprobs[first:last], batch.max_num_logprobs, out)
         tokens = torch.cat([turn.tokens for turn in turns])
         passes = torch.cat([turn.passes for turn in turns])
@@ -209,13 +210,13 @@ class DenoiseStep:
         if len(self.pending) != held:
             self.metrics.record_pending(len(self.pending))
 
-    def _constrain(self, turn, req_ids: list[str], params: list, structured: list[bool]) -> None:
+    def _constrain(self, turn, req_ids: list[str], structured: list[bool]) -> None:
         """Structured requests' finished canvases, committed under their grammars
         (structured_commit.py), in place of the argmax in `turn.tokens`; before `_logprobs`,
         which then reports the tokens committed."""
         for job, want in enumerate(structured):
             if want and turn.passes[job] >= 0:
-                turn.tokens[job] = self.grammars.commit(req_ids[job], params[job], turn.hidden[job], turn.tokens[job],
+                turn.tokens[job] = self.grammars.commit(req_ids[job], turn.hidden[job], turn.tokens[job],
                                                         self.unembedding)
 
     def _logprobs(self, turn, rows: list[int], wants: list[bool], k: int | None, out: StepOutput) -> None:
