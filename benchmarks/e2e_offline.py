@@ -189,7 +189,8 @@ def check_structured(llm, settings: Settings, checks: Checks) -> None:
             replies.append(False)
     checks.check("structured_json_replies_parse", all(replies), {"valid": sum(replies), "requests": len(replies),
                                                                 "first": outs[0].outputs[0].text[:120]})
-    checks.measure("structured", {"batch_s": round(elapsed, 3), "tokens": sum(len(o.outputs[0].token_ids) for o in outs)})
+    checks.measure("structured", {"batch_s": round(elapsed, 3),
+                                  "tokens": sum(len(o.outputs[0].token_ids) for o in outs)})
 
 
 def record_stats(llm, settings: Settings, checks: Checks) -> dict:

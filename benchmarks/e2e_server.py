@@ -1,11 +1,11 @@
 """Stage b_server of gpu_e2e.py: vLLM's OpenAI server on the tiny `gpu_friendly` checkpoint.
 
-One server with vLLM's defaults (bf16, CUDA graphs; eager on CPU), then, in order: a
-completion over two canvases, a chat, a stream (one chunk per canvas, equal to the same
-request unstreamed), a JSON-schema chat (its reply parses), a bad knob and an unsupported field (400 naming it), logprobs of every
-token (and -1, the whole vocabulary, refused), eight concurrent requests, and a client that
-disconnects mid-stream, after which the server must still answer and run no request. The
-server's log is appended to the stage's log (start-up times).
+One server with vLLM's defaults (bf16, CUDA graphs; eager on CPU), then, in order: a completion
+over two canvases, a chat, a stream (one chunk per canvas, equal to the same request
+unstreamed), a JSON-schema chat (its reply parses), a bad knob and an unsupported field (400
+naming it), logprobs of every token (and -1, the whole vocabulary, refused), eight concurrent
+requests, and a client that disconnects mid-stream, after which the server must still answer
+and run no request. The server's log is appended to the stage's log (start-up times).
 """
 
 from __future__ import annotations
@@ -83,11 +83,12 @@ def run_checks(server, checks: Checks, settings: Settings) -> None:
                  {"chunks": len(texts), "streamed_chars": len("".join(texts)), "whole_chars": len(whole)})
     checks.measure("stream_ttft_s", round(ttft, 3) if ttft is not None else None)
 
-    person = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    person = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer"}},
               "required": ["name", "age"]}
     structured = requests.post(server.url + "/v1/chat/completions", timeout=300, json={
         "model": "tiny", "messages": [{"role": "user", "content": "Describe a person"}], "max_tokens": 600, "seed": 5,
-        "vllm_xargs": steps, "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": person}}})
+        "vllm_xargs": steps,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": person}}})
     reply = structured.json()["choices"][0] if structured.status_code == 200 else {}
     try:
         parsed = set(json.loads(reply["message"]["content"], strict=False)) == {"name", "age"}
