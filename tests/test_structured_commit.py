@@ -75,8 +75,10 @@ class AllowsEverything:
 
 def test_a_canvas_the_grammar_allows_commits_as_the_argmax(monkeypatch):
     """Catches the constrained commit changing text the grammar allows (it must be the
-    unconstrained argmax), or going to the whole vocabulary when a candidate is allowed."""
+    unconstrained argmax, also where the logits tie and the candidates list another id
+    first), or going to the whole vocabulary when a candidate is allowed."""
     hidden, unembedding, argmax = random_canvas(0)
+    unembedding.weight[300] = unembedding.weight[argmax[0]]  # an exact tie at position 0
     monkeypatch.setattr(structured_commit, "masked_argmax", lambda *args: pytest.fail("no candidate allowed?"))
     assert torch.equal(constrained_canvas(AllowsEverything(), "r", hidden, argmax, unembedding), argmax)
 
@@ -111,18 +113,19 @@ def test_the_grammar_carries_over_to_the_next_canvas(compiler):
     assert replay.accept_tokens("replay", text) and replay.is_terminated()
 
 
+@pytest.mark.parametrize("candidates", [1, 16])
 @pytest.mark.parametrize("ranks", [2, 3])
-def test_vocabulary_slices_commit_the_canvas_one_rank_does(compiler, ranks):
+def test_vocabulary_slices_commit_the_canvas_one_rank_does(compiler, ranks, candidates):
     """Catches tensor-parallel ranks committing different tokens: each walks its own matcher
     over its vocabulary slice's candidates and whole-vocabulary fallbacks, merged."""
     hidden, whole, argmax = random_canvas(1)
-    expected = constrained_canvas(regex_grammar(compiler), "r", hidden, argmax, whole, candidates=1)
-    bounds = [0, 100, VOCAB] if ranks == 2 else [0, 7, 300, VOCAB]  # uneven, and a slice narrower than k
+    expected = constrained_canvas(regex_grammar(compiler), "r", hidden, argmax, whole, candidates=candidates)
+    bounds = [0, 100, VOCAB] if ranks == 2 else [0, 7, 300, VOCAB]  # uneven; a slice narrower than 16
 
     def work(rank, shards):
         sliced = Unembedding(whole.weight[bounds[rank]:bounds[rank + 1]], 30.0, 1.0, first_id=bounds[rank],
                              vocab_size=VOCAB, shards=shards)
-        return constrained_canvas(regex_grammar(compiler), "r", hidden, argmax, sliced, candidates=1)
+        return constrained_canvas(regex_grammar(compiler), "r", hidden, argmax, sliced, candidates=candidates)
 
     for committed in ThreadRanks(ranks).run(work):
         assert torch.equal(committed, expected)
@@ -143,11 +146,9 @@ class Failing(AllowsEverything):
         raise RuntimeError("matcher fault")
 
 
-class Params:
-    """What CanvasGrammars.prepare reads of a runner's request state."""
-
-    def __init__(self, structured):
-        self.sampling_params = type("SamplingParams", (), {"structured_outputs": structured})()
+def params(structured):
+    """What CanvasGrammars.prepare reads of a request's sampling parameters."""
+    return type("SamplingParams", (), {"structured_outputs": structured})()
 
 
 def test_a_grammar_that_fails_in_the_worker_fails_only_its_request(monkeypatch, caplog):
@@ -157,13 +158,14 @@ def test_a_grammar_that_fails_in_the_worker_fails_only_its_request(monkeypatch, 
     and grammars compiled for requests without structured outputs, or kept after they leave."""
     grammars = structured_commit.CanvasGrammars(vllm_config=None, vocab_size=VOCAB)
     compiled = []
-    monkeypatch.setattr(grammars, "_compile", lambda params: compiled.append(params) or (Failing(), None))
-    grammars.prepare({"r": Params("spec"), "plain": Params(None)})
-    grammars.prepare({"r": Params("spec")})
+    monkeypatch.setattr(grammars, "_compile", lambda p: compiled.append(p) or (Failing(), None, None))
+    grammars.prepare([("r", params("spec")), ("plain", params(None)), ("prompt only", None)])
+    grammars.prepare([("r", params("spec"))])
     hidden, unembedding, argmax = random_canvas(3)
     assert torch.equal(grammars.commit("r", hidden, argmax, unembedding), argmax)
     assert grammars.grammars == {"r": None} and "matcher fault" in caplog.text and len(compiled) == 1
     assert torch.equal(grammars.commit("r", hidden, argmax, unembedding), argmax) and len(compiled) == 1
+    assert [record.levelname for record in caplog.records if "failed in the worker" in record.getMessage()] == ["ERROR"]
     grammars.forget(live={})
     assert grammars.grammars == {}
 
@@ -192,7 +194,7 @@ def test_a_grammar_that_allows_no_token_says_so(compiler):
     """Catches a walk that, with every allowed token banned (a stop token the grammar needs
     also given as a stop id), commits an arbitrary token and blames the grammar for refusing it."""
     hidden, unembedding, argmax = random_canvas(5)
-    with pytest.raises(ValueError, match="allows no token"):
+    with pytest.raises(structured_commit.GrammarFault, match="allows no token"):
         constrained_canvas(regex_grammar(compiler, "a"), "r", hidden, argmax, unembedding,
                            torch.ones(VOCAB, dtype=torch.bool))
 

@@ -506,6 +506,7 @@ def test_structured_output_backends_and_the_engine_cores_grammar_check(config):
     (the README says vLLM checks every commit)."""
     from vllm.tokenizers import cached_tokenizer_from_config
     from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.core import EngineCore
     from vllm.v1.engine.input_processor import InputProcessor
     from vllm.v1.structured_output.backend_guidance import GuidanceBackend
     from vllm.v1.structured_output.backend_types import StructuredOutputGrammar
@@ -529,6 +530,10 @@ def test_structured_output_backends_and_the_engine_cores_grammar_check(config):
         assert list(inspect.signature(grammar.accept_tokens).parameters) == ["request_id", "tokens"]
     source = inspect.getsource(Scheduler.update_from_output)
     assert "structured_output_manager.accept_tokens(" in source and "FINISHED_ERROR" in source
+    # the plugin's scheduler returns None here: the runner then applies no next-token bitmask
+    step = inspect.getsource(EngineCore.step)
+    assert "grammar_output = self.scheduler.get_grammar_bitmask(" in step
+    assert "sample_tokens(grammar_output)" in step
     front_end = inspect.getsource(InputProcessor._validate_params)
     assert front_end.index("params.verify(") < front_end.index("validate_logits_processors_params(")
 

@@ -3,7 +3,8 @@
 At start-up it also puts the denoise loop into vLLM's memory plan (denoise_memory.py):
 `profile_run` runs one denoise pass at the largest canvas batch after vLLM's forward, and
 `profile_cudagraph_memory` adds what the denoise graphs will hold. `capture_model` (skipped by
-vLLM under enforce_eager) also captures the denoise passes' CUDA graphs. This module never
+vLLM under enforce_eager) also captures the denoise passes' CUDA graphs. vLLM's own sampler,
+which the denoise step replaces, is never warmed (`_dummy_sampler_run`). This module never
 imports vLLM's CPU runner or worker (see model_runner.py for why).
 """
 

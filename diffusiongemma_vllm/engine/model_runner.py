@@ -31,9 +31,13 @@ class DenoiseStepRunnerMixin:
         self.denoise_step = DenoiseStep(self.get_model(), self.vllm_config, self.device)
 
     def execute_model(self, scheduler_output, *args, **kwargs):
-        """vLLM's. A step that schedules no token still tells the runner which requests
-        finished (an abort of the only request, say): their held canvases are freed then, and
-        the pending gauge reported, rather than at the next request's step."""
+        """vLLM's. New structured requests' grammars start compiling before the forward
+        (structured_commit.py). A step that schedules no token still tells the runner which
+        requests finished (an abort of the only request, say): their held canvases are freed
+        then, and the pending gauge reported, rather than at the next request's step."""
+        if self.denoise_step is not None:
+            new = scheduler_output.scheduled_new_reqs
+            self.denoise_step.grammars.prepare((r.req_id, r.sampling_params) for r in new)
         output = super().execute_model(scheduler_output, *args, **kwargs)
         if output is not None and not scheduler_output.total_num_scheduled_tokens and self.denoise_step is not None:
             self.denoise_step.forget_finished(self.requests)

@@ -26,6 +26,12 @@ from diffusiongemma_vllm.engine.step_metrics import attach_to_stats
 
 
 class CanvasScheduler(Scheduler):
+    def get_grammar_bitmask(self, scheduler_output):
+        """None: vLLM's next-token grammar bitmask would mask logits the denoise step never
+        samples from (the worker constrains whole canvases, structured_commit.py). vLLM still
+        advances each request's grammar with its committed canvas and checks it there."""
+        return None
+
     def update_from_output(self, scheduler_output, model_runner_output):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         for req_id in scheduler_output.num_scheduled_tokens:

@@ -30,13 +30,15 @@ allows it, so a canvas the model already wrote in the grammar commits unchanged.
   `structured_outputs` with its stop tokens, as vLLM's engine core compiles its copy. That copy
   is advanced with every emitted canvas and ends a request whose tokens it rejects
   (`finish_reason` error), so vLLM checks each commit independently.
-The worker compiles a request's grammar in a background thread from the step that first
-sees the request (while its prompt is prefilled and its first canvas denoised), keeps it,
-advanced canvas by canvas, and drops it when the request leaves (worker_step.py). A grammar
-that fails in the worker (it cannot be compiled there, allows no token, or the matcher
-raises) is logged and its request's canvases commit unconstrained from then on; vLLM's
-grammar check then ends the request if they break the grammar. The engine keeps serving the
-others.
+The worker compiles a request's grammar in a background thread from the step that schedules
+the request first, before that step's forward (model_runner.py), so the compile overlaps the
+prompt's prefill and the first canvas's passes; it keeps the grammar, advanced canvas by canvas,
+and drops it (cancelling a compile not started) when the request leaves (worker_step.py). A
+grammar fault in the worker (the grammar cannot be compiled there, allows no token, or its
+matcher raises: the same on every tensor-parallel rank, whose matchers see the same tokens) is
+logged and its request's canvases commit unconstrained from then on; vLLM's grammar check then
+ends the request if they break the grammar. The engine keeps serving the others. A device
+error is not caught: it is not the same on every rank.
 """
 
 from __future__ import annotations
@@ -47,12 +49,17 @@ import torch
 from vllm.logger import init_logger
 
 from diffusiongemma_vllm.denoise.vocab_shards import VocabShards
-from diffusiongemma_vllm.kernels.gemm_sampler import mm_fp32
-from diffusiongemma_vllm.kernels.top_logprobs import top_logprobs
+from diffusiongemma_vllm.engine.config_hook import STRUCTURED_BACKENDS
+from diffusiongemma_vllm.kernels.top_logprobs import softcapped_logits, top_logprobs
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, the one vLLM configures
 
 CANDIDATES = 16  # per position, from the halting pass; beyond them, one product over the vocabulary
+VOCAB_CHUNK = 16384  # rows of the embedding per product of the whole-vocabulary fallback, as in top_logprobs
+
+
+class GrammarFault(Exception):
+    """A request's grammar failed in the worker: it fails that request only."""
 
 
 class CanvasGrammars:
@@ -69,28 +76,34 @@ class CanvasGrammars:
         self.grammars: dict[str, Future | None] = {}
 
     def prepare(self, requests) -> None:
-        """Start compiling the grammars of the structured requests in `requests` (the runner's)
-        that this worker has not seen yet."""
-        for req_id, state in requests.items():
-            if state.sampling_params.structured_outputs is not None and req_id not in self.grammars:
-                self.grammars[req_id] = self.compiler.submit(self._compile, state.sampling_params)
+        """Start compiling the grammars of the structured requests among `requests` ((id,
+        sampling parameters) pairs) that this worker has not seen yet."""
+        for req_id, sampling_params in requests:
+            if sampling_params is not None and sampling_params.structured_outputs is not None \
+                    and req_id not in self.grammars:
+                self.grammars[req_id] = self.compiler.submit(self._compile, sampling_params)
 
     def commit(self, req_id: str, hidden: torch.Tensor, argmax: torch.Tensor, unembedding) -> torch.Tensor:
         """The canvas a structured request commits (`constrained_canvas`); its argmax if its
         grammar failed in this worker (logged once)."""
+        if self.grammars[req_id] is None:
+            return argmax
         try:
-            if self.grammars[req_id] is not None:  # prepare() saw it: a KeyError is a fault, logged
-                grammar, banned = self.grammars[req_id].result()
-                return constrained_canvas(grammar, req_id, hidden, argmax, unembedding, banned)
-        except Exception:  # noqa: BLE001 - one request's grammar must not stop the engine
+            try:
+                grammar, banned, bitmask = self.grammars[req_id].result()
+            except Exception as error:  # noqa: BLE001 - any compile error is this request's
+                raise GrammarFault(f"its grammar did not compile here: {error}") from error
+            return constrained_canvas(grammar, req_id, hidden, argmax, unembedding, banned, bitmask)
+        except GrammarFault:
             logger.exception("DiffusionGemma: the grammar of request %s failed in the worker; its canvases commit "
                              "unconstrained and vLLM's grammar check ends it if they break the grammar", req_id)
             self.grammars[req_id] = None
         return argmax
 
     def _compile(self, sampling_params):
-        """The request's matcher, compiled as vLLM's engine core compiles its copy, and the ids
-        its canvases must not take: the special ones other than its stop tokens."""
+        """The request's matcher, compiled as vLLM's engine core compiles its copy; the ids its
+        canvases must not take (the special ones other than its stop tokens); its bitmask, laid
+        out for its backend."""
         from vllm.v1.structured_output.request import get_structured_output_key
 
         backend = self._backend()
@@ -98,17 +111,19 @@ class CanvasGrammars:
         stops = sampling_params.all_stop_token_ids
         banned = self.special.clone()
         banned[[i for i in stops if i < len(banned)]] = False
-        return backend.compile_grammar(kind, spec, stop_token_ids=stops), banned
+        return backend.compile_grammar(kind, spec, stop_token_ids=stops), banned, backend.allocate_token_bitmask(1)
 
     def _backend(self):
         if self.backend is None:
             from vllm.tokenizers import cached_tokenizer_from_config
 
             name = self.vllm_config.structured_outputs_config.backend
+            if name not in STRUCTURED_BACKENDS:  # config_hook.py refuses such requests at admission
+                raise ValueError(f"no grammars through the {name!r} structured-outputs backend")
             tokenizer = cached_tokenizer_from_config(model_config=self.vllm_config.model_config)
             if name == "guidance":
                 from vllm.v1.structured_output.backend_guidance import GuidanceBackend as Backend
-            else:  # config_hook.py made `auto` xgrammar and refuses requests through the others
+            else:
                 from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend as Backend
             self.special = special_ids(tokenizer, self.vocab_size)
             self.backend = Backend(self.vllm_config, tokenizer=tokenizer, vocab_size=self.vocab_size)
@@ -116,7 +131,10 @@ class CanvasGrammars:
         return self.backend
 
     def forget(self, live) -> None:
-        self.grammars = {k: v for k, v in self.grammars.items() if k in live}
+        for req_id in [k for k in self.grammars if k not in live]:
+            compiling = self.grammars.pop(req_id)
+            if compiling is not None:
+                compiling.cancel()  # a compile not yet started never runs
 
 
 def special_ids(tokenizer, vocab: int) -> torch.Tensor:
@@ -129,40 +147,52 @@ def special_ids(tokenizer, vocab: int) -> torch.Tensor:
 
 
 def constrained_canvas(grammar, req_id: str, hidden: torch.Tensor, argmax: torch.Tensor, unembedding,
-                       banned: torch.Tensor | None = None, candidates: int = CANDIDATES) -> torch.Tensor:
+                       banned: torch.Tensor | None = None, bitmask: torch.Tensor | None = None,
+                       candidates: int = CANDIDATES) -> torch.Tensor:
     """The canvas to commit ([C] int64, on the host): left to right, each position's most
     likely token the grammar allows after the ones before it, and not `banned` ([vocab]
     bools), accepted into `grammar` (vLLM's StructuredOutputGrammar, advanced in place).
-    `hidden` [C, H] is the halting pass's, `argmax` [C] its argmax (the unconstrained commit)."""
-    from vllm.v1.structured_output.backend_xgrammar import xgr  # the bitmask layout every backend fills
+    `hidden` [C, H] is the halting pass's, `argmax` [C] its argmax (the unconstrained commit),
+    `bitmask` a one-row token bitmask of the grammar's backend (default: xgrammar's over the
+    vocabulary). A failure of the grammar raises GrammarFault."""
+    from vllm.v1.structured_output.backend_xgrammar import xgr
 
     if grammar.is_terminated():
         return argmax.clone()
-    length = hidden.shape[0]
-    k = min(candidates, unembedding.vocab)
-    top = top_logprobs(hidden, unembedding.weight, unembedding.softcap, argmax.to(hidden.device), k,
-                       first_id=unembedding.first_id, shards=unembedding.shards).top_ids.cpu()
-    bitmask = xgr.allocate_token_bitmask(1, unembedding.vocab)
-    banned = torch.zeros(unembedding.vocab, dtype=torch.bool) if banned is None else banned
+    length, vocab = hidden.shape[0], unembedding.vocab
+    top = top_logprobs(hidden, unembedding.weight, unembedding.softcap, argmax.to(hidden.device),
+                       min(candidates, vocab), first_id=unembedding.first_id, shards=unembedding.shards).top_ids
+    # The argmax first (the candidates' order among near-ties follows other products), then the rest.
+    top = torch.cat([argmax[:, None], top.cpu()], 1)
+    bitmask = xgr.allocate_token_bitmask(1, vocab) if bitmask is None else bitmask
+    banned = torch.zeros(vocab, dtype=torch.bool) if banned is None else banned
     out = torch.empty(length, dtype=torch.int64)
     for position in range(length):
-        grammar.fill_bitmask(bitmask, 0)
+        guard(grammar.fill_bitmask, req_id, bitmask, 0)
         allowed = ((bitmask[0, top[position] // 32] >> (top[position] % 32)) & 1).bool() & ~banned[top[position]]
         if allowed.any():
             token = int(top[position, allowed.int().argmax()])
         else:
-            mask = unpack(bitmask[0], unembedding.vocab) & ~banned
+            mask = unpack(bitmask[0], vocab) & ~banned
             if not mask.any():
-                raise ValueError(f"the grammar of request {req_id} allows no token after the text so far "
-                                 "(one it needs may be among its stop tokens)")
+                raise GrammarFault(f"the grammar of request {req_id} allows no token after the text so far "
+                                   "(one it needs may be among its stop tokens)")
             token = masked_argmax(hidden[position], unembedding, mask)
-        if not grammar.accept_tokens(req_id, [token]):
-            raise RuntimeError(f"the grammar of request {req_id} refused token {token} it allowed")
+        if not guard(grammar.accept_tokens, req_id, req_id, [token]):
+            raise GrammarFault(f"the grammar of request {req_id} refused token {token} it allowed")
         out[position] = token
         if grammar.is_terminated():  # a stop token: the request ends here, unless it ignores EOS
             out[position + 1:] = token
             break
     return out
+
+
+def guard(method, req_id: str, *args):
+    """A grammar method's result; whatever it raises, as a GrammarFault."""
+    try:
+        return method(*args)
+    except Exception as error:  # noqa: BLE001 - the backends raise RuntimeError, ValueError, their own
+        raise GrammarFault(f"the grammar of request {req_id} failed: {error}") from error
 
 
 def unpack(words: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -173,12 +203,18 @@ def unpack(words: torch.Tensor, vocab: int) -> torch.Tensor:
 
 def masked_argmax(hidden: torch.Tensor, unembedding, allowed: torch.Tensor) -> int:
     """The most likely allowed token over the whole vocabulary at one position (the lowest id
-    among equals): this rank's slice's logits, masked, merged over the slices."""
+    among equals): this rank's slice's logits, a chunk of the vocabulary at a time, as
+    top_logprobs computes them, masked, merged over the slices."""
     weight, first = unembedding.weight, unembedding.first_id
-    logits = mm_fp32(hidden[None], weight.T)[0]  # the softcap is monotone: the argmax of the products
-    logits = logits.masked_fill(~allowed[first:first + weight.shape[0]].to(logits.device), float("-inf"))
-    best = logits.argmax()
-    return merge_best(torch.stack([logits[best], (first + best).float()]), unembedding.shards)
+    allowed = allowed[first:first + weight.shape[0]].to(hidden.device)
+    best = torch.stack([torch.tensor(float("-inf"), device=hidden.device), torch.tensor(0.0, device=hidden.device)])
+    for start in range(0, weight.shape[0], VOCAB_CHUNK):
+        logits = softcapped_logits(hidden[None], weight[start:start + VOCAB_CHUNK], unembedding.softcap)[0]
+        logits = logits.masked_fill(~allowed[start:start + VOCAB_CHUNK], float("-inf"))
+        index = logits.argmax()
+        if logits[index] > best[0]:  # strictly: the lower id among equals
+            best = torch.stack([logits[index], (first + start + index).float()])
+    return merge_best(best, unembedding.shards)
 
 
 def merge_best(local: torch.Tensor, shards: VocabShards | None) -> int:

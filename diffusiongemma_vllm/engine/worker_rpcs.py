@@ -1,8 +1,8 @@
 """The RPCs both platform workers add (cpu_worker.py, gpu_worker.py).
 
 - `diffusion_stats()`: the worker step's counters (passes per scheduler step, passes per
-  canvas, canvases held between steps, structured requests' grammars held), for `LLM.collective_rpc("diffusion_stats")` and the
-  benchmarks;
+  canvas, canvases held between steps, structured requests' grammars held), for
+  `LLM.collective_rpc("diffusion_stats")` and the benchmarks;
 - `profile_denoise_pass(canvases, repeats, fused_kernels)`: one denoise pass timed on the
   device, against the bandwidth floor of its weights (pass_profile.py).
 """

@@ -146,7 +146,7 @@ class DenoiseStep:
         num_reqs = batch.num_reqs
         out = StepOutput(torch.full((num_reqs, self.canvas_length), -1, dtype=torch.int64), {})
         self.forget_finished(runner.requests)
-        self.grammars.prepare(runner.requests)  # structured requests' grammars compile meanwhile
+        self.grammars.prepare((r, state.sampling_params) for r, state in runner.requests.items())  # if not yet
         ready = np.nonzero(~runner.discard_request_mask.np[:num_reqs])[0].tolist()
         if not ready:
             return out
@@ -154,8 +154,7 @@ class DenoiseStep:
         req_ids = [batch.req_ids[i] for i in ready]
         started = time.perf_counter()
         jobs, resumed, must_finish, wants_logprobs, drafts = [], {}, [], [], []
-        params = [runner.requests[req_id].sampling_params for req_id in req_ids]
-        structured = [p.structured_outputs is not None for p in params]
+        structured = [runner.requests[req_id].sampling_params.structured_outputs is not None for req_id in req_ids]
         for slot, (req_id, length) in enumerate(zip(req_ids, context)):
             state = runner.requests[req_id]
             wants_logprobs.append(state.sampling_params.logprobs is not None)

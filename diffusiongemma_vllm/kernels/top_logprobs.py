@@ -44,7 +44,7 @@ class TopLogprobs:
     top_logprobs: torch.Tensor  # [N, k] fp32
 
 
-def _logits(hidden: torch.Tensor, embedding: torch.Tensor, softcap: float) -> torch.Tensor:
+def softcapped_logits(hidden: torch.Tensor, embedding: torch.Tensor, softcap: float) -> torch.Tensor:
     # The products of the sampler that chose the committed argmax on this device: fp32 output
     # on CUDA (gemm_sampler.py; a bf16 product would round the logits to bf16 spacing, 0.06-0.125
     # at |z| in the tens, tying ranks and parting them from that argmax), the input dtype's
@@ -55,7 +55,7 @@ def _logits(hidden: torch.Tensor, embedding: torch.Tensor, softcap: float) -> to
 
 def naive_top_logprobs(hidden: torch.Tensor, embedding: torch.Tensor, softcap: float, tokens: torch.Tensor,
                        k: int) -> TopLogprobs:
-    log_probs = torch.log_softmax(_logits(hidden, embedding, softcap), dim=-1)  # [N, V]
+    log_probs = torch.log_softmax(softcapped_logits(hidden, embedding, softcap), dim=-1)  # [N, V]
     chosen = log_probs.gather(1, tokens[:, None]).squeeze(1)
     top = log_probs.topk(k, dim=-1)
     return TopLogprobs(chosen, (log_probs >= chosen[:, None]).sum(-1), top.indices, top.values)
@@ -92,7 +92,7 @@ def _top_logprobs_rows(hidden, embedding, softcap: float, tokens, k: int, vocab_
     best = torch.full((rows, 0), float("-inf"), device=device)
     best_ids = torch.zeros((rows, 0), dtype=torch.long, device=device)
     for start in range(0, embedding.shape[0], vocab_chunk):
-        z = _logits(hidden, embedding[start:start + vocab_chunk], softcap)  # [N, chunk]
+        z = softcapped_logits(hidden, embedding[start:start + vocab_chunk], softcap)  # [N, chunk]
         m_new = torch.maximum(m, z.max(-1).values)
         total = total * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(-1)
         m = m_new
@@ -109,8 +109,8 @@ def _top_logprobs_rows(hidden, embedding, softcap: float, tokens, k: int, vocab_
     rank = (best >= chosen[:, None]).sum(-1)
     outside = (chosen <= best[:, -1]).nonzero().squeeze(-1) if best.shape[1] == keep else rank[:0]
     if len(outside):  # logits >= the token's may lie beyond the kept top: count over the vocabulary
-        counts = sum((_logits(hidden[outside], embedding[s:s + vocab_chunk], softcap) >= chosen[outside, None]).sum(-1)
-                     for s in range(0, embedding.shape[0], vocab_chunk))
+        counts = sum((softcapped_logits(hidden[outside], embedding[s:s + vocab_chunk], softcap)
+                      >= chosen[outside, None]).sum(-1) for s in range(0, embedding.shape[0], vocab_chunk))
         rank[outside] = counts if shards is None else shards.all_reduce(counts.float()).long()
     return TopLogprobs(chosen - log_z, rank, best_ids[:, :k], best[:, :k] - log_z[:, None])
 
