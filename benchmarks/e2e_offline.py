@@ -168,6 +168,16 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength
           "required": ["name", "age"], "additionalProperties": False}
 
 
+def follows_person(text: str) -> bool:
+    """Whether `text` is a JSON object of PERSON's shape (xgrammar lets control characters
+    into strings, which a strict parser refuses)."""
+    try:
+        person = json.loads(text, strict=False)
+    except ValueError:
+        return False
+    return isinstance(person, dict) and set(person) == {"name", "age"} and isinstance(person["age"], int)
+
+
 def check_structured(llm, settings: Settings, checks: Checks) -> None:
     """JSON-schema requests, one per prompt, batched: every reply parses and follows the
     schema (random weights: only the grammar-constrained commit makes them), each ends at its
@@ -179,14 +189,7 @@ def check_structured(llm, settings: Settings, checks: Checks) -> None:
     outs = llm.generate(texts, [params(settings, i, ignore_eos=False, structured_outputs=StructuredOutputsParams(
         json=PERSON)) for i in range(len(texts))], use_tqdm=False)
     elapsed = time.time() - start
-    replies = []
-    for out in outs:
-        try:
-            person = json.loads(out.outputs[0].text, strict=False)  # xgrammar lets control characters into strings
-            replies.append(out.outputs[0].finish_reason == "stop" and set(person) == {"name", "age"}
-                           and isinstance(person["age"], int))
-        except ValueError:
-            replies.append(False)
+    replies = [out.outputs[0].finish_reason == "stop" and follows_person(out.outputs[0].text) for out in outs]
     checks.check("structured_json_replies_parse", all(replies), {"valid": sum(replies), "requests": len(replies),
                                                                 "first": outs[0].outputs[0].text[:120]})
     checks.measure("structured", {"batch_s": round(elapsed, 3),

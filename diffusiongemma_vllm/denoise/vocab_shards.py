@@ -16,7 +16,8 @@ Per pass that is one all-gather of [N, 6] scalars and one all-reduce of the [N, 
 Every rank merges the same gathered values in the same order, so all ranks hold the same
 tokens and the denoise loop's host decisions (which canvases halted) agree across ranks; the
 all-reduce gives every rank the same sum, as in vLLM's own layers. `merge_top_lists` merges
-logprobs the same way (kernels/top_logprobs.py).
+logprobs the same way (kernels/top_logprobs.py), `merge_best` a structured canvas's
+whole-vocabulary fallback (engine/structured_commit.py).
 """
 
 from __future__ import annotations
@@ -70,3 +71,12 @@ def merge_top_lists(log_z, chosen, best, best_ids, keep: int, shards: VocabShard
     best, order = everyone(slice(2, 2 + keep)).topk(min(keep, shards.ranks * keep), dim=-1)
     best_ids = everyone(slice(2 + keep, None)).gather(1, order).long()
     return torch.logsumexp(gathered[..., 0], 0), gathered[..., 1].max(0).values, best, best_ids
+
+
+def merge_best(local: torch.Tensor, shards: VocabShards | None) -> int:
+    """The token of the largest value over the vocabulary slices, from this slice's
+    [value, token]: the lower rank, which holds the lower ids, on ties."""
+    if shards is None:
+        return int(local[1])
+    gathered = shards.all_gather(local[None])  # [ranks, 1, 2]
+    return int(gathered[gathered[:, 0, 0].argmax(), 0, 1])

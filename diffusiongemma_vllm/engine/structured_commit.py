@@ -48,14 +48,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from vllm.logger import init_logger
 
-from diffusiongemma_vllm.denoise.vocab_shards import VocabShards
+from diffusiongemma_vllm.denoise.vocab_shards import merge_best
 from diffusiongemma_vllm.engine.config_hook import STRUCTURED_BACKENDS
-from diffusiongemma_vllm.kernels.top_logprobs import softcapped_logits, top_logprobs
+from diffusiongemma_vllm.kernels.top_logprobs import VOCAB_CHUNK, softcapped_logits, top_logprobs
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, the one vLLM configures
 
 CANDIDATES = 16  # per position, from the halting pass; beyond them, one product over the vocabulary
-VOCAB_CHUNK = 16384  # rows of the embedding per product of the whole-vocabulary fallback, as in top_logprobs
 
 
 class GrammarFault(Exception):
@@ -64,7 +63,7 @@ class GrammarFault(Exception):
 
 class CanvasGrammars:
     """Each structured request's grammar in this worker, compiled in a background thread from
-    the step that first sees the request."""
+    the step that first schedules the request."""
 
     def __init__(self, vllm_config, vocab_size: int):
         self.vllm_config = vllm_config
@@ -215,12 +214,3 @@ def masked_argmax(hidden: torch.Tensor, unembedding, allowed: torch.Tensor) -> i
         if logits[index] > best[0]:  # strictly: the lower id among equals
             best = torch.stack([logits[index], (first + start + index).float()])
     return merge_best(best, unembedding.shards)
-
-
-def merge_best(local: torch.Tensor, shards: VocabShards | None) -> int:
-    """The token of the largest value over the vocabulary slices, from this slice's
-    [value, token]: the lower rank, which holds the lower ids, on ties."""
-    if shards is None:
-        return int(local[1])
-    gathered = shards.all_gather(local[None])  # [ranks, 1, 2]
-    return int(gathered[gathered[:, 0, 0].argmax(), 0, 1])

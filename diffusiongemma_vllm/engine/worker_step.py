@@ -146,18 +146,18 @@ class DenoiseStep:
         num_reqs = batch.num_reqs
         out = StepOutput(torch.full((num_reqs, self.canvas_length), -1, dtype=torch.int64), {})
         self.forget_finished(runner.requests)
-        self.grammars.prepare((r, state.sampling_params) for r, state in runner.requests.items())  # if not yet
         ready = np.nonzero(~runner.discard_request_mask.np[:num_reqs])[0].tolist()
         if not ready:
             return out
         context = [int(runner.optimistic_seq_lens_cpu[i]) for i in ready]
         req_ids = [batch.req_ids[i] for i in ready]
         started = time.perf_counter()
-        jobs, resumed, must_finish, wants_logprobs, drafts = [], {}, [], [], []
-        structured = [runner.requests[req_id].sampling_params.structured_outputs is not None for req_id in req_ids]
+        jobs, resumed, must_finish, wants_logprobs, structured, drafts = [], {}, [], [], [], []
         for slot, (req_id, length) in enumerate(zip(req_ids, context)):
             state = runner.requests[req_id]
             wants_logprobs.append(state.sampling_params.logprobs is not None)
+            structured.append(state.sampling_params.structured_outputs is not None)
+            self.grammars.prepare([(req_id, state.sampling_params)])  # started before the forward, unless missed
             settings = self._settings(req_id, state.sampling_params)
             block = (length - len(state.prompt_token_ids)) // self.canvas_length
             jobs.append(CanvasJob(block, settings.sampler, settings.seed))

@@ -35,6 +35,8 @@ import torch
 from diffusiongemma_vllm.denoise.vocab_shards import VocabShards, merge_top_lists
 from diffusiongemma_vllm.kernels.gemm_sampler import BLOCK_ELEMENTS, mm_fp32
 
+VOCAB_CHUNK = 16384  # embedding rows per product: a [rows, VOCAB_CHUNK] logits block at a time
+
 
 @dataclass(frozen=True)
 class TopLogprobs:
@@ -67,7 +69,7 @@ def top_logprobs(
     softcap: float,
     tokens: torch.Tensor,  # [N] int64 committed ids
     k: int,  # alternatives per row, >= 0
-    vocab_chunk: int = 16384,
+    vocab_chunk: int = VOCAB_CHUNK,
     block_elements: int = BLOCK_ELEMENTS,  # rows x vocab_chunk of one logits block, as the sampler's
     first_id: int = 0,  # the vocabulary id of embedding row 0 (a tensor-parallel rank's slice)
     shards: VocabShards | None = None,  # the tensor-parallel ranks whose slices merge
