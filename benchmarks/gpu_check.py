@@ -130,7 +130,7 @@ def _launch(block_m: int, block_n: int, block_dv: int, num_warps: int, num_stage
 
 
 # Paged canvas attention launch settings worth sweeping on an H100 (the first of each is the
-# kernel's default); each fits 227 KB of shared memory (tests/test_kernels_compile_sm90.py
+# kernel's default); each fits 227 KB of shared memory (tests/test_kernels_compile_offline.py
 # compiles the defaults: all shapes tried spill some registers with Triton 3.9).
 HOPPER_ATTENTION_CANDIDATES = {
     256: [_launch(128, 64, 256, 8, 2), _launch(128, 32, 256, 8, 2), _launch(128, 32, 256, 8, 3),

@@ -45,7 +45,7 @@ except ImportError:  # CPU-only installs without Triton still import this module
 # Launch settings by head dim, for a GPU that gives a block an H100's 227 KB of shared memory:
 # the fastest of 8 candidates per head dim on an H100 (gpu_check block_sweep, 16 canvases,
 # benchmarks/results/2026-11-27-h100-gpu_check.md). Compiled offline for sm_90 with Triton 3.9
-# and ptxas 13.4 (tests/test_kernels_compile_sm90.py) they take 128 KB and 176 KB of shared
+# and ptxas 13.4 (tests/test_kernels_compile_offline.py) they take 128 KB and 176 KB of shared
 # memory and spill registers (4.8 KB and 2.6 KB of spill stores), as did all 16 other tile
 # shapes tried: the fp32 accumulator and the Q tile of 128 rows x 256 fill the registers.
 # GPUs with less shared memory get COMPACT_LAUNCH (70 KB at head dim 512 for sm_89).
