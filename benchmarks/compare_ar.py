@@ -24,6 +24,10 @@ output token. Output: a table, the goal ratios (issue 11: plugin >= 1.5x in-tree
 >= 2x at 16 and 64, >= 3x AR at c=1; where AR overtakes), a PNG (tokens/s vs concurrency;
 passes per canvas), and one JSON line last (also written to `--results-json`).
 
+With `--load-format dummy` (random weights; `--release-shapes` implies it) every engine, vLLM's own
+Gemma 4 models too, gets its layer scalars set to 1 before the first request
+(testing/dummy_weights.py: vLLM's draw would collapse the routing onto 8 experts per layer).
+
 A system that fails keeps the levels it finished (each level is reported as it completes)
 and is listed under `failures`; the others still run. benchmarks/compare_report.py prints the
 table and goals, and merges the JSON of several runs (one system per run, as gpu_e2e.py does).
@@ -138,6 +142,10 @@ def engine_settings(args) -> dict:
         settings.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
     if args.load_format != "auto":
         settings["load_format"] = args.load_format
+    if args.load_format == "dummy":  # each engine's layer scalars set to 1 before timing (unit_layer_scalars)
+        from diffusiongemma_vllm.testing.dummy_weights import WORKER_EXTENSION
+
+        settings["worker_extension_cls"] = WORKER_EXTENSION
     if args.dtype != "auto":
         settings["dtype"] = args.dtype
     if args.system.startswith("plugin-pps"):
@@ -165,7 +173,11 @@ def run_offline(args, prompts: list[str]) -> dict:
     from vllm import LLM
 
     llm = LLM(model=args.model, **engine_settings(args))
-    llm.generate(prompts[:1], _params(args, 0), use_tqdm=False)  # warm-up
+    if args.load_format == "dummy":
+        print(f"{args.system}: layer scalars set to 1 per rank: {llm.collective_rpc('unit_layer_scalars')}",
+              file=sys.stderr, flush=True)
+    warm = llm.generate(prompts[:1], _params(args, 0), use_tqdm=False)[0].outputs[0].token_ids
+    print(f"{args.system}: warm-up reply, {len(set(warm))} distinct of {len(warm)} tokens", file=sys.stderr, flush=True)
     engine, results = llm.llm_engine, {}
     for level, count in zip(args.levels, args.request_counts):
         before = _passes(llm, args)
@@ -200,8 +212,14 @@ def run_server(args, prompts: list[str]) -> dict:
 
     from benchmarks.openai_server import OpenAIServer
 
+    if args.load_format == "dummy":
+        os.environ["VLLM_SERVER_DEV_MODE"] = "1"  # vLLM's POST /collective_rpc, for unit_layer_scalars
     server = OpenAIServer(args.model, "--served-model-name", "m", *server_flags(engine_settings(args)),
                           startup_timeout=args.startup_timeout)
+    if args.load_format == "dummy":
+        reply = requests.post(server.url + "/collective_rpc", json={"method": "unit_layer_scalars"}, timeout=120)
+        reply.raise_for_status()
+        print(f"{args.system}: layer scalars set to 1 per rank: {reply.json()['results']}", file=sys.stderr, flush=True)
     extra = {} if args.system in ("ar", "in-tree") else {"vllm_xargs": {"max_denoising_steps": args.max_denoising_steps}}
     seeded = args.system != "in-tree"
 

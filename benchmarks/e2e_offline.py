@@ -18,8 +18,10 @@ repeat exactly in either. Passes per canvas come from `LLM.collective_rpc("diffu
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -540,8 +542,10 @@ def pps_stage(checks: Checks, settings: Settings) -> None:
                  additional_config={"passes_per_step": limit})
     run = generate_set(llm, settings, checks)
     stats = record_stats(llm, settings, checks)
-    checks.check("canvases_spanned_steps", max(stats["canvas_passes"], default=0) > limit,
-                 f"some canvas needs > {limit} passes")
+    # Random weights run every canvas to the cap (> limit), so steps holding at most `limit`
+    # passes on average means canvases were resumed across steps (ignoring the setting gives the cap).
+    checks.check("steps_hold_at_most_the_setting", 0 < stats["passes_per_step"] <= limit < settings.steps,
+                 {"passes_per_step_mean": stats["passes_per_step"], "limit": limit, "cap": settings.steps})
     whole = load_tokens(settings, "a_tiny")
     if whole is None:
         checks.check("pps_vs_whole_canvas", False, "no tokens from a_tiny (did it run?)")
@@ -596,12 +600,17 @@ def alternatives_stage(checks: Checks, settings: Settings) -> None:
         child.wait()
         print(output, flush=True)
         generated = [line for line in output.splitlines() if line.startswith("GENERATED")]
+        # The plugin's own refusal (config_hook.py), not vLLM's: the device bundle has no
+        # flash-attn or flashinfer, and vLLM refuses a backend it cannot import by name too.
         naming = [line.strip()[:300] for line in output.splitlines()
-                  if "error" in line.lower() and name.lower() in line.lower()]
-        outcomes[name] = {"s": round(time.time() - start, 1),
-                          **({"served": generated[-1]} if generated else {"refused": naming[-1] if naming else None})}
-        checks.check(f"{name}_served_or_refused_by_name", bool(generated) or bool(naming), outcomes[name])
-    checks.measure("headline", {name: "served" if "served" in o else "refused" for name, o in outcomes.items()})
+                  if "DiffusionGemma (diffusiongemma-vllm) does not support" in line and name.lower() in line.lower()]
+        unavailable = [line.strip()[:300] for line in output.splitlines()
+                       if "is not valid" in line and name.lower() in line.lower()]
+        outcome = ({"served": generated[-1]} if generated else {"refused": naming[-1]} if naming
+                   else {"unavailable": unavailable[-1]} if unavailable else {"neither": output.strip()[-300:]})
+        outcomes[name] = {"s": round(time.time() - start, 1), **outcome}
+        checks.check(f"{name}_served_refused_or_unavailable", "neither" not in outcome, outcomes[name])
+    checks.measure("headline", {name: next(k for k in o if k != "s") for name, o in outcomes.items()})
 
 
 def compile_stage(checks: Checks, settings: Settings) -> None:
@@ -615,13 +624,13 @@ def compile_stage(checks: Checks, settings: Settings) -> None:
     - a_tiny's requests in bf16 compiled (canvases committed by 256-token causal passes):
       agreement with a_tiny's tokens and throughput over a_tiny's, the torch.compile lever on
       the tiny model (Inductor computes fused bf16 chains in fp32: exact equality is no criterion).
-    Compilation is checked to have happened: vLLM's compile cache must gain an artifact."""
+    Compilation is checked to have happened: vLLM logs a compile, or a load of its compiled
+    graphs from the cache gpu_e2e.sh may restore."""
     from vllm import SamplingParams
 
     from tests.sudoku_examples import SUDOKU, load
 
     compiled = {"compilation_config": {"mode": 3}, "enforce_eager": False}  # CompilationMode.VLLM_COMPILE
-    started = time.time()
     data = load("evaluate").held_out(4)  # the held-out puzzles of the example's evaluation
     puzzles = [p + "\n" for p, _ in data[(40, 44)] + data[(45, 49)]]
     sampling = [SamplingParams(max_tokens=81, seed=i) for i in range(len(puzzles))]
@@ -635,9 +644,12 @@ def compile_stage(checks: Checks, settings: Settings) -> None:
         together = [o.outputs[0].text for o in llm.generate(puzzles, sampling, use_tqdm=False)]
         replies[mode] = {"alone": alone, "together": together}
         del llm
+        gc.collect()  # vLLM ends an engine's processes when its client is collected; the next needs the memory
     os.environ.pop("VLLM_LOGGING_LEVEL", None)
-    cache = Path(os.environ.get("VLLM_CACHE_ROOT", Path.home() / ".cache" / "vllm")) / "torch_compile_cache"
-    checks.check("compiled", any(f.stat().st_mtime >= started for f in cache.rglob("*") if f.is_file()), str(cache))
+    log = Path(settings.out) / "logs" / "a_compile.log"
+    compiled_lines = re.findall(r"torch\.compile took [\d.]+ s|Directly load the compiled graph|"
+                                r"Compiling a graph for", log.read_text(errors="replace")) if log.exists() else []
+    checks.check("compiled", bool(compiled_lines), sorted(set(compiled_lines)) or f"no compile line in {log}")
     checks.check("sudoku_compiled_equals_eager", replies["compiled"] == replies["eager"],
                  {mode: r["alone"][:2] for mode, r in replies.items()})
     llm = engine(checkpoint("gpu_friendly", settings), settings, checks, dtype=settings.dtype, **compiled)

@@ -139,11 +139,15 @@ def release_stage(checks: Checks, settings: Settings, compiled: bool = False) ->
         seconds = time.time() - start
         produced = [len(o.outputs[0].token_ids) for o in outs]
         return {"requests": count, "s": round(seconds, 2), "tokens": sum(produced),
-                "tok_s": round(sum(produced) / seconds, 1), "all_complete": produced == [tokens] * count}
+                "tok_s": round(sum(produced) / seconds, 1), "all_complete": produced == [tokens] * count,
+                "distinct_tokens_first": len(set(outs[0].outputs[0].token_ids))}
 
     checks.measure("warmup", run(1, 256, 2))
     single = run(1, size["max_tokens"], size["steps"])
     checks.measure("c1", single)
+    # Dummy weights whose residual collapsed (testing/dummy_weights.py) commit one id everywhere,
+    # and their MoE reads 8 experts per layer: the timings would not be the release's.
+    checks.check("random_weights_not_collapsed", single["distinct_tokens_first"] > 16, single)
     full = run(size["concurrency"], size["max_tokens"], size["steps"])
     checks.measure("c_max", full)
     checks.check("all_concurrent_requests_complete", full["all_complete"], full)

@@ -14,8 +14,9 @@ empty text (completions) or an empty delta (chat), and the draft in an extra fie
 
 `text` is the canvas's current argmax decoded alone (so a character whose bytes straddle two
 canvases shows as U+FFFD in a draft), cut as vLLM would cut the committed canvas: at
-max_tokens, at EOS and stop token ids, and at the first stop string inside the canvas;
-`token_ids` only when the request set `return_token_ids`. Drafts of a canvas whose close came
+max_tokens, at EOS and stop token ids, and at the first stop string inside the canvas (a
+stop string that straddles two canvases is not seen by either canvas's drafts: each is
+decoded alone); `token_ids` (only when the request set `return_token_ids`) are cut with it. Drafts of a canvas whose close came
 before a committed chunk are dropped after it, and none follows the chunk with a
 finish_reason. The worker publishes a canvas's drafts and close before the step that commits
 it returns, so in practice every draft of a canvas precedes its committed text.
@@ -93,19 +94,28 @@ class DraftFormat:
     token_ids: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def text(self, message: Message) -> str:
-        text = self.decode(message.tokens[:message.text_tokens].tolist())
+    def cut(self, message: Message) -> tuple[str, list[int]]:
+        """The draft's text and token ids, cut at its first stop string as vLLM cuts a reply:
+        the text before the string (with it under include_stop_str), the ids through the one
+        that completes it."""
+        ids = message.tokens.tolist()
+        text = self.decode(ids[:message.text_tokens])
         hits = [(text.find(stop), stop) for stop in self.stop if stop and stop in text]
-        if hits:
-            at, stop = min(hits)
-            text = text[:at + len(stop) if self.include_stop_str else at]
-        return text
+        if not hits:
+            return text, ids
+        at, stop = min(hits)
+        low, high = 1, message.text_tokens  # the fewest ids whose text holds the stop string
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if stop in self.decode(ids[:middle]) else (middle + 1, high)
+        return text[:at + len(stop) if self.include_stop_str else at], ids[:low]
 
     def chunk(self, message: Message) -> str:
         choice = {"index": 0, "delta": {}} if self.chat else {"index": 0, "text": ""}
-        draft = {"block": message.block, "pass": message.pass_, "text": self.text(message)}
+        text, ids = self.cut(message)
+        draft = {"block": message.block, "pass": message.pass_, "text": text}
         if self.token_ids:
-            draft["token_ids"] = message.tokens.tolist()
+            draft["token_ids"] = ids
         body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": self.created, "model": self.model,
                 "choices": [{**choice, "logprobs": None, "finish_reason": None}], "diffusion_draft": draft}

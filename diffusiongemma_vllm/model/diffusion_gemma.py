@@ -211,6 +211,10 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm_1 = norm()
         self.post_feedforward_layernorm_2 = norm()
         self.register_buffer("layer_scalar", torch.ones(1))
+        # vLLM's dummy weights (load_format="dummy") draw every tensor from U(-1e-3, 1e-3): a scalar
+        # that small would shrink the residual ~1000x per layer, until every token routes to the
+        # same experts and the logits are 0. vLLM's loader fills a tensor carrying this with it.
+        self.layer_scalar.dummy_weight_value = 1.0
         self.use_fused_kernel = True  # off only inside DiffusionGemmaForBlockDiffusion.fused_kernels(False)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
