@@ -35,7 +35,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -57,17 +57,15 @@ class ExpertShape:
         """The experts of `model`'s config.json (a directory), else the release's."""
         if model:
             config = json.loads((Path(model) / "config.json").read_text())
-            text = config.get("text_config", config)
-            experts, hidden, width, top_k = (text["num_experts"], text["hidden_size"], text["moe_intermediate_size"],
-                                             text["top_k_experts"])
         else:
-            from diffusiongemma_vllm.testing.tiny_checkpoint import RELEASE_SPEC as spec
+            from diffusiongemma_vllm.testing.tiny_checkpoint import release_checkpoint_config
 
-            experts, hidden, width, top_k = (spec.num_experts, spec.hidden_size, spec.moe_intermediate_size,
-                                             spec.top_k_experts)
+            config = release_checkpoint_config()
+        text = config.get("text_config", config)
+        width = text["moe_intermediate_size"]
         if width % tensor_parallel_size:
             raise SystemExit(f"moe_intermediate_size {width} does not split over {tensor_parallel_size} ranks")
-        return cls(experts, hidden, width // tensor_parallel_size, top_k)
+        return cls(text["num_experts"], text["hidden_size"], width // tensor_parallel_size, text["top_k_experts"])
 
 
 def tile_key(config: dict) -> tuple:
@@ -102,18 +100,13 @@ def candidates(tunings: list[dict[int, dict]], batch_sizes, per_m: int) -> list[
     interleaved over the token counts so that a budget cut leaves every M some candidates."""
     ranked = []
     for m in batch_sizes:
-        counts = collections.Counter()
-        first = {}
-        for table in tunings:
-            tiles = table[min(table, key=lambda grid: abs(grid - m))]
-            counts[tile_key(tiles)] += 1
-            first.setdefault(tile_key(tiles), tiles)
-        ranked.append([first[key] for key, _ in counts.most_common(per_m)])
+        counts = collections.Counter(tile_key(table[min(table, key=lambda grid: abs(grid - m))]) for table in tunings)
+        ranked.append([key for key, _ in counts.most_common(per_m)])
     ordered, seen = [], set()
     for rank in range(per_m):
         for per_size in ranked:
-            if rank < len(per_size) and tile_key(per_size[rank]) not in seen:
-                seen.add(tile_key(per_size[rank]))
+            if rank < len(per_size) and per_size[rank] not in seen:
+                seen.add(per_size[rank])
                 ordered.append(dict(per_size[rank]))
     return ordered
 
@@ -125,7 +118,7 @@ class Search:
     baseline_ms: dict
     best: dict  # M -> (ms, tiles)
     tried: int = 0
-    dropped: list = None
+    dropped: list = field(default_factory=list)  # {"tiles", "reason"} of candidates left out
     stopped_by_budget: bool = False
 
     def table(self) -> dict[int, dict]:
@@ -145,7 +138,7 @@ def search(batch_sizes, default_tiles: Callable[[int], dict], pool: list[dict],
     against the default tiles' output at m); it raises for tiles that do not compile or run."""
     start = clock()
     baseline = {m: measure(default_tiles(m), m)[0] for m in batch_sizes}
-    result = Search(baseline_ms=baseline, best={m: (baseline[m], default_tiles(m)) for m in batch_sizes}, dropped=[])
+    result = Search(baseline_ms=baseline, best={m: (baseline[m], default_tiles(m)) for m in batch_sizes})
     for tiles in pool:
         if clock() - start > budget_s:
             result.stopped_by_budget = True

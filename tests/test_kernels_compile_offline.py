@@ -129,12 +129,12 @@ def compile_others(target) -> dict:
         target, residual_norms._post_attention_kernel, dict.fromkeys(
             ("attn_ptr", "hidden_ptr", "post_attention_ptr", "pre_ff_ptr", "pre_ff2_ptr", "router_scale_ptr",
              "residual_ptr", "ff_ptr", "ff2_ptr", "router_ptr"), "*bf16"),
-        rows, num_warps=residual_norms._warps(2816), floats=("eps", "root_size"))
+        rows, num_warps=residual_norms._warps(rows["BLOCK"]), floats=("eps", "root_size"))
     out["layer_output"] = compile_for(
         target, residual_norms._layer_output_kernel, dict.fromkeys(
             ("dense_ptr", "routed_ptr", "residual_ptr", "post_ff1_ptr", "post_ff2_ptr", "post_ff_ptr",
              "layer_scalar_ptr", "out_ptr"), "*bf16"),
-        rows, num_warps=residual_norms._warps(2816), floats=("eps",))
+        rows, num_warps=residual_norms._warps(rows["BLOCK"]), floats=("eps",))
     launch = fixed_order_gemm.LAUNCH
     out["fixed_order_gemm"] = compile_for(
         target, fixed_order_gemm._fixed_order_mm_kernel, {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*fp32"},

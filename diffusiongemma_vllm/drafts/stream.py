@@ -16,9 +16,9 @@ empty text (completions) or an empty delta (chat), and the draft in an extra fie
 canvases shows as U+FFFD in a draft), cut as vLLM would cut the committed canvas: at
 max_tokens, at EOS and stop token ids, and at the first stop string inside the canvas (a
 stop string that straddles two canvases is not seen by either canvas's drafts: each is
-decoded alone); `token_ids` (only when the request set `return_token_ids`) are cut with it. Drafts of a canvas whose close came
-before a committed chunk are dropped after it, and none follows the chunk with a
-finish_reason. The worker publishes a canvas's drafts and close before the step that commits
+decoded alone); `token_ids` (only when the request set `return_token_ids`) are cut with it.
+Drafts of a canvas whose close came before a committed chunk are dropped after it, and none
+follows the chunk with a finish_reason. The worker publishes a canvas's drafts and close before the step that commits
 it returns, so in practice every draft of a canvas precedes its committed text.
 """
 

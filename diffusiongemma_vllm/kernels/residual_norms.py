@@ -98,9 +98,9 @@ def post_attention_norms(attn: torch.Tensor,  # [T, H] the attention block's out
     tokens, width = hidden.shape
     outs = tuple(torch.empty_like(hidden) for _ in range(4))
     if tokens:
+        block = triton.next_power_of_2(width)
         _post_attention_kernel[(tokens,)](attn, hidden, post_attention, pre_ff, pre_ff2, router_scale, *outs, width,
-                                          eps, width**-0.5, BLOCK=triton.next_power_of_2(width),
-                                          num_warps=_warps(width))
+                                          eps, width**-0.5, BLOCK=block, num_warps=_warps(block))
     return outs
 
 
@@ -116,16 +116,17 @@ def layer_output(dense: torch.Tensor,  # [T, H] the dense MLP's output
     tokens, width = residual.shape
     out = torch.empty_like(residual)
     if tokens:
+        block = triton.next_power_of_2(width)
         _layer_output_kernel[(tokens,)](dense, routed, residual, post_ff1, post_ff2, post_ff, layer_scalar, out, width,
-                                        eps, BLOCK=triton.next_power_of_2(width), num_warps=_warps(width))
+                                        eps, BLOCK=block, num_warps=_warps(block))
     return out
 
 
-def _warps(width: int) -> int:
-    """Warps per row, so that a thread holds at most 8 values of each of the row's tensors: 16
-    at the release's 2816 (padded to 4096), where 8 spill registers on Ampere (compiled offline
-    for sm_86, tests/test_kernels_compile_offline.py)."""
-    return min(16, max(1, (1 << (width - 1).bit_length()) // 256))
+def _warps(block: int) -> int:
+    """Warps for a row of `block` (a power of two), so that a thread holds at most 8 values of
+    each of the row's tensors: 16 at the release's 2816 (block 4096), where 8 spill registers
+    on Ampere (compiled offline for sm_86, tests/test_kernels_compile_offline.py)."""
+    return min(16, max(1, block // 256))
 
 
 def _norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
