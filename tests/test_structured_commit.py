@@ -8,6 +8,9 @@ tokens, and their argmax.
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 import xgrammar as xgr
@@ -166,8 +169,26 @@ def test_a_grammar_that_fails_in_the_worker_fails_only_its_request(monkeypatch, 
     assert grammars.grammars == {"r": None} and "matcher fault" in caplog.text and len(compiled) == 1
     assert torch.equal(grammars.commit("r", hidden, argmax, unembedding), argmax) and len(compiled) == 1
     assert [record.levelname for record in caplog.records if "failed in the worker" in record.getMessage()] == ["ERROR"]
-    grammars.forget(live={})
+    grammars.forget(["plain", "r"])
     assert grammars.grammars == {}
+
+
+def test_ready_tells_a_compiling_grammar_from_a_compiled_or_failed_one(monkeypatch):
+    """Catches a step that blocks on a grammar still compiling (the whole engine then waits
+    for it), or one that holds a canvas whose grammar is ready or has failed (it would never
+    commit); and a wait that returns before its time when nothing got ready."""
+    grammars = structured_commit.CanvasGrammars(vllm_config=None, vocab_size=VOCAB)
+    gate = threading.Event()
+    monkeypatch.setattr(grammars, "_compile", lambda p: gate.wait(30) and (AllowsEverything(), None, None))
+    grammars.prepare([("slow", params("spec"))])
+    grammars.grammars["failed"] = None
+    assert grammars.ready(["slow", "failed"]) == [False, True]
+    started = time.perf_counter()
+    assert grammars.ready(["slow"], wait=0.2) == [False] and time.perf_counter() - started >= 0.15
+    gate.set()
+    assert grammars.ready(["slow"], wait=5) == [True]
+    grammars.forget(["slow"])
+    assert grammars.grammars == {"failed": None}
 
 
 def test_special_tokens_stay_out_of_a_structured_canvas_but_its_stop_tokens(compiler, tiny_dir):

@@ -74,7 +74,10 @@ Scheduler (scheduler.py, drafts/publisher.py)
   EOS (`SamplingParams.update_from_generation_config`), stop token ids and max_tokens exactly
   where `drafts.cut_length` cuts a draft; `num_computed_tokens` advanced at schedule time, and a
   request rolled back by one token scheduled again for that one token in the same block;
-  `Request.is_prefill_chunk` / `.status` / `.num_tokens`; `Scheduler.requests`.
+  `Request.is_prefill_chunk` / `.status` / `.num_tokens`; `Scheduler.requests`;
+  `Scheduler.add_request` / `.schedule()` / `.finish_requests`, a structured request held
+  WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR until the engine core's grammar compiles, an aborted one reaching the worker
+  in `finished_req_ids`.
 KV cache (kv_layout.py, engine/worker_step.py)
 - `vllm._custom_ops.cpu_attn_reshape_and_cache` pages, read back through the live runner's
   block tables; FLASH_ATTN and TRITON_ATTN writing `[K | V]` per token into every
@@ -938,6 +941,31 @@ def test_a_request_given_no_token_is_rescheduled_for_its_last_token_only_after_r
         else:
             assert third.num_scheduled_tokens["done"] == 1 and request.num_computed_tokens == request.num_tokens
             assert scheduler.kv_cache_manager.get_block_ids("done") == blocks
+
+
+def test_structured_requests_reach_the_worker_with_the_step_after_they_arrive(live):
+    """Catches the worker learning of a structured request only when it is scheduled (vLLM's
+    engine core first holds it, WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR, until its own grammar compiles; the worker's
+    compile would then start only after that one), a request sent twice, one aborted before the
+    step sent at all, or its abort not reaching the worker in `finished_req_ids`."""
+    from vllm.sampling_params import StructuredOutputsParams
+    from vllm.v1.request import Request, RequestStatus
+
+    from diffusiongemma_vllm.engine.scheduler import CanvasScheduler
+
+    scheduler = _scheduler(live, CanvasScheduler)
+    structured = vllm.SamplingParams(max_tokens=8, structured_outputs=StructuredOutputsParams(regex="a+"))
+    scheduler.add_request(Request("grammar", list(SHORT_PROMPT), structured, None))
+    scheduler.add_request(Request("plain", list(SHORT_PROMPT), vllm.SamplingParams(max_tokens=8), None))
+    scheduler.add_request(Request("aborted", list(SHORT_PROMPT), structured, None))
+    scheduler.finish_requests("aborted", RequestStatus.FINISHED_ABORTED)
+    first = scheduler.schedule()
+    assert [req_id for req_id, _ in first.diffusion_grammars] == ["grammar"]
+    assert first.diffusion_grammars[0][1].structured_outputs.regex == "a+"
+    assert scheduler.requests["grammar"].status == RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR
+    assert set(first.num_scheduled_tokens) == {"plain"} and first.finished_req_ids == {"aborted"}
+    scheduler.update_from_output(first, _runner_output(first, {}))
+    assert scheduler.schedule().diffusion_grammars == []
 
 
 # --- KV cache --------------------------------------------------------------------------------

@@ -31,13 +31,15 @@ class DenoiseStepRunnerMixin:
         self.denoise_step = DenoiseStep(self.get_model(), self.vllm_config, self.device)
 
     def execute_model(self, scheduler_output, *args, **kwargs):
-        """vLLM's. New structured requests' grammars start compiling before the forward
-        (structured_commit.py). A step that schedules no token still tells the runner which
-        requests finished (an abort of the only request, say): their held canvases are freed
-        then, and the pending gauge reported, rather than at the next request's step."""
+        """vLLM's. The grammars of structured requests that reached the engine since the last
+        step start compiling (scheduler.py, structured_commit.py), and those of finished ones
+        are dropped. A step that schedules no token still tells the runner which requests
+        finished (an abort of the only request, say): their held canvases are freed then, and
+        the pending gauge reported, rather than at the next request's step."""
         if self.denoise_step is not None:
-            new = scheduler_output.scheduled_new_reqs
-            self.denoise_step.grammars.prepare((r.req_id, r.sampling_params) for r in new)
+            grammars = self.denoise_step.grammars
+            grammars.prepare(scheduler_output.diffusion_grammars)
+            grammars.forget(scheduler_output.finished_req_ids)  # after: one may arrive and finish between steps
         output = super().execute_model(scheduler_output, *args, **kwargs)
         if output is not None and not scheduler_output.total_num_scheduled_tokens and self.denoise_step is not None:
             self.denoise_step.forget_finished(self.requests)

@@ -11,8 +11,15 @@ So after each step's bookkeeping, a running request that reached the end of its 
 received none (not a partial prompt chunk) has its last token marked as not computed. The
 next step schedules that one token again: no new KV slot (its block is already allocated),
 and the worker sees the request ready with the same context length and resumes its canvas.
-Without `passes_per_step` every ready request emits a canvas each step and this changes
-nothing. It also forwards the worker step's counters into the step's stats (step_metrics.py).
+Without `passes_per_step` every ready request emits a canvas each step, except a structured one
+whose grammar the worker is still compiling (structured_commit.py), which waits the same way.
+
+Structured requests reach the worker with the first step after they arrive (the step's
+`diffusion_grammars`, a list of (request id, sampling parameters)), not when first scheduled:
+vLLM's engine core holds such a request until its own copy of the grammar compiles, and the
+worker compiles its copy meanwhile instead of after. The step's `finished_req_ids` tell the
+worker when to drop one. It also forwards the worker step's counters into the step's stats
+(step_metrics.py).
 Requires synchronous scheduling (engine/config_hook.py turns async scheduling off) and no
 speculative decoding (the config hook refuses it).
 """
@@ -20,12 +27,31 @@ speculative decoding (the config hook refuses it).
 from __future__ import annotations
 
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.request import RequestStatus
+from vllm.v1.request import Request, RequestStatus
 
 from diffusiongemma_vllm.engine.step_metrics import attach_to_stats
 
 
 class CanvasScheduler(Scheduler):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.grammars_to_send: list[str] = []  # structured requests the worker has not been sent
+
+    def add_request(self, request: Request) -> None:
+        super().add_request(request)
+        if request.use_structured_output and request.request_id not in self.grammars_to_send:
+            self.grammars_to_send.append(request.request_id)
+
+    def schedule(self, *args, **kwargs):
+        """vLLM's, with the structured requests that arrived since the last step attached
+        (`diffusion_grammars`; one finished meanwhile is dropped)."""
+        output = super().schedule(*args, **kwargs)
+        arrived = [self.requests.get(req_id) for req_id in self.grammars_to_send]
+        output.diffusion_grammars = [(r.request_id, r.sampling_params) for r in arrived
+                                     if r is not None and not r.is_finished()]
+        self.grammars_to_send = []
+        return output
+
     def get_grammar_bitmask(self, scheduler_output):
         """None: vLLM's next-token grammar bitmask would mask logits the denoise step never
         samples from (the worker constrains whole canvases, structured_commit.py). vLLM still

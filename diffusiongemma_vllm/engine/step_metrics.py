@@ -3,7 +3,8 @@
 Served metrics (all prefixed `diffusion_`, labelled with the served model name):
 - `diffusion_passes_per_canvas` (histogram): denoise passes each finished canvas took;
 - `diffusion_canvases_per_pass` (histogram): canvases advanced together by one pass;
-- `diffusion_pending_canvases` (gauge): canvases held between steps (`passes_per_step`);
+- `diffusion_pending_canvases` (gauge): canvases held between steps (`passes_per_step`, or
+  halted and waiting for their grammar);
 - `diffusion_denoise_seconds` (histogram): the denoise part of each scheduler step.
 
 vLLM exports only what its API-server process records, while the counters arise in the worker

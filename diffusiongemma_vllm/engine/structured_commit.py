@@ -30,10 +30,13 @@ allows it, so a canvas the model already wrote in the grammar commits unchanged.
   `structured_outputs` with its stop tokens, as vLLM's engine core compiles its copy. That copy
   is advanced with every emitted canvas and ends a request whose tokens it rejects
   (`finish_reason` error), so vLLM checks each commit independently.
-The worker compiles a request's grammar in a background thread from the step that schedules
-the request first, before that step's forward (model_runner.py), so the compile overlaps the
-prompt's prefill and the first canvas's passes; it keeps the grammar, advanced canvas by canvas,
-and drops it (cancelling a compile not started) when the request leaves (worker_step.py). A
+The worker compiles a request's grammar in a background thread from the first step after
+the request reaches the engine (scheduler.py), while vLLM's engine core compiles its own copy
+before scheduling the request, so the two compiles overlap each other and the other requests'
+steps. A canvas that halts before its grammar is ready is held, halted, and commits at a later
+step, once the grammar is ready on every tensor-parallel rank (worker_step.py): the other
+requests' canvases go on meanwhile. The worker keeps the grammar, advanced canvas by canvas,
+and drops it (cancelling a compile not started) when the request finishes. A
 grammar fault in the worker (the grammar cannot be compiled there, allows no token, or its
 matcher raises: the same on every tensor-parallel rank, whose matchers see the same tokens) is
 logged and its request's canvases commit unconstrained from then on; vLLM's grammar check then
@@ -43,6 +46,7 @@ error is not caught: it is not the same on every rank.
 
 from __future__ import annotations
 
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -63,7 +67,7 @@ class GrammarFault(Exception):
 
 class CanvasGrammars:
     """Each structured request's grammar in this worker, compiled in a background thread from
-    the step that first schedules the request."""
+    the step after the request reached the engine."""
 
     def __init__(self, vllm_config, vocab_size: int):
         self.vllm_config = vllm_config
@@ -81,6 +85,15 @@ class CanvasGrammars:
             if sampling_params is not None and sampling_params.structured_outputs is not None \
                     and req_id not in self.grammars:
                 self.grammars[req_id] = self.compiler.submit(self._compile, sampling_params)
+
+    def ready(self, req_ids: list[str], wait: float = 0.0) -> list[bool]:
+        """Whether each request's grammar can commit now: compiled, or failed (its canvases
+        then commit unconstrained). First waits at most `wait` seconds for one of them to get
+        there."""
+        compiling = [self.grammars[r] for r in req_ids if self.grammars[r] is not None]
+        if wait > 0 and compiling and not any(c.done() for c in compiling):
+            futures.wait(compiling, timeout=wait, return_when=futures.FIRST_COMPLETED)
+        return [self.grammars[r] is None or self.grammars[r].done() for r in req_ids]
 
     def commit(self, req_id: str, hidden: torch.Tensor, argmax: torch.Tensor, unembedding) -> torch.Tensor:
         """The canvas a structured request commits (`constrained_canvas`); its argmax if its
@@ -129,9 +142,10 @@ class CanvasGrammars:
             logger.info("DiffusionGemma structured outputs: vLLM's %s backend in the worker", name)
         return self.backend
 
-    def forget(self, live) -> None:
-        for req_id in [k for k in self.grammars if k not in live]:
-            compiling = self.grammars.pop(req_id)
+    def forget(self, finished) -> None:
+        """Drop the grammars of the `finished` request ids."""
+        for req_id in finished:
+            compiling = self.grammars.pop(req_id, None)
             if compiling is not None:
                 compiling.cancel()  # a compile not yet started never runs
 

@@ -1,8 +1,8 @@
 """The RPCs both platform workers add (cpu_worker.py, gpu_worker.py).
 
 - `diffusion_stats()`: the worker step's counters (passes per scheduler step, passes per
-  canvas, canvases held between steps, structured requests' grammars held), for
-  `LLM.collective_rpc("diffusion_stats")` and the benchmarks;
+  canvas, canvases held between steps, structured requests' grammars held, canvases that
+  waited for their grammar), for `LLM.collective_rpc("diffusion_stats")` and the benchmarks;
 - `profile_denoise_pass(canvases, repeats, fused_kernels)`: one denoise pass timed on the
   device, against the bandwidth floor of its weights (pass_profile.py).
 """
@@ -15,7 +15,7 @@ from diffusiongemma_vllm.engine.pass_profile import profile_denoise_pass
 class DiffusionWorkerRPCs:
     def diffusion_stats(self) -> dict:
         step = self.model_runner.denoise_step
-        return {**step.stats.as_dict(), "pending_canvases": len(step.pending),
+        return {**step.stats.as_dict(), "pending_canvases": step.held_canvases(),
                 "held_grammars": len(step.grammars.grammars)}
 
     def profile_denoise_pass(self, canvases: int = 1, repeats: int = 20, fused_kernels: bool | None = None) -> dict:

@@ -15,7 +15,10 @@ tokens (vLLM's `discard_request_mask` is False for it). For every ready request 
    unless the engine runs without CUDA graphs (`enforce_eager`, `cudagraph_mode` NONE);
 3. emits the argmax canvas (trimmed at max_model_len) as the request's sampled tokens; a
    request with structured outputs commits its canvas under its grammar instead
-   (structured_commit.py).
+   (structured_commit.py). A canvas that halts before its grammar has compiled on every
+   tensor-parallel rank emits nothing: it waits, halted, in `awaiting`, its request is
+   scheduled again as for `passes_per_step` below, and a later step commits it once the
+   grammar is ready, so a slow compile holds its own request only.
 The scheduler appends them, applies EOS / stop ids / max_tokens (trimming inside the
 canvas), and next step schedules the emitted tokens again: that pass is the commit.
 
@@ -58,13 +61,15 @@ from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_pa
 
 from diffusiongemma_vllm.model.canvas_context import CanvasPass, PagedPrefix, PrefixKV, canvas_forward_context
 from diffusiongemma_vllm.model.config import SamplerConfig, passes_per_step
-from diffusiongemma_vllm.denoise.loop import CanvasBatch, CanvasJob, denoise_canvases, row_stats_for
+from diffusiongemma_vllm.denoise.loop import CanvasBatch, CanvasJob, DenoiseResult, denoise_canvases, row_stats_for
 from diffusiongemma_vllm.denoise.graphs import DenoiseGraphs, ladder_for
 from diffusiongemma_vllm.drafts.publisher import DraftPublisher
 from diffusiongemma_vllm.kernels.top_logprobs import TopLogprobs, top_logprobs
 from diffusiongemma_vllm.engine.kv_layout import paged_views, read_tokens
 from diffusiongemma_vllm.engine.step_metrics import StepMetrics
 from diffusiongemma_vllm.engine.structured_commit import CanvasGrammars
+
+GRAMMAR_POLL_S = 0.05  # a step with only canvases awaiting their grammars waits this long for one
 
 
 @dataclass
@@ -77,6 +82,7 @@ class DiffusionStats:
     canvases: int = 0
     canvas_passes: Counter[int] = field(default_factory=Counter)  # passes -> canvases that took that many
     largest_pass: int = 0  # most canvases denoised together in one pass
+    awaited_grammars: int = 0  # halted canvases held for a grammar still compiling (counted each time held)
 
     def record_step(self, canvas_passes: list[int], pass_sizes: list[int]) -> None:
         self.steps += 1
@@ -88,13 +94,42 @@ class DiffusionStats:
     def as_dict(self) -> dict:
         return {"steps": self.steps, "passes": self.passes, "canvases": self.canvases,
                 "passes_per_step": self.passes / max(self.steps, 1), "canvas_passes": dict(self.canvas_passes),
-                "largest_pass": self.largest_pass}
+                "largest_pass": self.largest_pass, "awaited_grammars": self.awaited_grammars}
 
 
 @dataclass
 class StepOutput:
     tokens: torch.Tensor  # [num_reqs, C] int64, -1 where nothing is emitted
     logprobs: dict[int, TopLogprobs]  # batch row -> its emitted canvas's logprobs ([C] rows, on the host)
+
+
+@dataclass(frozen=True)
+class _ReadyRequest:
+    """A request whose causal pass reached the end of its tokens this step."""
+
+    row: int  # in the runner's batch
+    req_id: str
+    context: int  # its tokens so far: the canvas starts there
+    structured: bool  # commits under a grammar (structured_commit.py)
+    logprobs: bool
+    must_emit: bool  # its first canvas, and it asked for prompt logprobs: vLLM wants a token this step
+
+
+@dataclass
+class AwaitingGrammar:
+    """A structured request's canvas that halted before its grammar compiled: what committing
+    it needs, kept until a later step finds the grammar ready."""
+
+    context: int
+    tokens: torch.Tensor  # [C] the halting pass's argmax, on the host
+    passes: int
+    hidden: torch.Tensor  # [C, H] the halting pass's hidden states, on the device
+
+    @staticmethod
+    def turn(held: list["AwaitingGrammar"]) -> DenoiseResult:
+        """The held canvases as one finished turn of the denoise loop."""
+        return DenoiseResult(torch.stack([h.tokens for h in held]), torch.tensor([h.passes for h in held]),
+                             hidden=torch.stack([h.hidden for h in held]))
 
 
 @dataclass(frozen=True)
@@ -113,6 +148,7 @@ class DenoiseStep:
         self.settings: dict[str, _RequestSettings] = {}
         self.passes_per_step = passes_per_step(vllm_config.additional_config)
         self.pending: dict[str, tuple[int, CanvasBatch]] = {}  # request -> (context length, unfinished canvas)
+        self.awaiting: dict[str, AwaitingGrammar] = {}  # request -> its halted canvas, grammar not yet compiled
         self.stats = DiffusionStats()
         self.metrics = StepMetrics()  # what /metrics has not seen yet (step_metrics.py)
         # A pass over m canvases runs m * C tokens through the layers; vLLM sized its memory for
@@ -146,82 +182,119 @@ class DenoiseStep:
         num_reqs = batch.num_reqs
         out = StepOutput(torch.full((num_reqs, self.canvas_length), -1, dtype=torch.int64), {})
         self.forget_finished(runner.requests)
-        ready = np.nonzero(~runner.discard_request_mask.np[:num_reqs])[0].tolist()
+        ready = [self._ready_request(runner, row) for row in np.nonzero(~runner.discard_request_mask.np[:num_reqs])[0]]
         if not ready:
             return out
-        context = [int(runner.optimistic_seq_lens_cpu[i]) for i in ready]
-        req_ids = [batch.req_ids[i] for i in ready]
         started = time.perf_counter()
-        jobs, resumed, must_finish, wants_logprobs, structured, drafts = [], {}, [], [], [], []
-        for slot, (req_id, length) in enumerate(zip(req_ids, context)):
-            state = runner.requests[req_id]
-            wants_logprobs.append(state.sampling_params.logprobs is not None)
-            structured.append(state.sampling_params.structured_outputs is not None)
-            self.grammars.prepare([(req_id, state.sampling_params)])  # started before the forward, unless missed
-            settings = self._settings(req_id, state.sampling_params)
-            block = (length - len(state.prompt_token_ids)) // self.canvas_length
-            jobs.append(CanvasJob(block, settings.sampler, settings.seed))
-            if self.drafts is not None:
-                drafts.append(self.drafts.canvas(state.sampling_params, block, length,
-                                                 length - len(state.prompt_token_ids), runner.max_model_len))
-            held = self.pending.pop(req_id, None)
-            if held is not None and held[0] == length:
-                resumed[slot] = held[1]
-            must_finish.append(slot not in resumed and state.sampling_params.prompt_logprobs is not None)
+        held = {r.req_id: self.awaiting.pop(r.req_id) for r in ready if r.req_id in self.awaiting}
+        fresh = [r for r in ready if r.req_id not in held or held[r.req_id].context != r.context]
+        waiting = [r for r in ready if r.req_id in held and held[r.req_id].context == r.context]
         with torch.inference_mode():
-            if self.device.type == "cuda":
-                run_pass = self._load_paged_inputs(runner, ready, context)
-            else:
-                run_pass = self.pass_runner(torch.tensor(context), self._gather_prefixes(runner, ready, context))
-            turns = []
-            for first in range(0, len(jobs), self.canvases_per_pass):
-                last = min(len(jobs), first + self.canvases_per_pass)
-                limit = None if any(must_finish[first:last]) else self.passes_per_step
-                turns.append(denoise_canvases(
-                    jobs[first:last], self.canvas_length, run_pass, self.unembedding, device=self.device,
-                    row_stats=self.row_stats, graphs=self.graphs, first_row=first, max_passes=limit,
-                    keep_hidden=any(wants_logprobs[first:last]) or any(structured[first:last]),
-                    resumed={slot - first: resumed[slot] for slot in range(first, last) if slot in resumed},
-                    on_pass=self.drafts.watch(drafts[first:last]) if self.drafts is not None else None))
-                for job, held in turns[-1].pending.items():
-                    self.pending[req_ids[first + job]] = (context[first + job], held)
-                self._constrain(turns[-1], req_ids[first:last], structured[first:last])
-                self._logprobs(turns[-1], ready[first:last], wants_logprobs[first:last], batch.max_num_logprobs, out)
-        tokens = torch.cat([turn.tokens for turn in turns])
-        passes = torch.cat([turn.passes for turn in turns])
-        for slot, (i, length) in enumerate(zip(ready, context)):
-            emit = min(self.canvas_length, runner.max_model_len - length)
-            out.tokens[i, :emit] = tokens[slot, :emit]
-        finished = passes[passes >= 0].tolist()
-        sizes = [size for turn in turns for size in turn.pass_sizes]
-        self.stats.record_step(finished, sizes)
-        self.metrics.record_step(finished, sizes, len(self.pending), time.perf_counter() - started)
+            turns = self._denoise(runner, fresh) if fresh else []
+            if waiting:
+                turns.append((AwaitingGrammar.turn([held[r.req_id] for r in waiting]), waiting))
+            # Nothing else to run: wait a little for a grammar rather than spin through empty steps.
+            wait = GRAMMAR_POLL_S if len(waiting) == num_reqs else 0.0
+            for turn, requests in turns:
+                self._constrain(turn, requests, wait)
+                self._logprobs(turn, requests, batch.max_num_logprobs, out)
+        for turn, requests in turns:
+            for job, request in enumerate(requests):
+                emit = min(self.canvas_length, runner.max_model_len - request.context)
+                out.tokens[request.row, :emit] = turn.tokens[job, :emit]
+        finished = [p for turn, _ in turns for p in turn.passes.tolist() if p >= 0]
+        sizes = [size for turn, _ in turns for size in turn.pass_sizes]
+        if finished or sizes:  # not a step that only waited for grammars
+            self.stats.record_step(finished, sizes)
+            self.metrics.record_step(finished, sizes, self.held_canvases(), time.perf_counter() - started)
         return out
+
+    def _ready_request(self, runner, row: int) -> _ReadyRequest:
+        req_id = runner.input_batch.req_ids[row]
+        params = runner.requests[req_id].sampling_params
+        context = int(runner.optimistic_seq_lens_cpu[row])
+        first_canvas = context == len(runner.requests[req_id].prompt_token_ids)
+        return _ReadyRequest(int(row), req_id, context, params.structured_outputs is not None,
+                             params.logprobs is not None, first_canvas and params.prompt_logprobs is not None)
+
+    def _denoise(self, runner, requests: list[_ReadyRequest]) -> list[tuple[DenoiseResult, list[_ReadyRequest]]]:
+        """A fresh or resumed canvas for each of `requests`, denoised together (in turns of at
+        most `canvases_per_pass`): each turn's result with its requests; canvases still
+        running at the pass limit are held in `pending`."""
+        jobs, resumed, drafts = [], {}, []
+        for slot, request in enumerate(requests):
+            state = runner.requests[request.req_id]
+            settings = self._settings(request.req_id, state.sampling_params)
+            generated = request.context - len(state.prompt_token_ids)
+            jobs.append(CanvasJob(generated // self.canvas_length, settings.sampler, settings.seed))
+            if self.drafts is not None:
+                drafts.append(self.drafts.canvas(state.sampling_params, jobs[-1].block, request.context, generated,
+                                                 runner.max_model_len))
+            held = self.pending.pop(request.req_id, None)
+            if held is not None and held[0] == request.context:
+                resumed[slot] = held[1]
+        rows, context = [r.row for r in requests], [r.context for r in requests]
+        if self.device.type == "cuda":
+            run_pass = self._load_paged_inputs(runner, rows, context)
+        else:
+            run_pass = self.pass_runner(torch.tensor(context), self._gather_prefixes(runner, rows, context))
+        turns = []
+        for first in range(0, len(jobs), self.canvases_per_pass):
+            last = min(len(jobs), first + self.canvases_per_pass)
+            limit = None if any(r.must_emit for r in requests[first:last]) else self.passes_per_step
+            turn = denoise_canvases(
+                jobs[first:last], self.canvas_length, run_pass, self.unembedding, device=self.device,
+                row_stats=self.row_stats, graphs=self.graphs, first_row=first, max_passes=limit,
+                keep_hidden=any(r.logprobs or r.structured for r in requests[first:last]),
+                resumed={slot - first: resumed[slot] for slot in range(first, last) if slot in resumed},
+                on_pass=self.drafts.watch(drafts[first:last]) if self.drafts is not None else None)
+            for job, canvas in turn.pending.items():
+                self.pending[requests[first + job].req_id] = (context[first + job], canvas)
+            turns.append((turn, requests[first:last]))
+        return turns
+
+    def held_canvases(self) -> int:
+        """Canvases held between steps: still denoising, or halted and awaiting their grammar."""
+        return len(self.pending) + len(self.awaiting)
 
     def forget_finished(self, live) -> None:
         """Drop the settings and held canvases of requests no longer in `live` (the runner's
         requests: a preempted request leaves the batch but not that map), and report the pending
         gauge when that frees a held canvas."""
         self.settings = {k: v for k, v in self.settings.items() if k in live}
-        self.grammars.forget(live)
-        held = len(self.pending)
+        held = self.held_canvases()
         self.pending = {k: v for k, v in self.pending.items() if k in live}
-        if len(self.pending) != held:
-            self.metrics.record_pending(len(self.pending))
+        self.awaiting = {k: v for k, v in self.awaiting.items() if k in live}
+        if self.held_canvases() != held:
+            self.metrics.record_pending(self.held_canvases())
 
-    def _constrain(self, turn, req_ids: list[str], structured: list[bool]) -> None:
+    def _constrain(self, turn: DenoiseResult, requests: list[_ReadyRequest], wait: float) -> None:
         """Structured requests' finished canvases, committed under their grammars
         (structured_commit.py), in place of the argmax in `turn.tokens`; before `_logprobs`,
-        which then reports the tokens committed."""
-        for job, want in enumerate(structured):
-            if want and turn.passes[job] >= 0:
-                turn.tokens[job] = self.grammars.commit(req_ids[job], turn.hidden[job], turn.tokens[job],
+        which then reports the tokens committed. A canvas whose grammar is not ready on every
+        rank (after `wait` seconds at most) is held in `awaiting` and emits nothing this step,
+        unless its request must have a token now (prompt logprobs): that one waits."""
+        jobs = [job for job, r in enumerate(requests) if r.structured and turn.passes[job] >= 0]
+        if not jobs:
+            return
+        ready = self.grammars.ready([requests[job].req_id for job in jobs], wait)
+        ready = ranks_agree([ok or requests[job].must_emit for ok, job in zip(ready, jobs)])
+        for job, ok in zip(jobs, ready):
+            request = requests[job]
+            if ok:
+                turn.tokens[job] = self.grammars.commit(request.req_id, turn.hidden[job], turn.tokens[job],
                                                         self.unembedding)
+            else:
+                self.awaiting[request.req_id] = AwaitingGrammar(request.context, turn.tokens[job].clone(),
+                                                                int(turn.passes[job]), turn.hidden[job].clone())
+                turn.tokens[job] = -1
+                turn.passes[job] = -1
+                self.stats.awaited_grammars += 1
 
-    def _logprobs(self, turn, rows: list[int], wants: list[bool], k: int | None, out: StepOutput) -> None:
+    def _logprobs(self, turn: DenoiseResult, requests: list[_ReadyRequest], k: int | None, out: StepOutput) -> None:
         """Top-k logprobs of the canvases this turn finished for requests that asked, from
         their halting pass (kernels/top_logprobs.py), into `out.logprobs` by batch row."""
-        jobs = [job for job, want in enumerate(wants) if want and turn.passes[job] >= 0]
+        jobs = [job for job, r in enumerate(requests) if r.logprobs and turn.passes[job] >= 0]
         if not jobs:
             return
         index = torch.tensor(jobs, device=self.device)
@@ -233,7 +306,7 @@ class DenoiseStep:
         on_host = [getattr(result, f.name).cpu() for f in fields(result)]
         for n, job in enumerate(jobs):
             span = slice(n * self.canvas_length, (n + 1) * self.canvas_length)
-            out.logprobs[rows[job]] = TopLogprobs(*(field[span] for field in on_host))
+            out.logprobs[requests[job].row] = TopLogprobs(*(field[span] for field in on_host))
 
     def pass_runner(self, context_lens: torch.Tensor, prefixes: dict[str, PrefixKV | PagedPrefix]):
         """run_pass over canvases whose request inputs sit at `rows` of `context_lens` and of
@@ -366,15 +439,21 @@ def graph_capture_context(device: torch.device) -> Callable[[], AbstractContextM
     return contextlib.nullcontext
 
 
-def all_ranks_agree(ok: bool) -> bool:
-    """Whether `ok` holds on every tensor-parallel rank (each passes its own): a graph capture
-    that failed on one rank turns the graphs off on all of them."""
+def ranks_agree(flags: list[bool]) -> list[bool]:
+    """Whether each of `flags` holds on every tensor-parallel rank (each passes its own): a
+    grammar ready on one rank only must wait for the others, whose canvases must stay identical."""
     group = get_tp_group()
     if group.world_size == 1:
-        return ok
-    flag = torch.tensor([int(ok)])
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group.cpu_group)
-    return bool(flag.item())
+        return flags
+    agreed = torch.tensor(flags, dtype=torch.int32)
+    torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN, group=group.cpu_group)
+    return agreed.bool().tolist()
+
+
+def all_ranks_agree(ok: bool) -> bool:
+    """Whether `ok` holds on every rank: a graph capture that failed on one rank turns the
+    graphs off on all of them."""
+    return ranks_agree([ok])[0]
 
 
 def unseeded_seed(req_id: str) -> int:
