@@ -36,3 +36,16 @@ def test_compare_ar_prints_every_field_and_a_plot(tmp_path):
         assert all(p == 3 for p in result["results"][system]["1"]["passes_per_canvas"])
     assert result["results"]["plugin"]["1"]["passes_per_output_token"] == pytest.approx(3 / 64)
     assert Path(result["plot"]).stat().st_size > 10_000
+
+
+def test_grammar_stall_reports_each_delay_against_the_plain_baseline():
+    """Catches the slow-grammar benchmark losing a delay's row, its baseline or its ratios."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "grammar_stall.py"), "--tiny", "--properties", "50",
+         "--delays", "0,0.5", "--max-tokens", "64", "--repeats", "1"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["plain_alone_s"] > 0 and [row["delay_s"] for row in result["rows"]] == [0, 0.5]
+    for row in result["rows"]:
+        assert row["plain_s"] > 0 and row["structured_s"] > 0
+        assert row["plain_over_alone"] == pytest.approx(row["plain_s"] / result["plain_alone_s"], abs=0.01)

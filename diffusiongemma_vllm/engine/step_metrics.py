@@ -51,8 +51,9 @@ class StepMetrics:
         self.canvas_passes.update(canvas_passes)
         self.pass_canvases.update(pass_canvases)
         self.record_pending(pending)
-        self.denoise_us += round(seconds * 1e6)
-        self.steps += 1
+        if pass_canvases:  # not a step that only committed canvases held for their grammars
+            self.denoise_us += round(seconds * 1e6)
+            self.steps += 1
 
     def record_pending(self, pending: int):
         """The canvases held between steps, also when no step denoised (requests aborted)."""

@@ -46,6 +46,8 @@ error is not caught: it is not the same on every rank.
 
 from __future__ import annotations
 
+import os
+import threading
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -74,7 +76,11 @@ class CanvasGrammars:
         self.vocab_size = vocab_size
         self.backend = None  # vLLM's, built with the first grammar (it loads the tokenizer)
         self.special: torch.Tensor | None = None  # [vocab] bool: the ids the tokenizer marks special
-        self.compiler = ThreadPoolExecutor(1, thread_name_prefix="diffusiongemma-grammar")
+        # As many compile threads as vLLM's engine core has: a slow grammar then holds up
+        # another structured request's compile here no more than there.
+        threads = ((os.cpu_count() or 1) + 1) // 2
+        self.compiler = ThreadPoolExecutor(threads, thread_name_prefix="diffusiongemma-grammar")
+        self.backend_lock = threading.Lock()  # the first compiles may start together
         # request -> its (grammar, banned ids) being compiled or compiled; None: failed here
         self.grammars: dict[str, Future | None] = {}
 
@@ -126,21 +132,22 @@ class CanvasGrammars:
         return backend.compile_grammar(kind, spec, stop_token_ids=stops), banned, backend.allocate_token_bitmask(1)
 
     def _backend(self):
-        if self.backend is None:
-            from vllm.tokenizers import cached_tokenizer_from_config
+        with self.backend_lock:
+            if self.backend is None:
+                from vllm.tokenizers import cached_tokenizer_from_config
 
-            name = self.vllm_config.structured_outputs_config.backend
-            if name not in STRUCTURED_BACKENDS:  # config_hook.py refuses such requests at admission
-                raise ValueError(f"no grammars through the {name!r} structured-outputs backend")
-            tokenizer = cached_tokenizer_from_config(model_config=self.vllm_config.model_config)
-            if name == "guidance":
-                from vllm.v1.structured_output.backend_guidance import GuidanceBackend as Backend
-            else:
-                from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend as Backend
-            self.special = special_ids(tokenizer, self.vocab_size)
-            self.backend = Backend(self.vllm_config, tokenizer=tokenizer, vocab_size=self.vocab_size)
-            logger.info("DiffusionGemma structured outputs: vLLM's %s backend in the worker", name)
-        return self.backend
+                name = self.vllm_config.structured_outputs_config.backend
+                if name not in STRUCTURED_BACKENDS:  # config_hook.py refuses such requests at admission
+                    raise ValueError(f"no grammars through the {name!r} structured-outputs backend")
+                tokenizer = cached_tokenizer_from_config(model_config=self.vllm_config.model_config)
+                if name == "guidance":
+                    from vllm.v1.structured_output.backend_guidance import GuidanceBackend as Backend
+                else:
+                    from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend as Backend
+                self.special = special_ids(tokenizer, self.vocab_size)
+                self.backend = Backend(self.vllm_config, tokenizer=tokenizer, vocab_size=self.vocab_size)
+                logger.info("DiffusionGemma structured outputs: vLLM's %s backend in the worker", name)
+            return self.backend
 
     def forget(self, finished) -> None:
         """Drop the grammars of the `finished` request ids."""

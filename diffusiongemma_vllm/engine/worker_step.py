@@ -82,10 +82,10 @@ class DiffusionStats:
     canvases: int = 0
     canvas_passes: Counter[int] = field(default_factory=Counter)  # passes -> canvases that took that many
     largest_pass: int = 0  # most canvases denoised together in one pass
-    awaited_grammars: int = 0  # halted canvases held for a grammar still compiling (counted each time held)
+    awaited_grammars: int = 0  # canvases that halted before their grammar compiled, and waited for it
 
     def record_step(self, canvas_passes: list[int], pass_sizes: list[int]) -> None:
-        self.steps += 1
+        self.steps += bool(pass_sizes)  # not a step that only committed canvases held for their grammars
         self.passes += len(pass_sizes)
         self.canvases += len(canvas_passes)
         self.canvas_passes.update(canvas_passes)
@@ -181,11 +181,13 @@ class DenoiseStep:
         batch = runner.input_batch
         num_reqs = batch.num_reqs
         out = StepOutput(torch.full((num_reqs, self.canvas_length), -1, dtype=torch.int64), {})
-        self.forget_finished(runner.requests)
         ready = [self._ready_request(runner, row) for row in np.nonzero(~runner.discard_request_mask.np[:num_reqs])[0]]
         if not ready:
             return out
         started = time.perf_counter()
+        # Structured requests the scheduler did not send ahead (a streaming session that turned
+        # structured, a scheduler other than the plugin's) start compiling here.
+        self.grammars.prepare((r.req_id, runner.requests[r.req_id].sampling_params) for r in ready if r.structured)
         held = {r.req_id: self.awaiting.pop(r.req_id) for r in ready if r.req_id in self.awaiting}
         fresh = [r for r in ready if r.req_id not in held or held[r.req_id].context != r.context]
         waiting = [r for r in ready if r.req_id in held and held[r.req_id].context == r.context]
@@ -198,6 +200,7 @@ class DenoiseStep:
             for turn, requests in turns:
                 self._constrain(turn, requests, wait)
                 self._logprobs(turn, requests, batch.max_num_logprobs, out)
+        self.stats.awaited_grammars += sum(req_id not in held for req_id in self.awaiting)  # held for the first time
         for turn, requests in turns:
             for job, request in enumerate(requests):
                 emit = min(self.canvas_length, runner.max_model_len - request.context)
@@ -257,14 +260,16 @@ class DenoiseStep:
         """Canvases held between steps: still denoising, or halted and awaiting their grammar."""
         return len(self.pending) + len(self.awaiting)
 
-    def forget_finished(self, live) -> None:
-        """Drop the settings and held canvases of requests no longer in `live` (the runner's
-        requests: a preempted request leaves the batch but not that map), and report the pending
-        gauge when that frees a held canvas."""
-        self.settings = {k: v for k, v in self.settings.items() if k in live}
+    def forget(self, finished) -> None:
+        """Drop the settings, held canvases and grammars of the `finished` request ids (vLLM's
+        `finished_req_ids`: a preempted request is not among them and keeps its canvas), and
+        report the pending gauge when that frees a held canvas."""
         held = self.held_canvases()
-        self.pending = {k: v for k, v in self.pending.items() if k in live}
-        self.awaiting = {k: v for k, v in self.awaiting.items() if k in live}
+        for req_id in finished:
+            self.settings.pop(req_id, None)
+            self.pending.pop(req_id, None)
+            self.awaiting.pop(req_id, None)
+        self.grammars.forget(finished)
         if self.held_canvases() != held:
             self.metrics.record_pending(self.held_canvases())
 
@@ -289,7 +294,6 @@ class DenoiseStep:
                                                                 int(turn.passes[job]), turn.hidden[job].clone())
                 turn.tokens[job] = -1
                 turn.passes[job] = -1
-                self.stats.awaited_grammars += 1
 
     def _logprobs(self, turn: DenoiseResult, requests: list[_ReadyRequest], k: int | None, out: StepOutput) -> None:
         """Top-k logprobs of the canvases this turn finished for requests that asked, from
