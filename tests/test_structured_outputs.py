@@ -127,7 +127,8 @@ def test_an_invalid_schema_is_refused_and_the_engine_keeps_serving(llm):
 def test_two_tensor_parallel_ranks_commit_what_one_rank_does(llm, tiny_dir, bind_cpu_ranks):
     """Catches ranks that walk their grammars to different tokens, or a collective that only
     some ranks enter: each rank holds half the vocabulary, and the candidates and the
-    whole-vocabulary fallbacks merge across the ranks."""
+    whole-vocabulary fallbacks merge across the ranks; and a rank left without a grammar of its
+    own (only a worker in the engine core's process can share the engine core's)."""
     from vllm import LLM, SamplingParams
 
     params = [SamplingParams(max_tokens=300, seed=i, logprobs=2, structured_outputs=structured(json=PERSON))
@@ -139,6 +140,8 @@ def test_two_tensor_parallel_ranks_commit_what_one_rank_does(llm, tiny_dir, bind
     two = two_ranks.generate(["Describe a person"] * 3, params)
     assert [o.outputs[0].token_ids for o in two] == [o.outputs[0].token_ids for o in one]
     assert all(loads(o.outputs[0].text) for o in two)
+    # Workers in processes of their own cannot share the engine core's grammars: each compiles.
+    assert [rank["grammar_sources"] for rank in two_ranks.collective_rpc("diffusion_stats")] == [{"compiled": 3}] * 2
     del two_ranks
 
 

@@ -45,7 +45,9 @@ Structured outputs (structured_commit.py)
   vocab_size=)` and `compile_grammar(kind, spec, stop_token_ids=)`; the grammar's
   `fill_bitmask(bitmask, index)` / `accept_tokens(request_id, tokens)` / `is_terminated()`;
   `SamplingParams.all_stop_token_ids`; `cached_tokenizer_from_config`; the scheduler ending a
-  request whose tokens its grammar rejects.
+  request whose tokens its grammar rejects; for sharing the engine core's compile in-process,
+  `StructuredOutputRequest._grammar` (a future set by `grammar_init`), `XgrammarGrammar(matcher=,
+  vocab_size=, ctx=)`, `XgrammarBackend.vocab_size` / `.num_speculative_tokens`.
 Runner (model_runner.py, cpu_runner.py, gpu_runner.py, engine/worker_step.py)
 - `CPUModelRunner` / `GPUModelRunner` `load_model`, `get_model`, `initialize_kv_cache`,
   `sample_tokens` (returns the step's `ModelRunnerOutput`) and `_sample(logits,
@@ -123,12 +125,14 @@ HTTP (drafts/endpoints.py)
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import importlib
 import importlib.util
 import inspect
 import json
 import pickle
+from concurrent.futures import Future
 from types import SimpleNamespace
 
 import numpy as np
@@ -504,17 +508,19 @@ def test_extra_args_keys_vllm_reads_itself_and_vllm_xargs():
 
 def test_structured_output_backends_and_the_engine_cores_grammar_check(config):
     """Catches a change to what the worker builds its grammars from (the backend classes, their
-    constructor and `compile_grammar`, the key of a request's spec, the grammar's methods) or
-    to the engine core's check of committed tokens, which ends a request its grammar rejects
-    (the README says vLLM checks every commit)."""
+    constructor and `compile_grammar`, the key of a request's spec, the grammar's methods), to
+    what it reads to share the engine core's compiled grammar in-process (the request's
+    `_grammar` future, xgrammar's grammar fields), or to the engine core's check of committed
+    tokens, which ends a request its grammar rejects (the README says vLLM checks every commit)."""
     from vllm.tokenizers import cached_tokenizer_from_config
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.engine.input_processor import InputProcessor
     from vllm.v1.structured_output.backend_guidance import GuidanceBackend
     from vllm.v1.structured_output.backend_types import StructuredOutputGrammar
-    from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend
-    from vllm.v1.structured_output.request import get_structured_output_key
+    from vllm.v1.structured_output import StructuredOutputManager
+    from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend, XgrammarGrammar
+    from vllm.v1.structured_output.request import StructuredOutputRequest, get_structured_output_key
 
     from diffusiongemma_vllm.engine.config_hook import STRUCTURED_BACKENDS
 
@@ -531,6 +537,16 @@ def test_structured_output_backends_and_the_engine_cores_grammar_check(config):
         grammar.fill_bitmask(bitmask, 0)
         assert bitmask.any() and not grammar.is_terminated()
         assert list(inspect.signature(grammar.accept_tokens).parameters) == ["request_id", "tokens"]
+        if backend_cls is XgrammarBackend:  # what a worker sharing the engine core's grammar reads
+            assert grammar.ctx is not None and grammar.vocab_size == backend.vocab_size
+            assert backend.num_speculative_tokens == 0
+    assert {"matcher", "vocab_size", "ctx"} <= {f.name for f in dataclasses.fields(XgrammarGrammar)}
+    engine_request = StructuredOutputRequest.from_sampling_params(vllm.SamplingParams(structured_outputs=params))
+    pending = Future()
+    engine_request.grammar = pending  # as the engine core's grammar_init leaves it, before the compile ends
+    assert engine_request._grammar is pending
+    assert "request.structured_output_request.grammar = grammar" in inspect.getsource(
+        StructuredOutputManager.grammar_init)
     source = inspect.getsource(Scheduler.update_from_output)
     assert "structured_output_manager.accept_tokens(" in source and "FINISHED_ERROR" in source
     # the plugin's scheduler returns None here: the runner then applies no next-token bitmask

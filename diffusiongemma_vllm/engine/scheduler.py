@@ -17,8 +17,10 @@ whose grammar the worker is still compiling (structured_commit.py), which waits 
 Structured requests reach the worker with the first step after they arrive (the step's
 `diffusion_grammars`, a list of (request id, sampling parameters)), not when first scheduled:
 vLLM's engine core holds such a request until its own copy of the grammar compiles, and the
-worker compiles its copy meanwhile instead of after. The step's `finished_req_ids` tell the
-worker when to drop one. It also forwards the worker step's counters into the step's stats
+worker gets its copy meanwhile instead of after: in the engine core's process (vLLM's
+uniprocess executor) it shares the engine core's compile through `ENGINE_GRAMMARS`, elsewhere it
+compiles its own (structured_commit.py). The step's `finished_req_ids` tell the worker when to
+drop one. It also forwards the worker step's counters into the step's stats
 (step_metrics.py).
 Requires synchronous scheduling (engine/config_hook.py turns async scheduling off) and no
 speculative decoding (the config hook refuses it).
@@ -30,6 +32,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
 from diffusiongemma_vllm.engine.step_metrics import attach_to_stats
+from diffusiongemma_vllm.engine.structured_commit import ENGINE_GRAMMARS
 
 
 class CanvasScheduler(Scheduler):
@@ -46,9 +49,9 @@ class CanvasScheduler(Scheduler):
         """vLLM's, with the structured requests that arrived since the last step attached
         (`diffusion_grammars`; one finished meanwhile is dropped)."""
         output = super().schedule(*args, **kwargs)
-        arrived = [self.requests.get(req_id) for req_id in self.grammars_to_send]
-        output.diffusion_grammars = [(r.request_id, r.sampling_params) for r in arrived
-                                     if r is not None and not r.is_finished()]
+        arrived = [r for r in map(self.requests.get, self.grammars_to_send) if r is not None and not r.is_finished()]
+        output.diffusion_grammars = [(r.request_id, r.sampling_params) for r in arrived]
+        ENGINE_GRAMMARS.update((r.request_id, r.structured_output_request) for r in arrived)
         self.grammars_to_send = []
         return output
 

@@ -30,10 +30,13 @@ allows it, so a canvas the model already wrote in the grammar commits unchanged.
   `structured_outputs` with its stop tokens, as vLLM's engine core compiles its copy. That copy
   is advanced with every emitted canvas and ends a request whose tokens it rejects
   (`finish_reason` error), so vLLM checks each commit independently.
-The worker compiles a request's grammar in a background thread from the first step after
-the request reaches the engine (scheduler.py), while vLLM's engine core compiles its own copy
-before scheduling the request, so the two compiles overlap each other and the other requests'
-steps. A canvas that halts before its grammar is ready is held, halted, and commits at a later
+The worker gets a request's grammar in a background thread from the first step after the
+request reaches the engine (scheduler.py), while vLLM's engine core compiles its own copy
+before scheduling the request. A worker in the engine core's process (vLLM's uniprocess
+executor: one GPU, no tensor parallelism) shares that compiled grammar (with a matcher of its
+own) instead of compiling it again; the workers of tensor-parallel ranks, in processes of their
+own, compile theirs at the same time as the engine core (sending a compiled grammar between
+processes is no way out: xgrammar's serialization of a 5000-property schema ran out of 24 GB). A canvas that halts before its grammar is ready is held, halted, and commits at a later
 step, once the grammar is ready on every tensor-parallel rank (worker_step.py): the other
 requests' canvases go on meanwhile. The worker keeps the grammar, advanced canvas by canvas,
 and drops it (cancelling a compile not started) when the request finishes. A
@@ -48,6 +51,8 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
+from collections import Counter
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -61,6 +66,11 @@ from diffusiongemma_vllm.kernels.top_logprobs import VOCAB_CHUNK, softcapped_log
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, the one vLLM configures
 
 CANDIDATES = 16  # per position, from the halting pass; beyond them, one product over the vocabulary
+# vLLM's engine core's `StructuredOutputRequest` of each structured request, by request id, as the
+# plugin's scheduler (scheduler.py) sends the request ahead. Only a worker in the engine core's
+# process (vLLM's uniprocess executor: one GPU, no tensor parallelism) finds them here; it then
+# shares the engine core's compiled grammar. Weak: an entry goes with its request.
+ENGINE_GRAMMARS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 class GrammarFault(Exception):
@@ -80,7 +90,8 @@ class CanvasGrammars:
         # another structured request's compile here no more than there.
         threads = ((os.cpu_count() or 1) + 1) // 2
         self.compiler = ThreadPoolExecutor(threads, thread_name_prefix="diffusiongemma-grammar")
-        self.backend_lock = threading.Lock()  # the first compiles may start together
+        self.lock = threading.Lock()  # compiles run in several threads: the backend's build, the counts
+        self.sources: Counter[str] = Counter()  # "shared" (the engine core's grammar) or "compiled" here
         # request -> its (grammar, banned ids) being compiled or compiled; None: failed here
         self.grammars: dict[str, Future | None] = {}
 
@@ -90,7 +101,7 @@ class CanvasGrammars:
         for req_id, sampling_params in requests:
             if sampling_params is not None and sampling_params.structured_outputs is not None \
                     and req_id not in self.grammars:
-                self.grammars[req_id] = self.compiler.submit(self._compile, sampling_params)
+                self.grammars[req_id] = self.compiler.submit(self._compile, req_id, sampling_params)
 
     def ready(self, req_ids: list[str], wait: float = 0.0) -> list[bool]:
         """Whether each request's grammar can commit now: compiled, or failed (its canvases
@@ -118,21 +129,46 @@ class CanvasGrammars:
             self.grammars[req_id] = None
         return argmax
 
-    def _compile(self, sampling_params):
-        """The request's matcher, compiled as vLLM's engine core compiles its copy; the ids its
-        canvases must not take (the special ones other than its stop tokens); its bitmask, laid
-        out for its backend."""
+    def _compile(self, req_id: str, sampling_params):
+        """The request's matcher: over the grammar vLLM's engine core compiles for it when that
+        runs in this process, else compiled here as the engine core compiles its copy; the ids
+        its canvases must not take (the special ones other than its stop tokens); its bitmask,
+        laid out for its backend."""
         from vllm.v1.structured_output.request import get_structured_output_key
 
         backend = self._backend()
-        kind, spec = get_structured_output_key(sampling_params.structured_outputs)
         stops = sampling_params.all_stop_token_ids
         banned = self.special.clone()
         banned[[i for i in stops if i < len(banned)]] = False
-        return backend.compile_grammar(kind, spec, stop_token_ids=stops), banned, backend.allocate_token_bitmask(1)
+        engine_request = ENGINE_GRAMMARS.get(req_id)
+        grammar = self._shared(engine_request, stops) if engine_request is not None else None
+        with self.lock:
+            self.sources["compiled" if grammar is None else "shared"] += 1
+        if grammar is None:
+            kind, spec = get_structured_output_key(sampling_params.structured_outputs)
+            grammar = backend.compile_grammar(kind, spec, stop_token_ids=stops)
+        return grammar, banned, backend.allocate_token_bitmask(1)
+
+    def _shared(self, engine_request, stops):
+        """A matcher of our own over the grammar vLLM's engine core compiled for the request
+        (its `StructuredOutputRequest`), once that compile is done; None where it cannot serve
+        here (not xgrammar's, another vocabulary). The engine core's compile error is raised."""
+        from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend, XgrammarGrammar, xgr
+
+        compiled = engine_request._grammar  # a Future until the engine core's scheduler collects it
+        if isinstance(compiled, Future):
+            compiled = compiled.result()
+        if isinstance(compiled, Exception):
+            raise compiled
+        if not isinstance(self.backend, XgrammarBackend) or not isinstance(compiled, XgrammarGrammar) \
+                or compiled.vocab_size != self.backend.vocab_size:
+            return None
+        matcher = xgr.GrammarMatcher(compiled.ctx, override_stop_tokens=list(stops) or None,
+                                     max_rollback_tokens=self.backend.num_speculative_tokens)
+        return XgrammarGrammar(matcher=matcher, vocab_size=compiled.vocab_size, ctx=compiled.ctx)
 
     def _backend(self):
-        with self.backend_lock:
+        with self.lock:
             if self.backend is None:
                 from vllm.tokenizers import cached_tokenizer_from_config
 

@@ -2,7 +2,8 @@
 
 - `diffusion_stats()`: the worker step's counters (passes per scheduler step, passes per
   canvas, canvases held between steps, structured requests' grammars held, canvases that
-  waited for their grammar), for `LLM.collective_rpc("diffusion_stats")` and the benchmarks;
+  waited for their grammar, grammars shared with the engine core or compiled here), for
+  `LLM.collective_rpc("diffusion_stats")` and the benchmarks;
 - `profile_denoise_pass(canvases, repeats, fused_kernels)`: one denoise pass timed on the
   device, against the bandwidth floor of its weights (pass_profile.py).
 """
@@ -16,7 +17,7 @@ class DiffusionWorkerRPCs:
     def diffusion_stats(self) -> dict:
         step = self.model_runner.denoise_step
         return {**step.stats.as_dict(), "pending_canvases": step.held_canvases(),
-                "held_grammars": len(step.grammars.grammars)}
+                "held_grammars": len(step.grammars.grammars), "grammar_sources": dict(step.grammars.sources)}
 
     def profile_denoise_pass(self, canvases: int = 1, repeats: int = 20, fused_kernels: bool | None = None) -> dict:
         return profile_denoise_pass(self.model_runner, canvases, repeats, fused_kernels)

@@ -1,8 +1,8 @@
 """A gate on the worker's grammar compiles, for tests of what the engine does while one runs.
 
 `GrammarGate` is mixed into vLLM's worker by `worker_extension_cls` and adds three RPCs:
-- `close_grammar_gate()`: every grammar compile the worker starts from then on waits until
-  the gate opens (at most `GATE_TIMEOUT_S`, so an engine that blocks on it fails a test
+- `close_grammar_gate()`: every grammar the worker starts to get from then on (compiled here
+  or shared with the engine core, structured_commit.py) waits until the gate opens (at most `GATE_TIMEOUT_S`, so an engine that blocks on it fails a test
   instead of hanging it);
 - `open_grammar_gate()`: lets them run, and compiles start ungated again;
 - `worker_grammars()`: the request ids whose grammars the worker holds (compiling, compiled
@@ -23,9 +23,9 @@ class GrammarGate:
         gate = self._grammar_gate = threading.Event()
         compile_grammar = type(grammars)._compile.__get__(grammars)
 
-        def gated(sampling_params):
+        def gated(req_id, sampling_params):
             gate.wait(GATE_TIMEOUT_S)
-            return compile_grammar(sampling_params)
+            return compile_grammar(req_id, sampling_params)
 
         grammars._compile = gated
 
