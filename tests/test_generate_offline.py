@@ -172,3 +172,29 @@ def test_unseeded_requests_get_seeds_every_rank_derives_alike():
     seeds = [unseeded_seed(f"{n}-1a2b3c4d") for n in range(100)]
     assert seeds == [unseeded_seed(f"{n}-1a2b3c4d") for n in range(100)]
     assert len(set(seeds)) == 100 and all(0 <= seed < 1 << 62 for seed in seeds)
+
+
+def test_prompt_embeddings_generate_what_their_token_ids_do(tiny_dir):
+    """Catches a worker that needs a request's prompt token ids (a `--enable-prompt-embeds`
+    request carries none; the worker took the prompt's length from them), or that denoises
+    after another context than the same prompt given as its input embeddings (the model's own:
+    E[ids] * sqrt(hidden))."""
+    import glob
+
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    ids = AutoTokenizer.from_pretrained(tiny_dir)("the model writes a long essay about music")["input_ids"]
+    (shard,) = glob.glob(f"{tiny_dir}/*.safetensors")
+    with safe_open(shard, "pt") as checkpoint:
+        table = checkpoint.get_tensor("model.decoder.embed_tokens.weight").float()
+    embeds = table[ids] * torch.tensor(table.shape[1] ** 0.5)
+    engine = LLM(model=tiny_dir, dtype="float32", max_model_len=MAX_MODEL_LEN, enforce_eager=True,
+                 enable_prompt_embeds=True)
+    params = SamplingParams(max_tokens=80, seed=4, ignore_eos=True)
+    from_ids, from_embeds = engine.generate([{"prompt_token_ids": ids}, {"prompt_embeds": embeds}], [params, params])
+    assert len(from_ids.outputs[0].token_ids) == 80
+    assert from_embeds.outputs[0].token_ids == from_ids.outputs[0].token_ids
+    del engine

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -235,14 +236,16 @@ def test_a_worker_in_the_engine_cores_process_shares_its_compiled_grammar(compil
     """Catches the worker compiling a grammar vLLM's engine core compiled in the same process
     (twice the CPU, and the request waits for the slower of two compiles), a shared matcher that
     the engine core's advances (or the reverse: the engine core checks every commit with its
-    own), and an engine-core compile error or an unusable grammar not falling back."""
+    own), an engine-core compile error lost (it must fail the request's grammar here too), and
+    a grammar of another vocabulary used instead of compiled here."""
     from concurrent.futures import Future
 
     from vllm.sampling_params import StructuredOutputsParams
     from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend
     from vllm.v1.structured_output.request import StructuredOutputRequest
 
-    grammars = structured_commit.CanvasGrammars(vllm_config=None, vocab_size=VOCAB)
+    config = SimpleNamespace(model_config=SimpleNamespace(get_vocab_size=lambda: VOCAB))
+    grammars = structured_commit.CanvasGrammars(vllm_config=config, vocab_size=VOCAB)
     grammars.backend = object.__new__(XgrammarBackend)  # what _shared reads of vLLM's backend
     grammars.backend.vocab_size, grammars.backend.num_speculative_tokens = VOCAB, 0
     engine_request = StructuredOutputRequest(params=StructuredOutputsParams(regex=PATTERN))
@@ -264,5 +267,9 @@ def test_a_worker_in_the_engine_cores_process_shares_its_compiled_grammar(compil
     failed._grammar.set_exception(ValueError("the engine core could not compile it"))
     with pytest.raises(ValueError, match="could not compile"):
         grammars._shared(failed, stops=[1])
-    grammars.backend.vocab_size = VOCAB + 1  # another vocabulary: the worker compiles its own
-    assert grammars._shared(engine_request, stops=[1]) is None
+    never = StructuredOutputRequest(params=StructuredOutputsParams(regex=PATTERN))
+    never._grammar = Future()  # an engine-core compile that has not ended: nothing may wait for it
+    grammars.backend.vocab_size = VOCAB + 1  # another vocabulary: the worker compiles its own at once
+    assert grammars._shared(never, stops=[1]) is None
+    grammars.backend = object()  # not xgrammar (guidance): the same
+    assert grammars._shared(never, stops=[1]) is None

@@ -51,7 +51,8 @@ class CanvasScheduler(Scheduler):
         output = super().schedule(*args, **kwargs)
         arrived = [r for r in map(self.requests.get, self.grammars_to_send) if r is not None and not r.is_finished()]
         output.diffusion_grammars = [(r.request_id, r.sampling_params) for r in arrived]
-        ENGINE_GRAMMARS.update((r.request_id, r.structured_output_request) for r in arrived)
+        ENGINE_GRAMMARS.update(((id(self.vllm_config), r.request_id), r.structured_output_request) for r in arrived
+                               if r.structured_output_request is not None)  # None: a session whose update is queued
         self.grammars_to_send = []
         return output
 

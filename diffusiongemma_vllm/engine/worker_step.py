@@ -216,7 +216,7 @@ class DenoiseStep:
         req_id = runner.input_batch.req_ids[row]
         params = runner.requests[req_id].sampling_params
         context = int(runner.optimistic_seq_lens_cpu[row])
-        first_canvas = context == len(runner.requests[req_id].prompt_token_ids)
+        first_canvas = context == runner.requests[req_id].num_prompt_tokens
         return _ReadyRequest(int(row), req_id, context, params.structured_outputs is not None,
                              params.logprobs is not None, first_canvas and params.prompt_logprobs is not None)
 
@@ -228,7 +228,7 @@ class DenoiseStep:
         for slot, request in enumerate(requests):
             state = runner.requests[request.req_id]
             settings = self._settings(request.req_id, state.sampling_params)
-            generated = request.context - len(state.prompt_token_ids)
+            generated = request.context - state.num_prompt_tokens
             jobs.append(CanvasJob(generated // self.canvas_length, settings.sampler, settings.seed))
             if self.drafts is not None:
                 drafts.append(self.drafts.canvas(state.sampling_params, jobs[-1].block, request.context, generated,

@@ -2,8 +2,8 @@
 
 `GrammarGate` is mixed into vLLM's worker by `worker_extension_cls` and adds three RPCs:
 - `close_grammar_gate()`: every grammar the worker starts to get from then on (compiled here
-  or shared with the engine core, structured_commit.py) waits until the gate opens (at most `GATE_TIMEOUT_S`, so an engine that blocks on it fails a test
-  instead of hanging it);
+  or shared with the engine core, structured_commit.py) waits until the gate opens (at most
+  `GATE_TIMEOUT_S`, so an engine that blocks on it fails a test instead of hanging it);
 - `open_grammar_gate()`: lets them run, and compiles start ungated again;
 - `worker_grammars()`: the request ids whose grammars the worker holds (compiling, compiled
   or failed), and those its runner has been scheduled.
