@@ -523,6 +523,7 @@ def test_structured_output_backends_and_the_engine_cores_grammar_check(config):
     from vllm.v1.structured_output.request import StructuredOutputRequest, get_structured_output_key
 
     from diffusiongemma_vllm.engine.config_hook import STRUCTURED_BACKENDS
+    from diffusiongemma_vllm.engine.structured_commit import CanvasGrammars, unpack
 
     params = vllm.sampling_params.StructuredOutputsParams(regex="a+")
     assert params._backend is None and get_structured_output_key(params)[1] == "a+"
@@ -537,9 +538,24 @@ def test_structured_output_backends_and_the_engine_cores_grammar_check(config):
         grammar.fill_bitmask(bitmask, 0)
         assert bitmask.any() and not grammar.is_terminated()
         assert list(inspect.signature(grammar.accept_tokens).parameters) == ["request_id", "tokens"]
-        if backend_cls is XgrammarBackend:  # what a worker sharing the engine core's grammar reads
-            assert grammar.ctx is not None and grammar.vocab_size == backend.vocab_size
-            assert backend.num_speculative_tokens == 0
+        if backend_cls is XgrammarBackend:  # a worker sharing it walks as vLLM's own compile does
+            grammars = CanvasGrammars(config, config.model_config.get_vocab_size())
+            grammars.backend = backend
+            stop = 7  # not the tokenizer's EOS: only the request's stop tokens end it
+            compiled = backend.compile_grammar(*get_structured_output_key(params), stop_token_ids={stop})
+            reference = backend.compile_grammar(*get_structured_output_key(params), stop_token_ids={stop})
+            shared = grammars._shared(SimpleNamespace(_grammar=compiled), stops=[stop])
+            walked = torch.zeros_like(bitmask)
+            for _ in range(3):  # "a+", then its stop token once allowed
+                reference.fill_bitmask(bitmask, 0)
+                shared.fill_bitmask(walked, 0)
+                assert torch.equal(walked, bitmask)
+                allowed = unpack(bitmask[0], config.model_config.get_vocab_size())
+                token = stop if allowed[stop] else int(allowed.nonzero()[0])
+                assert reference.accept_tokens("engine", [token]) and shared.accept_tokens("worker", [token])
+                if reference.is_terminated():
+                    break
+            assert reference.is_terminated() and shared.is_terminated()
     assert {"matcher", "vocab_size", "ctx"} <= {f.name for f in dataclasses.fields(XgrammarGrammar)}
     engine_request = StructuredOutputRequest.from_sampling_params(vllm.SamplingParams(structured_outputs=params))
     pending = Future()
