@@ -18,6 +18,7 @@ import sys
 
 import pytest
 
+from benchmarks.grammar_stall import slow_schema
 from diffusiongemma_vllm.testing.grammar_gate import WORKER_EXTENSION
 
 pytestmark = pytest.mark.engine
@@ -90,9 +91,7 @@ def test_the_worker_compiles_while_the_engine_core_does_and_drops_an_aborted_req
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
-    # Many patterned properties: vLLM's engine core takes about a second to compile this.
-    schema = {"type": "object", "properties": {f"field{i}": {"type": "string", "pattern": f"[a-z]{{{i % 5 + 1}}}-{i}"}
-                                               for i in range(2000)}}
+    schema = slow_schema("field", 2000)  # vLLM's engine core takes about a second to compile it
     llm.collective_rpc("close_grammar_gate")
     engine = llm.llm_engine
     engine.add_request("large", "Fill the form", SamplingParams(

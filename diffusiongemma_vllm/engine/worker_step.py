@@ -214,9 +214,10 @@ class DenoiseStep:
 
     def _ready_request(self, runner, row: int) -> _ReadyRequest:
         req_id = runner.input_batch.req_ids[row]
-        params = runner.requests[req_id].sampling_params
+        state = runner.requests[req_id]
+        params = state.sampling_params
         context = int(runner.optimistic_seq_lens_cpu[row])
-        first_canvas = context == runner.requests[req_id].num_prompt_tokens
+        first_canvas = context == state.num_prompt_tokens
         return _ReadyRequest(int(row), req_id, context, params.structured_outputs is not None,
                              params.logprobs is not None, first_canvas and params.prompt_logprobs is not None)
 
