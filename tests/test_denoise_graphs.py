@@ -124,7 +124,7 @@ def test_paged_step_inputs_put_ready_requests_in_job_order():
     lengths and block tables by job."""
     from types import SimpleNamespace
 
-    from diffusiongemma_vllm.engine.worker_step import PagedStepInputs
+    from diffusiongemma_vllm.engine.step_prefixes import PagedStepInputs
 
     tables = [torch.arange(5 * 3, dtype=torch.int32).view(5, 3), 100 + torch.arange(5 * 2, dtype=torch.int32).view(5, 2)]
     runner = SimpleNamespace(input_batch=SimpleNamespace(

@@ -141,6 +141,7 @@ import torch
 import vllm
 
 from diffusiongemma_vllm import ARCHITECTURE, register
+from diffusiongemma_vllm.engine.step_prefixes import gather_prefixes
 from diffusiongemma_vllm.testing.standalone import _free_port
 from diffusiongemma_vllm.testing.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
@@ -229,7 +230,7 @@ def _record_worker_step(runner, state) -> None:
             tables=[batch.block_table[g].get_numpy_array()[:n].copy() for g in groups],
             device_tables=[batch.block_table[g].get_device_tensor(n).clone() for g in groups],
             kv_writes=state.kv_writes[:], ready=ready, context=context,
-            prefixes=step._gather_prefixes(runner, ready, context) if ready else {}))
+            prefixes=gather_prefixes(runner, ready, context, runner.device) if ready else {}))
         state.kv_writes.clear()
         return real_run(runner)
 

@@ -4,7 +4,7 @@ A scheduler step on the V1 runner already ran vLLM's paged-attention forward ove
 scheduled tokens: a prompt (or a chunk of one) or the previous canvas being committed. Both
 are causal and write KV. A request is *ready* when that pass reached the end of its known
 tokens (vLLM's `discard_request_mask` is False for it). For every ready request this step:
-1. locates its committed prefix K/V in the paged cache (kv_layout.py): on GPU the Triton
+1. locates its committed prefix K/V in the paged cache (step_prefixes.py): on GPU the Triton
    kernel reads the cache in place through the block table (copied, with the context
    lengths, into static `PagedStepInputs`); on CPU it is gathered once per layer and step;
    sliding layers read only the last window-1 tokens, the only ones vLLM keeps;
@@ -65,7 +65,7 @@ from diffusiongemma_vllm.denoise.loop import CanvasBatch, CanvasJob, DenoiseResu
 from diffusiongemma_vllm.denoise.graphs import DenoiseGraphs, ladder_for
 from diffusiongemma_vllm.drafts.publisher import DraftPublisher
 from diffusiongemma_vllm.kernels.top_logprobs import TopLogprobs, top_logprobs
-from diffusiongemma_vllm.engine.kv_layout import paged_views, read_tokens
+from diffusiongemma_vllm.engine.step_prefixes import PagedStepInputs, gather_prefixes
 from diffusiongemma_vllm.engine.step_metrics import StepMetrics
 from diffusiongemma_vllm.engine.structured_commit import CanvasGrammars
 
@@ -241,7 +241,7 @@ class DenoiseStep:
         if self.device.type == "cuda":
             run_pass = self._load_paged_inputs(runner, rows, context)
         else:
-            run_pass = self.pass_runner(torch.tensor(context), self._gather_prefixes(runner, rows, context))
+            run_pass = self.pass_runner(torch.tensor(context), gather_prefixes(runner, rows, context, self.device))
         turns = []
         for first in range(0, len(jobs), self.canvases_per_pass):
             last = min(len(jobs), first + self.canvases_per_pass)
@@ -371,66 +371,6 @@ class DenoiseStep:
         self.paged_inputs.load(runner, ready, context)
         return self.paged_run_pass
 
-    def _gather_prefixes(self, runner, ready: list[int], context: list[int]) -> dict[str, PrefixKV]:
-        """CPU: each layer's committed K/V of the ready requests, gathered once per step
-        (left-aligned, zero-padded; CPU_ATTN pages are ISA-specific); sliding layers keep only
-        the last window-1 tokens, the only ones vLLM keeps."""
-        layers = runner.compilation_config.static_forward_context
-        prefixes = {}
-        for group_id, group in enumerate(runner.kv_cache_config.kv_cache_groups):
-            spec = group.kv_cache_spec
-            window = getattr(spec, "sliding_window", None)
-            table = runner.input_batch.block_table[group_id].get_numpy_array()
-            spans = [(max(0, length - (window - 1)) if window else 0, length) for length in context]
-            lens = torch.tensor([end - start for start, end in spans], device=self.device)
-            for name in group.layer_names:
-                layer = layers[name]
-                kv_cache = layer.kv_cache
-                kernel_block = kv_cache.shape[2]
-                keys, values = [], []
-                for row, (start, end) in zip(ready, spans):
-                    positions = np.arange(start, end)
-                    slots = table[row][positions // spec.block_size].astype(np.int64) * spec.block_size \
-                        + positions % spec.block_size
-                    slots = torch.from_numpy(slots).to(kv_cache.device)
-                    key, value = read_tokens(layer, kv_cache, slots // kernel_block, slots % kernel_block)
-                    keys.append(key)
-                    values.append(value)
-                prefixes[name] = PrefixKV(_pad(keys), _pad(values), lens)
-        return prefixes
-
-
-@dataclass
-class PagedStepInputs:
-    """GPU: the per-request inputs of a step's canvases at fixed addresses, rows in job order:
-    context lengths and each KV group's block-table rows; every layer's prefix is vLLM's paged
-    cache read in place. Graphs captured over these stay valid from step to step."""
-
-    context_lens: torch.Tensor  # [max_num_seqs] int64
-    tables: list[torch.Tensor]  # per KV cache group: [max_num_seqs, max_blocks_per_request] int32
-    prefixes: dict[str, PagedPrefix]
-
-    @classmethod
-    def build(cls, runner, max_num_seqs: int, num_splits: int | None) -> "PagedStepInputs":
-        layers = runner.compilation_config.static_forward_context
-        device = runner.device
-        tables, prefixes = [], {}
-        for group_id, group in enumerate(runner.kv_cache_config.kv_cache_groups):
-            width = runner.input_batch.block_table[group_id].get_device_tensor(1).shape[1]
-            table = torch.zeros((max_num_seqs, width), dtype=torch.int32, device=device)
-            tables.append(table)
-            for name in group.layer_names:
-                key, value = paged_views(layers[name].kv_cache)
-                prefixes[name] = PagedPrefix(key, value, table, group.kv_cache_spec.block_size, num_splits)
-        return cls(torch.zeros(max_num_seqs, dtype=torch.long, device=device), tables, prefixes)
-
-    def load(self, runner, ready: list[int], context: list[int]) -> None:
-        n = len(ready)
-        self.context_lens[:n].copy_(torch.tensor(context), non_blocking=True)
-        index = torch.tensor(ready, device=self.context_lens.device)
-        num_reqs = runner.input_batch.num_reqs
-        for group_id, table in enumerate(self.tables):
-            table[:n].copy_(runner.input_batch.block_table[group_id].get_device_tensor(num_reqs)[index])
 
 
 def graph_capture_context(device: torch.device) -> Callable[[], AbstractContextManager]:
@@ -466,11 +406,3 @@ def unseeded_seed(req_id: str) -> int:
     suffix, so it differs from request to request and run to run, and every tensor-parallel
     rank derives the same one (their canvases must stay identical)."""
     return int.from_bytes(hashlib.blake2b(req_id.encode(), digest_size=8).digest(), "little") >> 2
-
-
-def _pad(rows: list[torch.Tensor]) -> torch.Tensor:
-    width = max(1, max(r.shape[0] for r in rows))
-    out = rows[0].new_zeros((len(rows), width, *rows[0].shape[1:]))
-    for i, r in enumerate(rows):
-        out[i, :r.shape[0]] = r
-    return out
