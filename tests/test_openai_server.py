@@ -109,6 +109,21 @@ def test_bad_knob_is_a_400_naming_the_field(server, knobs, field):
     assert complete(server, max_tokens=8).status_code == 200
 
 
+def test_canvas_options_through_vllm_xargs(server):
+    """Catches vLLM's in-tree canvas options (canvas_options.py) refused, or lost on their way
+    from the OpenAI API: JSON lists and a JSON boolean (which vllm_xargs turns into 1) for a
+    seeded, pinned, one-pass, read-only canvas; a bad one is a 400 naming it."""
+    seed = [(13 * i + 7) % 512 for i in range(256)]
+    body = complete(server, max_tokens=1000, seed=0, logprobs=1, return_tokens_as_token_ids=True, vllm_xargs={
+        "diffusion_seed_canvas": seed, "diffusion_pinned": [0, 1, 255], "diffusion_max_steps": 1,
+        "diffusion_read_only": True}).json()
+    assert body["usage"]["completion_tokens"] == 256 and body["choices"][0]["finish_reason"] == "length"
+    tokens = body["choices"][0]["logprobs"]["tokens"]
+    assert [tokens[p] for p in (0, 1, 255)] == [f"token_id:{seed[p]}" for p in (0, 1, 255)]
+    bad = complete(server, max_tokens=8, vllm_xargs={"diffusion_seed_canvas": seed, "diffusion_pinned": [256]})
+    assert bad.status_code == 400 and "diffusion_pinned" in bad.json()["error"]["message"]
+
+
 def test_logprobs_in_completions_and_chat(server):
     """Catches logprobs lost between the worker and the API (rows misaligned with tokens,
     missing alternatives) in either endpoint."""

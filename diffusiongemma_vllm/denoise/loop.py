@@ -74,6 +74,9 @@ class CanvasJob:
     block: int  # how many canvases this request has committed before
     sampler: SamplerConfig
     seed: int
+    seed_canvas: tuple[int, ...] | None = None  # start from these ids instead of noise (engine/canvas_options.py)
+    pinned: tuple[int, ...] = ()  # positions held at their seed_canvas ids through every pass
+    max_passes: int | None = None  # a cap below the schedule's max_denoising_steps
 
 
 @dataclass
@@ -92,7 +95,10 @@ class CanvasBatch:
     entropy_bound: torch.Tensor  # [n] fp32
     stability_threshold: torch.Tensor  # [n] int64
     confidence_threshold: torch.Tensor  # [n] fp32
-    max_steps: torch.Tensor  # [n] int64
+    max_steps: torch.Tensor  # [n] int64: the schedule's length
+    pass_cap: torch.Tensor  # [n] int64: passes after which the canvas halts (at most max_steps)
+    seed_canvas: torch.Tensor  # [n, C] the ids pinned positions hold (0 elsewhere)
+    pinned: torch.Tensor  # [n, C] bool
     t_min: torch.Tensor  # [n] fp64: the schedule is evaluated as SamplerConfig.temperature does
     t_max: torch.Tensor  # [n] fp64
 
@@ -105,9 +111,16 @@ class CanvasBatch:
             return torch.tensor([getattr(job.sampler, name) for job in jobs], dtype=tensor_dtype, device=device)
 
         block_keys = torch.tensor([noise.block_key(job.seed, job.block) for job in jobs], device=device)
+        canvas = noise.initial_tokens(block_keys, canvas_length, vocab_size)
+        seed_canvas = torch.zeros((n, canvas_length), dtype=torch.long, device=device)
+        pinned = torch.zeros((n, canvas_length), dtype=torch.bool, device=device)
+        for i, job in enumerate(jobs):
+            if job.seed_canvas is not None:
+                canvas[i] = seed_canvas[i] = torch.tensor(job.seed_canvas, device=device)
+                pinned[i, list(job.pinned)] = True
         return cls(
             rows=torch.arange(first_row, first_row + n, device=device), block_keys=block_keys,
-            canvas=noise.initial_tokens(block_keys, canvas_length, vocab_size),
+            canvas=canvas,
             argmax=torch.full((n, canvas_length), -1, dtype=torch.long, device=device),
             soft=torch.zeros((n, canvas_length, hidden_size), dtype=dtype, device=device),
             hidden=torch.zeros((n, canvas_length, hidden_size), dtype=dtype, device=device),
@@ -118,6 +131,9 @@ class CanvasBatch:
             stability_threshold=per_job("stability_threshold", torch.long),
             confidence_threshold=per_job("confidence_threshold", torch.float32),
             max_steps=per_job("max_denoising_steps", torch.long),
+            pass_cap=torch.tensor([min(job.max_passes or job.sampler.max_denoising_steps,
+                                       job.sampler.max_denoising_steps) for job in jobs], device=device),
+            seed_canvas=seed_canvas, pinned=pinned,
             t_min=per_job("t_min", torch.float64), t_max=per_job("t_max", torch.float64))
 
     def __len__(self) -> int:
@@ -183,13 +199,18 @@ def denoise_pass(batch: CanvasBatch, run_pass: RunPass, unembedding: Unembedding
     renoise = noise.renoise_tokens(batch.block_keys, batch.steps, length, unembedding.vocab)
     result = decide(stats.argmax.view(n, length), stats.sample.view(n, length), stats.entropy.view(n, length),
                     renoise, batch.entropy_bound)
-    unchanged = unchanged_passes(batch.argmax, result.argmax, batch.unchanged)
+    # Pinned positions hold their seed ids: as the next input, in the argmax a halted canvas
+    # commits, and without a self-conditioning signal of the model's own guess there.
+    argmax = torch.where(batch.pinned, batch.seed_canvas, result.argmax)
+    unchanged = unchanged_passes(batch.argmax, argmax, batch.unchanged)
     halts = ((unchanged >= batch.stability_threshold) & (result.mean_entropy < batch.confidence_threshold)) \
-        | (batch.steps + 1 >= batch.max_steps)
+        | (batch.steps + 1 >= batch.pass_cap)
     live = ~batch.halted
     soft = (stats.soft * unembedding.scale).view(n, length, width).to(batch.soft.dtype)
-    batch.canvas.copy_(torch.where(live[:, None], result.next_canvas, batch.canvas))
-    batch.argmax.copy_(torch.where(live[:, None], result.argmax, batch.argmax))
+    soft = soft.masked_fill(batch.pinned[:, :, None], 0)
+    next_canvas = torch.where(batch.pinned, batch.seed_canvas, result.next_canvas)
+    batch.canvas.copy_(torch.where(live[:, None], next_canvas, batch.canvas))
+    batch.argmax.copy_(torch.where(live[:, None], argmax, batch.argmax))
     batch.soft.copy_(torch.where(live[:, None, None], soft, batch.soft))
     batch.hidden.copy_(torch.where(live[:, None, None], hidden.to(batch.hidden.dtype), batch.hidden))
     batch.unchanged.copy_(torch.where(live, unchanged, batch.unchanged))

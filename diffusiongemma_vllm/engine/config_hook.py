@@ -228,7 +228,8 @@ class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
             # compiles every request with the first one's; the worker must compile as the
             # engine core does, so the engine gets one backend (structured_commit.py).
             vllm_config.structured_outputs_config.backend = "xgrammar"
-        serve_defaults(model_config, SamplerConfig.served_by(model_config), structured_refusal(vllm_config))
+        serve_defaults(model_config, SamplerConfig.served_by(model_config), structured_refusal(vllm_config),
+                       (model_config.hf_config.canvas_length, model_config.get_vocab_size()))
         if vllm_config.scheduler_config.scheduler_cls is None:
             vllm_config.scheduler_config.scheduler_cls = SCHEDULER
         if vllm_config.parallel_config.worker_cls == "auto":

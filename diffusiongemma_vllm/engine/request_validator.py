@@ -7,7 +7,8 @@ DiffusionGemma architecture only. It changes no logits. It rejects, naming the f
   fields), judged against the defaults the worker will combine it with: the served
   checkpoint's generation_config.json, registered here by the config hook (`serve_defaults`)
   for as long as that engine's config lives;
-- an `extra_args` key that is neither a knob, a live-draft setting (drafts/publisher.py) nor
+- an `extra_args` key that is neither a knob, a live-draft setting (drafts/publisher.py), a
+  canvas option (canvas_options.py, checked against the served canvas and vocabulary) nor
   one vLLM itself reads (a typo would otherwise be ignored without a word);
 - a sampling feature the block-diffusion sampler does not implement;
 - structured outputs on an engine that cannot serve them (config_hook.structured_refusal:
@@ -19,19 +20,21 @@ sampling temperature), as in transformers' DiffusionGemma; the README says so.
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
 from diffusiongemma_vllm.model.config import SAMPLER_FIELDS, SamplerConfig
 from diffusiongemma_vllm.drafts.publisher import DRAFT_ARGS, check_draft_args
+from diffusiongemma_vllm.engine.canvas_options import CANVAS_ARGS, CanvasOptions, apply_read_only
 
 # extra_args keys vLLM reads itself (v1/request.py: disaggregated prefill and KV reporting),
 # with the values it can use: it calls .get on the transfer params (a string was a 500 with an
 # empty message) and compares the report mode with "full".
 VLLM_EXTRA_ARGS = ("kv_transfer_params", "ec_transfer_params", "kv_cache_report_mode")
 KV_CACHE_REPORT_MODES = ("incremental", "full")
-ACCEPTED_EXTRA_ARGS = SAMPLER_FIELDS + DRAFT_ARGS + VLLM_EXTRA_ARGS
+ACCEPTED_EXTRA_ARGS = SAMPLER_FIELDS + DRAFT_ARGS + CANVAS_ARGS + VLLM_EXTRA_ARGS
 
 # Sampling fields the block sampler does not implement, with the value that means "off".
 UNSUPPORTED = {
@@ -48,26 +51,37 @@ UNSUPPORTED = {
     "repetition_detection": None,
 }
 
-# id(model_config) -> the sampler defaults its checkpoint gives the worker, and why structured
-# outputs are refused there (None: accepted), in this process.
-_served: dict[int, tuple[SamplerConfig, str | None]] = {}
+RELEASE_CANVAS = (256, 262144)  # canvas length and vocabulary of google/diffusiongemma-26B-A4B-it
 
 
-def serve_defaults(model_config, defaults: SamplerConfig, structured_refusal: str | None = None) -> None:
-    """Validate requests against `defaults` (and refuse structured outputs, saying why, if
-    `structured_refusal`) while `model_config` (its engine's) is alive."""
+@dataclass(frozen=True)
+class _ServedModel:
+    defaults: SamplerConfig  # what the worker combines a request's knobs with
+    structured_refusal: str | None  # why structured outputs are refused there (None: accepted)
+    canvas: tuple[int, int]  # canvas length, vocabulary size
+
+
+# id(model_config) -> what requests to that engine are judged against, in this process.
+_served: dict[int, _ServedModel] = {}
+
+
+def serve_defaults(model_config, defaults: SamplerConfig, structured_refusal: str | None = None,
+                   canvas: tuple[int, int] = RELEASE_CANVAS) -> None:
+    """Validate requests against `defaults` and the `canvas` geometry (and refuse structured
+    outputs, saying why, if `structured_refusal`) while `model_config` (its engine's) is alive."""
     key = id(model_config)
-    _served[key] = (defaults, structured_refusal)
+    _served[key] = _ServedModel(defaults, structured_refusal, canvas)
     weakref.finalize(model_config, _served.pop, key, None)
 
 
 def check_request(sampling_params) -> None:
-    """Raise ValueError naming the first field the DiffusionGemma sampler cannot honour."""
+    """Raise ValueError naming the first field the DiffusionGemma sampler cannot honour; a
+    read-only canvas request (canvas_options.py) gets its max_tokens and ignore_eos set."""
     extra_args = sampling_params.extra_args or {}
     unknown = sorted(set(extra_args) - set(ACCEPTED_EXTRA_ARGS))
     if unknown:
         raise ValueError(f"unknown DiffusionGemma request setting {unknown[0]!r} (vllm_xargs / extra_args); "
-                         f"accepted: {', '.join(SAMPLER_FIELDS + DRAFT_ARGS[:1])}")
+                         f"accepted: {', '.join(SAMPLER_FIELDS + DRAFT_ARGS[:1] + CANVAS_ARGS)}")
     check_draft_args(extra_args)
     for name in ("kv_transfer_params", "ec_transfer_params"):
         if extra_args.get(name) is not None and not isinstance(extra_args[name], dict):
@@ -84,10 +98,14 @@ def check_request(sampling_params) -> None:
                          "ask for at most max_logprobs alternatives")
     structured = sampling_params.structured_outputs
     # Every engine this process serves must accept it; a process serves one in practice.
-    for defaults, structured_refusal in list(_served.values()) or [(SamplerConfig(), None)]:
-        defaults.with_request_overrides(extra_args)
-        if structured is not None and structured_refusal:
-            raise ValueError(structured_refusal)
+    served = list(_served.values()) or [_ServedModel(SamplerConfig(), None, RELEASE_CANVAS)]
+    for model in served:
+        model.defaults.with_request_overrides(extra_args)
+        if structured is not None and model.structured_refusal:
+            raise ValueError(model.structured_refusal)
+        options = CanvasOptions.from_extra_args(extra_args, *model.canvas)
+    if options.read_only:
+        apply_read_only(sampling_params, min(model.canvas[0] for model in served))
 
 
 class DiffusionRequestValidator(LogitsProcessor):

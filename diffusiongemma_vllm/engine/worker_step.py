@@ -33,7 +33,8 @@ with the step that ends the prompt and requires a token with them.
 
 Per-request settings: the checkpoint's generation_config.json, overridden by the request's
 `extra_args` (validated at admission by request_validator.py); the seed is the request's
-`seed`, or a random one kept for its lifetime. A request that asked for live drafts has its
+`seed`, or a random one kept for its lifetime; its canvas options (a seeded, pinned first
+canvas, a pass cap: canvas_options.py) come from `extra_args` too. A request that asked for live drafts has its
 canvas's argmax published every `draft_every` passes (drafts/publisher.py); the others add no work.
 
 Under vLLM's batch-invariant mode (`VLLM_BATCH_INVARIANT=1`, which makes vLLM's own layers'
@@ -66,6 +67,7 @@ from diffusiongemma_vllm.denoise.graphs import DenoiseGraphs, ladder_for
 from diffusiongemma_vllm.drafts.publisher import DraftPublisher
 from diffusiongemma_vllm.kernels.top_logprobs import TopLogprobs, top_logprobs
 from diffusiongemma_vllm.engine.step_prefixes import PagedStepInputs, gather_prefixes
+from diffusiongemma_vllm.engine.canvas_options import CanvasOptions
 from diffusiongemma_vllm.engine.step_metrics import StepMetrics
 from diffusiongemma_vllm.engine.structured_commit import CanvasGrammars
 
@@ -136,6 +138,13 @@ class AwaitingGrammar:
 class _RequestSettings:
     seed: int
     sampler: SamplerConfig
+    canvas: CanvasOptions
+
+    def job(self, block: int) -> CanvasJob:
+        """The request's canvas `block`: a seeded and pinned start shapes the first only."""
+        first = block == 0
+        return CanvasJob(block, self.sampler, self.seed, self.canvas.seed_canvas if first else None,
+                         self.canvas.pinned if first else (), self.canvas.max_steps)
 
 
 class DenoiseStep:
@@ -172,7 +181,9 @@ class DenoiseStep:
         if req_id not in self.settings:
             seed = sampling_params.seed if sampling_params.seed is not None else unseeded_seed(req_id)
             sampler = self.default_sampler.with_request_overrides(sampling_params.extra_args)
-            self.settings[req_id] = _RequestSettings(seed, sampler)
+            canvas = CanvasOptions.from_extra_args(sampling_params.extra_args, self.canvas_length,
+                                                   self.model.cfg.vocab_size)
+            self.settings[req_id] = _RequestSettings(seed, sampler, canvas)
         return self.settings[req_id]
 
     def run(self, runner) -> StepOutput:
@@ -230,7 +241,7 @@ class DenoiseStep:
             state = runner.requests[request.req_id]
             settings = self._settings(request.req_id, state.sampling_params)
             generated = request.context - state.num_prompt_tokens
-            jobs.append(CanvasJob(generated // self.canvas_length, settings.sampler, settings.seed))
+            jobs.append(settings.job(generated // self.canvas_length))
             if self.drafts is not None:
                 drafts.append(self.drafts.canvas(state.sampling_params, jobs[-1].block, request.context, generated,
                                                  runner.max_model_len))

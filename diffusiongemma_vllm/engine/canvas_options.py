@@ -1,0 +1,85 @@
+"""A request's own canvas: a seeded start, pinned positions, a pass cap, a read-only canvas.
+
+vLLM's in-tree DiffusionGemma takes these per request in `extra_args` (`vllm_xargs` in the
+OpenAI API), and this module accepts them under the same names, with the same checks:
+- `diffusion_seed_canvas`: the request's first canvas starts from these token ids instead of
+  uniform noise; exactly one canvas of ids (`canvas_length` of the checkpoint), each in the
+  vocabulary;
+- `diffusion_pinned`: positions of that canvas held at their seed ids through every pass
+  (needs a seed): infilling. Their self-conditioning signal is zero, as in vLLM, so the
+  model's own guess there does not reach the next pass; the committed canvas holds the seed
+  ids there (vLLM commits the model's argmax at every position);
+- `diffusion_max_steps`: at most this many passes per canvas, the temperature schedule
+  unchanged (`max_denoising_steps` also sets the schedule's length);
+- `diffusion_read_only`: the first canvas is the whole reply: `max_tokens` becomes at most a
+  canvas and EOS no longer ends it (the request ends with its canvas, never committed).
+`diffusion_canvas_length` is accepted at the served canvas length only: a narrower canvas per
+request is not built, nor is `diffusion_constrained` (a 400 says so for each). Seeds and pins shape the first canvas only; later
+canvases start from noise as usual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SEED, PINNED, MAX_STEPS, READ_ONLY, WIDTH = ("diffusion_seed_canvas", "diffusion_pinned", "diffusion_max_steps",
+                                             "diffusion_read_only", "diffusion_canvas_length")
+CONSTRAINED = "diffusion_constrained"  # vLLM's: the canvas drawn from logprob_token_ids only; not built here
+CANVAS_ARGS = (SEED, PINNED, MAX_STEPS, READ_ONLY, WIDTH, CONSTRAINED)
+
+
+@dataclass(frozen=True)
+class CanvasOptions:
+    seed_canvas: tuple[int, ...] | None = None
+    pinned: tuple[int, ...] = ()
+    max_steps: int | None = None
+    read_only: bool = False
+
+    @classmethod
+    def from_extra_args(cls, extra_args: dict | None, canvas_length: int, vocab_size: int) -> "CanvasOptions":
+        """The options in `extra_args`; ValueError naming the first bad one."""
+        extra = extra_args or {}
+        _check(not extra.get(CONSTRAINED), f"{CONSTRAINED} (a canvas drawn from logprob_token_ids only) is not "
+               "supported by the diffusiongemma plugin")
+        width = extra.get(WIDTH)
+        if width is not None:
+            _check(_is_int(width) and width > 0, f"{WIDTH} must be a positive integer, got {width!r}")
+            _check(width == canvas_length, f"{WIDTH}={width}: a canvas narrower than the served one "
+                   f"({canvas_length}) is not supported by the diffusiongemma plugin")
+        seed = extra.get(SEED)
+        if seed is not None:
+            _check(isinstance(seed, (list, tuple)) and all(map(_is_int, seed)),
+                   f"{SEED} must be a list of token ids")
+            _check(all(0 <= t < vocab_size for t in seed), f"{SEED} ids must be in [0, {vocab_size})")
+            _check(len(seed) == canvas_length, f"{SEED} must hold exactly {canvas_length} ids, got {len(seed)}")
+            seed = tuple(seed)
+        pinned = extra.get(PINNED)
+        if pinned is not None:
+            _check(isinstance(pinned, (list, tuple)) and all(map(_is_int, pinned)),
+                   f"{PINNED} must be a list of canvas positions")
+            _check(seed is not None, f"{PINNED} needs a {SEED} to hold")
+            _check(all(0 <= p < canvas_length for p in pinned), f"{PINNED} positions must lie inside the canvas "
+                   f"[0, {canvas_length})")
+        max_steps = extra.get(MAX_STEPS)
+        if max_steps is not None:
+            _check(_is_int(max_steps) and max_steps > 0, f"{MAX_STEPS} must be a positive integer, got {max_steps!r}")
+        read_only = extra.get(READ_ONLY, False)
+        # The OpenAI server's vllm_xargs turns JSON booleans into 0/1.
+        _check(isinstance(read_only, (bool, int)) and read_only in (0, 1),
+               f"{READ_ONLY} must be a boolean (or 0/1), got {read_only!r}")
+        return cls(seed, tuple(sorted(set(pinned or ()))), max_steps, bool(read_only))
+
+
+def apply_read_only(sampling_params, canvas_length: int) -> None:
+    """Admission: a read-only request ends with its first canvas, whatever EOS it holds."""
+    sampling_params.max_tokens = min(sampling_params.max_tokens or canvas_length, canvas_length)
+    sampling_params.ignore_eos = True
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)

@@ -1,0 +1,159 @@
+"""A request's own canvas (engine/canvas_options.py): admission checks, and the denoise loop
+with a seeded start, pinned positions and a pass cap, on the tiny checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from vllm import SamplingParams
+
+from diffusiongemma_vllm.denoise.loop import CanvasJob, denoise_canvases
+from diffusiongemma_vllm.engine.canvas_options import CanvasOptions
+from diffusiongemma_vllm.engine.request_validator import check_request
+from diffusiongemma_vllm.model.config import SamplerConfig
+from diffusiongemma_vllm.testing.standalone import load_standalone
+from tests.test_denoise_graphs import PROMPTS
+
+C, VOCAB = 8, 100
+
+
+@pytest.mark.parametrize("extra_args, message", [
+    ({"diffusion_seed_canvas": [1] * 7}, "exactly 8 ids, got 7"),
+    ({"diffusion_seed_canvas": [1] * 7 + [100]}, r"ids must be in \[0, 100\)"),
+    ({"diffusion_seed_canvas": "12345678"}, "list of token ids"),
+    ({"diffusion_seed_canvas": [True] * 8}, "list of token ids"),
+    ({"diffusion_pinned": [0]}, "needs a diffusion_seed_canvas"),
+    ({"diffusion_seed_canvas": [1] * 8, "diffusion_pinned": [8]}, r"inside the canvas \[0, 8\)"),
+    ({"diffusion_seed_canvas": [1] * 8, "diffusion_pinned": 3}, "list of canvas positions"),
+    ({"diffusion_max_steps": 0}, "positive integer"),
+    ({"diffusion_max_steps": 1.5}, "positive integer"),
+    ({"diffusion_read_only": 2}, "boolean"),
+    ({"diffusion_canvas_length": 4}, "narrower than the served one"),
+    ({"diffusion_canvas_length": -8}, "positive integer"),
+    ({"diffusion_constrained": True}, "diffusion_constrained .* not supported"),
+])
+def test_bad_canvas_options_are_refused_naming_the_option(extra_args, message):
+    """Catches a malformed option reaching the worker (where it would fail the engine step)."""
+    with pytest.raises(ValueError, match=message):
+        CanvasOptions.from_extra_args(extra_args, C, VOCAB)
+
+
+def test_good_canvas_options_parse():
+    options = CanvasOptions.from_extra_args({"diffusion_seed_canvas": list(range(8)), "diffusion_pinned": [5, 1, 5],
+                                             "diffusion_max_steps": 3, "diffusion_read_only": 1,
+                                             "diffusion_canvas_length": 8}, C, VOCAB)
+    assert options == CanvasOptions(tuple(range(8)), (1, 5), 3, True)
+    assert CanvasOptions.from_extra_args(None, C, VOCAB) == CanvasOptions()
+
+
+def test_admission_makes_a_read_only_request_one_canvas_long():
+    """Catches a read-only request that would go on past its canvas, or end early at an EOS
+    drawn into it (vLLM's in-tree model normalises it the same way)."""
+    long = SamplingParams(max_tokens=1000, extra_args={"diffusion_read_only": True})
+    check_request(long)
+    assert long.max_tokens == 256 and long.ignore_eos  # the release canvas: no engine registered here
+    short = SamplingParams(max_tokens=2, extra_args={"diffusion_read_only": 1})
+    check_request(short)
+    assert short.max_tokens == 2 and short.ignore_eos
+    with pytest.raises(ValueError, match="diffusion_seed_canvas must hold exactly 256 ids"):
+        check_request(SamplingParams(extra_args={"diffusion_seed_canvas": [1, 2]}))
+
+
+@pytest.fixture(scope="module")
+def standalone(tiny_dir):
+    return load_standalone(tiny_dir)
+
+
+def run(standalone, jobs):
+    """The jobs over the test prompts; also each pass's input canvases and self-conditioning."""
+    model, cfg = standalone, standalone.model.cfg
+    model.allocate(len(PROMPTS), 256)
+    store_rows = torch.arange(len(PROMPTS))
+    for r, prompt in enumerate(PROMPTS):
+        model.prefill(store_rows[r:r + 1], torch.tensor([prompt]), torch.tensor([0]))
+    context = torch.tensor([len(p) for p in PROMPTS])
+    inputs = []
+
+    def run_pass(rows, canvas, soft):
+        inputs.append((rows.clone(), canvas.clone(), soft.clone()))
+        return model.denoise(store_rows[rows], canvas, context[rows], soft)
+
+    result = denoise_canvases(jobs, cfg.canvas_length, run_pass, model.model.unembedding())
+    return result, inputs
+
+
+def test_seeded_canvas_starts_from_its_ids_and_holds_its_pins(standalone):
+    """Catches a seed ignored (noise instead), a pinned position overwritten by a renoise or
+    by the model's argmax (in an input or the committed canvas), a pin's self-conditioning
+    leaking the model's guess, and a seeded canvas changing its unseeded batch mates."""
+    cfg = standalone.model.cfg
+    length, sampler = cfg.canvas_length, SamplerConfig(max_denoising_steps=6, stability_threshold=100)
+    seed = [(7 * i + 3) % cfg.vocab_size for i in range(length)]
+    pins = (0, 3, length - 1)
+    plain = [CanvasJob(0, sampler, seed=40 + i) for i in range(3)]
+    seeded = CanvasJob(0, sampler, seed=41, seed_canvas=tuple(seed), pinned=pins)
+    alone, _ = run(standalone, plain)
+    mixed, inputs = run(standalone, [plain[0], seeded, plain[2]])
+
+    assert torch.equal(mixed.tokens[[0, 2]], alone.tokens[[0, 2]])  # batch mates unchanged
+    assert mixed.passes.tolist() == [6, 6, 6]
+    first_rows, first_canvas, _ = inputs[0]
+    assert first_canvas[1].tolist() == seed  # the whole seed is the first input
+    for rows, canvas, soft in inputs:
+        row = rows.tolist().index(1)
+        assert canvas[row, list(pins)].tolist() == [seed[p] for p in pins]
+        assert not soft[row, list(pins)].any()
+    assert inputs[1][1][1].tolist() != seed  # unpinned positions moved on
+    assert mixed.tokens[1, list(pins)].tolist() == [seed[p] for p in pins]
+    assert not torch.equal(mixed.tokens[1], alone.tokens[1])  # the seed changed the canvas
+
+
+def test_pass_cap_halts_early_under_the_full_schedule(standalone):
+    """Catches diffusion_max_steps changing the temperature schedule (it only stops the canvas
+    early: its passes equal the first passes of the uncapped run) or not stopping it."""
+    sampler = SamplerConfig(max_denoising_steps=6, stability_threshold=100)
+    capped, capped_inputs = run(standalone, [CanvasJob(0, sampler, seed=5, max_passes=2)])
+    full, full_inputs = run(standalone, [CanvasJob(0, sampler, seed=5)])
+    assert capped.passes.tolist() == [2] and full.passes.tolist() == [6]
+    assert len(capped_inputs) == 2
+    for (_, canvas, soft), (_, full_canvas, full_soft) in zip(capped_inputs, full_inputs):
+        assert torch.equal(canvas, full_canvas) and torch.equal(soft, full_soft)
+    assert run(standalone, [CanvasJob(0, sampler, seed=5, max_passes=50)])[0].passes.tolist() == [6]
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(600)
+def test_canvas_options_through_vllm(tiny_dir):
+    """Catches the options lost between admission and the worker: through `LLM.generate`, a
+    seeded, pinned, capped first canvas commits its pins, runs its cap (as does the request's
+    second canvas) and leaves its batch mates as they were; a read-only request ends with its
+    canvas; a bad option fails its request only."""
+    import gc
+
+    from vllm import LLM
+
+    llm = LLM(model=tiny_dir, dtype="float32", max_model_len=256, enforce_eager=True)
+    seed = [(11 * i + 5) % 512 for i in range(32)]
+    pins = [0, 1, 2, 20, 31]
+    options = {"diffusion_seed_canvas": seed, "diffusion_pinned": pins, "diffusion_max_steps": 2,
+               "max_denoising_steps": 8}
+    prompts = ["the model writes", "a long essay about Portugal", "and its rivers"]
+    plain = [SamplingParams(max_tokens=64, ignore_eos=True, seed=s, extra_args={"max_denoising_steps": 8})
+             for s in range(3)]
+    before = dict(llm.collective_rpc("diffusion_stats")[0]["canvas_passes"])
+    alone = [o.outputs[0].token_ids for o in llm.generate(prompts, plain)]
+    seeded = SamplingParams(max_tokens=64, ignore_eos=True, seed=1, extra_args=options)
+    mixed = [o.outputs[0].token_ids for o in llm.generate(prompts, [plain[0], seeded, plain[2]])]
+    assert mixed[0] == alone[0] and mixed[2] == alone[2]
+    assert [mixed[1][p] for p in pins] == [seed[p] for p in pins]
+    passes = llm.collective_rpc("diffusion_stats")[0]["canvas_passes"]
+    assert passes.get(2, 0) - before.get(2, 0) == 2  # both canvases of the seeded request, capped
+
+    read = SamplingParams(max_tokens=500, seed=3, extra_args={"diffusion_read_only": True, "diffusion_max_steps": 1})
+    out = llm.generate(prompts[:1], read)[0].outputs[0]
+    assert len(out.token_ids) == 32 and out.finish_reason == "length"
+    assert llm.collective_rpc("diffusion_stats")[0]["canvas_passes"].get(1, 0) == 1
+    with pytest.raises(ValueError, match="diffusion_seed_canvas must hold exactly 32 ids"):
+        llm.generate(prompts[:1], SamplingParams(extra_args={"diffusion_seed_canvas": seed[:5]}))
+    del llm
+    gc.collect()
