@@ -131,6 +131,7 @@ def test_canvas_options_through_vllm(tiny_dir):
     import gc
 
     from vllm import LLM
+    from vllm.exceptions import VLLMValidationError
 
     llm = LLM(model=tiny_dir, dtype="float32", max_model_len=256, enforce_eager=True)
     seed = [(11 * i + 5) % 512 for i in range(32)]
@@ -153,7 +154,8 @@ def test_canvas_options_through_vllm(tiny_dir):
     out = llm.generate(prompts[:1], read)[0].outputs[0]
     assert len(out.token_ids) == 32 and out.finish_reason == "length"
     assert llm.collective_rpc("diffusion_stats")[0]["canvas_passes"].get(1, 0) == 1
-    with pytest.raises(ValueError, match="diffusion_seed_canvas must hold exactly 32 ids"):
+    with pytest.raises((ValueError, VLLMValidationError), match="diffusion_seed_canvas must hold exactly 32 ids"):
         llm.generate(prompts[:1], SamplingParams(extra_args={"diffusion_seed_canvas": seed[:5]}))
+    assert llm.generate(prompts[:1], plain[0])[0].outputs[0].token_ids == alone[0]
     del llm
     gc.collect()
