@@ -59,6 +59,17 @@ def test_admission_makes_a_read_only_request_one_canvas_long():
         check_request(SamplingParams(extra_args={"diffusion_seed_canvas": [1, 2]}))
 
 
+def test_pins_under_a_grammar_are_refused():
+    """Catches a pinned canvas committed under a grammar, which may replace the pinned ids."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    pinned = {"diffusion_seed_canvas": [1] * 256, "diffusion_pinned": [0]}
+    with pytest.raises(ValueError, match="diffusion_pinned cannot be combined with structured outputs"):
+        check_request(SamplingParams(extra_args=pinned, structured_outputs=StructuredOutputsParams(regex="a+")))
+    check_request(SamplingParams(extra_args={"diffusion_seed_canvas": [1] * 256},
+                                 structured_outputs=StructuredOutputsParams(regex="a+")))
+
+
 @pytest.fixture(scope="module")
 def standalone(tiny_dir):
     return load_standalone(tiny_dir)

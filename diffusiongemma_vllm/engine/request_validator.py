@@ -104,6 +104,9 @@ def check_request(sampling_params) -> None:
         if structured is not None and model.structured_refusal:
             raise ValueError(model.structured_refusal)
         options = CanvasOptions.from_extra_args(extra_args, *model.canvas)
+    if structured is not None and options.pinned:
+        raise ValueError("diffusion_pinned cannot be combined with structured outputs: the grammar would "
+                         "overrule the pinned ids")
     if options.read_only:
         apply_read_only(sampling_params, min(model.canvas[0] for model in served))
 
