@@ -28,7 +28,8 @@ C, VOCAB = 8, 100
     ({"diffusion_max_steps": 0}, "positive integer"),
     ({"diffusion_max_steps": 1.5}, "positive integer"),
     ({"diffusion_read_only": 2}, "boolean"),
-    ({"diffusion_canvas_length": 4}, "narrower than the served one"),
+    ({"diffusion_canvas_length": 4}, r"canvases of the checkpoint's length only \(8\)"),
+    ({"diffusion_canvas_length": 16}, r"canvases of the checkpoint's length only \(8\)"),
     ({"diffusion_canvas_length": -8}, "positive integer"),
     ({"diffusion_constrained": True}, "diffusion_constrained .* not supported"),
 ])
@@ -170,3 +171,20 @@ def test_canvas_options_through_vllm(tiny_dir):
     assert llm.generate(prompts[:1], plain[0])[0].outputs[0].token_ids == alone[0]
     del llm
     gc.collect()
+
+
+def test_a_session_turn_with_new_parameters_gets_new_settings():
+    """Catches the worker keeping a request's first settings when a streaming input session's
+    next turn brings new sampling parameters (its seed canvas, its knobs)."""
+    from types import SimpleNamespace
+
+    from diffusiongemma_vllm.engine.worker_step import DenoiseStep
+
+    step = SimpleNamespace(settings={}, default_sampler=SamplerConfig(), canvas_length=C,
+                           model=SimpleNamespace(cfg=SimpleNamespace(vocab_size=VOCAB)))
+    first = SamplingParams(seed=1, extra_args={"diffusion_seed_canvas": [1] * 8})
+    assert DenoiseStep._settings(step, "r", first).canvas.seed_canvas == (1,) * 8
+    assert DenoiseStep._settings(step, "r", first) is step.settings["r"]  # kept while the parameters are
+    turn = SamplingParams(seed=1, extra_args={"max_denoising_steps": 3})
+    settings = DenoiseStep._settings(step, "r", turn)
+    assert settings.canvas.seed_canvas is None and settings.sampler.max_denoising_steps == 3

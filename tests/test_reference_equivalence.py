@@ -89,7 +89,8 @@ def test_engine_commits_the_reference_tokens(tiny_dirs, references, bind_cpu_ran
     release's unequal per-layer page sizes, where the cache groups' block sizes differ), a
     commit that does not match the reference encoder pass, or multi-token bookkeeping that
     drops tokens; and logprobs from the wrong pass, the wrong temperature, misaligned with
-    their tokens, or changing the tokens (one request asks for none). With two tensor-parallel
+    their tokens, or changing the tokens (one request asks for chosen ids instead of a top-k:
+    vLLM's `logprob_token_ids`). With two tensor-parallel
     ranks (each with half the heads, the full layer's one KV head on both, half of each expert
     and of the vocabulary) and canvases resumed over steps of 2 passes: a sampler or logprobs
     that read one rank's vocabulary slice, ranks whose canvases drift apart, or a resumed
@@ -105,19 +106,19 @@ def test_engine_commits_the_reference_tokens(tiny_dirs, references, bind_cpu_ran
               tensor_parallel_size=tensor_parallel, additional_config={"passes_per_step": passes} if passes else {})
     canvas = llm.llm_engine.model_config.hf_config.canvas_length
     prompts = [TokensPrompt(prompt_token_ids=prompt_ids(n, seed)) for n, seed, _ in REQUESTS]
+    vocab = llm.llm_engine.model_config.get_vocab_size()
+    chosen = [0, 7, vocab // 2, vocab - 1]  # ids across the vocabulary (and both ranks' slices)
     params = [SamplingParams(max_tokens=BLOCKS * canvas, ignore_eos=True, seed=seed, extra_args=knobs,
-                             logprobs=TOP_K if r != 1 else None) for r, (_, seed, knobs) in enumerate(REQUESTS)]
+                             logprobs=TOP_K if r != 1 else None, logprob_token_ids=chosen if r == 1 else None)
+              for r, (_, seed, knobs) in enumerate(REQUESTS)]
     outputs = llm.generate(prompts, params)
     for r, ((n, _, _), out, ref) in enumerate(zip(REQUESTS, outputs, references)):
         assert list(out.outputs[0].token_ids) == ref.sequences[0, n:].tolist()
-        if r == 1:
-            assert out.outputs[0].logprobs is None
-            continue
         want = torch.log_softmax(torch.cat(ref.final_logits), dim=-1)  # [BLOCKS * C, V]
         assert len(out.outputs[0].logprobs) == BLOCKS * canvas
         for position, (token, entry) in enumerate(zip(out.outputs[0].token_ids, out.outputs[0].logprobs)):
-            top = want[position].topk(TOP_K)
-            assert set(entry) == {token, *top.indices.tolist()}
+            asked = chosen if r == 1 else want[position].topk(TOP_K).indices.tolist()
+            assert set(entry) == {token, *asked}
             assert entry[token].rank == 1  # the committed token is the halting pass's argmax
             for token_id, logprob in entry.items():
                 assert abs(logprob.logprob - want[position, token_id].item()) < 1e-4

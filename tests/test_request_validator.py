@@ -105,3 +105,13 @@ def test_structured_outputs_are_refused_where_the_worker_cannot_follow_vllm():
     check_request(SamplingParams(max_tokens=5))  # other requests pass
     del model_config
     gc.collect()
+
+
+def test_logprob_token_ids_are_checked():
+    """Catches ids outside the vocabulary reaching the logprobs sweep, and logprobs asked beside
+    them (vLLM would then read padding as tokens)."""
+    check_request(SamplingParams(logprob_token_ids=[0, 5, 262143]))
+    with pytest.raises(ValueError, match=r"logprob_token_ids must be token ids in \[0, 262144\)"):
+        check_request(SamplingParams(logprob_token_ids=[5, 262144]))
+    with pytest.raises(ValueError, match="cannot be combined"):
+        check_request(SamplingParams(logprob_token_ids=[5], logprobs=2))

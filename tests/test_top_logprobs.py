@@ -64,3 +64,20 @@ def test_logprobs_of_all_ids_sum_to_one():
     hidden, embedding = inputs(4, 64, 16)
     result = top_logprobs(hidden, embedding, 5.0, torch.zeros(4, dtype=torch.long), 64, vocab_chunk=10)
     torch.testing.assert_close(result.top_logprobs.exp().sum(-1), torch.ones(4))
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 300])
+def test_chosen_ids_match_materialised_logits(chunk):
+    """Catches a chosen id's logprob read from the wrong chunk (ids across chunk boundaries,
+    the first and last ids), normalised apart from the committed token's, or padding (-1)
+    reported as a value: vLLM's `logprob_token_ids`."""
+    hidden, embedding = inputs(6, 300, 48)
+    tokens = torch.randint(0, 300, (6,), generator=torch.Generator().manual_seed(2))
+    ids = torch.tensor([[0, 299, 150, 7], [6, 7, 8, -1], [63, 64, 65, -1], [1, -1, -1, -1], [299, 0, 1, 2],
+                        [-1, -1, -1, -1]])
+    got = top_logprobs(hidden, embedding, 30.0, tokens, 2, vocab_chunk=chunk, block_elements=2 * chunk, chosen_ids=ids)
+    want = naive_top_logprobs(hidden, embedding, 30.0, tokens, 2, chosen_ids=ids)
+    assert torch.equal(torch.isinf(got.chosen_logprobs), ids < 0)
+    torch.testing.assert_close(got.chosen_logprobs, want.chosen_logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.token_logprob, want.token_logprob, atol=1e-5, rtol=1e-5)
+    assert top_logprobs(hidden, embedding, 30.0, tokens, 2).chosen_logprobs.shape == (6, 0)

@@ -178,3 +178,21 @@ def test_denoise_loop_over_slices_commits_the_single_rank_tokens():
     assert len(set(want.passes.tolist())) > 1, "canvases should halt at different passes"
     for got in ThreadRanks(len(parts)).run(work):
         assert torch.equal(got.tokens, want.tokens) and torch.equal(got.passes, want.passes)
+
+
+def test_sharded_chosen_ids_equal_the_whole_vocabulary():
+    """Catches a chosen id's logprob taken from the rank whose slice does not hold it, or
+    normalised by one slice (`logprob_token_ids` under tensor parallelism)."""
+    hidden, embedding, _, _ = inputs(12, 100)
+    tokens = torch.randint(0, 100, (12,), generator=torch.Generator().manual_seed(3))
+    ids = torch.tensor([[0, 59, 60, 87, 88, 99]] * 6 + [[5, -1, -1, -1, -1, -1]] * 6)
+    want = naive_top_logprobs(hidden, embedding, SOFTCAP, tokens, 1, chosen_ids=ids)
+    parts = slices(100, [60, 88])
+
+    def work(rank, shards):
+        start, stop = parts[rank]
+        return top_logprobs(hidden, embedding[start:stop], SOFTCAP, tokens, 1, vocab_chunk=16, first_id=start,
+                            shards=shards, chosen_ids=ids)
+
+    for got in ThreadRanks(len(parts)).run(work):
+        torch.testing.assert_close(got.chosen_logprobs, want.chosen_logprobs, rtol=1e-5, atol=1e-5)

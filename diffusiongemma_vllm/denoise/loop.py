@@ -207,11 +207,10 @@ def denoise_pass(batch: CanvasBatch, run_pass: RunPass, unembedding: Unembedding
         | (batch.steps + 1 >= batch.pass_cap)
     live = ~batch.halted
     soft = (stats.soft * unembedding.scale).view(n, length, width).to(batch.soft.dtype)
-    soft = soft.masked_fill(batch.pinned[:, :, None], 0)
     next_canvas = torch.where(batch.pinned, batch.seed_canvas, result.next_canvas)
     batch.canvas.copy_(torch.where(live[:, None], next_canvas, batch.canvas))
     batch.argmax.copy_(torch.where(live[:, None], argmax, batch.argmax))
-    batch.soft.copy_(torch.where(live[:, None, None], soft, batch.soft))
+    batch.soft.copy_(torch.where((live[:, None] & ~batch.pinned)[:, :, None], soft, batch.soft))  # pins stay 0
     batch.hidden.copy_(torch.where(live[:, None, None], hidden.to(batch.hidden.dtype), batch.hidden))
     batch.unchanged.copy_(torch.where(live, unchanged, batch.unchanged))
     batch.steps.add_(live.long())

@@ -44,8 +44,8 @@ class CanvasOptions:
         width = extra.get(WIDTH)
         if width is not None:
             _check(_is_int(width) and width > 0, f"{WIDTH} must be a positive integer, got {width!r}")
-            _check(width == canvas_length, f"{WIDTH}={width}: a canvas narrower than the served one "
-                   f"({canvas_length}) is not supported by the diffusiongemma plugin")
+            _check(width == canvas_length, f"{WIDTH}={width}: the diffusiongemma plugin serves canvases of the "
+                   f"checkpoint's length only ({canvas_length})")
         seed = extra.get(SEED)
         if seed is not None:
             _check(isinstance(seed, (list, tuple)) and all(map(_is_int, seed)),

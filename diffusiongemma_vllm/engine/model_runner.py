@@ -76,17 +76,22 @@ def logprobs_tensors(step: StepOutput, k: int | None) -> LogprobsTensors | None:
     """vLLM's logprobs of a multi-token step: one row per cell of the `[num_reqs, C]` token
     grid, row-major (vLLM keeps the rows of emitted tokens, as for speculative output, and
     trims each request's at EOS, stop or max_tokens with its tokens); column 0 is the
-    emitted token, then the top k. Rows of requests that did not ask are never read."""
-    if k is None:
+    emitted token, then the request's top k, or the ids it asked for with
+    `logprob_token_ids` (padded with -inf: vLLM reads as many columns as the request asked
+    for). Rows of requests that did not ask are never read."""
+    widths = [result.top_ids.shape[1] for result in step.logprobs.values()]
+    if k is None and not widths:
         return None
+    width = max([k or 0, *widths])
     num_reqs, canvas = step.tokens.shape
-    ids = torch.zeros((num_reqs, canvas, k + 1), dtype=torch.int64)
-    values = torch.zeros((num_reqs, canvas, k + 1), dtype=torch.float32)
+    ids = torch.zeros((num_reqs, canvas, width + 1), dtype=torch.int64)
+    values = torch.full((num_reqs, canvas, width + 1), float("-inf"), dtype=torch.float32)
     ranks = torch.ones((num_reqs, canvas), dtype=torch.int64)
     for row, result in step.logprobs.items():
+        asked = result.top_ids.shape[1]
         ids[row, :, 0] = step.tokens[row].clamp_min(0)
-        ids[row, :, 1:] = result.top_ids
+        ids[row, :, 1:asked + 1] = result.top_ids
         values[row, :, 0] = result.token_logprob
-        values[row, :, 1:] = result.top_logprobs
+        values[row, :, 1:asked + 1] = result.top_logprobs
         ranks[row] = result.rank
     return LogprobsTensors(ids.flatten(0, 1), values.flatten(0, 1), ranks.flatten())

@@ -10,7 +10,8 @@ DiffusionGemma architecture only. It changes no logits. It rejects, naming the f
 - an `extra_args` key that is neither a knob, a live-draft setting (drafts/publisher.py), a
   canvas option (canvas_options.py, checked against the served canvas and vocabulary) nor
   one vLLM itself reads (a typo would otherwise be ignored without a word);
-- a sampling feature the block-diffusion sampler does not implement;
+- a sampling feature the block-diffusion sampler does not implement, and `logprob_token_ids`
+  outside the vocabulary or beside `logprobs`;
 - structured outputs on an engine that cannot serve them (config_hook.structured_refusal:
   a backend the worker does not build, or a reasoning section vLLM would leave free).
 `temperature`, `top_p` and `top_k` are accepted and do not apply (the knobs' schedule is the
@@ -46,7 +47,6 @@ UNSUPPORTED = {
     "logit_bias": None,
     "allowed_token_ids": None,
     "bad_words": None,
-    "logprob_token_ids": None,
     "thinking_token_budget": None,
     "repetition_detection": None,
 }
@@ -104,11 +104,25 @@ def check_request(sampling_params) -> None:
         if structured is not None and model.structured_refusal:
             raise ValueError(model.structured_refusal)
         options = CanvasOptions.from_extra_args(extra_args, *model.canvas)
+        check_logprob_ids(sampling_params, vocab_size=model.canvas[1])
     if structured is not None and options.pinned:
         raise ValueError("diffusion_pinned cannot be combined with structured outputs: the grammar would "
                          "overrule the pinned ids")
     if options.read_only:
         apply_read_only(sampling_params, min(model.canvas[0] for model in served))
+
+
+def check_logprob_ids(sampling_params, vocab_size: int) -> None:
+    """`logprob_token_ids`: ids of the vocabulary, asked for instead of a top-k (vLLM then
+    reports these ids and reads as many columns as `logprobs` asks: both together would show
+    padding as tokens)."""
+    ids = sampling_params.logprob_token_ids
+    if ids is None:
+        return
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
+        raise ValueError(f"logprob_token_ids must be token ids in [0, {vocab_size})")
+    if sampling_params.logprobs is not None:
+        raise ValueError("logprob_token_ids and logprobs cannot be combined: ask for one")
 
 
 class DiffusionRequestValidator(LogitsProcessor):

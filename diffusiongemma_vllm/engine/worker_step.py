@@ -113,7 +113,8 @@ class _ReadyRequest:
     req_id: str
     context: int  # its tokens so far: the canvas starts there
     structured: bool  # commits under a grammar (structured_commit.py)
-    logprobs: bool
+    logprobs: bool  # asked for logprobs: top-k, or of chosen ids
+    logprob_ids: tuple[int, ...] | None  # vLLM's `logprob_token_ids`: these ids instead of the top-k
     must_emit: bool  # its first canvas, and it asked for prompt logprobs: vLLM wants a token this step
 
 
@@ -139,6 +140,7 @@ class _RequestSettings:
     seed: int
     sampler: SamplerConfig
     canvas: CanvasOptions
+    params: object  # the SamplingParams these came from
 
     def job(self, block: int) -> CanvasJob:
         """The request's canvas `block`: a seeded and pinned start shapes the first only."""
@@ -178,12 +180,15 @@ class DenoiseStep:
         self.grammars = CanvasGrammars(vllm_config, self.unembedding.vocab)  # structured outputs
 
     def _settings(self, req_id: str, sampling_params) -> _RequestSettings:
-        if req_id not in self.settings:
+        """The request's settings, rebuilt when its sampling parameters change (a streaming
+        input session's next turn brings its own)."""
+        held = self.settings.get(req_id)
+        if held is None or held.params is not sampling_params:
             seed = sampling_params.seed if sampling_params.seed is not None else unseeded_seed(req_id)
             sampler = self.default_sampler.with_request_overrides(sampling_params.extra_args)
             canvas = CanvasOptions.from_extra_args(sampling_params.extra_args, self.canvas_length,
                                                    self.model.cfg.vocab_size)
-            self.settings[req_id] = _RequestSettings(seed, sampler, canvas)
+            self.settings[req_id] = _RequestSettings(seed, sampler, canvas, sampling_params)
         return self.settings[req_id]
 
     def run(self, runner) -> StepOutput:
@@ -229,8 +234,10 @@ class DenoiseStep:
         params = state.sampling_params
         context = int(runner.optimistic_seq_lens_cpu[row])
         first_canvas = context == state.num_prompt_tokens
+        ids = None if params.logprob_token_ids is None else tuple(params.logprob_token_ids)
         return _ReadyRequest(int(row), req_id, context, params.structured_outputs is not None,
-                             params.logprobs is not None, first_canvas and params.prompt_logprobs is not None)
+                             params.logprobs is not None or ids is not None, ids,
+                             first_canvas and params.prompt_logprobs is not None)
 
     def _denoise(self, runner, requests: list[_ReadyRequest]) -> list[tuple[DenoiseResult, list[_ReadyRequest]]]:
         """A fresh or resumed canvas for each of `requests`, denoised together (in turns of at
@@ -308,21 +315,34 @@ class DenoiseStep:
                 turn.passes[job] = -1
 
     def _logprobs(self, turn: DenoiseResult, requests: list[_ReadyRequest], k: int | None, out: StepOutput) -> None:
-        """Top-k logprobs of the canvases this turn finished for requests that asked, from
-        their halting pass (kernels/top_logprobs.py), into `out.logprobs` by batch row."""
+        """Logprobs of the canvases this turn finished for requests that asked, from their
+        halting pass (kernels/top_logprobs.py), into `out.logprobs` by batch row: the top `k`,
+        or for a request with `logprob_token_ids` those ids' (as vLLM's sampler prefers them)."""
         jobs = [job for job, r in enumerate(requests) if r.logprobs and turn.passes[job] >= 0]
         if not jobs:
             return
+        length = self.canvas_length
         index = torch.tensor(jobs, device=self.device)
         hidden = turn.hidden[index].flatten(0, 1)  # [jobs * C, H]
         tokens = turn.tokens[jobs].flatten().to(self.device)
+        asked = [requests[job].logprob_ids or () for job in jobs]
+        chosen = None
+        if any(asked):
+            chosen = torch.full((len(jobs), length, max(map(len, asked))), -1, dtype=torch.long)
+            for n, ids in enumerate(asked):
+                chosen[n, :, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            chosen = chosen.flatten(0, 1).to(self.device)
         unembedding = self.unembedding
-        result = top_logprobs(hidden, unembedding.weight, unembedding.softcap, tokens, k,
-                              first_id=unembedding.first_id, shards=unembedding.shards)
-        on_host = [getattr(result, f.name).cpu() for f in fields(result)]
-        for n, job in enumerate(jobs):
-            span = slice(n * self.canvas_length, (n + 1) * self.canvas_length)
-            out.logprobs[requests[job].row] = TopLogprobs(*(field[span] for field in on_host))
+        result = top_logprobs(hidden, unembedding.weight, unembedding.softcap, tokens, k or 0,
+                              first_id=unembedding.first_id, shards=unembedding.shards, chosen_ids=chosen)
+        on_host = TopLogprobs(*(getattr(result, f.name).cpu() for f in fields(result)))
+        for n, (job, ids) in enumerate(zip(jobs, asked)):
+            span = slice(n * length, (n + 1) * length)
+            row = TopLogprobs(*(getattr(on_host, f.name)[span] for f in fields(on_host)))
+            if requests[job].logprob_ids is not None:
+                row = replace(row, top_ids=torch.tensor(ids, dtype=torch.long).expand(length, len(ids)),
+                              top_logprobs=row.chosen_logprobs[:, :len(ids)])
+            out.logprobs[requests[job].row] = row
 
     def pass_runner(self, context_lens: torch.Tensor, prefixes: dict[str, PrefixKV | PagedPrefix]):
         """run_pass over canvases whose request inputs sit at `rows` of `context_lens` and of

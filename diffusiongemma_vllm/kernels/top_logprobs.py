@@ -44,6 +44,7 @@ class TopLogprobs:
     rank: torch.Tensor  # [N] int64: 1 + how many other ids have a logit >= the token's
     top_ids: torch.Tensor  # [N, k] int64, most likely first
     top_logprobs: torch.Tensor  # [N, k] fp32
+    chosen_logprobs: torch.Tensor  # [N, m] fp32: log p of each `chosen_ids` id (-inf at its -1 padding)
 
 
 def softcapped_logits(hidden: torch.Tensor, embedding: torch.Tensor, softcap: float) -> torch.Tensor:
@@ -56,11 +57,13 @@ def softcapped_logits(hidden: torch.Tensor, embedding: torch.Tensor, softcap: fl
 
 
 def naive_top_logprobs(hidden: torch.Tensor, embedding: torch.Tensor, softcap: float, tokens: torch.Tensor,
-                       k: int) -> TopLogprobs:
+                       k: int, chosen_ids: torch.Tensor | None = None) -> TopLogprobs:
     log_probs = torch.log_softmax(softcapped_logits(hidden, embedding, softcap), dim=-1)  # [N, V]
     chosen = log_probs.gather(1, tokens[:, None]).squeeze(1)
     top = log_probs.topk(k, dim=-1)
-    return TopLogprobs(chosen, (log_probs >= chosen[:, None]).sum(-1), top.indices, top.values)
+    ids = _no_ids(tokens) if chosen_ids is None else chosen_ids
+    picked = log_probs.gather(1, ids.clamp_min(0)).masked_fill(ids < 0, float("-inf"))
+    return TopLogprobs(chosen, (log_probs >= chosen[:, None]).sum(-1), top.indices, top.values, picked)
 
 
 def top_logprobs(
@@ -73,19 +76,25 @@ def top_logprobs(
     block_elements: int = BLOCK_ELEMENTS,  # rows x vocab_chunk of one logits block, as the sampler's
     first_id: int = 0,  # the vocabulary id of embedding row 0 (a tensor-parallel rank's slice)
     shards: VocabShards | None = None,  # the tensor-parallel ranks whose slices merge
+    chosen_ids: torch.Tensor | None = None,  # [N, m] int64 ids whose log p each row also reports, -1 padded
 ) -> TopLogprobs:
     assert hidden.dim() == 2 and embedding.dim() == 2 and hidden.shape[1] == embedding.shape[1]
     assert tokens.shape == hidden.shape[:1] and k >= 0 and (shards is not None or k <= embedding.shape[0])
     row_chunk = max(1, block_elements // vocab_chunk)  # peak memory stays a few blocks, whatever the rows
+    ids = _no_ids(tokens) if chosen_ids is None else chosen_ids
     parts = [_top_logprobs_rows(hidden[r:r + row_chunk], embedding, softcap, tokens[r:r + row_chunk], k, vocab_chunk,
-                                first_id, shards)
+                                first_id, shards, ids[r:r + row_chunk])
              for r in range(0, hidden.shape[0], row_chunk)]
     return TopLogprobs(*(torch.cat(field) for field in zip(*(
-        (p.token_logprob, p.rank, p.top_ids, p.top_logprobs) for p in parts))))
+        (p.token_logprob, p.rank, p.top_ids, p.top_logprobs, p.chosen_logprobs) for p in parts))))
+
+
+def _no_ids(tokens: torch.Tensor) -> torch.Tensor:
+    return tokens.new_zeros((tokens.shape[0], 0))
 
 
 def _top_logprobs_rows(hidden, embedding, softcap: float, tokens, k: int, vocab_chunk: int, first_id: int,
-                       shards: VocabShards | None) -> TopLogprobs:
+                       shards: VocabShards | None, ids: torch.Tensor) -> TopLogprobs:
     rows, device = hidden.shape[0], hidden.device
     keep = k + 1  # one beyond the alternatives: a token above the last kept logit has all ties counted
     m = torch.full((rows,), float("-inf"), device=device)
@@ -93,6 +102,7 @@ def _top_logprobs_rows(hidden, embedding, softcap: float, tokens, k: int, vocab_
     chosen = torch.full((rows,), float("-inf"), device=device)
     best = torch.full((rows, 0), float("-inf"), device=device)
     best_ids = torch.zeros((rows, 0), dtype=torch.long, device=device)
+    picked = torch.zeros(ids.shape, device=device)  # the logits at `ids`, each read from the chunk holding it
     for start in range(0, embedding.shape[0], vocab_chunk):
         z = softcapped_logits(hidden, embedding[start:start + vocab_chunk], softcap)  # [N, chunk]
         m_new = torch.maximum(m, z.max(-1).values)
@@ -102,17 +112,23 @@ def _top_logprobs_rows(hidden, embedding, softcap: float, tokens, k: int, vocab_
         inside = (tokens >= first) & (tokens < first + z.shape[1])
         local = (tokens - first).clamp(0, z.shape[1] - 1)
         chosen = torch.where(inside, z.gather(1, local[:, None]).squeeze(1), chosen)
+        if ids.shape[1]:
+            held = (ids >= first) & (ids < first + z.shape[1])
+            picked = torch.where(held, z.gather(1, (ids - first).clamp(0, z.shape[1] - 1)), picked)
         value, index = z.topk(min(keep, z.shape[1]), dim=-1)
         best, order = torch.cat([best, value], 1).topk(min(keep, best.shape[1] + value.shape[1]), dim=-1)
         best_ids = torch.cat([best_ids, index + first], 1).gather(1, order)
     log_z = m + torch.log(total)
     if shards is not None:
         log_z, chosen, best, best_ids = merge_top_lists(log_z, chosen, best, best_ids, keep, shards)
+        if ids.shape[1]:  # each id's logit lives on one rank's slice; the others hold 0 for it
+            picked = shards.all_reduce(picked)
     rank = (best >= chosen[:, None]).sum(-1)
     outside = (chosen <= best[:, -1]).nonzero().squeeze(-1) if best.shape[1] == keep else rank[:0]
     if len(outside):  # logits >= the token's may lie beyond the kept top: count over the vocabulary
         counts = sum((softcapped_logits(hidden[outside], embedding[s:s + vocab_chunk], softcap)
                       >= chosen[outside, None]).sum(-1) for s in range(0, embedding.shape[0], vocab_chunk))
         rank[outside] = counts if shards is None else shards.all_reduce(counts.float()).long()
-    return TopLogprobs(chosen - log_z, rank, best_ids[:, :k], best[:, :k] - log_z[:, None])
+    chosen_logprobs = (picked - log_z[:, None]).masked_fill(ids < 0, float("-inf"))
+    return TopLogprobs(chosen - log_z, rank, best_ids[:, :k], best[:, :k] - log_z[:, None], chosen_logprobs)
 
