@@ -13,6 +13,7 @@ from diffusiongemma_vllm.engine.request_validator import check_request
 from diffusiongemma_vllm.model.config import SamplerConfig
 from diffusiongemma_vllm.testing.standalone import load_standalone
 from tests.test_denoise_graphs import PROMPTS
+from tests.test_request_validator import ModelConfigStandIn
 
 C, VOCAB = 8, 100
 
@@ -47,23 +48,32 @@ def test_good_canvas_options_parse():
     assert CanvasOptions.from_extra_args(None, C, VOCAB) == CanvasOptions()
 
 
-def test_admission_makes_a_read_only_request_one_canvas_long():
+def test_admission_makes_a_read_only_request_one_canvas_long(monkeypatch):
     """Catches a read-only request that would go on past its canvas, or end early at an EOS
-    drawn into it (vLLM's in-tree model normalises it the same way)."""
+    drawn into it (vLLM's in-tree model normalises it the same way), and options judged
+    against another canvas than the served one's."""
+    from diffusiongemma_vllm.engine import request_validator
+
+    monkeypatch.setattr(request_validator, "_served", {})  # engines other tests left in this process
+    served = ModelConfigStandIn()
+    request_validator.serve_defaults(served, SamplerConfig(), canvas=(C, VOCAB))
     long = SamplingParams(max_tokens=1000, extra_args={"diffusion_read_only": True})
     check_request(long)
-    assert long.max_tokens == 256 and long.ignore_eos  # the release canvas: no engine registered here
+    assert long.max_tokens == C and long.ignore_eos
     short = SamplingParams(max_tokens=2, extra_args={"diffusion_read_only": 1})
     check_request(short)
     assert short.max_tokens == 2 and short.ignore_eos
-    with pytest.raises(ValueError, match="diffusion_seed_canvas must hold exactly 256 ids"):
+    with pytest.raises(ValueError, match="diffusion_seed_canvas must hold exactly 8 ids"):
         check_request(SamplingParams(extra_args={"diffusion_seed_canvas": [1, 2]}))
 
 
-def test_pins_under_a_grammar_are_refused():
+def test_pins_under_a_grammar_are_refused(monkeypatch):
     """Catches a pinned canvas committed under a grammar, which may replace the pinned ids."""
     from vllm.sampling_params import StructuredOutputsParams
 
+    from diffusiongemma_vllm.engine import request_validator
+
+    monkeypatch.setattr(request_validator, "_served", {})  # judged against the release canvas
     pinned = {"diffusion_seed_canvas": [1] * 256, "diffusion_pinned": [0]}
     with pytest.raises(ValueError, match="diffusion_pinned cannot be combined with structured outputs"):
         check_request(SamplingParams(extra_args=pinned, structured_outputs=StructuredOutputsParams(regex="a+")))

@@ -58,10 +58,13 @@ def test_defaults_and_documented_no_ops_pass():
                                  extra_args={"max_denoising_steps": 8}))
 
 
-def test_knobs_are_judged_against_the_served_checkpoint_defaults():
+def test_knobs_are_judged_against_the_served_checkpoint_defaults(monkeypatch):
     """Catches admission judging knobs against the release defaults while the worker applies
     the checkpoint's: a request setting only t_max below the checkpoint's t_min would pass
     admission and then raise in the engine (and the reverse case would be refused)."""
+    from diffusiongemma_vllm.engine import request_validator
+
+    monkeypatch.setattr(request_validator, "_served", {})  # engines other tests left in this process
     model_config = ModelConfigStandIn()
     serve_defaults(model_config, SamplerConfig(t_min=0.7, t_max=0.9))
     with pytest.raises(ValueError, match="t_max.*t_min is the served model's default"):
@@ -107,9 +110,12 @@ def test_structured_outputs_are_refused_where_the_worker_cannot_follow_vllm():
     gc.collect()
 
 
-def test_logprob_token_ids_are_checked():
+def test_logprob_token_ids_are_checked(monkeypatch):
     """Catches ids outside the vocabulary reaching the logprobs sweep, and logprobs asked beside
     them (vLLM would then read padding as tokens)."""
+    from diffusiongemma_vllm.engine import request_validator
+
+    monkeypatch.setattr(request_validator, "_served", {})  # judged against the release vocabulary
     check_request(SamplingParams(logprob_token_ids=[0, 5, 262143]))
     with pytest.raises(ValueError, match=r"logprob_token_ids must be token ids in \[0, 262144\)"):
         check_request(SamplingParams(logprob_token_ids=[5, 262144]))
