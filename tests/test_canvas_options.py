@@ -29,9 +29,11 @@ C, VOCAB = 8, 100
     ({"diffusion_max_steps": 0}, "positive integer"),
     ({"diffusion_max_steps": 1.5}, "positive integer"),
     ({"diffusion_read_only": 2}, "boolean"),
-    ({"diffusion_canvas_length": 4}, r"canvases of the checkpoint's length only \(8\)"),
-    ({"diffusion_canvas_length": 16}, r"canvases of the checkpoint's length only \(8\)"),
+    ({"diffusion_canvas_length": 16}, r"no larger than the served canvas \(8\)"),
     ({"diffusion_canvas_length": -8}, "positive integer"),
+    ({"diffusion_canvas_length": 4, "diffusion_seed_canvas": [1] * 8}, "exactly 4 ids, got 8"),
+    ({"diffusion_canvas_length": 4, "diffusion_seed_canvas": [1] * 4, "diffusion_pinned": [4]},
+     r"inside the canvas \[0, 4\)"),
     ({"diffusion_constrained": True}, "diffusion_constrained .* not supported"),
 ])
 def test_bad_canvas_options_are_refused_naming_the_option(extra_args, message):
@@ -44,7 +46,7 @@ def test_good_canvas_options_parse():
     options = CanvasOptions.from_extra_args({"diffusion_seed_canvas": list(range(8)), "diffusion_pinned": [5, 1, 5],
                                              "diffusion_max_steps": 3, "diffusion_read_only": 1,
                                              "diffusion_canvas_length": 8}, C, VOCAB)
-    assert options == CanvasOptions(tuple(range(8)), (1, 5), 3, True)
+    assert options == CanvasOptions(8, tuple(range(8)), (1, 5), 3, True)
     assert CanvasOptions.from_extra_args(None, C, VOCAB) == CanvasOptions()
 
 
@@ -65,6 +67,18 @@ def test_admission_makes_a_read_only_request_one_canvas_long(monkeypatch):
     assert short.max_tokens == 2 and short.ignore_eos
     with pytest.raises(ValueError, match="diffusion_seed_canvas must hold exactly 8 ids"):
         check_request(SamplingParams(extra_args={"diffusion_seed_canvas": [1, 2]}))
+    narrow = SamplingParams(max_tokens=1000, extra_args={"diffusion_read_only": True, "diffusion_canvas_length": 3})
+    check_request(narrow)
+    assert narrow.max_tokens == 3
+    from vllm.sampling_params import StructuredOutputsParams
+
+    with pytest.raises(ValueError, match="below the served canvas cannot be combined with structured outputs"):
+        check_request(SamplingParams(extra_args={"diffusion_canvas_length": 3},
+                                     structured_outputs=StructuredOutputsParams(regex="a+")))
+    with pytest.raises(ValueError, match="below the served canvas cannot be combined with draft_every"):
+        check_request(SamplingParams(extra_args={"diffusion_canvas_length": 3, "draft_every": 2, "draft_key": "k"}))
+    check_request(SamplingParams(extra_args={"diffusion_canvas_length": C}, structured_outputs=StructuredOutputsParams(
+        regex="a+")))
 
 
 def test_pins_under_a_grammar_are_refused(monkeypatch):
@@ -198,3 +212,35 @@ def test_a_session_turn_with_new_parameters_gets_new_settings():
     turn = SamplingParams(seed=1, extra_args={"max_denoising_steps": 3})
     settings = DenoiseStep._settings(step, "r", turn)
     assert settings.canvas.seed_canvas is None and settings.sampler.max_denoising_steps == 3
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(600)
+def test_narrower_canvases_equal_transformers_with_that_canvas_length(tiny_dir):
+    """Catches a `diffusion_canvas_length` request denoised at the checkpoint's length, keyed
+    to the wrong block, emitting past its canvas or disturbing a full-length batch mate: its
+    tokens must be transformers' generate with `canvas_length` set to that width (same draws),
+    beside a full-length request that must equal its own reference."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+    from vllm import LLM
+    from vllm.inputs import TokensPrompt
+
+    from diffusiongemma_vllm.testing.reference import reference_generate
+    from tests.test_reference_equivalence import prompt_ids
+
+    knobs = {"max_denoising_steps": 3}
+    sampler = SamplerConfig().with_request_overrides(knobs)
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    full_length = model.config.canvas_length
+    full = reference_generate(model, prompt_ids(23, 12), 12, 2, sampler)
+    model.config.canvas_length = 8
+    narrow = reference_generate(model, prompt_ids(5, 11), 11, 3, sampler)
+
+    llm = LLM(model=tiny_dir, dtype="float32", max_model_len=256, enforce_eager=True)
+    outs = llm.generate(
+        [TokensPrompt(prompt_token_ids=prompt_ids(5, 11)), TokensPrompt(prompt_token_ids=prompt_ids(23, 12))],
+        [SamplingParams(max_tokens=3 * 8, ignore_eos=True, seed=11, extra_args={**knobs, "diffusion_canvas_length": 8}),
+         SamplingParams(max_tokens=2 * full_length, ignore_eos=True, seed=12, extra_args=knobs)])
+    assert list(outs[0].outputs[0].token_ids) == narrow.sequences[0, 5:].tolist()
+    assert list(outs[1].outputs[0].token_ids) == full.sequences[0, 23:].tolist()
+    del llm

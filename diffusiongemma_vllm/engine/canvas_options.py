@@ -1,10 +1,12 @@
-"""A request's own canvas: a seeded start, pinned positions, a pass cap, a read-only canvas.
+"""A request's own canvas: its length, a seeded start, pinned positions, a pass cap, read-only.
 
 vLLM's in-tree DiffusionGemma takes these per request in `extra_args` (`vllm_xargs` in the
 OpenAI API), and this module accepts them under the same names, with the same checks:
+- `diffusion_canvas_length`: the request's canvases hold this many tokens (at most the
+  checkpoint's `canvas_length`); a narrower canvas is denoised in passes of its own length,
+  eagerly on a GPU (the denoise graphs serve the checkpoint's length);
 - `diffusion_seed_canvas`: the request's first canvas starts from these token ids instead of
-  uniform noise; exactly one canvas of ids (`canvas_length` of the checkpoint), each in the
-  vocabulary;
+  uniform noise; exactly one canvas of ids, each in the vocabulary;
 - `diffusion_pinned`: positions of that canvas held at their seed ids through every pass
   (needs a seed): infilling. Their self-conditioning signal is zero, as in vLLM, so the
   model's own guess there does not reach the next pass; the committed canvas holds the seed
@@ -13,9 +15,8 @@ OpenAI API), and this module accepts them under the same names, with the same ch
   unchanged (`max_denoising_steps` also sets the schedule's length);
 - `diffusion_read_only`: the first canvas is the whole reply: `max_tokens` becomes at most a
   canvas and EOS no longer ends it (the request ends with its canvas, never committed).
-`diffusion_canvas_length` is accepted at the served canvas length only: a narrower canvas per
-request is not built, nor is `diffusion_constrained` (a 400 says so for each). Seeds and pins shape the first canvas only; later
-canvases start from noise as usual.
+`diffusion_constrained` is not built (a 400 says so). Seeds and pins shape the first canvas
+only; later canvases start from noise as usual.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ CANVAS_ARGS = (SEED, PINNED, MAX_STEPS, READ_ONLY, WIDTH, CONSTRAINED)
 
 @dataclass(frozen=True)
 class CanvasOptions:
+    width: int | None = None  # a canvas length below the checkpoint's (None: the checkpoint's)
     seed_canvas: tuple[int, ...] | None = None
     pinned: tuple[int, ...] = ()
     max_steps: int | None = None
@@ -43,9 +45,10 @@ class CanvasOptions:
                "supported by the diffusiongemma plugin")
         width = extra.get(WIDTH)
         if width is not None:
-            _check(_is_int(width) and width > 0, f"{WIDTH} must be a positive integer, got {width!r}")
-            _check(width == canvas_length, f"{WIDTH}={width}: the diffusiongemma plugin serves canvases of the "
-                   f"checkpoint's length only ({canvas_length})")
+            _check(_is_int(width) and 0 < width <= canvas_length,
+                   f"{WIDTH} must be a positive integer no larger than the served canvas ({canvas_length}), "
+                   f"got {width!r}")
+        canvas_length = width or canvas_length  # the request's canvas, from here on
         seed = extra.get(SEED)
         if seed is not None:
             _check(isinstance(seed, (list, tuple)) and all(map(_is_int, seed)),
@@ -67,7 +70,7 @@ class CanvasOptions:
         # The OpenAI server's vllm_xargs turns JSON booleans into 0/1.
         _check(isinstance(read_only, (bool, int)) and read_only in (0, 1),
                f"{READ_ONLY} must be a boolean (or 0/1), got {read_only!r}")
-        return cls(seed, tuple(sorted(set(pinned or ()))), max_steps, bool(read_only))
+        return cls(width, seed, tuple(sorted(set(pinned or ()))), max_steps, bool(read_only))
 
 
 def apply_read_only(sampling_params, canvas_length: int) -> None:

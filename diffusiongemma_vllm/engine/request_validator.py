@@ -108,8 +108,12 @@ def check_request(sampling_params) -> None:
     if structured is not None and options.pinned:
         raise ValueError("diffusion_pinned cannot be combined with structured outputs: the grammar would "
                          "overrule the pinned ids")
+    if options.width is not None and options.width < min(model.canvas[0] for model in served):
+        for name, value in (("structured outputs", structured), ("draft_every", extra_args.get("draft_every"))):
+            if value is not None:
+                raise ValueError(f"diffusion_canvas_length below the served canvas cannot be combined with {name}")
     if options.read_only:
-        apply_read_only(sampling_params, min(model.canvas[0] for model in served))
+        apply_read_only(sampling_params, options.width or min(model.canvas[0] for model in served))
 
 
 def check_logprob_ids(sampling_params, vocab_size: int) -> None:

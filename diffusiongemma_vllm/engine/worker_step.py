@@ -207,8 +207,10 @@ class DenoiseStep:
         held = {r.req_id: self.awaiting.pop(r.req_id) for r in ready if r.req_id in self.awaiting}
         fresh = [r for r in ready if r.req_id not in held or held[r.req_id].context != r.context]
         waiting = [r for r in ready if r.req_id in held and held[r.req_id].context == r.context]
+        widths = {r.req_id: self._width(runner, r.req_id) for r in fresh}
         with torch.inference_mode():
-            turns = self._denoise(runner, fresh) if fresh else []
+            turns = [turn for width in sorted(set(widths.values()))  # one canvas length per pass
+                     for turn in self._denoise(runner, [r for r in fresh if widths[r.req_id] == width], width)]
             if waiting:
                 turns.append((AwaitingGrammar.turn([held[r.req_id] for r in waiting]), waiting))
             # Nothing else to run: wait a little for a grammar rather than spin through empty steps.
@@ -219,7 +221,7 @@ class DenoiseStep:
         self.stats.awaited_grammars += sum(req_id not in held for req_id in self.awaiting)  # held for the first time
         for turn, requests in turns:
             for job, request in enumerate(requests):
-                emit = min(self.canvas_length, runner.max_model_len - request.context)
+                emit = min(turn.tokens.shape[1], runner.max_model_len - request.context)
                 out.tokens[request.row, :emit] = turn.tokens[job, :emit]
         finished = [p for turn, _ in turns for p in turn.passes.tolist() if p >= 0]
         sizes = [size for turn, _ in turns for size in turn.pass_sizes]
@@ -239,16 +241,22 @@ class DenoiseStep:
                              params.logprobs is not None or ids is not None, ids,
                              first_canvas and params.prompt_logprobs is not None)
 
-    def _denoise(self, runner, requests: list[_ReadyRequest]) -> list[tuple[DenoiseResult, list[_ReadyRequest]]]:
-        """A fresh or resumed canvas for each of `requests`, denoised together (in turns of at
-        most `canvases_per_pass`): each turn's result with its requests; canvases still
-        running at the pass limit are held in `pending`."""
+    def _width(self, runner, req_id: str) -> int:
+        """The request's canvas length: its `diffusion_canvas_length`, else the checkpoint's."""
+        return self._settings(req_id, runner.requests[req_id].sampling_params).canvas.width or self.canvas_length
+
+    def _denoise(self, runner, requests: list[_ReadyRequest],
+                 width: int) -> list[tuple[DenoiseResult, list[_ReadyRequest]]]:
+        """A fresh or resumed canvas of `width` tokens for each of `requests`, denoised together
+        (in turns of at most `canvases_per_pass`): each turn's result with its requests;
+        canvases still running at the pass limit are held in `pending`. The denoise graphs
+        serve the checkpoint's canvas length; a narrower canvas runs its passes eagerly."""
         jobs, resumed, drafts = [], {}, []
         for slot, request in enumerate(requests):
             state = runner.requests[request.req_id]
             settings = self._settings(request.req_id, state.sampling_params)
             generated = request.context - state.num_prompt_tokens
-            jobs.append(settings.job(generated // self.canvas_length))
+            jobs.append(settings.job(generated // width))
             if self.drafts is not None:
                 drafts.append(self.drafts.canvas(state.sampling_params, jobs[-1].block, request.context, generated,
                                                  runner.max_model_len))
@@ -258,15 +266,19 @@ class DenoiseStep:
         rows, context = [r.row for r in requests], [r.context for r in requests]
         if self.device.type == "cuda":
             run_pass = self._load_paged_inputs(runner, rows, context)
+            if width != self.canvas_length:
+                run_pass = self.pass_runner(self.paged_inputs.context_lens, self.paged_inputs.prefixes, width)
         else:
-            run_pass = self.pass_runner(torch.tensor(context), gather_prefixes(runner, rows, context, self.device))
+            run_pass = self.pass_runner(torch.tensor(context), gather_prefixes(runner, rows, context, self.device),
+                                        width)
+        graphs = self.graphs if width == self.canvas_length else None
         turns = []
         for first in range(0, len(jobs), self.canvases_per_pass):
             last = min(len(jobs), first + self.canvases_per_pass)
             limit = None if any(r.must_emit for r in requests[first:last]) else self.passes_per_step
             turn = denoise_canvases(
-                jobs[first:last], self.canvas_length, run_pass, self.unembedding, device=self.device,
-                row_stats=self.row_stats, graphs=self.graphs, first_row=first, max_passes=limit,
+                jobs[first:last], width, run_pass, self.unembedding, device=self.device,
+                row_stats=self.row_stats, graphs=graphs, first_row=first, max_passes=limit,
                 keep_hidden=any(r.logprobs or r.structured for r in requests[first:last]),
                 resumed={slot - first: resumed[slot] for slot in range(first, last) if slot in resumed},
                 on_pass=self.drafts.watch(drafts[first:last]) if self.drafts is not None else None)
@@ -321,7 +333,7 @@ class DenoiseStep:
         jobs = [job for job, r in enumerate(requests) if r.logprobs and turn.passes[job] >= 0]
         if not jobs:
             return
-        length = self.canvas_length
+        length = turn.tokens.shape[1]
         index = torch.tensor(jobs, device=self.device)
         hidden = turn.hidden[index].flatten(0, 1)  # [jobs * C, H]
         tokens = turn.tokens[jobs].flatten().to(self.device)
@@ -344,10 +356,12 @@ class DenoiseStep:
                               top_logprobs=row.chosen_logprobs[:, :len(ids)])
             out.logprobs[requests[job].row] = row
 
-    def pass_runner(self, context_lens: torch.Tensor, prefixes: dict[str, PrefixKV | PagedPrefix]):
-        """run_pass over canvases whose request inputs sit at `rows` of `context_lens` and of
-        each prefix. Only device work: on GPU the same function is captured in graphs."""
-        canvas_length = self.canvas_length
+    def pass_runner(self, context_lens: torch.Tensor, prefixes: dict[str, PrefixKV | PagedPrefix],
+                    canvas_length: int | None = None):
+        """run_pass over canvases of `canvas_length` (default: the checkpoint's) whose request
+        inputs sit at `rows` of `context_lens` and of each prefix. Only device work: on GPU the
+        same function is captured in graphs."""
+        canvas_length = canvas_length or self.canvas_length
         layer_names = self.model.attention_layer_names()
         offsets = torch.arange(canvas_length, device=self.device)
         context_lens = context_lens.to(self.device)
