@@ -220,7 +220,9 @@ def test_narrower_canvases_equal_transformers_with_that_canvas_length(tiny_dir):
     """Catches a `diffusion_canvas_length` request denoised at the checkpoint's length, keyed
     to the wrong block, emitting past its canvas or disturbing a full-length batch mate: its
     tokens must be transformers' generate with `canvas_length` set to that width (same draws),
-    beside a full-length request that must equal its own reference."""
+    beside a full-length request that must equal its own reference; its logprobs must be
+    those of transformers' halting passes (a narrower canvas's rows in vLLM's logprobs grid
+    once stopped the engine)."""
     from transformers import DiffusionGemmaForBlockDiffusion
     from vllm import LLM
     from vllm.inputs import TokensPrompt
@@ -239,8 +241,13 @@ def test_narrower_canvases_equal_transformers_with_that_canvas_length(tiny_dir):
     llm = LLM(model=tiny_dir, dtype="float32", max_model_len=256, enforce_eager=True)
     outs = llm.generate(
         [TokensPrompt(prompt_token_ids=prompt_ids(5, 11)), TokensPrompt(prompt_token_ids=prompt_ids(23, 12))],
-        [SamplingParams(max_tokens=3 * 8, ignore_eos=True, seed=11, extra_args={**knobs, "diffusion_canvas_length": 8}),
+        [SamplingParams(max_tokens=3 * 8, ignore_eos=True, seed=11, logprobs=2,
+                        extra_args={**knobs, "diffusion_canvas_length": 8}),
          SamplingParams(max_tokens=2 * full_length, ignore_eos=True, seed=12, extra_args=knobs)])
     assert list(outs[0].outputs[0].token_ids) == narrow.sequences[0, 5:].tolist()
     assert list(outs[1].outputs[0].token_ids) == full.sequences[0, 23:].tolist()
+    want = torch.log_softmax(torch.cat(narrow.final_logits), dim=-1)  # the halting passes' logits
+    for position, (token, entry) in enumerate(zip(outs[0].outputs[0].token_ids, outs[0].outputs[0].logprobs)):
+        assert set(entry) == {token, *want[position].topk(2).indices.tolist()}
+        assert all(abs(lp.logprob - want[position, t].item()) < 1e-4 for t, lp in entry.items())
     del llm

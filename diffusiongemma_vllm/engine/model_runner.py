@@ -88,10 +88,10 @@ def logprobs_tensors(step: StepOutput, k: int | None) -> LogprobsTensors | None:
     values = torch.full((num_reqs, canvas, width + 1), float("-inf"), dtype=torch.float32)
     ranks = torch.ones((num_reqs, canvas), dtype=torch.int64)
     for row, result in step.logprobs.items():
-        asked = result.top_ids.shape[1]
-        ids[row, :, 0] = step.tokens[row].clamp_min(0)
-        ids[row, :, 1:asked + 1] = result.top_ids
-        values[row, :, 0] = result.token_logprob
-        values[row, :, 1:asked + 1] = result.top_logprobs
-        ranks[row] = result.rank
+        length, asked = result.top_ids.shape  # the request's canvas, which may be narrower
+        ids[row, :length, 0] = step.tokens[row, :length].clamp_min(0)
+        ids[row, :length, 1:asked + 1] = result.top_ids
+        values[row, :length, 0] = result.token_logprob
+        values[row, :length, 1:asked + 1] = result.top_logprobs
+        ranks[row, :length] = result.rank
     return LogprobsTensors(ids.flatten(0, 1), values.flatten(0, 1), ranks.flatten())

@@ -66,6 +66,7 @@ class TinySpec:
     canvas_length: int = 32
     vision_hidden_size: int = 16
     generation: dict = field(default_factory=dict)
+    answer_tokens: bool = False  # "yes" and "no" single tokens (tiny_tokenizer.ANSWER_LINES)
 
     def text_config(self) -> dict:
         return {
@@ -208,7 +209,7 @@ def build_tiny_checkpoint(out_dir: str | Path, spec: TinySpec = TinySpec(), seed
     # transformers rewrites the text config with `per_layer_config`; restore the release form.
     (out / "config.json").write_text(json.dumps(spec.release_config(), indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(spec.generation_config(), indent=2) + "\n")
-    save_tokenizer(out, spec.vocab_size)
+    save_tokenizer(out, spec.vocab_size, spec.answer_tokens)
     return out
 
 

@@ -53,6 +53,11 @@ _WORDS = (
 ).split()
 
 
+# Replies that are one word: with these in the corpus, "yes" and "no" become single tokens at
+# the start of a reply, which vLLM's structured decisions API needs of its labels.
+ANSWER_LINES = ["yes\n", "no\n"] * 400
+
+
 def _corpus(num_lines: int = 600, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     lines = []
@@ -68,8 +73,9 @@ def special_tokens() -> list[str]:
     return [GEMMA_SPECIAL_IDS.get(i, f"<unused{i}>") for i in range(FIRST_REGULAR_ID)]
 
 
-def build_tokenizer(vocab_size: int):
-    """Train the byte-level BPE and wrap it as a transformers fast tokenizer."""
+def build_tokenizer(vocab_size: int, answers: bool = False):
+    """Train the byte-level BPE and wrap it as a transformers fast tokenizer; `answers` adds
+    one-word replies to the corpus (ANSWER_LINES)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -87,7 +93,7 @@ def build_tokenizer(vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer.train_from_iterator(_corpus() + ANSWER_LINES * answers, trainer=trainer)
     bos_id = tokenizer.token_to_id("<bos>")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos_id)]
@@ -104,6 +110,6 @@ def build_tokenizer(vocab_size: int):
     )
 
 
-def save_tokenizer(out_dir: str | Path, vocab_size: int) -> None:
-    tokenizer = build_tokenizer(vocab_size)
+def save_tokenizer(out_dir: str | Path, vocab_size: int, answers: bool = False) -> None:
+    tokenizer = build_tokenizer(vocab_size, answers)
     tokenizer.save_pretrained(str(out_dir))
