@@ -31,7 +31,7 @@ CANVAS_ARGS = (SEED, PINNED, MAX_STEPS, READ_ONLY, WIDTH, CONSTRAINED)
 
 @dataclass(frozen=True)
 class CanvasOptions:
-    width: int | None = None  # a canvas length below the checkpoint's (None: the checkpoint's)
+    width: int | None = None  # the request's canvas length (None: the checkpoint's)
     seed_canvas: tuple[int, ...] | None = None
     pinned: tuple[int, ...] = ()
     max_steps: int | None = None
