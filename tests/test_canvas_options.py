@@ -12,7 +12,7 @@ from diffusiongemma_vllm.engine.canvas_options import CanvasOptions
 from diffusiongemma_vllm.engine.request_validator import check_request
 from diffusiongemma_vllm.model.config import SamplerConfig
 from diffusiongemma_vllm.testing.standalone import load_standalone
-from tests.test_denoise_graphs import PROMPTS
+from tests.test_denoise_resume import prefilled
 from tests.test_request_validator import ModelConfigStandIn
 
 C, VOCAB = 8, 100
@@ -103,11 +103,7 @@ def standalone(tiny_dir):
 def run(standalone, jobs):
     """The jobs over the test prompts; also each pass's input canvases and self-conditioning."""
     model, cfg = standalone, standalone.model.cfg
-    model.allocate(len(PROMPTS), 256)
-    store_rows = torch.arange(len(PROMPTS))
-    for r, prompt in enumerate(PROMPTS):
-        model.prefill(store_rows[r:r + 1], torch.tensor([prompt]), torch.tensor([0]))
-    context = torch.tensor([len(p) for p in PROMPTS])
+    store_rows, context = prefilled(model)
     inputs = []
 
     def run_pass(rows, canvas, soft):
