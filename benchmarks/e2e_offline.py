@@ -198,6 +198,37 @@ def check_structured(llm, settings: Settings, checks: Checks) -> None:
                                   "tokens": sum(len(o.outputs[0].token_ids) for o in outs)})
 
 
+def check_canvas_options(llm, settings: Settings, checks: Checks) -> None:
+    """vLLM's per-request canvas options (engine/canvas_options.py) and logprob_token_ids under
+    this stage's engine (on a GPU: pinned canvases inside the denoise graphs, a 16-token canvas
+    in eager passes): pins hold, a read-only one-pass canvas is its whole reply, the chosen
+    ids' logprobs come back finite at every position."""
+    canvas = llm.llm_engine.model_config.hf_config.canvas_length
+    vocab = llm.llm_engine.model_config.get_vocab_size()
+    seed = [(31 * i + 7) % vocab for i in range(canvas)]
+    pins = [0, 1, canvas // 2, canvas - 1]
+    chosen = [0, 7, vocab // 2, vocab - 1]
+    texts = prompts(4)
+    outs = llm.generate(texts, [
+        params(settings, 0, extra_args={"max_denoising_steps": settings.steps, "diffusion_seed_canvas": seed,
+                                        "diffusion_pinned": pins}),
+        params(settings, 1, max_tokens=48, logprobs=2,
+               extra_args={"max_denoising_steps": settings.steps, "diffusion_canvas_length": 16}),
+        params(settings, 2, max_tokens=1000, extra_args={"diffusion_read_only": True, "diffusion_max_steps": 1}),
+        params(settings, 3, logprob_token_ids=chosen)], use_tqdm=False)
+    pinned, narrow, read, scored = (out.outputs[0] for out in outs)
+    checks.check("pinned_positions_hold", [pinned.token_ids[p] for p in pins] == [seed[p] for p in pins],
+                 {"got": [pinned.token_ids[p] for p in pins], "pinned": [seed[p] for p in pins]})
+    checks.check("narrow_canvases", len(narrow.token_ids) == 48 and len(narrow.logprobs) == 48,
+                 {"tokens": len(narrow.token_ids), "logprobs": len(narrow.logprobs or ())})
+    checks.check("read_only_canvas", len(read.token_ids) == canvas and read.finish_reason == "length",
+                 {"tokens": len(read.token_ids), "finish": read.finish_reason})
+    finite = all(set(chosen) <= set(entry) and all(-1e30 < e.logprob <= 0 for e in entry.values())
+                 for entry in scored.logprobs or [])
+    checks.check("logprob_token_ids", finite and len(scored.logprobs or ()) == len(scored.token_ids),
+                 {"positions": len(scored.logprobs or ()), "first": str((scored.logprobs or [None])[0])[:200]})
+
+
 def record_stats(llm, settings: Settings, checks: Checks) -> dict:
     stats = llm.collective_rpc("diffusion_stats")[0]
     passes = canvas_passes(stats)
@@ -313,6 +344,7 @@ def tiny_stage(checks: Checks, settings: Settings) -> None:
     check_batch_invariance(llm, settings, checks, run, exact=settings.dtype == "float32")
     check_stops(llm, settings, checks, run)
     check_structured(llm, settings, checks)
+    check_canvas_options(llm, settings, checks)
     stats = record_stats(llm, settings, checks)
     checks.measure("headline", {**checks.data["generate"], "alone_vs_batch": {
         i: p["fraction"] for i, p in checks.data["alone_vs_batch"].items()}, "passes_per_step": stats["passes_per_step"]})
@@ -355,6 +387,15 @@ REFERENCE_REQUESTS = [  # (prompt length, seed, knobs), as tests/test_reference_
     (41, 13, {"stability_threshold": 0, "confidence_threshold": 100.0}),
 ]
 REFERENCE_BLOCKS = 2  # canvases per request
+# One more request, with canvases of 16 tokens (`diffusion_canvas_length`): transformers'
+# generate with `canvas_length` 16 is its reference. A narrower canvas runs its passes eagerly,
+# the paged canvas attention at that length.
+NARROW_REQUEST = (5, 14, {"max_denoising_steps": 3}, 16)
+
+
+def reference_requests() -> list[tuple[int, int, dict, int | None]]:
+    """(prompt length, seed, knobs, canvas length or None for the checkpoint's) of the checks."""
+    return [(*request, None) for request in REFERENCE_REQUESTS] + [NARROW_REQUEST]
 
 
 def reference_tokens(model_dir: str, device: str, dtype: str = "float32",
@@ -372,9 +413,11 @@ def reference_tokens(model_dir: str, device: str, dtype: str = "float32",
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(
         model_dir, dtype=getattr(torch, dtype), **kernels).eval().to(device)
     target = _OnDevice(model, device)
+    served = model.config.canvas_length
     out = []
-    for length, seed, knobs in REFERENCE_REQUESTS:
+    for length, seed, knobs, width in reference_requests():
         ids = reference_prompt(length, seed)
+        model.config.canvas_length = width or served
         trace = reference_generate(target, ids, seed, REFERENCE_BLOCKS, SamplerConfig().with_request_overrides(knobs))
         out.append((trace.sequences[0, length:].tolist(), torch.cat(trace.final_logits).float().cpu()))
     del model, target
@@ -418,9 +461,10 @@ def compare_with_transformers(llm, model: str, settings: Settings, checks: Check
     expected = reference_tokens(model, device)
     checks.measure(f"{name}_reference", {"device": device, "tokens": [len(e) for e, _ in expected],
                                          "s": round(time.time() - start, 1)})
-    requests = [TokensPrompt(prompt_token_ids=reference_prompt(n, seed)) for n, seed, _ in REFERENCE_REQUESTS]
-    sampling = [SamplingParams(max_tokens=len(ref), ignore_eos=True, seed=seed, extra_args=knobs, logprobs=LOGPROBS_K)
-                for (_, seed, knobs), (ref, _) in zip(REFERENCE_REQUESTS, expected)]
+    requests = [TokensPrompt(prompt_token_ids=reference_prompt(n, seed)) for n, seed, _, _ in reference_requests()]
+    sampling = [SamplingParams(max_tokens=len(ref), ignore_eos=True, seed=seed, logprobs=LOGPROBS_K,
+                               extra_args={**knobs, **({"diffusion_canvas_length": width} if width else {})})
+                for (_, seed, knobs, width), (ref, _) in zip(reference_requests(), expected)]
     outs = llm.generate(requests, sampling, use_tqdm=False)
     pairs = [agreement(list(o.outputs[0].token_ids), ref) for o, (ref, _) in zip(outs, expected)]
     logprobs = [logprob_agreement(o.outputs[0].logprobs, logits) for o, (_, logits) in zip(outs, expected)]

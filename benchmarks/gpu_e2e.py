@@ -9,6 +9,7 @@ Stages, highest priority first (the default order; `--stages` picks groups or na
   a  tiny checkpoints inside vLLM with its defaults (bf16, CUDA graphs, TRITON_ATTN), e2e_offline.py:
      a_tiny       GPU-friendly head dims: 1 and 16 prompts over 256 tokens, stop string and stop
                   id inside a canvas, seeded alone vs batched, rerun, JSON-schema replies,
+                  canvas options (pins, a 16-token canvas, read-only) and logprob_token_ids,
                   diffusion_stats
      a_eager      the same requests with enforce_eager: agreement with the graphs (exact in fp32)
      a_release_kv the release's unequal KV pages (sliding 8 x 256, full 2 x 512), scaled down
@@ -20,7 +21,8 @@ Stages, highest priority first (the default order; `--stages` picks groups or na
                   on CPU a tiny model in the release's config structure, 8 requests
   a  a_fp32       fp32 under VLLM_BATCH_INVARIANT=1: alone vs batched exact; transformers'
                   generate on the same draws (measured)
-     a_reference  tests/test_reference_equivalence.py's engine check on this device (exact)
+     a_reference  tests/test_reference_equivalence.py's engine check on this device (exact),
+                  and a request with 16-token canvases against transformers at that length
      a_pps        passes_per_step=4 vs whole-canvas steps (bf16 agreement)
      a_invariant  bf16 under VLLM_BATCH_INVARIANT=1: alone vs batched exact, and its cost; the
                   sampler's GEMMs at the release shapes, 256 rows alone vs among 1024 (bitwise)

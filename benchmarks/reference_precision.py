@@ -2,7 +2,7 @@
 
 gpu_e2e's a_fp32 stage measures the engine against transformers' generate on the
 `gpu_friendly` checkpoint (canvas 256, random weights) with the plugin's draws, and finds
-agreement below 1. This script runs the same requests (e2e_offline.REFERENCE_REQUESTS, same
+agreement below 1. This script runs the same requests (e2e_offline.reference_requests(), same
 draws) through transformers alone, in fp32 and in fp64 (eager attention and experts, the
 only kernels with fp64 on CPU), and prints their agreement: the level at which rounding
 alone already changes a trajectory of that checkpoint, the yardstick for the engine's figure.
