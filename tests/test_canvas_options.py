@@ -247,3 +247,36 @@ def test_narrower_canvases_equal_transformers_with_that_canvas_length(tiny_dir):
         assert set(entry) == {token, *want[position].topk(2).indices.tolist()}
         assert all(abs(lp.logprob - want[position, t].item()) < 1e-4 for t, lp in entry.items())
     del llm
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(600)
+def test_a_decision_read_is_the_first_pass_over_its_seeded_canvas(tiny_dir, standalone):
+    """Catches the composition vLLM's structured decisions API sends (tests/test_structured_
+    decisions.py) drifting from the model: a one-pass, read-only, 16-token canvas seeded with
+    [noise, end of turn, pad...] whose first position's logprob_token_ids are the answer must
+    report log softmax of the model's first pass over exactly that canvas (no self-conditioning
+    yet), after the prompt."""
+    from vllm import LLM
+    from vllm.inputs import TokensPrompt
+
+    from tests.test_reference_equivalence import prompt_ids
+
+    prompt, width, labels = prompt_ids(23, 5), 16, [150, 151, 152, 300]
+    canvas = [397, 106] + [0] * (width - 2)
+    model = standalone
+    model.allocate(1, 256)
+    rows = torch.tensor([0])
+    model.prefill(rows, torch.tensor([prompt]), torch.tensor([0]))
+    hidden = model.denoise(rows, torch.tensor([canvas]), torch.tensor([len(prompt)]), None)
+    want = torch.log_softmax(model.logits(hidden)[0, 0].float(), dim=-1)[labels]
+
+    llm = LLM(model=tiny_dir, dtype="float32", max_model_len=256, enforce_eager=True)
+    read = SamplingParams(max_tokens=2, logprob_token_ids=labels, extra_args={
+        "diffusion_seed_canvas": canvas, "diffusion_canvas_length": width, "diffusion_max_steps": 1,
+        "diffusion_read_only": True})
+    out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], read)[0].outputs[0]
+    got = torch.tensor([out.logprobs[0][label].logprob for label in labels])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert len(out.token_ids) == 2 and llm.collective_rpc("diffusion_stats")[0]["canvas_passes"] == {1: 1}
+    del llm
