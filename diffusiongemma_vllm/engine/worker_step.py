@@ -33,8 +33,9 @@ with the step that ends the prompt and requires a token with them.
 
 Per-request settings: the checkpoint's generation_config.json, overridden by the request's
 `extra_args` (validated at admission by request_validator.py); the seed is the request's
-`seed`, or a random one kept for its lifetime; its canvas options (a seeded, pinned first
-canvas, a pass cap: canvas_options.py) come from `extra_args` too. A request that asked for live drafts has its
+`seed`, or a random one kept for its lifetime; its canvas options (its canvas length, a
+seeded, pinned first canvas, a pass cap: canvas_options.py) come from `extra_args` too, and
+each pass denoises canvases of one length. A request that asked for live drafts has its
 canvas's argmax published every `draft_every` passes (drafts/publisher.py); the others add no work.
 
 Under vLLM's batch-invariant mode (`VLLM_BATCH_INVARIANT=1`, which makes vLLM's own layers'
