@@ -45,27 +45,27 @@ class CanvasOptions:
                "supported by the diffusiongemma plugin")
         width = extra.get(WIDTH)
         if width is not None:
-            _check(_is_int(width) and 0 < width <= canvas_length,
+            _check(is_int(width) and 0 < width <= canvas_length,
                    f"{WIDTH} must be a positive integer no larger than the served canvas ({canvas_length}), "
                    f"got {width!r}")
         canvas_length = width or canvas_length  # the request's canvas, from here on
         seed = extra.get(SEED)
         if seed is not None:
-            _check(isinstance(seed, (list, tuple)) and all(map(_is_int, seed)),
+            _check(isinstance(seed, (list, tuple)) and all(map(is_int, seed)),
                    f"{SEED} must be a list of token ids")
             _check(all(0 <= t < vocab_size for t in seed), f"{SEED} ids must be in [0, {vocab_size})")
             _check(len(seed) == canvas_length, f"{SEED} must hold exactly {canvas_length} ids, got {len(seed)}")
             seed = tuple(seed)
         pinned = extra.get(PINNED)
         if pinned is not None:
-            _check(isinstance(pinned, (list, tuple)) and all(map(_is_int, pinned)),
+            _check(isinstance(pinned, (list, tuple)) and all(map(is_int, pinned)),
                    f"{PINNED} must be a list of canvas positions")
             _check(seed is not None, f"{PINNED} needs a {SEED} to hold")
             _check(all(0 <= p < canvas_length for p in pinned), f"{PINNED} positions must lie inside the canvas "
                    f"[0, {canvas_length})")
         max_steps = extra.get(MAX_STEPS)
         if max_steps is not None:
-            _check(_is_int(max_steps) and max_steps > 0, f"{MAX_STEPS} must be a positive integer, got {max_steps!r}")
+            _check(is_int(max_steps) and max_steps > 0, f"{MAX_STEPS} must be a positive integer, got {max_steps!r}")
         read_only = extra.get(READ_ONLY, False)
         # The OpenAI server's vllm_xargs turns JSON booleans into 0/1.
         _check(isinstance(read_only, (bool, int)) and read_only in (0, 1),
@@ -79,7 +79,8 @@ def apply_read_only(sampling_params, canvas_length: int) -> None:
     sampling_params.ignore_eos = True
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """An integer, not a bool (JSON's true would pass isinstance(value, int))."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 

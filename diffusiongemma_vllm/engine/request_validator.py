@@ -28,7 +28,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
 from diffusiongemma_vllm.model.config import SAMPLER_FIELDS, SamplerConfig
 from diffusiongemma_vllm.drafts.publisher import DRAFT_ARGS, check_draft_args
-from diffusiongemma_vllm.engine.canvas_options import CANVAS_ARGS, CanvasOptions, apply_read_only
+from diffusiongemma_vllm.engine.canvas_options import CANVAS_ARGS, CanvasOptions, apply_read_only, is_int
 
 # extra_args keys vLLM reads itself (v1/request.py: disaggregated prefill and KV reporting),
 # with the values it can use: it calls .get on the transfer params (a string was a 500 with an
@@ -108,12 +108,13 @@ def check_request(sampling_params) -> None:
     if structured is not None and options.pinned:
         raise ValueError("diffusion_pinned cannot be combined with structured outputs: the grammar would "
                          "overrule the pinned ids")
-    if options.width is not None and options.width < min(model.canvas[0] for model in served):
+    served_canvas = min(model.canvas[0] for model in served)
+    if options.width is not None and options.width < served_canvas:
         for name, value in (("structured outputs", structured), ("draft_every", extra_args.get("draft_every"))):
             if value is not None:
                 raise ValueError(f"diffusion_canvas_length below the served canvas cannot be combined with {name}")
     if options.read_only:
-        apply_read_only(sampling_params, options.width or min(model.canvas[0] for model in served))
+        apply_read_only(sampling_params, options.width or served_canvas)
 
 
 def check_logprob_ids(sampling_params, vocab_size: int) -> None:
@@ -123,7 +124,7 @@ def check_logprob_ids(sampling_params, vocab_size: int) -> None:
     ids = sampling_params.logprob_token_ids
     if ids is None:
         return
-    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
+    if not all(is_int(t) and 0 <= t < vocab_size for t in ids):
         raise ValueError(f"logprob_token_ids must be token ids in [0, {vocab_size})")
     if sampling_params.logprobs is not None:
         raise ValueError("logprob_token_ids and logprobs cannot be combined: ask for one")
