@@ -28,7 +28,7 @@ values).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -85,8 +85,7 @@ def top_logprobs(
     parts = [_top_logprobs_rows(hidden[r:r + row_chunk], embedding, softcap, tokens[r:r + row_chunk], k, vocab_chunk,
                                 first_id, shards, ids[r:r + row_chunk])
              for r in range(0, hidden.shape[0], row_chunk)]
-    return TopLogprobs(*(torch.cat(field) for field in zip(*(
-        (p.token_logprob, p.rank, p.top_ids, p.top_logprobs, p.chosen_logprobs) for p in parts))))
+    return TopLogprobs(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(TopLogprobs)))
 
 
 def _no_ids(tokens: torch.Tensor) -> torch.Tensor:
