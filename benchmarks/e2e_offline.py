@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import re
 import sys
@@ -201,22 +202,26 @@ def check_structured(llm, settings: Settings, checks: Checks) -> None:
 def check_canvas_options(llm, settings: Settings, checks: Checks) -> None:
     """vLLM's per-request canvas options (engine/canvas_options.py) and logprob_token_ids under
     this stage's engine (on a GPU: pinned canvases inside the denoise graphs, a 16-token canvas
-    in eager passes): pins hold, a read-only one-pass canvas is its whole reply, the chosen
-    ids' logprobs come back finite at every position."""
+    in eager passes, a constrained read in eager passes over its allowed ids): pins hold, a
+    read-only one-pass canvas is its whole reply, the chosen ids' logprobs come back finite at
+    every position, a constrained read commits only its ids, with their probabilities summing to 1."""
     canvas = llm.llm_engine.model_config.hf_config.canvas_length
     vocab = llm.llm_engine.model_config.get_vocab_size()
     seed = [(31 * i + 7) % vocab for i in range(canvas)]
     pins = [0, 1, canvas // 2, canvas - 1]
     chosen = [0, 7, vocab // 2, vocab - 1]
-    texts = prompts(4)
+    texts = prompts(5)
     outs = llm.generate(texts, [
         params(settings, 0, extra_args={"max_denoising_steps": settings.steps, "diffusion_seed_canvas": seed,
                                         "diffusion_pinned": pins}),
         params(settings, 1, max_tokens=48, logprobs=2,
                extra_args={"max_denoising_steps": settings.steps, "diffusion_canvas_length": 16}),
         params(settings, 2, max_tokens=1000, extra_args={"diffusion_read_only": True, "diffusion_max_steps": 1}),
-        params(settings, 3, logprob_token_ids=chosen)], use_tqdm=False)
-    pinned, narrow, read, scored = (out.outputs[0] for out in outs)
+        params(settings, 3, logprob_token_ids=chosen),
+        params(settings, 4, logprob_token_ids=chosen, extra_args={"max_denoising_steps": settings.steps,
+                                                                   "diffusion_constrained": True})],
+        use_tqdm=False)
+    pinned, narrow, read, scored, constrained = (out.outputs[0] for out in outs)
     checks.check("pinned_positions_hold", [pinned.token_ids[p] for p in pins] == [seed[p] for p in pins],
                  {"got": [pinned.token_ids[p] for p in pins], "pinned": [seed[p] for p in pins]})
     checks.check("narrow_canvases", len(narrow.token_ids) == 48 and len(narrow.logprobs) == 48,
@@ -227,6 +232,11 @@ def check_canvas_options(llm, settings: Settings, checks: Checks) -> None:
                  for entry in scored.logprobs or [])
     checks.check("logprob_token_ids", finite and len(scored.logprobs or ()) == len(scored.token_ids),
                  {"positions": len(scored.logprobs or ()), "first": str((scored.logprobs or [None])[0])[:200]})
+    mass = [sum(math.exp(entry[t].logprob) for t in chosen) for entry in constrained.logprobs or []]
+    only_chosen = set(constrained.token_ids) <= set(chosen)
+    renormalised = len(mass) == len(constrained.token_ids) and all(abs(m - 1) < 1e-3 for m in mass)
+    checks.check("constrained_read", only_chosen and renormalised,
+                 {"tokens": sorted(set(constrained.token_ids)), "mass": [min(mass, default=0), max(mass, default=0)]})
 
 
 def record_stats(llm, settings: Settings, checks: Checks) -> dict:

@@ -34,7 +34,8 @@ C, VOCAB = 8, 100
     ({"diffusion_canvas_length": 4, "diffusion_seed_canvas": [1] * 8}, "exactly 4 ids, got 8"),
     ({"diffusion_canvas_length": 4, "diffusion_seed_canvas": [1] * 4, "diffusion_pinned": [4]},
      r"inside the canvas \[0, 4\)"),
-    ({"diffusion_constrained": True}, "diffusion_constrained .* not supported"),
+    ({"diffusion_constrained": True}, "diffusion_constrained needs logprob_token_ids"),
+    ({"diffusion_constrained": "yes"}, "diffusion_constrained must be a boolean"),
 ])
 def test_bad_canvas_options_are_refused_naming_the_option(extra_args, message):
     """Catches a malformed option reaching the worker (where it would fail the engine step)."""
@@ -48,6 +49,9 @@ def test_good_canvas_options_parse():
                                              "diffusion_canvas_length": 8}, C, VOCAB)
     assert options == CanvasOptions(8, tuple(range(8)), (1, 5), 3, True)
     assert CanvasOptions.from_extra_args(None, C, VOCAB) == CanvasOptions()
+    constrained = CanvasOptions.from_extra_args({"diffusion_constrained": 1}, C, VOCAB, [9, 2, 9, 40])
+    assert constrained.allowed == (2, 9, 40)
+    assert CanvasOptions.from_extra_args({"diffusion_constrained": False}, C, VOCAB, [9]).allowed == ()
 
 
 def test_admission_makes_a_read_only_request_one_canvas_long(monkeypatch):
@@ -81,8 +85,10 @@ def test_admission_makes_a_read_only_request_one_canvas_long(monkeypatch):
         regex="a+")))
 
 
-def test_pins_under_a_grammar_are_refused(monkeypatch):
-    """Catches a pinned canvas committed under a grammar, which may replace the pinned ids."""
+def test_pins_or_a_constrained_read_under_a_grammar_are_refused(monkeypatch):
+    """Catches a pinned canvas committed under a grammar, which may replace the pinned ids, or a
+    constrained read's canvas committed from the whole vocabulary by its grammar; and a
+    constrained read without its allowed ids, or with ids outside the vocabulary."""
     from vllm.sampling_params import StructuredOutputsParams
 
     from diffusiongemma_vllm.engine import request_validator
@@ -91,6 +97,15 @@ def test_pins_under_a_grammar_are_refused(monkeypatch):
     pinned = {"diffusion_seed_canvas": [1] * 256, "diffusion_pinned": [0]}
     with pytest.raises(ValueError, match="diffusion_pinned cannot be combined with structured outputs"):
         check_request(SamplingParams(extra_args=pinned, structured_outputs=StructuredOutputsParams(regex="a+")))
+    constrained = {"diffusion_constrained": True}
+    with pytest.raises(ValueError, match="diffusion_constrained cannot be combined with structured outputs"):
+        check_request(SamplingParams(extra_args=constrained, logprob_token_ids=[5, 6],
+                                     structured_outputs=StructuredOutputsParams(regex="a+")))
+    with pytest.raises(ValueError, match="diffusion_constrained needs logprob_token_ids"):
+        check_request(SamplingParams(extra_args=constrained))
+    with pytest.raises(ValueError, match=r"logprob_token_ids must be token ids in \[0, 262144\)"):
+        check_request(SamplingParams(extra_args=constrained, logprob_token_ids=[5, 262144]))
+    check_request(SamplingParams(extra_args=constrained, logprob_token_ids=[5, 6]))
     check_request(SamplingParams(extra_args={"diffusion_seed_canvas": [1] * 256},
                                  structured_outputs=StructuredOutputsParams(regex="a+")))
 
@@ -246,6 +261,48 @@ def test_narrower_canvases_equal_transformers_with_that_canvas_length(tiny_dir):
     for position, (token, entry) in enumerate(zip(outs[0].outputs[0].token_ids, outs[0].outputs[0].logprobs)):
         assert set(entry) == {token, *want[position].topk(2).indices.tolist()}
         assert all(abs(lp.logprob - want[position, t].item()) < 1e-4 for t, lp in entry.items())
+    del llm
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(600)
+def test_constrained_reads_equal_transformers_masked_to_the_allowed_ids(tiny_dir):
+    """Catches a constrained request drawing, accepting or committing ids outside its set,
+    reading it with the whole vocabulary's entropy or self-conditioning signal, sharing passes
+    (and so an unembedding) with an unconstrained request, or reporting logprobs normalised
+    over the whole vocabulary: its tokens must be transformers' generate with every logit
+    outside the set at -inf (same draws; the allowed ids' noise keyed by their index among
+    them), and its logprobs those of the masked halting passes; an unconstrained request in
+    the same steps must equal its own reference."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+    from vllm import LLM
+    from vllm.inputs import TokensPrompt
+
+    from diffusiongemma_vllm.testing.reference import reference_generate
+    from tests.test_reference_equivalence import prompt_ids
+
+    allowed = [300, 7, 45, 7, 511, 2, 260, 88]  # unsorted, 7 twice
+    knobs = {"max_denoising_steps": 4}
+    sampler = SamplerConfig().with_request_overrides(knobs)
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    length = model.config.canvas_length
+    constrained = reference_generate(model, prompt_ids(9, 21), 21, 2, sampler, allowed=allowed)
+    free = reference_generate(model, prompt_ids(14, 22), 22, 2, sampler)
+
+    llm = LLM(model=tiny_dir, dtype="float32", max_model_len=256, enforce_eager=True)
+    outs = llm.generate(
+        [TokensPrompt(prompt_token_ids=prompt_ids(9, 21)), TokensPrompt(prompt_token_ids=prompt_ids(14, 22))],
+        [SamplingParams(max_tokens=2 * length, ignore_eos=True, seed=21, logprob_token_ids=allowed,
+                        extra_args={**knobs, "diffusion_constrained": True}),
+         SamplingParams(max_tokens=2 * length, ignore_eos=True, seed=22, extra_args=knobs)])
+    tokens = list(outs[0].outputs[0].token_ids)
+    assert tokens == constrained.sequences[0, 9:].tolist() and set(tokens) <= set(allowed)
+    assert list(outs[1].outputs[0].token_ids) == free.sequences[0, 14:].tolist()
+    want = torch.log_softmax(torch.cat(constrained.final_logits), dim=-1)  # -inf outside the set
+    for position, (token, entry) in enumerate(zip(tokens, outs[0].outputs[0].logprobs)):
+        assert set(entry) == set(allowed)
+        assert all(abs(lp.logprob - want[position, t].item()) < 1e-4 for t, lp in entry.items())
+    assert abs(torch.logsumexp(want[0, sorted(set(allowed))], 0).item()) < 1e-5  # renormalised over the 7 ids
     del llm
 
 

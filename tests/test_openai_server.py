@@ -7,6 +7,7 @@ still does after bad requests and a client that disconnects mid-stream.
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -112,7 +113,8 @@ def test_bad_knob_is_a_400_naming_the_field(server, knobs, field):
 def test_canvas_options_through_vllm_xargs(server):
     """Catches vLLM's in-tree canvas options (canvas_options.py) refused, or lost on their way
     from the OpenAI API: JSON lists and a JSON boolean (which vllm_xargs turns into 1) for a
-    seeded, pinned, one-pass, read-only canvas; a bad one is a 400 naming it."""
+    seeded, pinned, one-pass, read-only canvas, and a constrained read of a pinned canvas; a
+    bad one is a 400 naming it."""
     seed = [(13 * i + 7) % 512 for i in range(256)]
     body = complete(server, max_tokens=1000, seed=0, logprobs=1, return_tokens_as_token_ids=True, vllm_xargs={
         "diffusion_seed_canvas": seed, "diffusion_pinned": [0, 1, 255], "diffusion_max_steps": 1,
@@ -122,6 +124,22 @@ def test_canvas_options_through_vllm_xargs(server):
     assert [tokens[p] for p in (0, 1, 255)] == [f"token_id:{seed[p]}" for p in (0, 1, 255)]
     bad = complete(server, max_tokens=8, vllm_xargs={"diffusion_seed_canvas": seed, "diffusion_pinned": [256]})
     assert bad.status_code == 400 and "diffusion_pinned" in bad.json()["error"]["message"]
+    # A constrained read: the allowed ids are `logprob_token_ids`; pins keep their seed ids.
+    allowed = [11, 300, 42]
+    body = complete(server, max_tokens=256, seed=0, logprobs=1, logprob_token_ids=allowed,
+                    return_tokens_as_token_ids=True, vllm_xargs={
+                        "diffusion_constrained": True, "diffusion_seed_canvas": seed, "diffusion_pinned": [0, 5],
+                        "diffusion_read_only": True}).json()
+    logprobs = body["choices"][0]["logprobs"]
+    tokens = [int(t.split(":")[1]) for t in logprobs["tokens"]]
+    assert tokens[0] == seed[0] and tokens[5] == seed[5]
+    assert set(tokens[1:5] + tokens[6:]) <= set(allowed)
+    assert logprobs["token_logprobs"][0] == -9999.0  # a seed id outside the set: probability 0, as vLLM floors it
+    for token, top in zip(logprobs["tokens"], logprobs["top_logprobs"]):  # the set's, renormalised over it
+        assert set(top) == {token, *(f"token_id:{t}" for t in allowed)}
+        assert abs(sum(math.exp(top[f"token_id:{t}"]) for t in allowed) - 1) < 1e-4
+    bad = complete(server, max_tokens=8, vllm_xargs={"diffusion_constrained": True})
+    assert bad.status_code == 400 and "diffusion_constrained needs logprob_token_ids" in bad.json()["error"]["message"]
 
 
 def test_logprobs_in_completions_and_chat(server):

@@ -48,6 +48,20 @@ def test_argmax_ranks_first_and_random_tokens_rank_exactly():
     assert top_logprobs(hidden, embedding, 30.0, worst, 3, vocab_chunk=100).rank.tolist() == [700] * 9
 
 
+def test_an_argmax_without_ties_needs_no_second_sweep(monkeypatch):
+    """Catches every row swept twice when no alternatives are asked for (`logprob_token_ids`
+    requests, constrained reads): a committed argmax is ranked from the kept top."""
+    from diffusiongemma_vllm.kernels import top_logprobs as module
+
+    hidden, embedding = inputs(9, 700, 32)
+    argmax = naive_top_logprobs(hidden, embedding, 30.0, torch.zeros(9, dtype=torch.long), 1).top_ids[:, 0]
+    products = []
+    counting = module.softcapped_logits
+    monkeypatch.setattr(module, "softcapped_logits", lambda *args: products.append(1) or counting(*args))
+    assert top_logprobs(hidden, embedding, 30.0, argmax, 0, vocab_chunk=100).rank.tolist() == [1] * 9
+    assert len(products) == 7  # one sweep of the 7 chunks
+
+
 def test_ties_count_every_equal_logit():
     """Catches ties at the edge of the kept top being undercounted (vLLM's rank counts every
     logit >= the token's)."""

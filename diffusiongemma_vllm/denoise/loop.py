@@ -18,9 +18,10 @@ where `rows` picks each canvas's request inputs (prefix, positions) by its index
 
 from __future__ import annotations
 
+import bisect
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -28,7 +29,7 @@ from diffusiongemma_vllm.denoise import noise
 from diffusiongemma_vllm.model.config import SamplerConfig
 from diffusiongemma_vllm.kernels.vocab_tiled_sampler import RowStats, vocab_tiled_row_stats
 from diffusiongemma_vllm.denoise.sampler import PassResult, decide, unchanged_passes
-from diffusiongemma_vllm.denoise.vocab_shards import EXACT_IDS, VocabShards, merge_row_stats
+from diffusiongemma_vllm.denoise.vocab_shards import EXACT_IDS, VocabShards, empty_row_stats, merge_row_stats
 
 RunPass = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 RowStatsFn = Callable[..., RowStats]
@@ -40,7 +41,8 @@ class Unembedding:
     """The tied embedding as the sampler uses it: logits = softcap(h . E), and the
     self-conditioning signal softmax(z) @ E * scale. Under tensor parallelism `weight` is
     this rank's slice of the vocabulary, from id `first_id`, and `shards` merges the slices'
-    statistics (vocab_shards.py)."""
+    statistics (vocab_shards.py). A constrained read's (`restricted`) reads a vocabulary of
+    its own: the allowed ids, `token_ids`."""
 
     weight: torch.Tensor  # [V, H], or this rank's [rows, H]
     softcap: float
@@ -48,6 +50,30 @@ class Unembedding:
     first_id: int = 0
     vocab_size: int | None = None  # the whole vocabulary; None: weight's rows
     shards: VocabShards | None = None
+    token_ids: torch.Tensor | None = None  # [K] restricted: the token id of each of the read's ids
+
+    def restricted(self, allowed: tuple[int, ...]) -> "Unembedding":
+        """The unembedding of a constrained read (`diffusion_constrained`): argmax, draw, entropy
+        and self-conditioning signal of the softmax over the `allowed` ids alone, as if every
+        other logit were -inf (vLLM's in-tree K-space read). Its vocabulary is the sorted,
+        distinct allowed ids, id j standing for token allowed[j] (Gumbel noise is keyed by j);
+        under tensor parallelism each rank holds the allowed ids inside its slice, a contiguous
+        run of that vocabulary, and the runs merge as slices do. Canvases are still drawn from
+        the whole vocabulary (`vocab`), as vLLM re-noises a constrained read."""
+        assert self.token_ids is None
+        ids = sorted(set(allowed))
+        lo, hi = bisect.bisect_left(ids, self.first_id), bisect.bisect_left(ids, self.first_id + self.weight.shape[0])
+        rows = torch.tensor(ids[lo:hi], dtype=torch.long, device=self.weight.device) - self.first_id
+        return replace(self, weight=self.weight[rows], first_id=lo, vocab_size=self.vocab,
+                       token_ids=torch.tensor(ids, dtype=torch.long, device=self.weight.device))
+
+    def read_ids(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`tokens` (any shape) as ids of this unembedding's vocabulary: themselves, or for a
+        constrained read their index among the allowed ids, -1 for a token outside them."""
+        if self.token_ids is None:
+            return tokens
+        index = torch.searchsorted(self.token_ids, tokens).clamp_max(len(self.token_ids) - 1)
+        return torch.where(self.token_ids[index] == tokens, index, -1)
 
     def __post_init__(self):
         if self.shards is not None:  # the merge gathers token ids as fp32
@@ -60,11 +86,17 @@ class Unembedding:
 
     def row_stats(self, row_stats: RowStatsFn, hidden: torch.Tensor, temperature: torch.Tensor,
                   keys: torch.Tensor) -> RowStats:
-        """`row_stats` over the whole vocabulary, with the self-conditioning signal."""
+        """`row_stats` over the whole vocabulary, with the self-conditioning signal (token ids)."""
         if self.shards is None:
-            return row_stats(hidden, self.weight, self.softcap, temperature, keys, True)
-        local = row_stats(hidden, self.weight, self.softcap, temperature, keys, True, first_id=self.first_id)
-        return merge_row_stats(local, self.shards)
+            stats = row_stats(hidden, self.weight, self.softcap, temperature, keys, True)
+        elif self.weight.shape[0]:
+            local = row_stats(hidden, self.weight, self.softcap, temperature, keys, True, first_id=self.first_id)
+            stats = merge_row_stats(local, self.shards)
+        else:  # a rank whose slice holds none of a constrained read's ids: no probability here
+            stats = merge_row_stats(empty_row_stats(hidden), self.shards)
+        if self.token_ids is None:
+            return stats
+        return replace(stats, argmax=self.token_ids[stats.argmax], sample=self.token_ids[stats.sample])
 
 
 @dataclass(frozen=True)

@@ -53,9 +53,20 @@ def merge_row_stats(stats: RowStats, shards: VocabShards) -> RowStats:
     soft = None
     if stats.soft is not None:
         soft = shards.all_reduce(stats.soft * share[shards.rank, :, None])
+    mixture = torch.where(share > 0, share * (entropy - log_share), 0.0)  # a slice of no probability adds 0
     return RowStats(argmax.gather(0, top.argmax(0, keepdim=True))[0].long(),
                     sample.gather(0, drawn.argmax(0, keepdim=True))[0].long(),
-                    (share * (entropy - log_share)).sum(0), soft, top.max(0).values, total, drawn.max(0).values)
+                    mixture.sum(0), soft, top.max(0).values, total, drawn.max(0).values)
+
+
+def empty_row_stats(hidden: torch.Tensor) -> RowStats:
+    """The statistics of an empty slice (a rank holding none of a constrained read's ids):
+    no probability, so the merge takes nothing from it."""
+    rows, device = hidden.shape[0], hidden.device
+    none = torch.full((rows,), float("-inf"), device=device)
+    ids = torch.zeros(rows, dtype=torch.long, device=device)
+    return RowStats(ids, ids, torch.zeros(rows, device=device), torch.zeros(rows, hidden.shape[1], device=device),
+                    none, none, none)
 
 
 def merge_top_lists(log_z, chosen, best, best_ids, keep: int, shards: VocabShards):

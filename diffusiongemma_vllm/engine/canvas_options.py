@@ -14,9 +14,14 @@ OpenAI API), and this module accepts them under the same names, with the same ch
 - `diffusion_max_steps`: at most this many passes per canvas, the temperature schedule
   unchanged (`max_denoising_steps` also sets the schedule's length);
 - `diffusion_read_only`: the first canvas is the whole reply: `max_tokens` becomes at most a
-  canvas and EOS no longer ends it (the request ends with its canvas, never committed).
-`diffusion_constrained` is not built (a 400 says so). Seeds and pins shape the first canvas
-only; later canvases start from noise as usual.
+  canvas and EOS no longer ends it (the request ends with its canvas, never committed);
+- `diffusion_constrained`: the request's canvases are read over its `logprob_token_ids` only
+  (the allowed set): every pass's argmax, draw, entropy and self-conditioning signal are
+  those of the softmax over those ids, as if every other logit were -inf, and its logprobs
+  are renormalised over them (denoise/loop.py `Unembedding.restricted`). Re-noise still draws
+  from the whole vocabulary, as in vLLM (the model was trained on that noise); a pinned
+  position still commits its seed id, in the set or not.
+Seeds and pins shape the first canvas only; later canvases start from noise as usual.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 
 SEED, PINNED, MAX_STEPS, READ_ONLY, WIDTH = ("diffusion_seed_canvas", "diffusion_pinned", "diffusion_max_steps",
                                              "diffusion_read_only", "diffusion_canvas_length")
-CONSTRAINED = "diffusion_constrained"  # vLLM's: the canvas drawn from logprob_token_ids only; not built here
+CONSTRAINED = "diffusion_constrained"
 CANVAS_ARGS = (SEED, PINNED, MAX_STEPS, READ_ONLY, WIDTH, CONSTRAINED)
 
 
@@ -36,13 +41,14 @@ class CanvasOptions:
     pinned: tuple[int, ...] = ()
     max_steps: int | None = None
     read_only: bool = False
+    allowed: tuple[int, ...] = ()  # a constrained read's ids, sorted and distinct; (): the whole vocabulary
 
     @classmethod
-    def from_extra_args(cls, extra_args: dict | None, canvas_length: int, vocab_size: int) -> "CanvasOptions":
-        """The options in `extra_args`; ValueError naming the first bad one."""
+    def from_extra_args(cls, extra_args: dict | None, canvas_length: int, vocab_size: int,
+                        logprob_token_ids=None) -> "CanvasOptions":
+        """The options in `extra_args` (and the request's `logprob_token_ids`, a constrained
+        read's allowed set, checked by the request validator); ValueError naming the first bad one."""
         extra = extra_args or {}
-        _check(not extra.get(CONSTRAINED), f"{CONSTRAINED} (a canvas drawn from logprob_token_ids only) is not "
-               "supported by the diffusiongemma plugin")
         width = extra.get(WIDTH)
         if width is not None:
             _check(is_int(width) and 0 < width <= canvas_length,
@@ -66,17 +72,24 @@ class CanvasOptions:
         max_steps = extra.get(MAX_STEPS)
         if max_steps is not None:
             _check(is_int(max_steps) and max_steps > 0, f"{MAX_STEPS} must be a positive integer, got {max_steps!r}")
-        read_only = extra.get(READ_ONLY, False)
-        # The OpenAI server's vllm_xargs turns JSON booleans into 0/1.
-        _check(isinstance(read_only, (bool, int)) and read_only in (0, 1),
-               f"{READ_ONLY} must be a boolean (or 0/1), got {read_only!r}")
-        return cls(width, seed, tuple(sorted(set(pinned or ()))), max_steps, bool(read_only))
+        read_only, constrained = _flag(extra, READ_ONLY), _flag(extra, CONSTRAINED)
+        _check(not constrained or bool(logprob_token_ids),
+               f"{CONSTRAINED} needs logprob_token_ids: they are the allowed set")
+        allowed = tuple(sorted(set(logprob_token_ids))) if constrained else ()
+        return cls(width, seed, tuple(sorted(set(pinned or ()))), max_steps, read_only, allowed)
 
 
 def apply_read_only(sampling_params, canvas_length: int) -> None:
     """Admission: a read-only request ends with its first canvas, whatever EOS it holds."""
     sampling_params.max_tokens = min(sampling_params.max_tokens or canvas_length, canvas_length)
     sampling_params.ignore_eos = True
+
+
+def _flag(extra: dict, name: str) -> bool:
+    value = extra.get(name, False)
+    # The OpenAI server's vllm_xargs turns JSON booleans into 0/1.
+    _check(isinstance(value, (bool, int)) and value in (0, 1), f"{name} must be a boolean (or 0/1), got {value!r}")
+    return bool(value)
 
 
 def is_int(value) -> bool:

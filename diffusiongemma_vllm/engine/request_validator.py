@@ -103,11 +103,14 @@ def check_request(sampling_params) -> None:
         model.defaults.with_request_overrides(extra_args)
         if structured is not None and model.structured_refusal:
             raise ValueError(model.structured_refusal)
-        options = CanvasOptions.from_extra_args(extra_args, *model.canvas)
         check_logprob_ids(sampling_params, vocab_size=model.canvas[1])
+        options = CanvasOptions.from_extra_args(extra_args, *model.canvas, sampling_params.logprob_token_ids)
     if structured is not None and options.pinned:
         raise ValueError("diffusion_pinned cannot be combined with structured outputs: the grammar would "
                          "overrule the pinned ids")
+    if structured is not None and options.allowed:
+        raise ValueError("diffusion_constrained cannot be combined with structured outputs: the grammar "
+                         "chooses among the whole vocabulary")
     served_canvas = min(model.canvas[0] for model in served)
     if options.width is not None and options.width < served_canvas:
         for name, value in (("structured outputs", structured), ("draft_every", extra_args.get("draft_every"))):

@@ -34,8 +34,9 @@ with the step that ends the prompt and requires a token with them.
 Per-request settings: the checkpoint's generation_config.json, overridden by the request's
 `extra_args` (validated at admission by request_validator.py); the seed is the request's
 `seed`, or a random one kept for its lifetime; its canvas options (its canvas length, a
-seeded, pinned first canvas, a pass cap: canvas_options.py) come from `extra_args` too, and
-each pass denoises canvases of one length. A request that asked for live drafts has its
+seeded, pinned first canvas, a pass cap, a constrained read: canvas_options.py) come from
+`extra_args` too, and each pass denoises canvases of one length and one read (the whole
+vocabulary, or one constrained read's allowed ids). A request that asked for live drafts has its
 canvas's argmax published every `draft_every` passes (drafts/publisher.py); the others add no work.
 
 Under vLLM's batch-invariant mode (`VLLM_BATCH_INVARIANT=1`, which makes vLLM's own layers'
@@ -63,7 +64,8 @@ from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_pa
 
 from diffusiongemma_vllm.model.canvas_context import CanvasPass, PagedPrefix, PrefixKV, canvas_forward_context
 from diffusiongemma_vllm.model.config import SamplerConfig, passes_per_step
-from diffusiongemma_vllm.denoise.loop import CanvasBatch, CanvasJob, DenoiseResult, denoise_canvases, row_stats_for
+from diffusiongemma_vllm.denoise.loop import (CanvasBatch, CanvasJob, DenoiseResult, Unembedding, denoise_canvases,
+                                              row_stats_for)
 from diffusiongemma_vllm.denoise.graphs import DenoiseGraphs, ladder_for
 from diffusiongemma_vllm.drafts.publisher import DraftPublisher
 from diffusiongemma_vllm.kernels.top_logprobs import TopLogprobs, top_logprobs
@@ -188,7 +190,7 @@ class DenoiseStep:
             seed = sampling_params.seed if sampling_params.seed is not None else unseeded_seed(req_id)
             sampler = self.default_sampler.with_request_overrides(sampling_params.extra_args)
             canvas = CanvasOptions.from_extra_args(sampling_params.extra_args, self.canvas_length,
-                                                   self.model.cfg.vocab_size)
+                                                   self.model.cfg.vocab_size, sampling_params.logprob_token_ids)
             self.settings[req_id] = _RequestSettings(seed, sampler, canvas, sampling_params)
         return self.settings[req_id]
 
@@ -208,24 +210,24 @@ class DenoiseStep:
         held = {r.req_id: self.awaiting.pop(r.req_id) for r in ready if r.req_id in self.awaiting}
         fresh = [r for r in ready if r.req_id not in held or held[r.req_id].context != r.context]
         waiting = [r for r in ready if r.req_id in held and held[r.req_id].context == r.context]
-        widths = {r.req_id: self._width(runner, r.req_id) for r in fresh}
+        reads = {r.req_id: self._read(runner, r.req_id) for r in fresh}
         with torch.inference_mode():
-            turns = [turn for width in sorted(set(widths.values()))  # one canvas length per pass
-                     for turn in self._denoise(runner, [r for r in fresh if widths[r.req_id] == width], width)]
+            turns = [turn for read in sorted(set(reads.values()))  # one canvas length and read per pass
+                     for turn in self._denoise(runner, [r for r in fresh if reads[r.req_id] == read], *read)]
             if waiting:
-                turns.append((AwaitingGrammar.turn([held[r.req_id] for r in waiting]), waiting))
+                turns.append((AwaitingGrammar.turn([held[r.req_id] for r in waiting]), waiting, self.unembedding))
             # Nothing else to run: wait a little for a grammar rather than spin through empty steps.
             wait = GRAMMAR_POLL_S if len(waiting) == num_reqs else 0.0
-            for turn, requests in turns:
+            for turn, requests, unembedding in turns:
                 self._constrain(turn, requests, wait)
-                self._logprobs(turn, requests, batch.max_num_logprobs, out)
+                self._logprobs(turn, requests, batch.max_num_logprobs, out, unembedding)
         self.stats.awaited_grammars += sum(req_id not in held for req_id in self.awaiting)  # held for the first time
-        for turn, requests in turns:
+        for turn, requests, _ in turns:
             for job, request in enumerate(requests):
                 emit = min(turn.tokens.shape[1], runner.max_model_len - request.context)
                 out.tokens[request.row, :emit] = turn.tokens[job, :emit]
-        finished = [p for turn, _ in turns for p in turn.passes.tolist() if p >= 0]
-        sizes = [size for turn, _ in turns for size in turn.pass_sizes]
+        finished = [p for turn, _, _ in turns for p in turn.passes.tolist() if p >= 0]
+        sizes = [size for turn, _, _ in turns for size in turn.pass_sizes]
         if finished or sizes:  # not a step that only waited for grammars
             self.stats.record_step(finished, sizes)
             self.metrics.record_step(finished, sizes, self.held_canvases(), time.perf_counter() - started)
@@ -242,16 +244,20 @@ class DenoiseStep:
                              params.logprobs is not None or ids is not None, ids,
                              first_canvas and params.prompt_logprobs is not None)
 
-    def _width(self, runner, req_id: str) -> int:
-        """The request's canvas length: its `diffusion_canvas_length`, else the checkpoint's."""
-        return self._settings(req_id, runner.requests[req_id].sampling_params).canvas.width or self.canvas_length
+    def _read(self, runner, req_id: str) -> tuple[int, tuple[int, ...]]:
+        """What the request's canvases are denoised with, which its pass mates must share: its
+        canvas length (`diffusion_canvas_length`, else the checkpoint's) and the ids a
+        constrained read draws from (`diffusion_constrained`; (): the whole vocabulary)."""
+        canvas = self._settings(req_id, runner.requests[req_id].sampling_params).canvas
+        return canvas.width or self.canvas_length, canvas.allowed
 
-    def _denoise(self, runner, requests: list[_ReadyRequest],
-                 width: int) -> list[tuple[DenoiseResult, list[_ReadyRequest]]]:
-        """A fresh or resumed canvas of `width` tokens for each of `requests`, denoised together
-        (in turns of at most `canvases_per_pass`): each turn's result with its requests;
+    def _denoise(self, runner, requests: list[_ReadyRequest], width: int,
+                 allowed: tuple[int, ...]) -> list[tuple[DenoiseResult, list[_ReadyRequest], Unembedding]]:
+        """A fresh or resumed canvas of `width` tokens for each of `requests`, read over the
+        `allowed` ids (() the whole vocabulary) and denoised together (in turns of at most
+        `canvases_per_pass`): each turn's result with its requests and the unembedding it read;
         canvases still running at the pass limit are held in `pending`. The denoise graphs
-        serve the checkpoint's canvas length; a narrower canvas runs its passes eagerly."""
+        serve the checkpoint's canvas length and whole vocabulary; other passes run eagerly."""
         jobs, resumed, drafts = [], {}, []
         for slot, request in enumerate(requests):
             state = runner.requests[request.req_id]
@@ -272,20 +278,21 @@ class DenoiseStep:
         else:
             run_pass = self.pass_runner(torch.tensor(context), gather_prefixes(runner, rows, context, self.device),
                                         width)
-        graphs = self.graphs if width == self.canvas_length else None
+        unembedding = self.unembedding.restricted(allowed) if allowed else self.unembedding
+        graphs = self.graphs if width == self.canvas_length and not allowed else None
         turns = []
         for first in range(0, len(jobs), self.canvases_per_pass):
             last = min(len(jobs), first + self.canvases_per_pass)
             limit = None if any(r.must_emit for r in requests[first:last]) else self.passes_per_step
             turn = denoise_canvases(
-                jobs[first:last], width, run_pass, self.unembedding, device=self.device,
+                jobs[first:last], width, run_pass, unembedding, device=self.device,
                 row_stats=self.row_stats, graphs=graphs, first_row=first, max_passes=limit,
                 keep_hidden=any(r.logprobs or r.structured for r in requests[first:last]),
                 resumed={slot - first: resumed[slot] for slot in range(first, last) if slot in resumed},
                 on_pass=self.drafts.watch(drafts[first:last]) if self.drafts is not None else None)
             for job, canvas in turn.pending.items():
                 self.pending[requests[first + job].req_id] = (context[first + job], canvas)
-            turns.append((turn, requests[first:last]))
+            turns.append((turn, requests[first:last], unembedding))
         return turns
 
     def held_canvases(self) -> int:
@@ -327,25 +334,26 @@ class DenoiseStep:
                 turn.tokens[job] = -1
                 turn.passes[job] = -1
 
-    def _logprobs(self, turn: DenoiseResult, requests: list[_ReadyRequest], k: int | None, out: StepOutput) -> None:
+    def _logprobs(self, turn: DenoiseResult, requests: list[_ReadyRequest], k: int | None, out: StepOutput,
+                  unembedding: Unembedding) -> None:
         """Logprobs of the canvases this turn finished for requests that asked, from their
-        halting pass (kernels/top_logprobs.py), into `out.logprobs` by batch row: the top `k`,
-        or for a request with `logprob_token_ids` those ids' (as vLLM's sampler prefers them)."""
+        halting pass (kernels/top_logprobs.py) over the vocabulary the turn read (a constrained
+        read's allowed ids: renormalised over them), into `out.logprobs` by batch row: the top
+        `k`, or for a request with `logprob_token_ids` those ids' (as vLLM's sampler prefers them)."""
         jobs = [job for job, r in enumerate(requests) if r.logprobs and turn.passes[job] >= 0]
         if not jobs:
             return
         length = turn.tokens.shape[1]
         index = torch.tensor(jobs, device=self.device)
         hidden = turn.hidden[index].flatten(0, 1)  # [jobs * C, H]
-        tokens = turn.tokens[jobs].flatten().to(self.device)
+        tokens = unembedding.read_ids(turn.tokens[jobs].flatten().to(self.device))
         asked = [requests[job].logprob_ids or () for job in jobs]
         chosen = None
         if any(asked):
             chosen = torch.full((len(jobs), length, max(map(len, asked))), -1, dtype=torch.long)
             for n, ids in enumerate(asked):
                 chosen[n, :, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-            chosen = chosen.flatten(0, 1).to(self.device)
-        unembedding = self.unembedding
+            chosen = unembedding.read_ids(chosen.flatten(0, 1).to(self.device))
         result = top_logprobs(hidden, unembedding.weight, unembedding.softcap, tokens, k or 0,
                               first_id=unembedding.first_id, shards=unembedding.shards, chosen_ids=chosen)
         on_host = TopLogprobs(*(getattr(result, f.name).cpu() for f in fields(result)))

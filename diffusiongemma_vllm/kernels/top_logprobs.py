@@ -12,9 +12,9 @@ with online statistics as in vocab_tiled_sampler.py: a running max and sum give 
 running top-k (each chunk's top-k merged with the best so far) gives the alternatives, and
 the committed token's logit is read from the chunk that holds it, so it is bit-identical to
 the value ranked against. The rank (vLLM's: how many logits are >= the token's) is exact:
-counted from a top-(k+1), plus one more sweep for the rows whose token's logit is not above
-the last one kept (a token outside the top, or a tie: never for a committed argmax without
-ties). Runs once per finished canvas, not per pass, with torch matmuls on any device
+counted from a top-(k+1) (a top-2 when k is 0), plus one more sweep for the rows whose token's
+logit is not above the last one kept (a token outside the top, or a tie: never for a committed
+argmax without ties). Runs once per finished canvas, not per pass, with torch matmuls on any device
 (cuBLAS on a GPU).
 
 Under tensor parallelism `embedding` is this rank's slice of the vocabulary (ids from
@@ -95,7 +95,9 @@ def _no_ids(tokens: torch.Tensor) -> torch.Tensor:
 def _top_logprobs_rows(hidden, embedding, softcap: float, tokens, k: int, vocab_chunk: int, first_id: int,
                        shards: VocabShards | None, ids: torch.Tensor) -> TopLogprobs:
     rows, device = hidden.shape[0], hidden.device
-    keep = k + 1  # one beyond the alternatives: a token above the last kept logit has all ties counted
+    # Beyond the alternatives, one more (two with none: the argmax must stand above the last kept
+    # logit): a token above the last kept logit has all its ties among the kept ones.
+    keep = max(k, 1) + 1
     m = torch.full((rows,), float("-inf"), device=device)
     total = torch.zeros(rows, device=device)  # sum exp(z - m)
     chosen = torch.full((rows,), float("-inf"), device=device)
@@ -125,8 +127,9 @@ def _top_logprobs_rows(hidden, embedding, softcap: float, tokens, k: int, vocab_
     rank = (best >= chosen[:, None]).sum(-1)
     outside = (chosen <= best[:, -1]).nonzero().squeeze(-1) if best.shape[1] == keep else rank[:0]
     if len(outside):  # logits >= the token's may lie beyond the kept top: count over the vocabulary
-        counts = sum((softcapped_logits(hidden[outside], embedding[s:s + vocab_chunk], softcap)
-                      >= chosen[outside, None]).sum(-1) for s in range(0, embedding.shape[0], vocab_chunk))
+        counts = sum(((softcapped_logits(hidden[outside], embedding[s:s + vocab_chunk], softcap)
+                       >= chosen[outside, None]).sum(-1) for s in range(0, embedding.shape[0], vocab_chunk)),
+                     torch.zeros_like(outside))  # a slice may be empty (a constrained read's)
         rank[outside] = counts if shards is None else shards.all_reduce(counts.float()).long()
     chosen_logprobs = (picked - log_z[:, None]).masked_fill(ids < 0, float("-inf"))
     return TopLogprobs(chosen - log_z, rank, best_ids[:, :k], best[:, :k] - log_z[:, None], chosen_logprobs)

@@ -34,10 +34,14 @@ class ReferenceTrace:
 
 
 class _Replay:
-    """Answers transformers' random calls from `noise`, tracking (block, pass)."""
+    """Answers transformers' random calls from `noise`, tracking (block, pass). A constrained
+    read's draws (`allowed`, sorted) take the noise the plugin keys by each id's index among
+    the allowed ids (denoise/loop.py `Unembedding.restricted`), from `allowed_noise`."""
 
-    def __init__(self, noise: CanvasNoise, trace: ReferenceTrace):
+    def __init__(self, noise: CanvasNoise, trace: ReferenceTrace, allowed: torch.Tensor | None = None,
+                 allowed_noise: CanvasNoise | None = None):
         self.noise, self.trace = noise, trace
+        self.allowed, self.allowed_noise = allowed, allowed_noise
         self.block, self.step, self.after_sample = -1, 0, False
         self._randint, self._multinomial = torch.randint, torch.multinomial
 
@@ -54,7 +58,11 @@ class _Replay:
 
     def multinomial(self, probs, num_samples, *args, **kwargs):
         self.after_sample = True
-        gumbel = self.noise.gumbel(self.block, self.step).to(probs.device)
+        if self.allowed is None:
+            gumbel = self.noise.gumbel(self.block, self.step).to(probs.device)
+        else:  # log p is -inf outside the allowed ids: only their noise matters
+            gumbel = torch.zeros(probs.shape)
+            gumbel[:, self.allowed] = self.allowed_noise.gumbel(self.block, self.step)
         return torch.argmax(torch.log(probs) + gumbel, dim=-1, keepdim=True)
 
 
@@ -83,15 +91,31 @@ class _DraftRecorder:
         pass
 
 
-def reference_generate(model, prompt_ids: list[int], seed: int, num_blocks: int,
-                       sampler: SamplerConfig) -> ReferenceTrace:
-    """One prompt through transformers' generate for exactly `num_blocks` canvases."""
+class _AllowedOnly:
+    """A transformers logits processor (applied before the temperature schedule): every logit
+    outside `allowed` becomes -inf, vLLM's definition of a constrained read."""
+
+    def __init__(self, allowed: torch.Tensor):
+        self.allowed = allowed
+
+    def __call__(self, input_ids, scores):
+        keep = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+        keep[self.allowed] = True
+        return scores.masked_fill(~keep, float("-inf"))
+
+
+def reference_generate(model, prompt_ids: list[int], seed: int, num_blocks: int, sampler: SamplerConfig,
+                       allowed: list[int] | None = None) -> ReferenceTrace:
+    """One prompt through transformers' generate for exactly `num_blocks` canvases; with
+    `allowed`, a constrained read of those ids (`diffusion_constrained`)."""
+    from transformers import LogitsProcessorList
     from transformers.models.diffusion_gemma import generation_diffusion_gemma as hf_generation
 
     config = model.config
     noise = CanvasNoise(seed, config.text_config.vocab_size, config.canvas_length)
     trace = ReferenceTrace()
-    replay = _Replay(noise, trace)
+    ids = None if allowed is None else torch.tensor(sorted(set(allowed)))
+    replay = _Replay(noise, trace, ids, None if ids is None else CanvasNoise(seed, len(ids), config.canvas_length))
     accept = hf_generation.EntropyBoundSampler.accept_canvas
 
     def recording_accept(self, *args, **kwargs):
@@ -114,6 +138,7 @@ def reference_generate(model, prompt_ids: list[int], seed: int, num_blocks: int,
             sampler_config=hf_generation.EntropyBoundSamplerConfig(entropy_bound=sampler.entropy_bound),
             eos_token_id=[config.text_config.vocab_size],  # unreachable: every block runs
             streamer=_DraftRecorder(trace, sampler),
+            logits_processor=LogitsProcessorList([] if ids is None else [_AllowedOnly(ids)]),
             return_dict_in_generate=False,
         )
     return trace
