@@ -30,6 +30,9 @@ REQUESTS = [
     (23, 12, {"max_denoising_steps": 6, "entropy_bound": 0.5, "t_min": 0.3, "t_max": 0.9}),
     (41, 13, {"stability_threshold": 0, "confidence_threshold": 100.0}),
 ]
+# The engine test's constrained read (`diffusion_constrained`): its ids lie in both halves of
+# the tiny vocabulary, i.e. in both tensor-parallel ranks' slices.
+CONSTRAINED = (17, 14, {"max_denoising_steps": 4}, [3, 100, 255, 256, 400, 511])
 
 
 def prompt_ids(length: int, seed: int) -> list[int]:
@@ -90,39 +93,51 @@ def test_engine_commits_the_reference_tokens(tiny_dirs, references, bind_cpu_ran
     commit that does not match the reference encoder pass, or multi-token bookkeeping that
     drops tokens; and logprobs from the wrong pass, the wrong temperature, misaligned with
     their tokens, or changing the tokens (one request asks for chosen ids instead of a top-k:
-    vLLM's `logprob_token_ids`). With two tensor-parallel
+    vLLM's `logprob_token_ids`; a fourth is a constrained read, against transformers masked to
+    its ids). With two tensor-parallel
     ranks (each with half the heads, the full layer's one KV head on both, half of each expert
     and of the vocabulary) and canvases resumed over steps of 2 passes: a sampler or logprobs
     that read one rank's vocabulary slice, ranks whose canvases drift apart, or a resumed
-    canvas that differs on one rank."""
+    canvas that differs on one rank; a constrained read that is not the same on every rank."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from transformers import DiffusionGemmaForBlockDiffusion
+
     if checkpoint != "sf":
         references = reference_runs(tiny_dirs[checkpoint])
+    n, seed, knobs, allowed = CONSTRAINED
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(tiny_dirs[checkpoint], dtype=torch.float32).eval()
+    references = [*references, reference_generate(model, prompt_ids(n, seed), seed, BLOCKS,
+                                                  SamplerConfig().with_request_overrides(knobs), allowed=allowed)]
     if tensor_parallel > 1:
         bind_cpu_ranks(tensor_parallel)
     llm = LLM(model=tiny_dirs[checkpoint], dtype="float32", max_model_len=512, enforce_eager=True,
               tensor_parallel_size=tensor_parallel, additional_config={"passes_per_step": passes} if passes else {})
     canvas = llm.llm_engine.model_config.hf_config.canvas_length
-    prompts = [TokensPrompt(prompt_token_ids=prompt_ids(n, seed)) for n, seed, _ in REQUESTS]
+    requests = [*REQUESTS, CONSTRAINED[:3]]
+    prompts = [TokensPrompt(prompt_token_ids=prompt_ids(n, seed)) for n, seed, _ in requests]
     vocab = llm.llm_engine.model_config.get_vocab_size()
     chosen = [0, 7, vocab // 2, vocab - 1]  # ids across the vocabulary (and both ranks' slices)
-    params = [SamplingParams(max_tokens=BLOCKS * canvas, ignore_eos=True, seed=seed, extra_args=knobs,
-                             logprobs=TOP_K if r != 1 else None, logprob_token_ids=chosen if r == 1 else None)
-              for r, (_, seed, knobs) in enumerate(REQUESTS)]
+    ids = {1: chosen, 3: allowed}
+    params = [SamplingParams(max_tokens=BLOCKS * canvas, ignore_eos=True, seed=seed,
+                             logprobs=None if r in ids else TOP_K, logprob_token_ids=ids.get(r),
+                             extra_args={**knobs, **({"diffusion_constrained": True} if r == 3 else {})})
+              for r, (_, seed, knobs) in enumerate(requests)]
     outputs = llm.generate(prompts, params)
-    for r, ((n, _, _), out, ref) in enumerate(zip(REQUESTS, outputs, references)):
+    for r, ((n, _, _), out, ref) in enumerate(zip(requests, outputs, references, strict=True)):
         assert list(out.outputs[0].token_ids) == ref.sequences[0, n:].tolist()
-        want = torch.log_softmax(torch.cat(ref.final_logits), dim=-1)  # [BLOCKS * C, V]
+        want = torch.log_softmax(torch.cat(ref.final_logits), dim=-1)  # [BLOCKS * C, V]; -inf outside a read's ids
         assert len(out.outputs[0].logprobs) == BLOCKS * canvas
         for position, (token, entry) in enumerate(zip(out.outputs[0].token_ids, out.outputs[0].logprobs)):
-            asked = chosen if r == 1 else want[position].topk(TOP_K).indices.tolist()
+            asked = ids[r] if r in ids else want[position].topk(TOP_K).indices.tolist()
             assert set(entry) == {token, *asked}
-            assert entry[token].rank == 1  # the committed token is the halting pass's argmax
+            if r not in ids or token not in asked:  # vLLM ranks an asked id by its place in the list
+                assert entry[token].rank == 1  # the committed token is the halting pass's argmax
             for token_id, logprob in entry.items():
                 assert abs(logprob.logprob - want[position, token_id].item()) < 1e-4
     stats = llm.collective_rpc("diffusion_stats")
     assert len(stats) == tensor_parallel and all(rank == stats[0] for rank in stats)
-    assert 1 < stats[0]["passes_per_step"] <= (passes or float("inf"))
+    # A step runs at most `passes` passes of each read: the whole vocabulary's and the constrained one's.
+    assert 1 < stats[0]["passes_per_step"] <= 2 * (passes or float("inf"))
     del llm
