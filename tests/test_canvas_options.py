@@ -273,7 +273,8 @@ def test_constrained_reads_equal_transformers_masked_to_the_allowed_ids(tiny_dir
     over the whole vocabulary: its tokens must be transformers' generate with every logit
     outside the set at -inf (same draws; the allowed ids' noise keyed by their index among
     them), and its logprobs those of the masked halting passes; an unconstrained request in
-    the same steps must equal its own reference."""
+    the same steps must equal its own reference, its top-10 logprobs (more than the read's 7
+    ids) leaving the read's alone."""
     from transformers import DiffusionGemmaForBlockDiffusion
     from vllm import LLM
     from vllm.inputs import TokensPrompt
@@ -294,10 +295,11 @@ def test_constrained_reads_equal_transformers_masked_to_the_allowed_ids(tiny_dir
         [TokensPrompt(prompt_token_ids=prompt_ids(9, 21)), TokensPrompt(prompt_token_ids=prompt_ids(14, 22))],
         [SamplingParams(max_tokens=2 * length, ignore_eos=True, seed=21, logprob_token_ids=allowed,
                         extra_args={**knobs, "diffusion_constrained": True}),
-         SamplingParams(max_tokens=2 * length, ignore_eos=True, seed=22, extra_args=knobs)])
+         SamplingParams(max_tokens=2 * length, ignore_eos=True, seed=22, extra_args=knobs, logprobs=10)])
     tokens = list(outs[0].outputs[0].token_ids)
     assert tokens == constrained.sequences[0, 9:].tolist() and set(tokens) <= set(allowed)
     assert list(outs[1].outputs[0].token_ids) == free.sequences[0, 14:].tolist()
+    assert all(len(entry) >= 10 for entry in outs[1].outputs[0].logprobs)
     want = torch.log_softmax(torch.cat(constrained.final_logits), dim=-1)  # -inf outside the set
     for position, (token, entry) in enumerate(zip(tokens, outs[0].outputs[0].logprobs)):
         assert set(entry) == set(allowed)

@@ -348,13 +348,14 @@ class DenoiseStep:
         hidden = turn.hidden[index].flatten(0, 1)  # [jobs * C, H]
         tokens = unembedding.read_ids(turn.tokens[jobs].flatten().to(self.device))
         asked = [requests[job].logprob_ids or () for job in jobs]
+        k = 0 if all(asked) else k or 0  # the batch's top-k, unless every request here asked for ids
         chosen = None
         if any(asked):
             chosen = torch.full((len(jobs), length, max(map(len, asked))), -1, dtype=torch.long)
             for n, ids in enumerate(asked):
                 chosen[n, :, :len(ids)] = torch.tensor(ids, dtype=torch.long)
             chosen = unembedding.read_ids(chosen.flatten(0, 1).to(self.device))
-        result = top_logprobs(hidden, unembedding.weight, unembedding.softcap, tokens, k or 0,
+        result = top_logprobs(hidden, unembedding.weight, unembedding.softcap, tokens, k,
                               first_id=unembedding.first_id, shards=unembedding.shards, chosen_ids=chosen)
         on_host = TopLogprobs(*(getattr(result, f.name).cpu() for f in fields(result)))
         for n, (job, ids) in enumerate(zip(jobs, asked)):
