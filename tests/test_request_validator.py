@@ -25,14 +25,17 @@ def test_unknown_knob_names_the_key_and_lists_the_accepted_ones():
 
 
 def test_vllm_own_extra_args_pass():
-    """Catches the unknown-key check refusing the keys vLLM itself reads (disaggregated prefill)."""
+    """Catches the unknown-key check refusing the keys vLLM itself reads (disaggregated prefill,
+    the OpenAI server's `vllm_xargs.session_id`)."""
     check_request(SamplingParams(extra_args={"kv_transfer_params": {"do_remote_prefill": False},
-                                             "ec_transfer_params": None, "kv_cache_report_mode": "full"}))
+                                             "ec_transfer_params": None, "kv_cache_report_mode": "full",
+                                             "session_id": "conversation-1"}))
 
 
 @pytest.mark.parametrize("extra_args, field", [({"kv_transfer_params": "x"}, "kv_transfer_params"),
                                                ({"ec_transfer_params": [1]}, "ec_transfer_params"),
-                                               ({"kv_cache_report_mode": 3}, "kv_cache_report_mode")])
+                                               ({"kv_cache_report_mode": 3}, "kv_cache_report_mode"),
+                                               ({"session_id": 7}, "session_id")])
 def test_vllm_own_extra_args_of_the_wrong_type_name_the_field(extra_args, field):
     """Catches a value vLLM cannot use passing admission: a string kv_transfer_params reached
     vLLM's output processor, which calls .get on it (an HTTP 500 with an empty message)."""

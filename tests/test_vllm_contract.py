@@ -62,6 +62,9 @@ Runner (model_runner.py, cpu_runner.py, gpu_runner.py, engine/worker_step.py)
   [name].kv_cache` / `.attn_backend` / `.isa`.
 - `set_forward_context(None, vllm_config)` around a forward without attention metadata.
 - A plain attribute on `ModelRunnerOutput` surviving the executor's pickling.
+- `reload_weights` (weight_updates.py): the layer-wise reload's `get_layerwise_info`
+  (`can_load()`, `load_numel`, `load_numel_total`, `loaded_weights`) and
+  `finalize_layerwise_reload(model, model_config)`.
 Worker (cpu_worker.py, gpu_worker.py, worker_rpcs.py, standalone.py)
 - `CPUWorker.init_device` building `model_runner` inline; `Worker._make_model_runner`;
   `GPUModelRunner.capture_model() -> int`, called by the worker unless enforce_eager;
@@ -1619,3 +1622,43 @@ def test_stream_ids_come_from_the_request_id_header_or_the_request():
         raw = HttpRequest({"type": "http", "headers": headers})
         for serving in (OpenAIServingCompletion, OpenAIServingChat):
             assert serving._base_request_id(raw, request.request_id) == _base_id(request, raw)
+
+
+def test_layerwise_reload_finishes_whole_layers_and_rolls_back_unfinished_ones(layer_config):
+    """Catches vLLM's in-place reload (`reload_weights`) changing what engine/weight_updates.py
+    relies on: `record_metadata_for_reloading` / `initialize_layerwise_reload` putting layers on
+    the meta device behind buffering weight loaders, a layer loaded and processed once all its
+    tensors arrived, `get_layerwise_info` with `can_load()`, `load_numel`, `load_numel_total`
+    and `loaded_weights`, and `finalize_layerwise_reload` placing an untouched layer's previous
+    tensors back: after a failed update, a finished layer holds the new weights and a layer
+    that got one of its two shards answers as before."""
+    from torch import nn
+    from vllm.model_executor.layers.layernorm import RMSNorm
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear
+    from vllm.model_executor.model_loader.reload.layerwise import (initialize_layerwise_reload,
+                                                                   record_metadata_for_reloading)
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+    from diffusiongemma_vllm.engine.weight_updates import restore_unfinished_layers
+
+    def load(param, tensor, *shard):
+        getattr(param, "weight_loader", default_weight_loader)(param, tensor, *shard)
+
+    holder = nn.Module()
+    holder.norm = RMSNorm(8)
+    holder.up = MergedColumnParallelLinear(8, [4, 4], bias=False, prefix="contract.reload.up")
+    record_metadata_for_reloading(holder)  # vLLM's initialize_model, at construction
+    load(holder.norm.weight, torch.randn(8))
+    load(holder.up.weight, torch.randn(4, 8), 0)
+    load(holder.up.weight, torch.randn(4, 8), 1)
+    _after_loading(holder, layer_config)
+    x = torch.randn(2, 8)
+    before = holder.up(x)[0]
+    initialize_layerwise_reload(holder)
+    assert holder.norm.weight.is_meta and holder.up.weight.is_meta
+    new_norm = torch.randn(8)
+    load(holder.norm.weight, new_norm)  # the whole layer: loaded now
+    load(holder.up.weight, torch.randn(4, 8), 0)  # one shard of two: buffered
+    restore_unfinished_layers(holder, layer_config.model_config)
+    assert torch.equal(holder.norm.weight, new_norm)
+    torch.testing.assert_close(holder.up(x)[0], before)

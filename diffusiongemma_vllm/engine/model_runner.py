@@ -21,6 +21,7 @@ from vllm.v1.outputs import LogprobsTensors, SamplerOutput
 
 from diffusiongemma_vllm.engine.worker_step import DenoiseStep, StepOutput
 from diffusiongemma_vllm.engine.kv_layout import check_caches
+from diffusiongemma_vllm.engine.weight_updates import restore_unfinished_layers
 
 
 class DenoiseStepRunnerMixin:
@@ -56,6 +57,15 @@ class DenoiseStepRunnerMixin:
         if metrics:  # only steps that denoised, whose output is their own (never a shared empty one)
             output.diffusion_metrics = metrics
         return output
+
+    def reload_weights(self, *args, **kwargs) -> None:
+        """vLLM's in-place weight update; one that fails (a tensor the checkpoint check refuses)
+        leaves every layer serving, old or new (weight_updates.py), and raises."""
+        try:
+            super().reload_weights(*args, **kwargs)
+        except Exception:
+            restore_unfinished_layers(self.get_model(), self.vllm_config.model_config)
+            raise
 
     def initialize_kv_cache(self, *args, **kwargs) -> None:
         super().initialize_kv_cache(*args, **kwargs)

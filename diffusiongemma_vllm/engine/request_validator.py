@@ -30,10 +30,11 @@ from diffusiongemma_vllm.model.config import SAMPLER_FIELDS, SamplerConfig
 from diffusiongemma_vllm.drafts.publisher import DRAFT_ARGS, check_draft_args
 from diffusiongemma_vllm.engine.canvas_options import CANVAS_ARGS, CanvasOptions, apply_read_only, is_int
 
-# extra_args keys vLLM reads itself (v1/request.py: disaggregated prefill and KV reporting),
-# with the values it can use: it calls .get on the transfer params (a string was a 500 with an
-# empty message) and compares the report mode with "full".
-VLLM_EXTRA_ARGS = ("kv_transfer_params", "ec_transfer_params", "kv_cache_report_mode")
+# extra_args keys vLLM reads itself (v1/request.py: disaggregated prefill and KV reporting; the
+# OpenAI server: `vllm_xargs.session_id`, a fallback for the request's session), with the values
+# it can use: it calls .get on the transfer params (a string was a 500 with an empty message),
+# compares the report mode with "full" and takes a session id only as a string.
+VLLM_EXTRA_ARGS = ("kv_transfer_params", "ec_transfer_params", "kv_cache_report_mode", "session_id")
 KV_CACHE_REPORT_MODES = ("incremental", "full")
 ACCEPTED_EXTRA_ARGS = SAMPLER_FIELDS + DRAFT_ARGS + CANVAS_ARGS + VLLM_EXTRA_ARGS
 
@@ -86,6 +87,8 @@ def check_request(sampling_params) -> None:
     for name in ("kv_transfer_params", "ec_transfer_params"):
         if extra_args.get(name) is not None and not isinstance(extra_args[name], dict):
             raise ValueError(f"{name} must be an object, got {extra_args[name]!r}")
+    if not isinstance(extra_args.get("session_id", ""), str):
+        raise ValueError(f"session_id must be a string, got {extra_args['session_id']!r}")
     if extra_args.get("kv_cache_report_mode", "incremental") not in KV_CACHE_REPORT_MODES:
         raise ValueError(f"kv_cache_report_mode must be one of {', '.join(KV_CACHE_REPORT_MODES)}, "
                          f"got {extra_args['kv_cache_report_mode']!r}")

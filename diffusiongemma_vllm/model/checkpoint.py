@@ -4,9 +4,11 @@
 stores (research/hf_reference.md section 4) with its shape. `checked_text_weights` passes
 the text stack through with `model.decoder.` stripped, drops the encoder's duplicate
 `layer_scalar`s and the vision tower, and raises `CheckpointError` naming the tensor for an
-unexpected name, a wrong shape or dtype, or (once the stream ends) a missing tensor, instead
-of the bare shape assertion or silent zero-initialised parameter a broken file would
-otherwise give.
+unexpected name, a wrong shape or dtype, or (once the stream ends, for a `whole` checkpoint)
+a missing tensor, instead of the bare shape assertion or silent zero-initialised parameter a
+broken file would otherwise give. A weight update after start-up (vLLM's `reload_weights`,
+its weight-transfer engines, an RL trainer's `load_weights`) brings some tensors only: each is
+still checked, and none is missing.
 
 Quantized checkpoints. `quantized_format(hf_config)` reads config.json's
 `quantization_config` and names the format its quantized linears are stored in
@@ -190,7 +192,7 @@ def expected_text_tensors(cfg: BackboneConfig, fmt: QuantizedFormat | None = Non
 
 def checked_text_weights(
     cfg: BackboneConfig, weights: Iterable[tuple[str, torch.Tensor]], fmt: QuantizedFormat | None = None,
-    quantized: frozenset[str] = frozenset(),
+    quantized: frozenset[str] = frozenset(), whole: bool = True,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     expected = expected_text_tensors(cfg, fmt, quantized)
     layout = f" ({fmt.name} checkpoint)" if fmt else ""
@@ -213,7 +215,7 @@ def checked_text_weights(
                                   f"expected {want}{layout}")
         seen.add(short)
         yield short, tensor
-    missing = sorted(set(expected) - seen)
+    missing = sorted(set(expected) - seen) if whole else []
     if missing:
         listed = ", ".join(TEXT_PREFIX + m for m in missing[:5])
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s){layout}: {listed}")

@@ -295,6 +295,8 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, prefix="lm_head").tie_weights(
             self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(cfg.vocab_size)
+        # The first load is the whole checkpoint (none with dummy weights); later ones are updates.
+        self.whole_checkpoint_due = vllm_config.load_config.load_format != "dummy"
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Prefill inputs: E[ids] * sqrt(hidden), the scale rounded to the weight dtype as in HF."""
@@ -347,9 +349,13 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
         return torch.tanh(logits / cap) * cap
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """The checkpoint's tensors into the model: the whole checkpoint at start-up, any of its
+        tensors afterwards (a weight update), each checked by name, shape and dtype."""
         quantized = self.stored_quantized_modules() if self.stored_format else frozenset()
-        checked = checked_text_weights(self.cfg, weights, self.stored_format, quantized)  # names without model.decoder.
+        checked = checked_text_weights(self.cfg, weights, self.stored_format, quantized,
+                                       whole=self.whole_checkpoint_due)  # names without model.decoder.
         loaded = AutoWeightsLoader(self.model).load_weights(checked, mapper=_weights_mapper(self.cfg))
+        self.whole_checkpoint_due = False
         return {f"model.{name}" for name in loaded}
 
     def stored_quantized_modules(self) -> frozenset[str]:

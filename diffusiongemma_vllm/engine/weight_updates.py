@@ -1,0 +1,32 @@
+"""Weight updates after start-up: what keeps the engine serving when one fails.
+
+vLLM updates a running model's weights in place (`reload_weights`: from a path, or from an
+iterator of checkpoint tensors, as RL trainers send them) through its layer-wise reload:
+every layer is put on the meta device, the incoming tensors of a layer are buffered until
+the layer has all of them, then it is materialised, loaded, processed (quantized, packed)
+and copied back into its original storage, so CUDA graphs keep their pointers. The model's
+`load_weights` checks each tensor (model/checkpoint.py) and raises on an unknown name, a
+wrong shape or dtype; vLLM then leaves the remaining layers on the meta device, and the next
+step stops the engine.
+
+`restore_unfinished_layers` ends such a failed update cleanly: the layers whose tensors had
+all arrived keep the new weights, every other layer (untouched, or with some tensors
+buffered) gets its previous weights back, and the error still reaches the caller. The model
+is then a mix of old and new layers until an update succeeds.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload, get_layerwise_info
+
+
+def restore_unfinished_layers(model: torch.nn.Module, model_config) -> None:
+    """After a failed in-place reload: drop what each unfinished layer buffered, so vLLM's
+    finalisation puts its previous tensors back instead of processing a half-loaded layer."""
+    for layer in model.modules():
+        info = get_layerwise_info(layer)
+        if info.can_load() and info.load_numel < info.load_numel_total:
+            info.load_numel = 0
+            info.loaded_weights.clear()
+    finalize_layerwise_reload(model, model_config)
