@@ -494,20 +494,27 @@ def test_sampling_fields_the_validator_reads_exist_with_their_off_values():
 
 def test_extra_args_keys_vllm_reads_itself_and_vllm_xargs():
     """Catches a change to the `extra_args` keys vLLM consumes itself (the validator lets exactly
-    these through besides the knobs) or to how the OpenAI server's `vllm_xargs` arrive (the
-    README's per-request knobs)."""
+    these through besides the knobs: disaggregated prefill's, KV reporting's, the server's
+    `vllm_xargs.session_id`) or to how the OpenAI server's `vllm_xargs` arrive (the README's
+    per-request knobs)."""
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.v1.request import Request
 
     from diffusiongemma_vllm.engine.request_validator import VLLM_EXTRA_ARGS
 
+    from vllm.entrypoints.generate.base.serving import GenerateBaseServing
+
     values = {"kv_transfer_params": {"a": 1}, "ec_transfer_params": {"b": 2}, "kv_cache_report_mode": "final"}
-    assert set(values) == set(VLLM_EXTRA_ARGS)
+    assert set(values) | {"session_id"} == set(VLLM_EXTRA_ARGS)
     request = Request("r", [1, 2], vllm.SamplingParams(extra_args=dict(values)), None)
     assert (request.kv_transfer_params, request.ec_transfer_params, request.kv_cache_report_mode) == tuple(
         values[k] for k in ("kv_transfer_params", "ec_transfer_params", "kv_cache_report_mode"))
     openai = CompletionRequest(model="m", prompt="x", vllm_xargs={"entropy_bound": 0.2, "max_denoising_steps": 8})
     assert openai.to_sampling_params(16).extra_args == {"entropy_bound": 0.2, "max_denoising_steps": 8}
+    # The server's fallback session id rides in vllm_xargs, and so in extra_args too.
+    session = CompletionRequest(model="m", prompt="x", vllm_xargs={"session_id": "conversation-1"})
+    assert GenerateBaseServing._get_session_id(session, None) == "conversation-1"
+    assert session.to_sampling_params(16).extra_args == {"session_id": "conversation-1"}
 
 
 def test_structured_output_backends_and_the_engine_cores_grammar_check(config):
