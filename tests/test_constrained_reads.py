@@ -14,7 +14,8 @@ import torch
 
 from diffusiongemma_vllm.denoise.loop import CanvasJob, Unembedding, denoise_canvases
 from diffusiongemma_vllm.denoise.noise import gumbel_noise
-from diffusiongemma_vllm.kernels.gemm_sampler import gemm_row_stats
+from diffusiongemma_vllm.kernels.fixed_order_gemm import fixed_order_mm
+from diffusiongemma_vllm.kernels.gemm_sampler import INVARIANT_VOCAB_CHUNK, gemm_row_stats
 from diffusiongemma_vllm.kernels.top_logprobs import top_logprobs
 from diffusiongemma_vllm.kernels.vocab_tiled_sampler import vocab_tiled_row_stats
 from diffusiongemma_vllm.model.config import SamplerConfig
@@ -25,24 +26,25 @@ ALLOWED = (150, 3, 77, 3, 199, 0, 101)  # unsorted, one repeated: the read is ov
 IDS = torch.tensor(sorted(set(ALLOWED)))
 
 
-def masked_logits(hidden, embedding, temperature=None):
-    """softcap(h . E) / T with every logit outside ALLOWED at -inf: [N, V]."""
+def masked_logits(hidden, embedding, temperature=None, allowed=ALLOWED):
+    """softcap(h . E) / T with every logit outside `allowed` at -inf: [N, V]."""
     z = torch.tanh((hidden @ embedding.T) / SOFTCAP) * SOFTCAP
     if temperature is not None:
         z = z / temperature[:, None]
     keep = torch.zeros(z.shape[1], dtype=torch.bool)
-    keep[IDS] = True
+    keep[list(allowed)] = True
     return z.masked_fill(~keep, float("-inf"))
 
 
-def check_against_masked_softmax(stats, hidden, embedding, temperature, keys):
-    z = masked_logits(hidden, embedding, temperature)
+def check_against_masked_softmax(stats, hidden, embedding, temperature, keys, allowed=ALLOWED):
+    ids = torch.tensor(sorted(set(allowed)))
+    z = masked_logits(hidden, embedding, temperature, allowed)
     probs = torch.softmax(z, -1)
     assert torch.equal(stats.argmax, z.argmax(-1))
-    # The draw: Gumbel-max over the allowed ids, the noise of id IDS[j] keyed by j.
-    drawn = z[:, IDS] + gumbel_noise(keys, 0, len(IDS))
-    assert torch.equal(stats.sample, IDS[drawn.argmax(-1)])
-    entropy = -(probs[:, IDS] * torch.log(probs[:, IDS])).sum(-1)
+    # The draw: Gumbel-max over the allowed ids, the noise of id ids[j] keyed by j.
+    drawn = z[:, ids] + gumbel_noise(keys, 0, len(ids))
+    assert torch.equal(stats.sample, ids[drawn.argmax(-1)])
+    entropy = -(probs[:, ids] * torch.log(probs[:, ids])).sum(-1)
     torch.testing.assert_close(stats.entropy, entropy, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stats.soft, probs @ embedding, rtol=1e-4, atol=1e-5)
 
@@ -51,17 +53,21 @@ def check_against_masked_softmax(stats, hidden, embedding, temperature, keys):
     vocab_tiled_row_stats,
     lambda *args, **kwargs: gemm_row_stats(*args, block_elements=12 * 64, min_vocab_chunk=4, block=64, num_warps=1,
                                            **kwargs),
-], ids=["vocab_tiled", "gemm_interpreted"])
-def test_a_restricted_read_is_the_softmax_over_the_allowed_ids(row_stats):
+    lambda *args, **kwargs: gemm_row_stats(*args, vocab_chunk=INVARIANT_VOCAB_CHUNK, matmul=fixed_order_mm, block=64,
+                                           num_warps=1, **kwargs),
+], ids=["vocab_tiled", "gemm_interpreted", "gemm_batch_invariant"])
+@pytest.mark.parametrize("allowed", [ALLOWED, (42,), (7, 3, 199)], ids=["six", "one", "three"])
+def test_a_restricted_read_is_the_softmax_over_the_allowed_ids(row_stats, allowed):
     """Catches ids outside the set drawn or committed, the entropy or the self-conditioning
     signal taken over the whole vocabulary, a repeated allowed id counted twice, or K-space
     picks returned as indices instead of token ids; the GEMM sampler (Triton, in the
-    interpreter) with a vocabulary narrower than one chunk."""
+    interpreter; also its batch-invariant form, a fixed-order GEMM over a 16384-wide chunk)
+    with vocabularies of 1 to 6 ids, narrower than one chunk."""
     hidden, embedding, temperature, keys = inputs(12, VOCAB)
-    restricted = Unembedding(embedding, SOFTCAP, 1.0).restricted(ALLOWED)
-    assert restricted.vocab == VOCAB and restricted.weight.shape[0] == len(IDS)
+    restricted = Unembedding(embedding, SOFTCAP, 1.0).restricted(allowed)
+    assert restricted.vocab == VOCAB and restricted.weight.shape[0] == len(set(allowed))
     stats = restricted.row_stats(row_stats, hidden, temperature, keys)
-    check_against_masked_softmax(stats, hidden, embedding, temperature, keys)
+    check_against_masked_softmax(stats, hidden, embedding, temperature, keys, allowed)
 
 
 @pytest.mark.parametrize("bounds", [[160], [60, 120], [1, 3]], ids=["two", "three", "empty_rank"])
