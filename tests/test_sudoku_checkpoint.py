@@ -45,3 +45,30 @@ def test_trained_checkpoint_solves_held_out_puzzles_and_refuses_broken_ones():
     broken, _ = evaluate.plugin_answers(llm, requests)
     assert evaluate.refused(broken) >= MIN_REFUSED, broken
     del llm
+
+
+def test_canvas_options_pin_the_givens_and_read_only_the_reply_tokens():
+    """Catches evaluate.py's canvas-option rows measuring something else than they say: a
+    given pinned at the wrong cell or as a cell token instead of the reply's digit token, a
+    blank pinned, noise that changes between runs, or a constrained read whose set misses the
+    reply's `<eos>`/`<pad>` (train.py's canvas target) or lets other tokens in."""
+    evaluate = load("evaluate")
+    tokenizer = load("sudoku_tokenizer")
+    train = load("train")
+    puzzle = ".6..329.7..7.4651.539..16.23946.8........342621645.8.997.314268.83..57.46427.935."
+    knobs = {"max_denoising_steps": 16}
+    pinned = evaluate.canvas_options("pinned", puzzle, 3, knobs)
+    extra = pinned["extra_args"]
+    givens = [i for i, ch in enumerate(puzzle) if ch != "."]
+    assert extra["diffusion_pinned"] == givens and extra["max_denoising_steps"] == 16
+    digits = tokenizer.standalone_ids("123456789")
+    assert len(extra["diffusion_seed_canvas"]) == train.CANVAS
+    assert all(extra["diffusion_seed_canvas"][i] == digits[int(puzzle[i]) - 1] for i in givens)
+    assert evaluate.canvas_options("pinned", puzzle, 3, knobs) == pinned
+    assert "logprob_token_ids" not in pinned
+    read = evaluate.canvas_options("digits", puzzle, 3, knobs)
+    built = tokenizer.build_sudoku_tokenizer()
+    assert read["extra_args"] == {**knobs, "diffusion_constrained": True}
+    assert sorted(read["logprob_token_ids"]) == sorted(digits + [built.eos_token_id, built.pad_token_id])
+    both = evaluate.canvas_options("pinned+digits", puzzle, 3, knobs)
+    assert both["extra_args"] == {**extra, "diffusion_constrained": True}

@@ -13,7 +13,11 @@ used every pass of the cap (from the worker's `diffusion_stats`). Rows:
   what the checkpoint's own sampler defaults change;
 - `base`: an untrained checkpoint of the same shape (random weights), through the plugin;
 - `transformers`: the trained checkpoint through transformers' own `generate` (its own RNG),
-  to show the plugin's solve rate matches the reference's within sampling noise.
+  to show the plugin's solve rate matches the reference's within sampling noise;
+- with `--canvas-options`, vLLM's in-tree canvas options on the same puzzles at the largest
+  cap: `plugin:pinned` (the givens pinned in a seeded first canvas, the blanks starting from
+  noise: infilling), `plugin:digits` (a constrained read over the digits, `<eos>` and
+  `<pad>`) and `plugin:pinned+digits`.
 Prints a table and writes it as JSON. `--sweep` instead tries SWEEP's sampler settings on
 validation puzzles (another seed), to choose the checkpoint's generation_config defaults.
 
@@ -103,17 +107,46 @@ def canvas_passes(llm) -> Counter:
 
 
 def plugin_answers(llm, texts: list[str], max_steps: int | None = None,
-                   sampler: dict | None = None) -> tuple[list[str], Counter]:
+                   sampler: dict | None = None, canvas: str = "") -> tuple[list[str], Counter]:
     """The plugin's replies to `texts` (each sent with a newline) and the histogram of the
     passes their canvases took; `max_steps` and `sampler` override the checkpoint's sampler
-    defaults per request (the temperature schedule spans `max_steps`)."""
+    defaults per request (the temperature schedule spans `max_steps`); `canvas` names the
+    canvas options of each request (CANVAS_OPTIONS)."""
     from vllm import SamplingParams
 
     before = canvas_passes(llm)
     knobs = {**({"max_denoising_steps": max_steps} if max_steps else {}), **(sampler or {})}
-    params = [SamplingParams(max_tokens=81, seed=i, extra_args=knobs) for i in range(len(texts))]
+    params = [SamplingParams(max_tokens=81, seed=i, **canvas_options(canvas, text, i, knobs))
+              for i, text in enumerate(texts)]
     outputs = llm.generate([t + "\n" for t in texts], params, use_tqdm=False)
     return [o.outputs[0].text for o in outputs], canvas_passes(llm) - before
+
+
+CANVAS_OPTIONS = ("pinned", "digits", "pinned+digits")
+
+
+def canvas_options(canvas: str, puzzle: str, seed: int, knobs: dict) -> dict:
+    """SamplingParams fields for `canvas` ("" for none) on `puzzle`: "pinned" seeds the first
+    canvas with each given's digit, pinned, and noise (seeded) elsewhere; "digits" reads every
+    pass over the reply's tokens only (the digits, `<eos>`, `<pad>`: train.py's canvas target)."""
+    from sudoku_tokenizer import build_sudoku_tokenizer, standalone_ids
+    from train import CANVAS
+
+    tokenizer = build_sudoku_tokenizer()
+    digits = standalone_ids("123456789")
+    extra = dict(knobs)
+    fields = {}
+    if "pinned" in canvas:
+        rng = random.Random(seed)
+        seed_canvas = [rng.randrange(len(tokenizer)) for _ in range(CANVAS)]
+        givens = [i for i, ch in enumerate(puzzle) if ch in "123456789"]
+        for i in givens:
+            seed_canvas[i] = digits[int(puzzle[i]) - 1]
+        extra.update(diffusion_seed_canvas=seed_canvas, diffusion_pinned=givens)
+    if "digits" in canvas:
+        extra["diffusion_constrained"] = True
+        fields["logprob_token_ids"] = digits + [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    return {"extra_args": extra, **fields}
 
 
 def pass_summary(histogram: Counter, cap: int) -> dict:
@@ -123,8 +156,8 @@ def pass_summary(histogram: Counter, cap: int) -> dict:
     return {"mean_passes": sum(p * n for p, n in histogram.items()) / canvases, "at_cap": histogram[cap] / canvases}
 
 
-def through_plugin(llm, pairs, cap: int, sampler: dict | None = None) -> dict:
-    answers, histogram = plugin_answers(llm, [p for p, _ in pairs], cap, sampler)
+def through_plugin(llm, pairs, cap: int, sampler: dict | None = None, canvas: str = "") -> dict:
+    answers, histogram = plugin_answers(llm, [p for p, _ in pairs], cap, sampler, canvas)
     return {**score(pairs, answers), **pass_summary(histogram, cap)}
 
 
@@ -186,11 +219,11 @@ def print_table(rows: list[dict]) -> None:
     requests only)."""
     columns = (("solved", 7, "{:7.1%}"), ("cell_accuracy", 6, "{:6.3f}"), ("givens_kept", 9, "{:9.1%}"),
                ("refused", 7, "{:7.1%}"), ("mean_passes", 7, "{:7.1f}"), ("at_cap", 6, "{:6.1%}"))
-    print(f"{'system':14} {'cap':>4} {'givens':>7} {'solved':>7} {'cells':>6} {'givens ok':>9} {'refused':>7} "
+    print(f"{'system':20} {'cap':>4} {'givens':>7} {'solved':>7} {'cells':>6} {'givens ok':>9} {'refused':>7} "
           f"{'passes':>7} {'at cap':>6}")
     for r in rows:
         cells = [fmt.format(r[key]) if r.get(key) is not None else "-".rjust(width) for key, width, fmt in columns]
-        print(f"{r['system']:14} {r['cap']:>4} {r['givens']:>7} " + " ".join(cells))
+        print(f"{r['system']:20} {r['cap']:>4} {r['givens']:>7} " + " ".join(cells))
 
 
 def main(argv=None) -> None:
@@ -202,6 +235,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sweep", action="store_true", help="only the sampler sweep (validation puzzles)")
     parser.add_argument("--skip-base", action="store_true", help="skip the untrained checkpoint row")
     parser.add_argument("--skip-transformers", action="store_true", help="skip transformers' generate")
+    parser.add_argument("--canvas-options", action="store_true",
+                        help="also the plugin with pinned givens, a constrained read over the digits, and both")
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
     if args.sweep:
@@ -227,6 +262,11 @@ def main(argv=None) -> None:
                 rows.append({"system": "plugin:release", "cap": RELEASE_SAMPLER["max_denoising_steps"],
                              "givens": f"{bucket[0]}-{bucket[1]}",
                              **through_plugin(llm, pairs, RELEASE_SAMPLER["max_denoising_steps"], RELEASE_SAMPLER)})
+        if name == "plugin" and args.canvas_options:
+            for canvas in CANVAS_OPTIONS:
+                for bucket, pairs in data.items():
+                    rows.append({"system": f"plugin:{canvas}", "cap": max(caps), "givens": f"{bucket[0]}-{bucket[1]}",
+                                 **through_plugin(llm, pairs, max(caps), canvas=canvas)})
         if name == "plugin" and args.broken:
             answers, histogram = plugin_answers(llm, broken_requests(args.broken), max(caps))
             rows.append({"system": name, "cap": max(caps), "givens": "broken", "refused": refused(answers),
