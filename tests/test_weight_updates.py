@@ -103,7 +103,8 @@ def test_an_rl_update_session_in_chunks_and_a_failed_chunk(tiny_dir, other_dir):
     chunks to the model's `load_weights` inside one layer-wise reload, as its NCCL engine does;
     here tests/weight_transfer_fixture.py reads them from a file) refused by the checkpoint
     check or differing from a whole reload; and a chunk the check refuses leaving layers on
-    the meta device: vLLM ends the session, and the next step would stop the engine."""
+    the meta device: vLLM ends the session, and the next step would stop the engine. An
+    engine started on dummy weights takes its first weights in chunks too."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -133,3 +134,11 @@ def test_an_rl_update_session_in_chunks_and_a_failed_chunk(tiny_dir, other_dir):
     session(other_dir)
     assert generate() == whole
     del llm
+    # A trainer may start the engine on random weights and send its own in chunks.
+    dummy = LLM(model=tiny_dir, dtype="float32", max_model_len=256, enforce_eager=True, load_format="dummy",
+                weight_transfer_config={"backend": "test_file"},
+                worker_extension_cls="tests.weight_transfer_fixture.RegistersTheFileEngine")
+    dummy.collective_rpc("init_weight_transfer_engine", args=({},))
+    session(other_dir, engine=dummy)
+    assert generate(dummy) == whole
+    del dummy
