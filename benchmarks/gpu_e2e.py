@@ -10,7 +10,7 @@ Stages, highest priority first (the default order; `--stages` picks groups or na
      a_tiny       GPU-friendly head dims: 1 and 16 prompts over 256 tokens, stop string and stop
                   id inside a canvas, seeded alone vs batched, rerun, JSON-schema replies,
                   canvas options (pins, a 16-token canvas, read-only, a constrained read) and
-                  logprob_token_ids, diffusion_stats
+                  logprob_token_ids, an in-place weight reload and back (exact), diffusion_stats
      a_eager      the same requests with enforce_eager: agreement with the graphs (exact in fp32)
      a_release_kv the release's unequal KV pages (sliding 8 x 256, full 2 x 512), scaled down
   b  b_server     the OpenAI server: completion, chat, streaming, bad knob 400, client disconnect
