@@ -70,30 +70,33 @@ def test_in_place_updates_compose_and_a_failed_one_leaves_the_engine_serving(tin
     refuses, mid-stream) that leaves layers on the meta device and stops the engine at its
     next step: the error must name the tensor, the engine must keep generating, and a later
     whole update must give the same tokens as before the failure."""
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM
 
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with the functions above
     llm = LLM(model=tiny_dir, dtype="float32", max_model_len=256, enforce_eager=True)
-
-    def generate(engine=llm) -> list[int]:
-        params = SamplingParams(max_tokens=24, ignore_eos=True, seed=3)
-        return list(engine.generate([TokensPrompt(prompt_token_ids=[2, 5, 6, 7, 8])], params)[0].outputs[0].token_ids)
-
-    before = generate()
+    before = generate(llm)
     llm.collective_rpc("reload_weights", kwargs={"weights_path": other_dir})
-    whole = generate()
+    whole = generate(llm)
     assert whole != before
     llm.collective_rpc("reload_weights", kwargs={"weights_path": tiny_dir})
     assert llm.collective_rpc(reload_part, args=(other_dir, True))[0] > 0
     assert llm.collective_rpc(reload_part, args=(other_dir, False))[0] > 0
-    assert generate() == whole
+    assert generate(llm) == whole
     with pytest.raises(Exception, match=r"unexpected tensor 'model\.decoder\.layers\.0\.bogus\.weight'"):
         llm.collective_rpc(reload_with_a_bad_tensor, args=(tiny_dir,))
-    assert len(generate()) == 24
+    assert len(generate(llm)) == 24
     llm.collective_rpc("reload_weights", kwargs={"weights_path": other_dir})
-    assert generate() == whole
+    assert generate(llm) == whole
     del llm
+
+
+def generate(llm) -> list[int]:
+    """24 seeded tokens of one prompt."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=24, ignore_eos=True, seed=3)
+    return list(llm.generate([TokensPrompt(prompt_token_ids=[2, 5, 6, 7, 8])], params)[0].outputs[0].token_ids)
 
 
 @pytest.mark.engine
@@ -105,40 +108,32 @@ def test_an_rl_update_session_in_chunks_and_a_failed_chunk(tiny_dir, other_dir):
     check or differing from a whole reload; and a chunk the check refuses leaving layers on
     the meta device: vLLM ends the session, and the next step would stop the engine. An
     engine started on dummy weights takes its first weights in chunks too."""
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM
 
-    llm = LLM(model=tiny_dir, dtype="float32", max_model_len=256, enforce_eager=True,
-              weight_transfer_config={"backend": "test_file"},
-              worker_extension_cls="tests.weight_transfer_fixture.RegistersTheFileEngine")
-
-    def generate(engine=llm) -> list[int]:
-        params = SamplingParams(max_tokens=24, ignore_eos=True, seed=3)
-        return list(engine.generate([TokensPrompt(prompt_token_ids=[2, 5, 6, 7, 8])], params)[0].outputs[0].token_ids)
-
-    def session(path: str, bogus: bool = False, engine=llm) -> None:
+    def session(engine, path: str, bogus: bool = False) -> None:
         engine.collective_rpc("start_weight_update")
         for layer_zero in (True, False):
             engine.collective_rpc("update_weights", args=({"path": path, "layer_zero": layer_zero, "bogus": bogus},))
         engine.collective_rpc("finish_weight_update")
 
+    transfer = dict(weight_transfer_config={"backend": "test_file"},
+                    worker_extension_cls="tests.weight_transfer_fixture.RegistersTheFileEngine")
+    llm = LLM(model=tiny_dir, dtype="float32", max_model_len=256, enforce_eager=True, **transfer)
     llm.collective_rpc("reload_weights", kwargs={"weights_path": other_dir})
-    whole = generate()
+    whole = generate(llm)
     llm.collective_rpc("reload_weights", kwargs={"weights_path": tiny_dir})
     llm.collective_rpc("init_weight_transfer_engine", args=({},))
-    session(other_dir)
-    assert generate() == whole
+    session(llm, other_dir)
+    assert generate(llm) == whole
     with pytest.raises(Exception, match=r"unexpected tensor 'model\.decoder\.layers\.0\.bogus\.weight'"):
-        session(tiny_dir, bogus=True)
-    assert len(generate()) == 24
-    session(other_dir)
-    assert generate() == whole
+        session(llm, tiny_dir, bogus=True)
+    assert len(generate(llm)) == 24
+    session(llm, other_dir)
+    assert generate(llm) == whole
     del llm
     # A trainer may start the engine on random weights and send its own in chunks.
-    dummy = LLM(model=tiny_dir, dtype="float32", max_model_len=256, enforce_eager=True, load_format="dummy",
-                weight_transfer_config={"backend": "test_file"},
-                worker_extension_cls="tests.weight_transfer_fixture.RegistersTheFileEngine")
+    dummy = LLM(model=tiny_dir, dtype="float32", max_model_len=256, enforce_eager=True, load_format="dummy", **transfer)
     dummy.collective_rpc("init_weight_transfer_engine", args=({},))
-    session(other_dir, engine=dummy)
+    session(dummy, other_dir)
     assert generate(dummy) == whole
     del dummy
