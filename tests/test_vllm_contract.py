@@ -64,9 +64,9 @@ Runner (model_runner.py, cpu_runner.py, gpu_runner.py, engine/worker_step.py)
 - A plain attribute on `ModelRunnerOutput` surviving the executor's pickling.
 - `reload_weights` (weight_updates.py): the layer-wise reload's `get_layerwise_info`
   (`can_load()`, `load_numel`, `load_numel_total`, `loaded_weights`) and
-  `finalize_layerwise_reload(model, model_config)`; the worker's `update_weights`, which ends
-  the weight-transfer session when a chunk raises (tests/test_weight_updates.py runs a session
-  end to end).
+  `finalize_layerwise_reload(model, model_config)`; the worker's `start_weight_update`,
+  `update_weights` (which ends the weight-transfer session when a chunk raises) and
+  `finish_weight_update` (tests/test_weight_updates.py runs a session end to end).
 Worker (cpu_worker.py, gpu_worker.py, worker_rpcs.py, standalone.py)
 - `CPUWorker.init_device` building `model_runner` inline; `Worker._make_model_runner`;
   `GPUModelRunner.capture_model() -> int`, called by the worker unless enforce_eager;

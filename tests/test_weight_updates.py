@@ -48,12 +48,38 @@ def test_an_update_may_bring_some_tensors_each_checked(tiny_dir, other_dir):
         model.load_weights([(NORM, torch.ones(3))])
 
 
+def test_an_update_names_a_half_sent_module_and_a_repeated_tensor(tiny_dir):
+    """Catches an update that sends q_proj without k_proj (or gate_proj without up_proj, one of
+    a layer's expert tensors, one router scale) passing the check: vLLM's layer-wise reload
+    then fills the rest of that fused module with uninitialised memory; and a tensor sent twice
+    in one update passing (vLLM counts loaded elements, so it completes a module early)."""
+    from diffusiongemma_vllm.model.checkpoint import partial_modules
+
+    model = load_standalone(tiny_dir).model
+    cfg = model.cfg
+    attention = {"layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight"} | (
+        set() if cfg.layers[0].k_eq_v else {"layers.0.self_attn.v_proj.weight"})
+    assert partial_modules(cfg, {"layers.0.self_attn.q_proj.weight"}) == ["layers.0.self_attn.qkv_proj"]
+    assert partial_modules(cfg, attention | {"norm.weight", "layers.1.router.proj.weight"}) == []
+    assert partial_modules(cfg, {"layers.1.mlp.gate_proj.weight", "layers.0.experts.down_proj",
+                                 "layers.0.router.scale", "self_conditioning.up_proj.weight"}) == [
+        "layers.0.experts", "layers.0.router", "layers.1.mlp.gate_up_proj", "self_conditioning.gate_up_proj"]
+    new = load_file(f"{tiny_dir}/model.safetensors")
+    with pytest.raises(CheckpointError, match=r"'model\.decoder\.norm\.weight' appears twice"):
+        model.load_weights([(NORM, new[NORM]), (NORM, new[NORM])])
+
+
 def reload_part(worker, path: str, layer_zero: bool) -> int:
     """In the worker: vLLM's in-place reload of the tensors of `path` inside layer 0, or of
     all others (each layer whole in one call, as vLLM's layer-wise reload wants)."""
     tensors = [(n, t) for n, t in load_file(f"{path}/model.safetensors").items() if ("layers.0." in n) == layer_zero]
     worker.model_runner.reload_weights(weights_iterator=tensors)
     return len(tensors)
+
+
+def reload_only(worker, path: str, names: list[str]) -> None:
+    tensors = [(n, t) for n, t in load_file(f"{path}/model.safetensors").items() if n in names]
+    worker.model_runner.reload_weights(weights_iterator=tensors)
 
 
 def reload_with_a_bad_tensor(worker, path: str) -> None:
@@ -87,7 +113,13 @@ def test_in_place_updates_compose_and_a_failed_one_leaves_the_engine_serving(tin
     assert len(generate(llm)) == 24
     llm.collective_rpc("reload_weights", kwargs={"weights_path": other_dir})
     assert generate(llm) == whole
+    with pytest.raises(Exception, match=r"only some tensors of 1 module\(s\).*layers\.0\.mlp\.gate_up_proj"):
+        llm.collective_rpc(reload_only, args=(tiny_dir, [GATE]))
+    assert generate(llm) == whole  # that module, and every other, as it was
     del llm
+
+
+GATE = "model.decoder.layers.0.mlp.gate_proj.weight"
 
 
 def generate(llm) -> list[int]:
@@ -130,6 +162,13 @@ def test_an_rl_update_session_in_chunks_and_a_failed_chunk(tiny_dir, other_dir):
     assert len(generate(llm)) == 24
     session(llm, other_dir)
     assert generate(llm) == whole
+    llm.collective_rpc("start_weight_update")
+    llm.collective_rpc("update_weights", args=({"path": tiny_dir, "layer_zero": True, "only": [GATE]},))
+    with pytest.raises(Exception, match=r"only some tensors.*layers\.0\.mlp\.gate_up_proj"):
+        llm.collective_rpc("finish_weight_update")
+    assert generate(llm) == whole
+    session(llm, tiny_dir)  # the session ended: a new one starts
+    assert generate(llm) != whole
     del llm
     # A trainer may start the engine on random weights and send its own in chunks.
     dummy = LLM(model=tiny_dir, dtype="float32", max_model_len=256, enforce_eager=True, load_format="dummy", **transfer)

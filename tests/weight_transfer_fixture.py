@@ -30,6 +30,7 @@ class FileUpdateInfo(WeightTransferUpdateInfo):
     path: str  # a checkpoint folder
     layer_zero: bool  # this chunk: the tensors inside layer 0, or all the others
     bogus: bool = False  # also a tensor no checkpoint has, second in the chunk
+    only: list[str] | None = None  # of those, only these names
 
 
 class FileWeightTransferEngine(WeightTransferEngine[FileInitInfo, FileUpdateInfo]):
@@ -44,7 +45,8 @@ class FileWeightTransferEngine(WeightTransferEngine[FileInitInfo, FileUpdateInfo
 
     def receive_weights(self, update_info: FileUpdateInfo) -> None:
         tensors = [(n, t) for n, t in load_file(f"{update_info.path}/model.safetensors").items()
-                   if ("layers.0." in n) == update_info.layer_zero]
+                   if ("layers.0." in n) == update_info.layer_zero
+                   and (update_info.only is None or n in update_info.only)]
         if update_info.bogus:
             tensors.insert(1, (BOGUS, tensors[0][1]))
         self.model.load_weights(tensors)

@@ -58,14 +58,21 @@ class DenoiseStepRunnerMixin:
             output.diffusion_metrics = metrics
         return output
 
-    def reload_weights(self, *args, **kwargs) -> None:
-        """vLLM's in-place weight update; one that fails (a tensor the checkpoint check refuses)
-        leaves every layer serving, old or new (weight_updates.py), and raises."""
+    def reload_weights(self, weights_iterator=None, weights_path: str | None = None,
+                       is_checkpoint_format: bool = True) -> None:
+        """vLLM's in-place weight update: from a path (the whole checkpoint), or from an iterator
+        of checkpoint tensors (every tensor of each module it touches). One that fails leaves
+        every layer serving, old or new (weight_updates.py), and raises."""
+        model = self.get_model()
+        model.begin_update(whole=weights_iterator is None, in_one_load=True)
         try:
-            super().reload_weights(*args, **kwargs)
+            super().reload_weights(weights_iterator=weights_iterator, weights_path=weights_path,
+                                   is_checkpoint_format=is_checkpoint_format)
         except Exception:
-            restore_unfinished_layers(self.get_model(), self.vllm_config.model_config)
+            restore_unfinished_layers(model, self.vllm_config.model_config)
             raise
+        finally:
+            model.drop_update()
 
     def initialize_kv_cache(self, *args, **kwargs) -> None:
         super().initialize_kv_cache(*args, **kwargs)

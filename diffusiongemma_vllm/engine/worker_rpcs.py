@@ -7,13 +7,17 @@
 - `profile_denoise_pass(canvases, repeats, fused_kernels)`: one denoise pass timed on the
   device, against the bandwidth floor of its weights (pass_profile.py).
 
-It also wraps vLLM's `update_weights` (a weight-transfer engine's chunk of an RL weight
-update): a chunk that fails leaves every layer serving, old or new (weight_updates.py).
+It also wraps vLLM's weight-transfer session (an RL weight update sent in chunks:
+`start_weight_update`, `update_weights` per chunk, `finish_weight_update`): the model checks
+the session's tensors together (none twice; every tensor of each module it touches, at the
+end), and a chunk or a session that fails leaves every layer serving, old or new
+(weight_updates.py).
 """
 
 from __future__ import annotations
 
 from diffusiongemma_vllm.engine.pass_profile import profile_denoise_pass
+from diffusiongemma_vllm.model.config import CheckpointError
 from diffusiongemma_vllm.engine.weight_updates import restore_unfinished_layers
 
 
@@ -26,11 +30,29 @@ class DiffusionWorkerRPCs:
     def profile_denoise_pass(self, canvases: int = 1, repeats: int = 20, fused_kernels: bool | None = None) -> dict:
         return profile_denoise_pass(self.model_runner, canvases, repeats, fused_kernels)
 
+    def start_weight_update(self) -> None:
+        super().start_weight_update()
+        self.model_runner.get_model().begin_update(whole=False, in_one_load=False)
+
     def update_weights(self, update_info) -> None:
         """vLLM's: one chunk of a weight-transfer update. vLLM ends the update session when a
         chunk fails, with its layers still on the meta device; here they are restored first."""
         try:
             super().update_weights(update_info)
         except Exception:
-            restore_unfinished_layers(self.model_runner.get_model(), self.vllm_config.model_config)
+            model = self.model_runner.get_model()
+            model.drop_update()
+            restore_unfinished_layers(model, self.vllm_config.model_config)
             raise
+
+    def finish_weight_update(self) -> None:
+        """vLLM's, after the session's check: a module it sent only some tensors of keeps its
+        previous weights, and the error names it once the session has ended."""
+        model = self.model_runner.get_model()
+        try:
+            model.end_update()
+        except CheckpointError:
+            restore_unfinished_layers(model, self.vllm_config.model_config)
+            super().finish_weight_update()
+            raise
+        super().finish_weight_update()

@@ -8,7 +8,11 @@ unexpected name, a wrong shape or dtype, or (once the stream ends, for a `whole`
 a missing tensor, instead of the bare shape assertion or silent zero-initialised parameter a
 broken file would otherwise give. A weight update after start-up (vLLM's `reload_weights`,
 its weight-transfer engines, an RL trainer's `load_weights`) brings some tensors only: each is
-still checked, and none is missing.
+still checked, and none is missing; a tensor twice in one update is named (`seen` spans an
+update's calls). vLLM's layer-wise reload completes a module once all its tensors arrived
+(q, k and v into one qkv projection, a layer's experts, the router's two scales) and fills a
+half-sent module with uninitialised memory, so `partial_modules` names the modules an update
+sent only some tensors of (`receiving_module` groups the tensors by the module they load into).
 
 Quantized checkpoints. `quantized_format(hf_config)` reads config.json's
 `quantization_config` and names the format its quantized linears are stored in
@@ -192,11 +196,11 @@ def expected_text_tensors(cfg: BackboneConfig, fmt: QuantizedFormat | None = Non
 
 def checked_text_weights(
     cfg: BackboneConfig, weights: Iterable[tuple[str, torch.Tensor]], fmt: QuantizedFormat | None = None,
-    quantized: frozenset[str] = frozenset(), whole: bool = True,
+    quantized: frozenset[str] = frozenset(), whole: bool = True, seen: set[str] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     expected = expected_text_tensors(cfg, fmt, quantized)
     layout = f" ({fmt.name} checkpoint)" if fmt else ""
-    seen: set[str] = set()
+    seen = set() if seen is None else seen  # names without model.decoder., added to as they pass
     for name, tensor in weights:
         if name.startswith(SKIPPED_PREFIXES):
             continue
@@ -213,9 +217,48 @@ def checked_text_weights(
             want = " or ".join(str(d).removeprefix("torch.") for d in spec.dtypes)
             raise CheckpointError(f"checkpoint tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
                                   f"expected {want}{layout}")
+        if short in seen:
+            raise CheckpointError(f"checkpoint tensor {name!r} appears twice{layout}")
         seen.add(short)
         yield short, tensor
     missing = sorted(set(expected) - seen) if whole else []
     if missing:
         listed = ", ".join(TEXT_PREFIX + m for m in missing[:5])
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s){layout}: {listed}")
+
+
+@dataclass
+class WeightUpdate:
+    """An in-place weight update in progress (model/diffusion_gemma.py `begin_update`)."""
+
+    tensors: set[str]  # the update's tensors so far, names without model.decoder.
+    in_one_load: bool  # the whole update is one load_weights call (vLLM's reload_weights)
+
+
+# Checkpoint tensors that vLLM loads into one fused module: (the stored module, the fused one).
+FUSED_MODULES = ((".self_attn.q_proj", ".self_attn.qkv_proj"), (".self_attn.k_proj", ".self_attn.qkv_proj"),
+                 (".self_attn.v_proj", ".self_attn.qkv_proj"), (".mlp.gate_proj", ".mlp.gate_up_proj"),
+                 (".mlp.up_proj", ".mlp.gate_up_proj"),
+                 ("self_conditioning.gate_proj", "self_conditioning.gate_up_proj"),
+                 ("self_conditioning.up_proj", "self_conditioning.gate_up_proj"))
+
+
+def receiving_module(name: str) -> str:
+    """The module a checkpoint tensor (name without `model.decoder.`) loads into: its fused
+    projection for q/k/v and gate/up (with their scales), `layers.{i}.experts` for every expert
+    tensor, else the name without its last part."""
+    for stored, fused in FUSED_MODULES:
+        name = name.replace(stored + ".", fused + ".")
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "layers" and parts[2] == "experts":
+        return ".".join(parts[:3])
+    return ".".join(parts[:-1])
+
+
+def partial_modules(cfg: BackboneConfig, seen: set[str], fmt: QuantizedFormat | None = None,
+                    quantized: frozenset[str] = frozenset()) -> list[str]:
+    """The modules of which `seen` (an update's tensors) holds some tensors but not all."""
+    groups: dict[str, set[str]] = {}
+    for name in expected_text_tensors(cfg, fmt, quantized):
+        groups.setdefault(receiving_module(name), set()).add(name)
+    return sorted(module for module, names in groups.items() if names & seen and not names <= seen)

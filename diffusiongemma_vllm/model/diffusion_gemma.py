@@ -22,7 +22,7 @@ what vLLM's layers launch as several kernels each: the router's expert choice
 the norms around each residual add (kernels/residual_norms.py).
 
 Checkpoint layout: the text stack lives once under `model.decoder.*` (here `model.*`); the encoder's
-`layer_scalar` copies are checked against the decoder's and dropped; the vision tower is
+`layer_scalar` copies are dropped (the decoder's are the ones used); the vision tower is
 loaded by name and skipped (text serving only).
 
 Quantization: vLLM's quant config reaches the attention projections, the dense MLP and the
@@ -58,8 +58,8 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
 from diffusiongemma_vllm.model import phase_attention  # noqa: F401  registers torch.ops.diffusiongemma
-from diffusiongemma_vllm.model.checkpoint import checked_text_weights, quantized_format
-from diffusiongemma_vllm.model.config import BackboneConfig, LayerAttention
+from diffusiongemma_vllm.model.checkpoint import WeightUpdate, checked_text_weights, partial_modules, quantized_format
+from diffusiongemma_vllm.model.config import BackboneConfig, CheckpointError, LayerAttention
 from diffusiongemma_vllm.denoise.loop import Unembedding
 from diffusiongemma_vllm.denoise.vocab_shards import VocabShards
 from diffusiongemma_vllm.kernels import moe_routing, qkv_norm_rope, residual_norms
@@ -297,6 +297,7 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
         self.logits_processor = LogitsProcessor(cfg.vocab_size)
         # The first load is the whole checkpoint (none with dummy weights); later ones are updates.
         self.whole_checkpoint_due = vllm_config.load_config.load_format != "dummy"
+        self.update: WeightUpdate | None = None  # the in-place update in progress (engine/weight_updates.py)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Prefill inputs: E[ids] * sqrt(hidden), the scale rounded to the weight dtype as in HF."""
@@ -350,13 +351,47 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """The checkpoint's tensors into the model: the whole checkpoint at start-up, any of its
-        tensors afterwards (a weight update), each checked by name, shape and dtype."""
+        tensors afterwards (a weight update), each checked by name, shape and dtype, none twice
+        in one update. An update made of this one call (`reload_weights`) must bring every
+        tensor of each module it touches (checkpoint.partial_modules); a session's calls are
+        checked together at its end (`end_update`)."""
         quantized = self.stored_quantized_modules() if self.stored_format else frozenset()
+        seen = self.update.tensors if self.update is not None else set()
         checked = checked_text_weights(self.cfg, weights, self.stored_format, quantized,
-                                       whole=self.whole_checkpoint_due)  # names without model.decoder.
+                                       whole=self.whole_checkpoint_due, seen=seen)  # names without model.decoder.
         loaded = AutoWeightsLoader(self.model).load_weights(checked, mapper=_weights_mapper(self.cfg))
         self.whole_checkpoint_due = False
+        if self.update is not None and self.update.in_one_load:
+            self._refuse_partial_modules()
         return {f"model.{name}" for name in loaded}
+
+    def begin_update(self, whole: bool, in_one_load: bool) -> None:
+        """An in-place weight update starts: the whole checkpoint (a reload from a path), or
+        any of its tensors, in one `load_weights` call or over a session's calls."""
+        self.whole_checkpoint_due = whole
+        self.update = WeightUpdate(set(), in_one_load)
+
+    def end_update(self) -> None:
+        """The update ends; CheckpointError naming the modules it sent only some tensors of."""
+        try:
+            if self.update is not None:
+                self._refuse_partial_modules()
+        finally:
+            self.drop_update()
+
+    def drop_update(self) -> None:
+        """No update in progress any more (it ended, or failed)."""
+        self.update, self.whole_checkpoint_due = None, False
+
+    def _refuse_partial_modules(self) -> None:
+        quantized = self.stored_quantized_modules() if self.stored_format else frozenset()
+        partial = partial_modules(self.cfg, self.update.tensors, self.stored_format, quantized)
+        if partial:
+            raise CheckpointError(
+                f"the update sent only some tensors of {len(partial)} module(s), which keep their previous "
+                f"weights: {', '.join(partial[:5])}; send every tensor of a module in one update (q_proj, "
+                "k_proj and v_proj; gate_proj and up_proj; a layer's experts; the router's scale and "
+                "per_expert_scale)")
 
     def stored_quantized_modules(self) -> frozenset[str]:
         """The checkpoint modules (names without `model.decoder.`) whose weights vLLM loads in a
