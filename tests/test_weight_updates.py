@@ -53,15 +53,16 @@ def test_an_update_names_a_half_sent_module_and_a_repeated_tensor(tiny_dir):
     a layer's expert tensors, one router scale) passing the check: vLLM's layer-wise reload
     then fills the rest of that fused module with uninitialised memory; and a tensor sent twice
     in one update passing (vLLM counts loaded elements, so it completes a module early)."""
-    from diffusiongemma_vllm.model.checkpoint import partial_modules
+    from diffusiongemma_vllm.model.checkpoint import expected_text_tensors, partial_modules
 
     model = load_standalone(tiny_dir).model
     cfg = model.cfg
+    expected = expected_text_tensors(cfg)
     attention = {"layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight"} | (
         set() if cfg.layers[0].k_eq_v else {"layers.0.self_attn.v_proj.weight"})
-    assert partial_modules(cfg, {"layers.0.self_attn.q_proj.weight"}) == ["layers.0.self_attn.qkv_proj"]
-    assert partial_modules(cfg, attention | {"norm.weight", "layers.1.router.proj.weight"}) == []
-    assert partial_modules(cfg, {"layers.1.mlp.gate_proj.weight", "layers.0.experts.down_proj",
+    assert partial_modules(expected, {"layers.0.self_attn.q_proj.weight"}) == ["layers.0.self_attn.qkv_proj"]
+    assert partial_modules(expected, attention | {"norm.weight", "layers.1.router.proj.weight"}) == []
+    assert partial_modules(expected, {"layers.1.mlp.gate_proj.weight", "layers.0.experts.down_proj",
                                  "layers.0.router.scale", "self_conditioning.up_proj.weight"}) == [
         "layers.0.experts", "layers.0.router", "layers.1.mlp.gate_up_proj", "self_conditioning.gate_up_proj"]
     new = load_file(f"{tiny_dir}/model.safetensors")

@@ -197,8 +197,9 @@ def expected_text_tensors(cfg: BackboneConfig, fmt: QuantizedFormat | None = Non
 def checked_text_weights(
     cfg: BackboneConfig, weights: Iterable[tuple[str, torch.Tensor]], fmt: QuantizedFormat | None = None,
     quantized: frozenset[str] = frozenset(), whole: bool = True, seen: set[str] | None = None,
+    expected: dict[str, TensorSpec] | None = None,  # expected_text_tensors(cfg, fmt, quantized), if known
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    expected = expected_text_tensors(cfg, fmt, quantized)
+    expected = expected_text_tensors(cfg, fmt, quantized) if expected is None else expected
     layout = f" ({fmt.name} checkpoint)" if fmt else ""
     seen = set() if seen is None else seen  # names without model.decoder., added to as they pass
     for name, tensor in weights:
@@ -255,10 +256,10 @@ def receiving_module(name: str) -> str:
     return ".".join(parts[:-1])
 
 
-def partial_modules(cfg: BackboneConfig, seen: set[str], fmt: QuantizedFormat | None = None,
-                    quantized: frozenset[str] = frozenset()) -> list[str]:
-    """The modules of which `seen` (an update's tensors) holds some tensors but not all."""
+def partial_modules(expected: Iterable[str], seen: set[str]) -> list[str]:
+    """The modules of which `seen` (an update's tensors) holds some of the `expected` tensors
+    (expected_text_tensors) but not all."""
     groups: dict[str, set[str]] = {}
-    for name in expected_text_tensors(cfg, fmt, quantized):
+    for name in expected:
         groups.setdefault(receiving_module(name), set()).add(name)
     return sorted(module for module, names in groups.items() if names & seen and not names <= seen)

@@ -37,6 +37,7 @@ quantization (`--quantization fp8`) loads the bf16 layout and quantizes after lo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from contextlib import contextmanager
 
@@ -58,7 +59,8 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
 from diffusiongemma_vllm.model import phase_attention  # noqa: F401  registers torch.ops.diffusiongemma
-from diffusiongemma_vllm.model.checkpoint import WeightUpdate, checked_text_weights, partial_modules, quantized_format
+from diffusiongemma_vllm.model.checkpoint import (TensorSpec, WeightUpdate, checked_text_weights, expected_text_tensors,
+                                                  partial_modules, quantized_format)
 from diffusiongemma_vllm.model.config import BackboneConfig, CheckpointError, LayerAttention
 from diffusiongemma_vllm.denoise.loop import Unembedding
 from diffusiongemma_vllm.denoise.vocab_shards import VocabShards
@@ -355,10 +357,9 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
         in one update. An update made of this one call (`reload_weights`) must bring every
         tensor of each module it touches (checkpoint.partial_modules); a session's calls are
         checked together at its end (`end_update`)."""
-        quantized = self.stored_quantized_modules() if self.stored_format else frozenset()
         seen = self.update.tensors if self.update is not None else set()
-        checked = checked_text_weights(self.cfg, weights, self.stored_format, quantized,
-                                       whole=self.whole_checkpoint_due, seen=seen)  # names without model.decoder.
+        checked = checked_text_weights(self.cfg, weights, self.stored_format, whole=self.whole_checkpoint_due,
+                                       seen=seen, expected=self.expected_tensors)  # names without model.decoder.
         loaded = AutoWeightsLoader(self.model).load_weights(checked, mapper=_weights_mapper(self.cfg))
         self.whole_checkpoint_due = False
         if self.update is not None and self.update.in_one_load:
@@ -383,9 +384,15 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
         """No update in progress any more (it ended, or failed)."""
         self.update, self.whole_checkpoint_due = None, False
 
-    def _refuse_partial_modules(self) -> None:
+    @functools.cached_property
+    def expected_tensors(self) -> dict[str, TensorSpec]:
+        """The checkpoint's tensors (names without `model.decoder.`) for the layers vLLM built,
+        listed once: an update's every load (a session's every chunk) checks against it."""
         quantized = self.stored_quantized_modules() if self.stored_format else frozenset()
-        partial = partial_modules(self.cfg, self.update.tensors, self.stored_format, quantized)
+        return expected_text_tensors(self.cfg, self.stored_format, quantized)
+
+    def _refuse_partial_modules(self) -> None:
+        partial = partial_modules(self.expected_tensors, self.update.tensors)
         if partial:
             raise CheckpointError(
                 f"the update sent only some tensors of {len(partial)} module(s), which keep their previous "
