@@ -21,7 +21,7 @@ from vllm.v1.outputs import LogprobsTensors, SamplerOutput
 
 from diffusiongemma_vllm.engine.worker_step import DenoiseStep, StepOutput
 from diffusiongemma_vllm.engine.kv_layout import check_caches
-from diffusiongemma_vllm.engine.weight_updates import restore_unfinished_layers
+from diffusiongemma_vllm.engine.weight_updates import restored_on_failure
 
 
 class DenoiseStepRunnerMixin:
@@ -65,14 +65,10 @@ class DenoiseStepRunnerMixin:
         every layer serving, old or new (weight_updates.py), and raises."""
         model = self.get_model()
         model.begin_update(whole=weights_iterator is None, in_one_load=True)
-        try:
+        with restored_on_failure(model, self.vllm_config.model_config):
             super().reload_weights(weights_iterator=weights_iterator, weights_path=weights_path,
                                    is_checkpoint_format=is_checkpoint_format)
-        except Exception:
-            restore_unfinished_layers(model, self.vllm_config.model_config)
-            raise
-        finally:
-            model.drop_update()
+        model.drop_update()
 
     def initialize_kv_cache(self, *args, **kwargs) -> None:
         super().initialize_kv_cache(*args, **kwargs)

@@ -12,13 +12,29 @@ step stops the engine.
 `restore_unfinished_layers` ends such a failed update cleanly: the layers whose tensors had
 all arrived keep the new weights, every other layer (untouched, or with some tensors
 buffered) gets its previous weights back, and the error still reaches the caller. The model
-is then a mix of old and new layers until an update succeeds.
+is then a mix of old and new layers until an update succeeds. `restored_on_failure` wraps a
+step of an update (the runner's reload, a session's chunk) in that.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload, get_layerwise_info
+
+
+@contextmanager
+def restored_on_failure(model: torch.nn.Module, model_config) -> Iterator[None]:
+    """Inside: a step of an in-place update. If it raises, the model's update ends and its
+    unfinished layers get their previous tensors back before the error goes on."""
+    try:
+        yield
+    except Exception:
+        model.drop_update()
+        restore_unfinished_layers(model, model_config)
+        raise
 
 
 def restore_unfinished_layers(model: torch.nn.Module, model_config) -> None:

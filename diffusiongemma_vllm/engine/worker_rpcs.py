@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from diffusiongemma_vllm.engine.pass_profile import profile_denoise_pass
 from diffusiongemma_vllm.model.config import CheckpointError
-from diffusiongemma_vllm.engine.weight_updates import restore_unfinished_layers
+from diffusiongemma_vllm.engine.weight_updates import restore_unfinished_layers, restored_on_failure
 
 
 class DiffusionWorkerRPCs:
@@ -37,13 +37,8 @@ class DiffusionWorkerRPCs:
     def update_weights(self, update_info) -> None:
         """vLLM's: one chunk of a weight-transfer update. vLLM ends the update session when a
         chunk fails, with its layers still on the meta device; here they are restored first."""
-        try:
+        with restored_on_failure(self.model_runner.get_model(), self.vllm_config.model_config):
             super().update_weights(update_info)
-        except Exception:
-            model = self.model_runner.get_model()
-            model.drop_update()
-            restore_unfinished_layers(model, self.vllm_config.model_config)
-            raise
 
     def finish_weight_update(self) -> None:
         """vLLM's, after the session's check: a module it sent only some tensors of keeps its

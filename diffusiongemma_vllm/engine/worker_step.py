@@ -24,10 +24,10 @@ canvas), and next step schedules the emitted tokens again: that pass is the comm
 
 With `passes_per_step` (vLLM's `additional_config`, e.g. `--additional-config
 '{"passes_per_step": 8}'`) a canvas runs at most that many passes per step. A canvas still
-running then emits nothing and keeps its device state here, keyed by request; scheduler.py schedules its
-request again (one token, its last) and the next step resumes the canvas where it stopped, with
-the same draws, so the output does not depend on the setting. Requests that arrive meanwhile
-get their prefill within a few passes instead of after whole blocks. The exception: a first
+running then emits nothing and keeps its device state here, keyed by request; scheduler.py
+schedules its request again (one token, its last) and the next step resumes the canvas where
+it stopped, with the same draws, so the output does not depend on the setting. Requests that
+arrive meanwhile get their prefill within a few passes instead of after whole blocks. The exception: a first
 canvas whose request asked for prompt logprobs finishes in its step, since vLLM returns those
 with the step that ends the prompt and requires a token with them.
 
