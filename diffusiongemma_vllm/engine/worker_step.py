@@ -71,6 +71,7 @@ from diffusiongemma_vllm.drafts.publisher import DraftPublisher
 from diffusiongemma_vllm.kernels.top_logprobs import TopLogprobs, top_logprobs
 from diffusiongemma_vllm.engine.step_prefixes import PagedStepInputs, gather_prefixes
 from diffusiongemma_vllm.engine.canvas_options import CanvasOptions
+from diffusiongemma_vllm.engine.lora_adapters import CanvasAdapters
 from diffusiongemma_vllm.engine.step_metrics import StepMetrics
 from diffusiongemma_vllm.engine.structured_commit import CanvasGrammars
 
@@ -153,8 +154,9 @@ class _RequestSettings:
 
 
 class DenoiseStep:
-    def __init__(self, model, vllm_config, device: torch.device):
+    def __init__(self, model, vllm_config, device: torch.device, adapters: CanvasAdapters | None = None):
         self.model = model
+        self.adapters = adapters  # LoRA adapters served (lora_adapters.py), or None
         self.vllm_config = vllm_config
         self.device = device
         self.canvas_length = model.cfg.canvas_length
@@ -271,13 +273,15 @@ class DenoiseStep:
             if held is not None and held[0] == request.context:
                 resumed[slot] = held[1]
         rows, context = [r.row for r in requests], [r.context for r in requests]
+        adapters = [runner.requests[r.req_id].lora_request for r in requests] if self.adapters is not None else None
         if self.device.type == "cuda":
             run_pass = self._load_paged_inputs(runner, rows, context)
-            if width != self.canvas_length:
-                run_pass = self.pass_runner(self.paged_inputs.context_lens, self.paged_inputs.prefixes, width)
+            if width != self.canvas_length or adapters is not None:
+                run_pass = self.pass_runner(self.paged_inputs.context_lens, self.paged_inputs.prefixes, width,
+                                            adapters)
         else:
             run_pass = self.pass_runner(torch.tensor(context), gather_prefixes(runner, rows, context, self.device),
-                                        width)
+                                        width, adapters)
         unembedding = self.unembedding.restricted(allowed) if allowed else self.unembedding
         graphs = self.graphs if width == self.canvas_length and not allowed else None
         turns = []
@@ -367,16 +371,20 @@ class DenoiseStep:
             out.logprobs[requests[job].row] = row
 
     def pass_runner(self, context_lens: torch.Tensor, prefixes: dict[str, PrefixKV | PagedPrefix],
-                    canvas_length: int | None = None):
+                    canvas_length: int | None = None, adapters: list | None = None):
         """run_pass over canvases of `canvas_length` (default: the checkpoint's) whose request
-        inputs sit at `rows` of `context_lens` and of each prefix. Only device work: on GPU the
-        same function is captured in graphs."""
+        inputs sit at `rows` of `context_lens` and of each prefix, and whose LoRA adapters (when
+        the engine serves them) are at `rows` of `adapters` (vLLM's LoRARequest or None; default
+        none). Only device work, unless adapters are served: on GPU the same function is
+        captured in graphs."""
         canvas_length = canvas_length or self.canvas_length
         layer_names = self.model.attention_layer_names()
         offsets = torch.arange(canvas_length, device=self.device)
         context_lens = context_lens.to(self.device)
 
         def run_pass(rows: torch.Tensor, canvas: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+            if self.adapters is not None:
+                self.adapters.map_pass([adapters[r] if adapters else None for r in rows.tolist()], canvas_length)
             lens = context_lens[rows]
             positions = (lens[:, None] + offsets).flatten()
             embeds = self.model.embed_canvas(canvas.flatten(), soft.flatten(0, 1))
@@ -414,7 +422,8 @@ class DenoiseStep:
         max_num_seqs = self.vllm_config.scheduler_config.max_num_seqs
         self.paged_inputs = PagedStepInputs.build(runner, max_num_seqs, self.key_splits)
         self.paged_run_pass = self.pass_runner(self.paged_inputs.context_lens, self.paged_inputs.prefixes)
-        if self.vllm_config.compilation_config.cudagraph_mode != CUDAGraphMode.NONE:  # off under enforce_eager
+        # Off under enforce_eager, and while LoRA adapters are served (each pass maps its canvases to theirs).
+        if self.vllm_config.compilation_config.cudagraph_mode != CUDAGraphMode.NONE and self.adapters is None:
             self.graphs = DenoiseGraphs(self.paged_run_pass, self.unembedding, self.row_stats,
                                         ladder=ladder_for(self.largest_pass), agree=all_ranks_agree)
 

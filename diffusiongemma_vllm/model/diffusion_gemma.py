@@ -46,7 +46,7 @@ from torch import nn
 
 from vllm import envs
 from vllm.compilation.decorators import support_torch_compile
-from vllm.config import VllmConfig
+from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 from vllm.model_executor.layers.activation import get_act_and_mul_fn
 from vllm.model_executor.layers.attention import Attention
@@ -56,6 +56,7 @@ from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVPar
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.models.interfaces import SupportsLoRA
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
 from diffusiongemma_vllm.model import phase_attention  # noqa: F401  registers torch.ops.diffusiongemma
@@ -65,6 +66,7 @@ from diffusiongemma_vllm.model.config import BackboneConfig, CheckpointError, La
 from diffusiongemma_vllm.denoise.loop import Unembedding
 from diffusiongemma_vllm.denoise.vocab_shards import VocabShards
 from diffusiongemma_vllm.kernels import moe_routing, qkv_norm_rope, residual_norms
+from diffusiongemma_vllm.engine.lora_adapters import experts_without_lora
 
 
 class GatedMLP(nn.Module):
@@ -198,12 +200,13 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, prefix=f"{prefix}.mlp",
                             quant_config=quant_config)
         self.router = Router(cfg, prefix=f"{prefix}.router")
-        self.experts = FusedMoEFactory(
-            num_experts=cfg.num_experts, top_k=cfg.top_k_experts, hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.moe_intermediate_size, renormalize=True, quant_config=quant_config,
-            prefix=f"{prefix}.experts", custom_routing_function=self.router.routing_function,
-            activation="gelu_tanh",
-        )
+        with experts_without_lora(get_current_vllm_config()):  # no adapter reaches them (engine/lora_adapters.py)
+            self.experts = FusedMoEFactory(
+                num_experts=cfg.num_experts, top_k=cfg.top_k_experts, hidden_size=cfg.hidden_size,
+                intermediate_size=cfg.moe_intermediate_size, renormalize=True, quant_config=quant_config,
+                prefix=f"{prefix}.experts", custom_routing_function=self.router.routing_function,
+                activation="gelu_tanh",
+            )
         norm = lambda: RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)  # noqa: E731
         self.input_layernorm = norm()
         self.post_attention_layernorm = norm()
@@ -280,8 +283,9 @@ class DiffusionGemmaModel(nn.Module):
         return self.norm(hidden_states)
 
 
-class DiffusionGemmaForBlockDiffusion(nn.Module):
-    """vLLM model class for the `DiffusionGemmaForBlockDiffusion` architecture."""
+class DiffusionGemmaForBlockDiffusion(nn.Module, SupportsLoRA):
+    """vLLM model class for the `DiffusionGemmaForBlockDiffusion` architecture; LoRA adapters
+    reach its attention and MLP linears (engine/lora_adapters.py)."""
 
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     hf_to_vllm_mapper = WeightsMapper(orig_to_new_prefix={"model.decoder.": "model."})
@@ -290,6 +294,7 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
         super().__init__()
         cfg = BackboneConfig.from_hf(vllm_config.model_config.hf_config)
         self.cfg = cfg
+        self.config = vllm_config.model_config.hf_config  # vLLM's LoRA layers read it
         self.stored_format = quantized_format(vllm_config.model_config.hf_config)
         if vllm_config.quant_config is not None:
             _ignore_v_rows_with_k(vllm_config.quant_config, cfg)

