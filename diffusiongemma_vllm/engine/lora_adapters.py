@@ -12,21 +12,31 @@ What an adapter may adapt (`ADAPTED`, the linear modules of a PEFT adapter train
 transformers' model): the attention projections, the dense MLP and the self-conditioning
 MLP. Not served, and refused at load naming the modules: the experts (vLLM's MoE LoRA needs
 its Triton MoE kernel and adapters in its own expert layout; the plugin builds its experts
-without it, so they keep their own kernels), the routers and the tied embedding (which the
-denoise sampler reads directly). A full-attention layer has no v_proj: its V is the raw K
-projection, so the adapter's `k_proj` adapts V too, as in transformers (`DiffusionGemmaLoRAModel`).
+without it, so they keep their own kernels), the routers, the tied embedding (which the
+denoise sampler reads directly) and the vision tower. A full-attention layer has no v_proj:
+its V is the raw K projection, so the adapter's `k_proj` adapts V too, as in transformers.
+
+Two layouts (`DiffusionGemmaLoRAModel`). An adapter of the text stack (`model.decoder.*`, as
+the checkpoint names it) serves every pass, as if merged into the checkpoint: one stack
+serves both phases, as in the JAX and NeMo trainers. transformers instead holds the
+prompt-side stack as separate modules over the same weights (`model.encoder.language_model.*`),
+and PEFT on transformers trains factors for each: such an adapter's encoder factors serve its
+prefill and commits, and its decoder factors its denoise passes, which `CanvasAdapters.denoising`
+writes into the adapter's slot for the step's denoise passes and takes out again after them.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from vllm.lora.layers import LoRAMapping
 from vllm.lora.lora_model import LoRAModel
 
 ADAPTED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ENCODER_COPY = "model.encoder.language_model."  # transformers' prompt-side modules over the same weights
 _FULL_LAYER_K = re.compile(r"(.*layers\.(\d+)\.self_attn\.)k_proj$")
 # The served modules as vLLM names an adapter's (the checkpoint's `model.decoder.` is `model.`).
 _SERVED = re.compile(r"model\.(layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
@@ -47,34 +57,59 @@ def served_targets(target_modules: list[str] | None) -> list[str]:
 
 
 def adapter_model_class(k_eq_v_layers: frozenset[int]) -> type[LoRAModel]:
-    """vLLM's LoRAModel as the plugin loads adapters: refusing modules it does not serve, and
-    with each full-attention layer's k_proj also adapting its V rows (`k_eq_v_layers`)."""
+    """vLLM's LoRAModel as the plugin loads adapters: refusing modules it does not serve, with
+    each full-attention layer's k_proj also adapting its V rows (`k_eq_v_layers`), and an
+    adapter with factors for transformers' encoder copy split in two: those factors serve its
+    prefill and commits (vLLM's forward), its decoder factors its denoise passes (`denoise`)."""
 
     class DiffusionGemmaLoRAModel(LoRAModel):
+        denoise: LoRAModel | None = None  # the denoise passes' factors, when they differ from the others
+        denoise_packed: bool = False
+
         @classmethod
         def from_local_checkpoint(cls, lora_dir, *args, **kwargs):
             adapter = super().from_local_checkpoint(lora_dir, *args, **kwargs)
-            unserved = sorted(name for name in adapter.loras if not _SERVED.match(name))
-            if unserved:
-                raise ValueError(
-                    f"LoRA adapter {lora_dir} adapts modules DiffusionGemma (diffusiongemma-vllm) does not serve: "
-                    f"{', '.join(unserved[:5])}; an adapter adapts the text stack's {', '.join(ADAPTED)} "
-                    "under model.decoder.* (which serve every pass, as when merged into the checkpoint); "
-                    "factors of its own for transformers' encoder copy (model.encoder.*) are not served")
-            for name, weights in list(adapter.loras.items()):
-                match = _FULL_LAYER_K.match(name)
-                if match is None or int(match.group(2)) not in k_eq_v_layers:
-                    continue
-                v_name = match.group(1) + "v_proj"
-                if v_name in adapter.loras:
-                    raise ValueError(f"LoRA adapter {lora_dir} has {v_name}, but that full-attention layer has "
-                                     "no v_proj (its V is its K projection, which k_proj adapts)")
-                twin = adapter.loras[v_name] = copy.copy(weights)
-                # Its own tensors: vLLM packs q, k and v, then scales each B in place (`optimize`).
-                twin.module_name, twin.lora_a, twin.lora_b = v_name, weights.lora_a.clone(), weights.lora_b.clone()
+            encoder = {}
+            for name, weights in adapter.loras.items():
+                if name.startswith(ENCODER_COPY):
+                    served = "model." + name.removeprefix(ENCODER_COPY)
+                    encoder[served] = _renamed(weights, served)
+            if encoder:
+                decoder = {name: w for name, w in adapter.loras.items() if not name.startswith(ENCODER_COPY)}
+                adapter.loras = encoder
+                adapter.denoise = LoRAModel(adapter.id, adapter.rank, decoder)
+            for factors in (adapter, adapter.denoise):
+                if factors is not None:
+                    _check_and_share_k_with_v(factors.loras, lora_dir, k_eq_v_layers)
             return adapter
 
     return DiffusionGemmaLoRAModel
+
+
+def _check_and_share_k_with_v(loras: dict, lora_dir: str, k_eq_v_layers: frozenset[int]) -> None:
+    unserved = sorted(name for name in loras if not _SERVED.match(name))
+    if unserved:
+        raise ValueError(
+            f"LoRA adapter {lora_dir} adapts modules DiffusionGemma (diffusiongemma-vllm) does not serve: "
+            f"{', '.join(unserved[:5])}; an adapter adapts the text stack's {', '.join(ADAPTED)}, not the "
+            "experts, the routers, the embedding or the vision tower")
+    for name, weights in list(loras.items()):
+        match = _FULL_LAYER_K.match(name)
+        if match is None or int(match.group(2)) not in k_eq_v_layers:
+            continue
+        v_name = match.group(1) + "v_proj"
+        if v_name in loras:
+            raise ValueError(f"LoRA adapter {lora_dir} has {v_name}, but that full-attention layer has "
+                             "no v_proj (its V is its K projection, which k_proj adapts)")
+        loras[v_name] = _renamed(weights, v_name)
+
+
+def _renamed(weights, name: str):
+    """A copy of one module's factors under `name`, with tensors of its own: vLLM packs q, k and
+    v, then scales each B in place (`optimize`)."""
+    twin = copy.copy(weights)
+    twin.module_name, twin.lora_a, twin.lora_b = name, weights.lora_a.clone(), weights.lora_b.clone()
+    return twin
 
 
 @contextmanager
@@ -104,3 +139,36 @@ class CanvasAdapters:
         tokens = tuple(i for i in ids for _ in range(canvas_length))
         self.lora_manager.set_active_adapters({a for a in adapters if a is not None},
                                               LoRAMapping(tokens, ids, is_prefill=True))
+
+    @contextmanager
+    def denoising(self, adapters: list) -> Iterator[None]:
+        """While inside, the slot of each of `adapters` (vLLM's LoRARequest, or None) whose
+        adapter has factors of its own for the denoise passes holds those; the others after."""
+        manager = self.lora_manager._adapter_manager
+        swapped = []
+        for lora_id in sorted({adapter.lora_int_id for adapter in adapters if adapter is not None}):
+            adapter = manager.get_adapter(lora_id)
+            if getattr(adapter, "denoise", None) is None:
+                continue
+            if not adapter.denoise_packed:  # as vLLM packs the adapter itself when it registers it
+                manager._create_merged_loras_inplace(adapter.denoise)
+                adapter.denoise_packed = True
+            slot = manager.lora_index_to_id.index(lora_id)
+            _write_slot(manager, slot, adapter.denoise)
+            swapped.append((slot, adapter))
+        try:
+            yield
+        finally:
+            for slot, adapter in swapped:
+                _write_slot(manager, slot, adapter)
+
+
+def _write_slot(manager, slot: int, adapter: LoRAModel) -> None:
+    """The adapter's factors into every LoRA layer's `slot`, as vLLM writes them when it
+    activates an adapter (`LoRAModelManager.activate_adapter`)."""
+    for name, module in manager.modules.items():
+        weights = adapter.get_lora(name)
+        if weights is None:
+            module.reset_lora(slot)
+        else:
+            module.set_lora(slot, weights.lora_a, weights.lora_b)

@@ -213,7 +213,9 @@ class DenoiseStep:
         fresh = [r for r in ready if r.req_id not in held or held[r.req_id].context != r.context]
         waiting = [r for r in ready if r.req_id in held and held[r.req_id].context == r.context]
         reads = {r.req_id: self._read(runner, r.req_id) for r in fresh}
-        with torch.inference_mode():
+        adapters = self.adapters.denoising([runner.requests[r.req_id].lora_request for r in fresh]) \
+            if self.adapters is not None else contextlib.nullcontext()
+        with torch.inference_mode(), adapters:
             turns = [turn for read in sorted(set(reads.values()))  # one canvas length and read per pass
                      for turn in self._denoise(runner, [r for r in fresh if reads[r.req_id] == read], *read)]
             if waiting:

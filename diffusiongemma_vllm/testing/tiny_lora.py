@@ -10,8 +10,11 @@ block's) of a checkpoint. A full-attention layer has no `v_proj` (its V is its K
 so an adapter adapts its V through `k_proj`, as in transformers.
 
 `merge_adapter` writes the base checkpoint with W + (alpha / rank) B A in place of each
-adapted W: what transformers computes with the adapter applied, the reference a served
-adapter must reproduce.
+adapted W: what transformers computes with an adapter of the one text stack applied to every
+pass, the reference such a served adapter must reproduce. transformers holds the prompt-side
+stack as separate modules over the same weights (`model.encoder.language_model.*`), so PEFT
+on transformers trains factors of their own for them (`encoder_copy`); `peft_applied` is the
+reference for those: each module with its own factors, as PEFT applies them.
 
 CLI: `python -m diffusiongemma_vllm.testing.tiny_lora BASE_DIR OUT_DIR [--seed N] [--merged MERGED_DIR]`
 """
@@ -25,12 +28,15 @@ from pathlib import Path
 
 ADAPTED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WEIGHTS = "adapter_model.safetensors"
+DECODER_LAYERS, ENCODER_LAYERS = "model.decoder.layers.", "model.encoder.language_model.layers."
 
 
 def build_tiny_adapter(base_dir: str | Path, out_dir: str | Path, seed: int = 0, rank: int = 4, alpha: int = 8,
-                       scale: float = 0.15, extra: tuple[str, ...] = ()) -> Path:
+                       scale: float = 0.15, extra: tuple[str, ...] = (), encoder_copy: bool = False) -> Path:
     """A random adapter of `rank` over every linear module named in ADAPTED (and the modules
-    named by their checkpoint names in `extra`, for adapters the server must refuse)."""
+    named by their checkpoint names in `extra`, for adapters the server must refuse); with
+    `encoder_copy`, also factors of their own for transformers' encoder copy of each layer
+    module, as PEFT on transformers trains them."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -44,8 +50,10 @@ def build_tiny_adapter(base_dir: str | Path, out_dir: str | Path, seed: int = 0,
         if weight.dim() != 2 or not (adapted or module in extra):
             continue
         rows, cols = weight.shape
-        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, cols, generator=generator) * scale
-        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(rows, rank, generator=generator) * scale
+        copies = [module.replace(DECODER_LAYERS, ENCODER_LAYERS)] if encoder_copy and DECODER_LAYERS in module else []
+        for name in (module, *copies):
+            tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, cols, generator=generator) * scale
+            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(rows, rank, generator=generator) * scale
     save_file(tensors, str(out / WEIGHTS))
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
               "bias": "none", "target_modules": sorted({*ADAPTED, *(m.rsplit(".", 1)[-1] for m in extra)}),
@@ -56,7 +64,6 @@ def build_tiny_adapter(base_dir: str | Path, out_dir: str | Path, seed: int = 0,
 
 def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """The base checkpoint with the adapter merged into its weights, beside its config and tokenizer."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     base, out = Path(base_dir), Path(out_dir)
@@ -74,6 +81,28 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
         weights[f"{module}.weight"] = (weight.double() + scaling * (b.double() @ a.double())).to(weight.dtype)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+def peft_applied(model, adapter_dir: str | Path):
+    """transformers' `model` with the adapter's factors added to each module they name, as PEFT
+    applies an adapter: an encoder-copy module's own factors serve the prompt side (prefill and
+    commits), a decoder module's the denoise passes. Returns the model."""
+    import torch
+    from safetensors.torch import load_file
+
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    scaling = config["lora_alpha"] / config["r"]
+    factors = load_file(str(Path(adapter_dir) / WEIGHTS))
+    for name, a in factors.items():
+        if name.endswith(".lora_A.weight"):
+            module = name.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            b = factors[name.replace(".lora_A.", ".lora_B.")]
+
+            def add_delta(_, inputs, output, a=a, b=b):
+                return output + scaling * torch.nn.functional.linear(torch.nn.functional.linear(inputs[0], a), b)
+
+            model.get_submodule(module).register_forward_hook(add_delta)
+    return model
 
 
 def main(argv=None) -> None:
