@@ -619,6 +619,56 @@ def reference_stage(checks: Checks, settings: Settings) -> None:
     checks.measure("headline", {"vs_transformers": [p["fraction"] for p in pairs]})
 
 
+def lora_stage(checks: Checks, settings: Settings) -> None:
+    """LoRA adapters on this device (engine/lora_adapters.py; the denoise passes run eagerly
+    while adapters are served): in one fp32 batch on the reference checkpoint, a request without
+    an adapter, one with an adapter of the text stack and one with a two-stack adapter (encoder
+    factors for the prompt side, decoder factors for the denoise passes), each against
+    transformers' generate with its adapter applied (merged, or hooked in as PEFT applies it),
+    on the same draws: tokens exactly, logprobs measured (tests/test_lora_adapters.py's check)."""
+    import torch
+    from transformers import DiffusionGemmaForBlockDiffusion
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    from diffusiongemma_vllm.model.config import SamplerConfig
+    from diffusiongemma_vllm.testing.reference import reference_generate
+    from diffusiongemma_vllm.testing.tiny_lora import build_tiny_adapter, merge_adapter, peft_applied
+
+    model, device, work = checkpoint("reference", settings), "cpu" if settings.cpu else "cuda", Path(settings.work)
+    adapters = {name: str(build_tiny_adapter(model, work / f"lora_{name}", seed=seed, encoder_copy=name == "two_stack"))
+                for seed, name in enumerate(("one_stack", "two_stack"), start=1)}
+
+    def load(path) -> DiffusionGemmaForBlockDiffusion:
+        return DiffusionGemmaForBlockDiffusion.from_pretrained(str(path), dtype=torch.float32).eval().to(device)
+
+    merged = merge_adapter(model, adapters["one_stack"], work / "lora_merged")
+    references = {None: load(model), "one_stack": load(merged),
+                  "two_stack": peft_applied(load(model), adapters["two_stack"])}
+    requests = list(zip(REFERENCE_REQUESTS, references))  # ((prompt length, seed, knobs), adapter name)
+    expected = []
+    for (length, seed, knobs), name in requests:
+        trace = reference_generate(_OnDevice(references[name], device), reference_prompt(length, seed), seed,
+                                   REFERENCE_BLOCKS, SamplerConfig().with_request_overrides(knobs))
+        expected.append((trace.sequences[0, length:].tolist(), torch.cat(trace.final_logits).float().cpu()))
+    del references
+    llm = engine(model, settings, checks, dtype="float32", enable_lora=True, max_loras=3, max_lora_rank=8)
+    loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(adapters.items())}
+    sampling = [SamplingParams(max_tokens=len(ref), ignore_eos=True, seed=seed, logprobs=LOGPROBS_K, extra_args=knobs)
+                for ((_, seed, knobs), _), (ref, _) in zip(requests, expected)]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=reference_prompt(n, seed)) for (n, seed, _), _ in requests],
+                        sampling, lora_request=[loras.get(name) for _, name in requests], use_tqdm=False)
+    pairs = {str(name): agreement(list(o.outputs[0].token_ids), ref)
+             for (_, name), o, (ref, _) in zip(requests, outs, expected)}
+    logprobs = {str(name): logprob_agreement(o.outputs[0].logprobs, logits)
+                for (_, name), o, (_, logits) in zip(requests, outs, expected)}
+    checks.check("lora_requests_equal_transformers", all(p["equal"] for p in pairs.values()), pairs)
+    checks.measure("lora_logprobs", logprobs)
+    checks.measure("headline", {"vs_transformers": {name: p["fraction"] for name, p in pairs.items()},
+                                "max_logprob_err": max(lp["max_abs_err"] for lp in logprobs.values())})
+
+
 def pps_stage(checks: Checks, settings: Settings) -> None:
     limit = 4 if settings.steps >= 8 else 2  # below the pass cap: random weights never halt early
     llm = engine(checkpoint("gpu_friendly", settings), settings, checks, dtype=settings.dtype,
@@ -746,7 +796,8 @@ def compile_stage(checks: Checks, settings: Settings) -> None:
 
 BODIES = {"env": env_stage, "a_tiny": tiny_stage, "a_eager": eager_stage, "a_release_kv": release_kv_stage,
           "a_fp32": fp32_stage, "a_invariant": invariant_stage,
-          "a_invariant_eager": invariant_eager_stage, "a_reference": reference_stage, "a_pps": pps_stage,
+          "a_invariant_eager": invariant_eager_stage, "a_reference": reference_stage, "a_lora": lora_stage,
+          "a_pps": pps_stage,
           "a_alternatives": alternatives_stage, "a_compile": compile_stage}
 
 if __name__ == "__main__":
