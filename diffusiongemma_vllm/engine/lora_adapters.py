@@ -87,6 +87,8 @@ def adapter_model_class(k_eq_v_layers: frozenset[int]) -> type[LoRAModel]:
 
 
 def _check_and_share_k_with_v(loras: dict, lora_dir: str, k_eq_v_layers: frozenset[int]) -> None:
+    """ValueError naming the modules of `loras` (one stack's factors, by vLLM's module names)
+    that are not served; each full layer's k_proj factors copied to its v_proj, in place."""
     unserved = sorted(name for name in loras if not _SERVED.match(name))
     if unserved:
         raise ValueError(
