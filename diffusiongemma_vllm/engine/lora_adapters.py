@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from vllm.lora.layers import LoRAMapping
@@ -56,15 +56,18 @@ def served_targets(target_modules: list[str] | None) -> list[str]:
     return list(target_modules)
 
 
-def adapter_model_class(k_eq_v_layers: frozenset[int]) -> type[LoRAModel]:
-    """vLLM's LoRAModel as the plugin loads adapters: refusing modules it does not serve, with
+def adapter_model_class(k_eq_v_layers: frozenset[int], shapes: dict[str, tuple[int, ...]],
+                        pack: Callable[[LoRAModel], None]) -> type[LoRAModel]:
+    """vLLM's LoRAModel as the plugin loads adapters: refusing modules it does not serve and
+    factors whose shapes do not fit the checkpoint's weights (`shapes`, by checkpoint name), with
     each full-attention layer's k_proj also adapting its V rows (`k_eq_v_layers`), and an
     adapter with factors for transformers' encoder copy split in two: those factors serve its
-    prefill and commits (vLLM's forward), its decoder factors its denoise passes (`denoise`)."""
+    prefill and commits (vLLM's forward), its decoder factors (none: no adapter) its denoise
+    passes (`denoise`, packed as vLLM packs the adapter itself, by `pack`). Every refusal
+    happens here, at load, where vLLM returns it as the load's error."""
 
     class DiffusionGemmaLoRAModel(LoRAModel):
         denoise: LoRAModel | None = None  # the denoise passes' factors, when they differ from the others
-        denoise_packed: bool = False
 
         @classmethod
         def from_local_checkpoint(cls, lora_dir, *args, **kwargs):
@@ -80,29 +83,40 @@ def adapter_model_class(k_eq_v_layers: frozenset[int]) -> type[LoRAModel]:
                 adapter.denoise = LoRAModel(adapter.id, adapter.rank, decoder)
             for factors in (adapter, adapter.denoise):
                 if factors is not None:
-                    _check_and_share_k_with_v(factors.loras, lora_dir, k_eq_v_layers)
+                    _check_and_share_k_with_v(factors.loras, lora_dir, k_eq_v_layers, shapes)
+            if adapter.denoise is not None and adapter.denoise.loras:  # vLLM's packing wants some factors
+                pack(adapter.denoise)
             return adapter
 
     return DiffusionGemmaLoRAModel
 
 
-def _check_and_share_k_with_v(loras: dict, lora_dir: str, k_eq_v_layers: frozenset[int]) -> None:
+def _check_and_share_k_with_v(loras: dict, lora_dir: str, k_eq_v_layers: frozenset[int],
+                              shapes: dict[str, tuple[int, ...]]) -> None:
     """ValueError naming the modules of `loras` (one stack's factors, by vLLM's module names)
-    that are not served; each full layer's k_proj factors copied to its v_proj, in place."""
+    that are not served or whose factors do not fit their weight; each full layer's k_proj
+    factors copied to its v_proj, in place."""
     unserved = sorted(name for name in loras if not _SERVED.match(name))
     if unserved:
         raise ValueError(
             f"LoRA adapter {lora_dir} adapts modules DiffusionGemma (diffusiongemma-vllm) does not serve: "
             f"{', '.join(unserved[:5])}; an adapter adapts the text stack's {', '.join(ADAPTED)}, not the "
             "experts, the routers, the embedding or the vision tower")
+    for name, weights in loras.items():
+        shape = shapes.get(name.removeprefix("model.") + ".weight")
+        if shape is None:
+            raise ValueError(f"LoRA adapter {lora_dir} adapts {name}, which the checkpoint has no weight for (a "
+                             "full-attention layer has no v_proj: its V is its K projection, which k_proj adapts)")
+        rows, cols = shape
+        a, b = tuple(weights.lora_a.shape), tuple(weights.lora_b.shape)
+        if a[1:] != (cols,) or b[:1] != (rows,) or a[0] != b[-1]:
+            raise ValueError(f"LoRA adapter {lora_dir}: {name} has lora_A {list(a)} and lora_B {list(b)}, which do "
+                             f"not fit its [{rows}, {cols}] weight (lora_A [rank, {cols}], lora_B [{rows}, rank])")
     for name, weights in list(loras.items()):
         match = _FULL_LAYER_K.match(name)
         if match is None or int(match.group(2)) not in k_eq_v_layers:
             continue
         v_name = match.group(1) + "v_proj"
-        if v_name in loras:
-            raise ValueError(f"LoRA adapter {lora_dir} has {v_name}, but that full-attention layer has "
-                             "no v_proj (its V is its K projection, which k_proj adapts)")
         loras[v_name] = _renamed(weights, v_name)
 
 
@@ -135,12 +149,12 @@ class CanvasAdapters:
 
     def map_pass(self, adapters: list, canvas_length: int) -> None:
         """Before a pass over canvases whose requests' adapters are `adapters` (vLLM's
-        LoRARequest, None for none), `canvas_length` tokens each: the step's active adapters
-        stay, the mapping becomes the pass's."""
+        LoRARequest, None for none), `canvas_length` tokens each: the mapping becomes the
+        pass's. The adapters are those vLLM activated for the step; activating them again would
+        reload a `load_inplace` one from disk, over the factors `denoising` wrote."""
         ids = tuple(0 if adapter is None else adapter.lora_int_id for adapter in adapters)
         tokens = tuple(i for i in ids for _ in range(canvas_length))
-        self.lora_manager.set_active_adapters({a for a in adapters if a is not None},
-                                              LoRAMapping(tokens, ids, is_prefill=True))
+        self.lora_manager._adapter_manager.set_adapter_mapping(LoRAMapping(tokens, ids, is_prefill=True))
 
     @contextmanager
     def denoising(self, adapters: list) -> Iterator[None]:
@@ -152,9 +166,6 @@ class CanvasAdapters:
             adapter = manager.get_adapter(lora_id)
             if getattr(adapter, "denoise", None) is None:
                 continue
-            if not adapter.denoise_packed:  # as vLLM packs the adapter itself when it registers it
-                manager._create_merged_loras_inplace(adapter.denoise)
-                adapter.denoise_packed = True
             slot = manager.lora_index_to_id.index(lora_id)
             _write_slot(manager, slot, adapter.denoise)
             swapped.append((slot, adapter))

@@ -23,6 +23,7 @@ from diffusiongemma_vllm.engine.worker_step import DenoiseStep, StepOutput
 from diffusiongemma_vllm.engine.kv_layout import check_caches
 from diffusiongemma_vllm.engine.lora_adapters import CanvasAdapters, adapter_model_class
 from diffusiongemma_vllm.engine.weight_updates import restored_on_failure
+from diffusiongemma_vllm.model.checkpoint import expected_text_tensors
 
 
 class DenoiseStepRunnerMixin:
@@ -36,8 +37,10 @@ class DenoiseStepRunnerMixin:
     def load_lora_model(self, model, *args, **kwargs):
         """vLLM's, loading adapters as the plugin serves them (lora_adapters.py)."""
         model = super().load_lora_model(model, *args, **kwargs)
+        shapes = {name: spec.shape for name, spec in expected_text_tensors(model.cfg).items()}
         self.lora_manager._lora_model_cls = adapter_model_class(
-            frozenset(i for i, layer in enumerate(model.cfg.layers) if layer.k_eq_v))
+            frozenset(i for i, layer in enumerate(model.cfg.layers) if layer.k_eq_v), shapes,
+            self.lora_manager._adapter_manager._create_merged_loras_inplace)
         return model
 
     def execute_model(self, scheduler_output, *args, **kwargs):

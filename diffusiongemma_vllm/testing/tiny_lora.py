@@ -13,7 +13,7 @@ so an adapter adapts its V through `k_proj`, as in transformers.
 adapted W: what transformers computes with an adapter of the one text stack applied to every
 pass, the reference such a served adapter must reproduce. transformers holds the prompt-side
 stack as separate modules over the same weights (`model.encoder.language_model.*`), so PEFT
-on transformers trains factors of their own for them (`encoder_copy`); `peft_applied` is the
+on transformers trains factors of their own for them (`stacks`); `peft_applied` is the
 reference for those: each module with its own factors, as PEFT applies them.
 
 CLI: `python -m diffusiongemma_vllm.testing.tiny_lora BASE_DIR OUT_DIR [--seed N] [--merged MERGED_DIR]`
@@ -32,11 +32,13 @@ DECODER_LAYERS, ENCODER_LAYERS = "model.decoder.layers.", "model.encoder.languag
 
 
 def build_tiny_adapter(base_dir: str | Path, out_dir: str | Path, seed: int = 0, rank: int = 4, alpha: int = 8,
-                       scale: float = 0.15, extra: tuple[str, ...] = (), encoder_copy: bool = False) -> Path:
+                       scale: float = 0.15, extra: tuple[str, ...] = (),
+                       stacks: tuple[str, ...] = ("decoder",)) -> Path:
     """A random adapter of `rank` over every linear module named in ADAPTED (and the modules
-    named by their checkpoint names in `extra`, for adapters the server must refuse); with
-    `encoder_copy`, also factors of their own for transformers' encoder copy of each layer
-    module, as PEFT on transformers trains them."""
+    named by their checkpoint names in `extra`, for adapters the server must refuse), for the
+    `stacks` named: "decoder" (the text stack as the checkpoint names it) and "encoder"
+    (factors of their own for transformers' encoder copy of each layer module, as PEFT on
+    transformers trains them)."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -50,8 +52,10 @@ def build_tiny_adapter(base_dir: str | Path, out_dir: str | Path, seed: int = 0,
         if weight.dim() != 2 or not (adapted or module in extra):
             continue
         rows, cols = weight.shape
-        copies = [module.replace(DECODER_LAYERS, ENCODER_LAYERS)] if encoder_copy and DECODER_LAYERS in module else []
-        for name in (module, *copies):
+        names = [module] if "decoder" in stacks or module in extra else []
+        if "encoder" in stacks and DECODER_LAYERS in module:
+            names.append(module.replace(DECODER_LAYERS, ENCODER_LAYERS))
+        for name in names:
             tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, cols, generator=generator) * scale
             tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(rows, rank, generator=generator) * scale
     save_file(tensors, str(out / WEIGHTS))
