@@ -139,11 +139,12 @@ def test_each_request_generates_what_its_adapter_does_in_transformers(llm, tiny_
 
 @pytest.mark.engine
 def test_an_adapter_that_cannot_serve_is_refused_at_load_by_name(llm, tiny_dir, adapters, tmp_path):
-    """Catches an adapter whose router or vision-tower factors are loaded and then silently
-    never applied (vLLM applies factors only to modules it wrapped), one whose factors do not
-    fit (a two-stack adapter's decoder factors first reach a slot inside a step, where an error
-    stops the engine), and a v_proj on a full-attention layer: loading each must fail naming
-    the module, and the engine keep serving."""
+    """Catches an adapter whose router, vision-tower or encoder-copy self-conditioning factors
+    (transformers' encoder has none) are loaded and then silently never applied (vLLM applies
+    factors only to modules it wrapped), one whose factors do not fit their weight or the
+    engine's max_lora_rank (a two-stack adapter's decoder factors first reach a slot inside a
+    step, where an error stops the engine), and a v_proj on a full-attention layer: loading
+    each must fail naming the module, and the engine keep serving."""
     from safetensors.torch import load_file, save_file
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
@@ -160,6 +161,13 @@ def test_an_adapter_that_cannot_serve_is_refused_at_load_by_name(llm, tiny_dir, 
         key = f"base_model.model.{module}.lora_B.weight"
         return {**factors, key: torch.cat([factors[key], factors[key][:8]])}
 
+    def rank_16(factors: dict, module: str) -> dict:  # vLLM checks only the config's rank
+        a, b = (f"base_model.model.{module}.lora_{m}.weight" for m in "AB")
+        return {**factors, a: factors[a].repeat(4, 1), b: factors[b].repeat(1, 4)}
+
+    def copied(factors: dict, source: str, target: str) -> dict:
+        return {**factors, **{name.replace(source, target): t.clone() for name, t in factors.items() if source in name}}
+
     full = SPECS["sf"].layer_types.index("full_attention")
     v_proj = f"model.decoder.layers.{full}.self_attn.v_proj"
     bad = {  # adapter directory -> the module its error must name
@@ -172,6 +180,11 @@ def test_an_adapter_that_cannot_serve_is_refused_at_load_by_name(llm, tiny_dir, 
             "model.layers.0.self_attn.q_proj",
         edited(adapters["two_stack"], "decoder_shape", lambda f: grown(f, "model.decoder.layers.0.self_attn.q_proj")):
             "model.layers.0.self_attn.q_proj",
+        edited(adapters["two_stack"], "decoder_rank", lambda f: rank_16(f, "model.decoder.layers.0.self_attn.q_proj")):
+            "model.layers.0.self_attn.q_proj has rank 16",
+        edited(adapters["two_stack"], "encoder_self_conditioning", lambda f: copied(
+            f, "model.decoder.self_conditioning.", "model.encoder.language_model.self_conditioning.")):
+            "model.encoder.language_model.self_conditioning.",
         edited(adapters["first"], "full_v_proj", lambda f: {
             **f, **{f"base_model.model.{v_proj}.lora_{m}.weight":
                     f[f"base_model.model.{v_proj[:-6]}k_proj.lora_{m}.weight"].clone() for m in "AB"}}):

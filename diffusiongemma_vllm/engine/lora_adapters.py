@@ -56,10 +56,11 @@ def served_targets(target_modules: list[str] | None) -> list[str]:
     return list(target_modules)
 
 
-def adapter_model_class(k_eq_v_layers: frozenset[int], shapes: dict[str, tuple[int, ...]],
+def adapter_model_class(k_eq_v_layers: frozenset[int], shapes: dict[str, tuple[int, ...]], max_rank: int,
                         pack: Callable[[LoRAModel], None]) -> type[LoRAModel]:
     """vLLM's LoRAModel as the plugin loads adapters: refusing modules it does not serve and
-    factors whose shapes do not fit the checkpoint's weights (`shapes`, by checkpoint name), with
+    factors whose shapes do not fit the checkpoint's weights (`shapes`, by checkpoint name) or
+    whose rank exceeds `max_rank` (vLLM checks only the config's `r`), with
     each full-attention layer's k_proj also adapting its V rows (`k_eq_v_layers`), and an
     adapter with factors for transformers' encoder copy split in two: those factors serve its
     prefill and commits (vLLM's forward), its decoder factors (none: no adapter) its denoise
@@ -76,6 +77,9 @@ def adapter_model_class(k_eq_v_layers: frozenset[int], shapes: dict[str, tuple[i
             for name, weights in adapter.loras.items():
                 if name.startswith(ENCODER_COPY):
                     served = "model." + name.removeprefix(ENCODER_COPY)
+                    if not served.startswith("model.layers."):  # the encoder copy holds the layers only
+                        raise ValueError(f"LoRA adapter {lora_dir} adapts {name}, a module transformers' encoder "
+                                         "copy does not have")
                     encoder[served] = _renamed(weights, served)
             if encoder:
                 decoder = {name: w for name, w in adapter.loras.items() if not name.startswith(ENCODER_COPY)}
@@ -83,7 +87,7 @@ def adapter_model_class(k_eq_v_layers: frozenset[int], shapes: dict[str, tuple[i
                 adapter.denoise = LoRAModel(adapter.id, adapter.rank, decoder)
             for factors in (adapter, adapter.denoise):
                 if factors is not None:
-                    _check_and_share_k_with_v(factors.loras, lora_dir, k_eq_v_layers, shapes)
+                    _check_and_share_k_with_v(factors.loras, lora_dir, k_eq_v_layers, shapes, max_rank)
             if adapter.denoise is not None and adapter.denoise.loras:  # vLLM's packing wants some factors
                 pack(adapter.denoise)
             return adapter
@@ -92,10 +96,10 @@ def adapter_model_class(k_eq_v_layers: frozenset[int], shapes: dict[str, tuple[i
 
 
 def _check_and_share_k_with_v(loras: dict, lora_dir: str, k_eq_v_layers: frozenset[int],
-                              shapes: dict[str, tuple[int, ...]]) -> None:
+                              shapes: dict[str, tuple[int, ...]], max_rank: int) -> None:
     """ValueError naming the modules of `loras` (one stack's factors, by vLLM's module names)
-    that are not served or whose factors do not fit their weight; each full layer's k_proj
-    factors copied to its v_proj, in place."""
+    that are not served or whose factors do not fit their weight or the engine's rank; each
+    full layer's k_proj factors copied to its v_proj, in place."""
     unserved = sorted(name for name in loras if not _SERVED.match(name))
     if unserved:
         raise ValueError(
@@ -105,13 +109,17 @@ def _check_and_share_k_with_v(loras: dict, lora_dir: str, k_eq_v_layers: frozens
     for name, weights in loras.items():
         shape = shapes.get(name.removeprefix("model.") + ".weight")
         if shape is None:
-            raise ValueError(f"LoRA adapter {lora_dir} adapts {name}, which the checkpoint has no weight for (a "
-                             "full-attention layer has no v_proj: its V is its K projection, which k_proj adapts)")
+            hint = " (a full-attention layer has no v_proj: its V is its K projection, which k_proj adapts)" \
+                if name.endswith("v_proj") else ""
+            raise ValueError(f"LoRA adapter {lora_dir} adapts {name}, which the checkpoint has no weight for{hint}")
         rows, cols = shape
         a, b = tuple(weights.lora_a.shape), tuple(weights.lora_b.shape)
         if a[1:] != (cols,) or b[:1] != (rows,) or a[0] != b[-1]:
             raise ValueError(f"LoRA adapter {lora_dir}: {name} has lora_A {list(a)} and lora_B {list(b)}, which do "
                              f"not fit its [{rows}, {cols}] weight (lora_A [rank, {cols}], lora_B [{rows}, rank])")
+        if a[0] > max_rank:
+            raise ValueError(f"LoRA adapter {lora_dir}: {name} has rank {a[0]}, above the engine's max_lora_rank "
+                             f"{max_rank}")
     for name, weights in list(loras.items()):
         match = _FULL_LAYER_K.match(name)
         if match is None or int(match.group(2)) not in k_eq_v_layers:

@@ -40,7 +40,7 @@ class DenoiseStepRunnerMixin:
         shapes = {name: spec.shape for name, spec in expected_text_tensors(model.cfg).items()}
         self.lora_manager._lora_model_cls = adapter_model_class(
             frozenset(i for i, layer in enumerate(model.cfg.layers) if layer.k_eq_v), shapes,
-            self.lora_manager._adapter_manager._create_merged_loras_inplace)
+            self.lora_config.max_lora_rank, self.lora_manager._adapter_manager._create_merged_loras_inplace)
         return model
 
     def execute_model(self, scheduler_output, *args, **kwargs):
