@@ -124,6 +124,20 @@ def test_profile_denoise_pass_times_a_pass_and_leaves_serving_unchanged(llm):
     assert llm.generate(prompts(1), params)[0].outputs[0].token_ids == before
 
 
+def test_parallel_samples_are_distinct_and_each_is_its_seeded_request(llm):
+    """Catches `n` > 1 (vLLM fans a request out into children seeded seed + i) giving every
+    child the same canvas draws, or a child that differs from the request its seed names."""
+    from vllm import SamplingParams
+
+    text = prompts(3)[2]
+    samples = llm.generate([text], SamplingParams(n=3, max_tokens=40, ignore_eos=True, seed=50))[0].outputs
+    assert len(samples) == 3 and len({tuple(s.token_ids) for s in samples}) == 3
+    alone = llm.generate([text], SamplingParams(max_tokens=40, ignore_eos=True, seed=52))[0].outputs[0]
+    assert list(samples[2].token_ids) == list(alone.token_ids)
+    unseeded = llm.generate([text], SamplingParams(n=2, max_tokens=40, ignore_eos=True))[0].outputs
+    assert unseeded[0].token_ids != unseeded[1].token_ids
+
+
 def test_bad_knob_raises_value_error_naming_field(llm):
     """Catches an invalid request reaching the engine through the offline API."""
     from vllm import SamplingParams
