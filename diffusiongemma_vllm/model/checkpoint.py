@@ -236,24 +236,22 @@ class WeightUpdate:
     in_one_load: bool  # the whole update is one load_weights call (vLLM's reload_weights)
 
 
-# Checkpoint tensors that vLLM loads into one fused module: (the stored module, the fused one).
-FUSED_MODULES = ((".self_attn.q_proj", ".self_attn.qkv_proj"), (".self_attn.k_proj", ".self_attn.qkv_proj"),
-                 (".self_attn.v_proj", ".self_attn.qkv_proj"), (".mlp.gate_proj", ".mlp.gate_up_proj"),
-                 (".mlp.up_proj", ".mlp.gate_up_proj"),
-                 ("self_conditioning.gate_proj", "self_conditioning.gate_up_proj"),
-                 ("self_conditioning.up_proj", "self_conditioning.gate_up_proj"))
+# The checkpoint's linears that vLLM loads into one fused module (the model class's
+# `packed_modules_mapping`): fused module -> the stored ones.
+PACKED_MODULES = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+_FUSED_INTO = {stored: fused for fused, parts in PACKED_MODULES.items() for stored in parts}
 
 
 def receiving_module(name: str) -> str:
     """The module a checkpoint tensor (name without `model.decoder.`) loads into: its fused
     projection for q/k/v and gate/up (with their scales), `layers.{i}.experts` for every expert
     tensor, else the name without its last part."""
-    for stored, fused in FUSED_MODULES:
-        name = name.replace(stored + ".", fused + ".")
     parts = name.split(".")
     if len(parts) > 2 and parts[0] == "layers" and parts[2] == "experts":
         return ".".join(parts[:3])
-    return ".".join(parts[:-1])
+    module = parts[:-1]
+    module[-1] = _FUSED_INTO.get(module[-1], module[-1])
+    return ".".join(module)
 
 
 def partial_modules(expected: Iterable[str], seen: set[str]) -> list[str]:

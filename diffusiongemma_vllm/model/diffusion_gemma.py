@@ -60,8 +60,8 @@ from vllm.model_executor.models.interfaces import SupportsLoRA
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
 
 from diffusiongemma_vllm.model import phase_attention  # noqa: F401  registers torch.ops.diffusiongemma
-from diffusiongemma_vllm.model.checkpoint import (TensorSpec, WeightUpdate, checked_text_weights, expected_text_tensors,
-                                                  partial_modules, quantized_format)
+from diffusiongemma_vllm.model.checkpoint import (PACKED_MODULES, TensorSpec, WeightUpdate, checked_text_weights,
+                                                  expected_text_tensors, partial_modules, quantized_format)
 from diffusiongemma_vllm.model.config import BackboneConfig, CheckpointError, LayerAttention
 from diffusiongemma_vllm.denoise.loop import Unembedding
 from diffusiongemma_vllm.denoise.vocab_shards import VocabShards
@@ -287,7 +287,7 @@ class DiffusionGemmaForBlockDiffusion(nn.Module, SupportsLoRA):
     """vLLM model class for the `DiffusionGemmaForBlockDiffusion` architecture; LoRA adapters
     reach its attention and MLP linears (engine/lora_adapters.py)."""
 
-    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    packed_modules_mapping = PACKED_MODULES
     hf_to_vllm_mapper = WeightsMapper(orig_to_new_prefix={"model.decoder.": "model."})
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
