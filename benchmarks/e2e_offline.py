@@ -627,26 +627,21 @@ def lora_stage(checks: Checks, settings: Settings) -> None:
     transformers' generate with its adapter applied (merged, or hooked in as PEFT applies it),
     on the same draws: tokens exactly, logprobs measured (tests/test_lora_adapters.py's check)."""
     import torch
-    from transformers import DiffusionGemmaForBlockDiffusion
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
 
     from diffusiongemma_vllm.model.config import SamplerConfig
     from diffusiongemma_vllm.testing.reference import reference_generate
-    from diffusiongemma_vllm.testing.tiny_lora import build_tiny_adapter, merge_adapter, peft_applied
+    from diffusiongemma_vllm.testing.tiny_lora import build_tiny_adapter, reference_model
 
     model, device, work = checkpoint("reference", settings), "cpu" if settings.cpu else "cuda", Path(settings.work)
     stacks = {"one_stack": ("decoder",), "two_stack": ("decoder", "encoder")}
     adapters = {name: str(build_tiny_adapter(model, work / f"lora_{name}", seed=seed, stacks=stacks[name]))
                 for seed, name in enumerate(stacks, start=1)}
 
-    def load(path) -> DiffusionGemmaForBlockDiffusion:
-        return DiffusionGemmaForBlockDiffusion.from_pretrained(str(path), dtype=torch.float32).eval().to(device)
-
-    merged = merge_adapter(model, adapters["one_stack"], work / "lora_merged")
-    references = {None: load(model), "one_stack": load(merged),
-                  "two_stack": peft_applied(load(model), adapters["two_stack"])}
+    references = {name: reference_model(model, adapters.get(name), work / f"lora_merged_{name}", device)
+                  for name in [None, *adapters]}
     requests = list(zip(REFERENCE_REQUESTS, references))  # ((prompt length, seed, knobs), adapter name)
     expected = []
     for (length, seed, knobs), name in requests:

@@ -22,7 +22,7 @@ from diffusiongemma_vllm.engine.lora_adapters import ADAPTED, served_targets
 from diffusiongemma_vllm.model.config import SamplerConfig
 from diffusiongemma_vllm.testing.cpu_ranks import cpu_rank_binding
 from diffusiongemma_vllm.testing.reference import reference_generate
-from diffusiongemma_vllm.testing.tiny_lora import build_tiny_adapter, merge_adapter, peft_applied
+from diffusiongemma_vllm.testing.tiny_lora import build_tiny_adapter, reference_model
 from tests.conftest import SPECS
 from tests.test_reference_equivalence import prompt_ids
 
@@ -54,18 +54,8 @@ def lora_request(adapters: dict[str, str], name: str):
 
 
 def reference_models(tiny_dir: str, adapters: dict[str, str], tmp_path) -> dict:
-    """adapter name (None: none) -> transformers' model with that adapter applied as it is
-    served: merged for an adapter of the text stack, as PEFT applies it for the two-stack one."""
-    from transformers import DiffusionGemmaForBlockDiffusion
-
-    def load(path) -> DiffusionGemmaForBlockDiffusion:
-        return DiffusionGemmaForBlockDiffusion.from_pretrained(str(path), dtype=torch.float32).eval()
-
-    models = {None: load(tiny_dir)}
-    for name, path in adapters.items():
-        models[name] = peft_applied(load(tiny_dir), path) if "encoder" in STACKS[name] \
-            else load(merge_adapter(tiny_dir, path, tmp_path / name))
-    return models
+    """adapter name (None: none) -> transformers' model with that adapter applied as it is served."""
+    return {name: reference_model(tiny_dir, adapters.get(name), tmp_path / str(name)) for name in [None, *adapters]}
 
 
 def test_adapter_builder_adapts_v_through_k_on_full_layers(tiny_dir, adapters):
@@ -214,13 +204,11 @@ def test_the_openai_server_serves_an_adapter_by_name_and_refuses_a_bad_one(tiny_
     adapter as its model must commit the merged reference's tokens), and a bad adapter loaded
     at run time (`/v1/load_lora_adapter`) stopping the server instead of being refused."""
     import requests
-    from transformers import DiffusionGemmaForBlockDiffusion
 
     from benchmarks.openai_server import OpenAIServer
 
     n, seed, _ = REQUESTS[1]
-    merged = DiffusionGemmaForBlockDiffusion.from_pretrained(merge_adapter(tiny_dir, adapters["first"], tmp_path / "m"),
-                                                             dtype=torch.float32).eval()
+    merged = reference_model(tiny_dir, adapters["first"], tmp_path / "merged")
     want = reference_generate(merged, prompt_ids(n, seed), seed, BLOCKS, SamplerConfig().with_request_overrides(KNOBS))
     router = build_tiny_adapter(tiny_dir, tmp_path / "router", extra=("model.decoder.layers.0.router.proj",))
     monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "true")

@@ -15,6 +15,7 @@ pass, the reference such a served adapter must reproduce. transformers holds the
 stack as separate modules over the same weights (`model.encoder.language_model.*`), so PEFT
 on transformers trains factors of their own for them (`stacks`); `peft_applied` is the
 reference for those: each module with its own factors, as PEFT applies them.
+`reference_model` picks the one an adapter is served as.
 
 CLI: `python -m diffusiongemma_vllm.testing.tiny_lora BASE_DIR OUT_DIR [--seed N] [--merged MERGED_DIR]`
 """
@@ -99,14 +100,35 @@ def peft_applied(model, adapter_dir: str | Path):
     factors = load_file(str(Path(adapter_dir) / WEIGHTS))
     for name, a in factors.items():
         if name.endswith(".lora_A.weight"):
-            module = name.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-            b = factors[name.replace(".lora_A.", ".lora_B.")]
+            module = model.get_submodule(name.removeprefix("base_model.model.").removesuffix(".lora_A.weight"))
+            weight = module.weight  # the factors go where the module runs (a GPU reference's too)
+            a, b = (t.to(weight.device, weight.dtype) for t in (a, factors[name.replace(".lora_A.", ".lora_B.")]))
 
             def add_delta(_, inputs, output, a=a, b=b):
                 return output + scaling * torch.nn.functional.linear(torch.nn.functional.linear(inputs[0], a), b)
 
-            model.get_submodule(module).register_forward_hook(add_delta)
+            module.register_forward_hook(add_delta)
     return model
+
+
+def reference_model(base_dir: str | Path, adapter_dir: str | Path | None, merged_dir: str | Path,
+                    device: str = "cpu"):
+    """transformers' fp32 model with the adapter (None: none) applied as the plugin serves it:
+    through `peft_applied` for an adapter with encoder-copy factors, else merged into the
+    checkpoint (written to `merged_dir`), on `device`."""
+    import torch
+    from safetensors import safe_open
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    def load(path):
+        return DiffusionGemmaForBlockDiffusion.from_pretrained(str(path), dtype=torch.float32).eval().to(device)
+
+    if adapter_dir is None:
+        return load(base_dir)
+    with safe_open(str(Path(adapter_dir) / WEIGHTS), framework="pt") as f:
+        two_stack = any(ENCODER_LAYERS in name for name in f.keys())
+    return peft_applied(load(base_dir), adapter_dir) if two_stack \
+        else load(merge_adapter(base_dir, adapter_dir, merged_dir))
 
 
 def main(argv=None) -> None:
