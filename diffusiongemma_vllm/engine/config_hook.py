@@ -24,6 +24,8 @@ architecture name in place of vLLM's in-tree one:
   `VLLM_USE_V2_MODEL_RUNNER=0`, the only switch vLLM 0.32 has; spawned engine processes
   inherit it;
 - installs the plugin's worker and its request validator;
+- serves images when the checkpoint's image tokens are in its vocabulary, else text only
+  (`images_or_text_only`), and keeps an image's soft tokens in one prefill chunk;
 - lifts the checkpoint's `max_new_tokens=256` default so `max_tokens` alone bounds a reply;
 - rejects pipeline, data and context parallelism: a pass needs every layer (pipeline stages
   would hand each pass's activations along), vLLM's data-parallel MoE runs its ranks' forwards
@@ -174,10 +176,39 @@ def compile_stack(vllm_config) -> None:
         compilation.splitting_ops.append(OP_NAME)
 
 
+IMAGE_TOKENS = ("boi_token_id", "image_token_id", "eoi_token_id")
+
+
+def images_or_text_only(model_config) -> None:
+    """Serve images only when the checkpoint can embed an image's tokens: a checkpoint whose
+    image token ids lie outside its vocabulary (a text-only fine-tune on a vocabulary of its
+    own, as the Sudoku checkpoint) serves text only, as with `--language-model-only`: no
+    vision tower is built, and vLLM refuses image inputs at admission."""
+    images = model_config.multimodal_config
+    if images is None or images.language_model_only:
+        return
+    hf_config = model_config.hf_config
+    vocab = hf_config.get_text_config().vocab_size
+    outside = [f"{name}={getattr(hf_config, name, None)}" for name in IMAGE_TOKENS
+               if not isinstance(getattr(hf_config, name, None), int) or not 0 <= getattr(hf_config, name) < vocab]
+    if not outside:
+        return
+    logger.info("DiffusionGemma serves text only: the checkpoint's %s lie outside its %d-token vocabulary",
+                ", ".join(outside), vocab)
+    images.language_model_only = True
+    model_config.model_arch_config = model_config.get_model_arch_config()  # no bidirectional image ranges
+
+
+def serves_images(model_config) -> bool:
+    images = model_config.multimodal_config
+    return images is not None and images.get_limit_per_prompt("image") > 0
+
+
 class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
         model_config.__dict__["is_diffusion"] = False
+        images_or_text_only(model_config)
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
@@ -232,6 +263,8 @@ class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
             logger.warning("DiffusionGemma: async scheduling turned off (it assumes one token per request "
                            "and step; the plugin emits a canvas)")
         vllm_config.scheduler_config.async_scheduling = False
+        if serves_images(model_config):  # an image's soft tokens in one forward (scheduler.py, image_prefill.py)
+            vllm_config.scheduler_config.disable_chunked_mm_input = True
         steps = passes_per_step(vllm_config.additional_config)  # a bad value fails here, naming the setting
         if vllm_config.structured_outputs_config.backend == "auto":
             # vLLM's front end picks a backend per request under `auto`, but its engine core

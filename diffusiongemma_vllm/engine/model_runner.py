@@ -19,7 +19,11 @@ import copy
 import torch
 from vllm.v1.outputs import LogprobsTensors, SamplerOutput
 
+from vllm.forward_context import get_forward_context
+
 from diffusiongemma_vllm.engine.worker_step import DenoiseStep, StepOutput
+from diffusiongemma_vllm.engine.image_prefill import image_prefill
+from diffusiongemma_vllm.model.image_attention import FORWARD_KEY
 from diffusiongemma_vllm.engine.kv_layout import check_caches
 from diffusiongemma_vllm.engine.lora_adapters import CanvasAdapters, adapter_model_class
 from diffusiongemma_vllm.engine.weight_updates import restored_on_failure
@@ -61,6 +65,15 @@ class DenoiseStepRunnerMixin:
                 output = copy.copy(output)  # vLLM's empty output is one shared object
                 output.diffusion_metrics = metrics
         return output
+
+    def _model_forward(self, *args, **kwargs):
+        """vLLM's forward of the scheduled tokens, told where images' soft tokens are, whose
+        attention is bidirectional within each image (model/image_attention.py)."""
+        if self.supports_mm_inputs:
+            images = image_prefill(self)
+            if images is not None:
+                get_forward_context().additional_kwargs[FORWARD_KEY] = images
+        return super()._model_forward(*args, **kwargs)
 
     def sample_tokens(self, *args, **kwargs):
         """vLLM's, with the step's counters for /metrics attached (step_metrics.py)."""

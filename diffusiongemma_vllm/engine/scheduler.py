@@ -56,6 +56,12 @@ class CanvasScheduler(Scheduler):
         self.grammars_to_send = []
         return output
 
+    def _try_schedule_encoder_inputs(self, request: Request, num_computed_tokens: int, num_new_tokens: int,
+                                     *args, **kwargs):
+        """vLLM's, for a chunk first cut before an image it would split (`whole_images`)."""
+        num_new_tokens = whole_images(request, num_computed_tokens, num_new_tokens)
+        return super()._try_schedule_encoder_inputs(request, num_computed_tokens, num_new_tokens, *args, **kwargs)
+
     def get_grammar_bitmask(self, scheduler_output):
         """None: vLLM's next-token grammar bitmask would mask logits the denoise step never
         samples from (the worker constrains whole canvases, structured_commit.py). vLLM still
@@ -72,3 +78,19 @@ class CanvasScheduler(Scheduler):
                 request.num_computed_tokens -= 1
         attach_to_stats(outputs, getattr(model_runner_output, "diffusion_metrics", None))
         return outputs
+
+
+def whole_images(request: Request, num_computed_tokens: int, num_new_tokens: int) -> int:
+    """The prefill chunk's length, cut so that it ends before an image's soft tokens rather
+    than inside them: an image attends to itself both ways, so its soft tokens are computed in
+    one forward (model/image_attention.py). vLLM's `disable_chunked_mm_input` alone lets a chunk
+    that starts at an image's `boi`, or inside it after a prefix-cache hit, end inside it. A
+    chunk that starts inside the soft tokens and cannot reach their end is 0: it waits for a
+    step with the token budget to finish them (at most one image, which vLLM checks
+    max_num_batched_tokens holds)."""
+    end = num_computed_tokens + num_new_tokens
+    for feature in request.mm_features:
+        for first, last in feature.mm_position.extract_embeds_range():
+            if first < end <= last:
+                return max(0, first - num_computed_tokens)
+    return num_new_tokens

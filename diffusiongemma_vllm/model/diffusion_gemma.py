@@ -56,13 +56,17 @@ from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVPar
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.models.interfaces import SupportsLoRA
-from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper
+from vllm.model_executor.models.interfaces import SupportsLoRA, SupportsMultiModal
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, _merge_multimodal_embeddings
+from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from diffusiongemma_vllm.model import phase_attention  # noqa: F401  registers torch.ops.diffusiongemma
 from diffusiongemma_vllm.model.checkpoint import (PACKED_MODULES, TensorSpec, WeightUpdate, checked_text_weights,
                                                   expected_text_tensors, partial_modules, quantized_format)
 from diffusiongemma_vllm.model.config import BackboneConfig, CheckpointError, LayerAttention
+from diffusiongemma_vllm.model.image_processing import (IMAGE_PLACEHOLDER, ImageDummyInputsBuilder, ImageProcessingInfo,
+                                                        ImageProcessor)
+from diffusiongemma_vllm.model.vision import ImageEncoder, is_vision_tensor
 from diffusiongemma_vllm.denoise.loop import Unembedding
 from diffusiongemma_vllm.denoise.vocab_shards import VocabShards
 from diffusiongemma_vllm.kernels import moe_routing, qkv_norm_rope, residual_norms
@@ -283,11 +287,18 @@ class DiffusionGemmaModel(nn.Module):
         return self.norm(hidden_states)
 
 
-class DiffusionGemmaForBlockDiffusion(nn.Module, SupportsLoRA):
+@MULTIMODAL_REGISTRY.register_processor(ImageProcessor, info=ImageProcessingInfo,
+                                        dummy_inputs=ImageDummyInputsBuilder)
+class DiffusionGemmaForBlockDiffusion(nn.Module, SupportsLoRA, SupportsMultiModal):
     """vLLM model class for the `DiffusionGemmaForBlockDiffusion` architecture; LoRA adapters
-    reach its attention and MLP linears (engine/lora_adapters.py)."""
+    reach its attention and MLP linears (engine/lora_adapters.py); images reach the prompt
+    through the vision tower (vision.py, image_processing.py), and attend to themselves both
+    ways in every layer (image_attention.py)."""
 
     packed_modules_mapping = PACKED_MODULES
+    # vLLM's GPU runner keeps an image's bidirectional range when it is wider than the window
+    # (the attention backends bound it per query, as transformers' mask does).
+    mm_prefix_clamp_sliding_window = True
     hf_to_vllm_mapper = WeightsMapper(orig_to_new_prefix={"model.decoder.": "model."})
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
@@ -299,6 +310,8 @@ class DiffusionGemmaForBlockDiffusion(nn.Module, SupportsLoRA):
         if vllm_config.quant_config is not None:
             _ignore_v_rows_with_k(vllm_config.quant_config, cfg)
         self.model = DiffusionGemmaModel(vllm_config=vllm_config, prefix="model")
+        with self._mark_tower_model(vllm_config, "image"):  # not built with --limit-mm-per-prompt '{"image": 0}'
+            self.image_encoder = ImageEncoder(vllm_config.model_config.hf_config, vllm_config.model_config.dtype)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, prefix="lm_head").tie_weights(
             self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(cfg.vocab_size)
@@ -306,10 +319,29 @@ class DiffusionGemmaForBlockDiffusion(nn.Module, SupportsLoRA):
         self.whole_checkpoint_due = vllm_config.load_config.load_format != "dummy"
         self.update: WeightUpdate | None = None  # the in-place update in progress (engine/weight_updates.py)
 
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Prefill inputs: E[ids] * sqrt(hidden), the scale rounded to the weight dtype as in HF."""
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        if modality == "image":
+            return IMAGE_PLACEHOLDER
+        raise ValueError(f"DiffusionGemma takes images only, not {modality}")
+
+    def get_language_model(self) -> nn.Module:
+        return self
+
+    def embed_multimodal(self, pixel_values: torch.Tensor, pixel_position_ids: torch.Tensor,
+                         num_soft_tokens_per_image: torch.Tensor, **kwargs) -> list[torch.Tensor]:
+        """Each image's soft-token embeddings [soft tokens, hidden], unscaled."""
+        return self.image_encoder(pixel_values, pixel_position_ids, [int(n) for n in num_soft_tokens_per_image])
+
+    def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings: list[torch.Tensor] | None = None, *,
+                        is_multimodal: torch.Tensor | None = None) -> torch.Tensor:
+        """Prefill inputs: E[ids] * sqrt(hidden), the scale rounded to the weight dtype as in HF;
+        image soft tokens take their image embeddings instead, unscaled."""
         embeds = self.model.embed_tokens(input_ids)
-        return embeds * self.model.normalizer.to(embeds.dtype)
+        embeds = embeds * self.model.normalizer.to(embeds.dtype)
+        if not multimodal_embeddings:
+            return embeds
+        return _merge_multimodal_embeddings(embeds, multimodal_embeddings, is_multimodal)
 
     def embed_canvas(self, canvas_ids: torch.Tensor, soft_embeds: torch.Tensor | None) -> torch.Tensor:
         """Denoise inputs: the scaled canvas embeddings through the self-conditioning block."""
@@ -363,13 +395,22 @@ class DiffusionGemmaForBlockDiffusion(nn.Module, SupportsLoRA):
         tensor of each module it touches (checkpoint.partial_modules); a session's calls are
         checked together at its end (`end_update`)."""
         seen = self.update.tensors if self.update is not None else set()
-        checked = checked_text_weights(self.cfg, weights, self.stored_format, whole=self.whole_checkpoint_due,
+        whole = self.whole_checkpoint_due
+        vision: dict[str, torch.Tensor] = {}
+        encoder = self.image_encoder if isinstance(self.image_encoder, ImageEncoder) else None
+        if encoder is not None:  # else checked_text_weights skips the tower's tensors
+            weights = _set_aside(weights, is_vision_tensor, vision)
+        checked = checked_text_weights(self.cfg, weights, self.stored_format, whole=whole,
                                        seen=seen, expected=self.expected_tensors)  # names without model.decoder.
-        loaded = AutoWeightsLoader(self.model).load_weights(checked, mapper=_weights_mapper(self.cfg))
+        loaded = {f"model.{name}" for name in AutoWeightsLoader(self.model).load_weights(
+            checked, mapper=_weights_mapper(self.cfg))}
+        if encoder is not None and (whole or vision):
+            encoder.load_checkpoint_tensors(vision, whole)
+            loaded |= {f"image_encoder.{name}" for name in encoder.loaded_parameters(vision)}
         self.whole_checkpoint_due = False
         if self.update is not None and self.update.in_one_load:
             self._refuse_partial_modules()
-        return {f"model.{name}" for name in loaded}
+        return loaded
 
     def begin_update(self, whole: bool, in_one_load: bool) -> None:
         """An in-place weight update starts: the whole checkpoint (a reload from a path), or
@@ -424,6 +465,15 @@ class DiffusionGemmaForBlockDiffusion(nn.Module, SupportsLoRA):
             if _loads_quantized(module):
                 names.update("self_conditioning." + n for n in stored)
         return frozenset(names)
+
+
+def _set_aside(weights: Iterable[tuple[str, torch.Tensor]], wanted, into: dict[str, torch.Tensor]):
+    """The stream without the tensors `wanted(name)` picks, which go into `into`."""
+    for name, tensor in weights:
+        if wanted(name):
+            into[name] = tensor
+        else:
+            yield name, tensor
 
 
 def _tensor_parallel_shards() -> VocabShards | None:

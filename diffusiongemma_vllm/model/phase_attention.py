@@ -4,7 +4,8 @@ Every attention layer calls `torch.ops.diffusiongemma.phase_attention(q, k, v, o
 At run time the op asks the forward context which phase this forward is
 (`canvas_context.canvas_pass_for`):
 - none (a vLLM forward): `prefill`, vLLM's own attention layer, which writes the KV cache
-  through the backend vLLM chose;
+  through the backend vLLM chose, then the images' soft-token queries recomputed
+  bidirectionally within each image (image_attention.py);
 - a `CanvasPass`: the canvas op over the committed prefix, which never writes vLLM's cache:
   the Triton kernel reading the paged cache in place (`PagedPrefix`, GPU), else the torch
   reference over gathered K/V (`PrefixKV`, CPU, and the standalone runner's causal passes,
@@ -34,6 +35,7 @@ from vllm.utils.torch_utils import direct_register_custom_op
 from diffusiongemma_vllm.kernels.canvas_attention import naive_canvas_attention
 from diffusiongemma_vllm.kernels.paged_canvas_attention import paged_canvas_attention
 from diffusiongemma_vllm.model.canvas_context import CanvasPass, PagedPrefix, canvas_pass_for
+from diffusiongemma_vllm.model.image_attention import attend_images, image_prefill_now
 
 OP_NAME = "diffusiongemma::phase_attention"  # as vLLM's splitting_ops name ops
 
@@ -46,6 +48,9 @@ def phase_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     spec = canvas_pass_for(layer_name)
     if spec is None:
         output.copy_(layer(query, key, value))
+        images = image_prefill_now()
+        if images is not None:
+            attend_images(images, layer, query, output)
     else:
         _canvas_attention(spec, layer, query, key, value, output)
 

@@ -105,13 +105,20 @@ class _AllowedOnly:
 
 
 def reference_generate(model, prompt_ids: list[int], seed: int, num_blocks: int, sampler: SamplerConfig,
-                       allowed: list[int] | None = None) -> ReferenceTrace:
+                       allowed: list[int] | None = None, images: dict | None = None) -> ReferenceTrace:
     """One prompt through transformers' generate for exactly `num_blocks` canvases; with
-    `allowed`, a constrained read of those ids (`diffusion_constrained`)."""
+    `allowed`, a constrained read of those ids (`diffusion_constrained`); with `images`, the
+    image processor's `pixel_values` and `image_position_ids` for the prompt's images (its
+    soft tokens marked as transformers' processor marks them)."""
     from transformers import LogitsProcessorList
     from transformers.models.diffusion_gemma import generation_diffusion_gemma as hf_generation
 
     config = model.config
+    image_inputs = {}
+    if images is not None:
+        soft_tokens = torch.tensor([prompt_ids]) == config.image_token_id
+        image_inputs = {"pixel_values": images["pixel_values"], "image_position_ids": images["image_position_ids"],
+                        "mm_token_type_ids": soft_tokens.long()}
     noise = CanvasNoise(seed, config.text_config.vocab_size, config.canvas_length)
     trace = ReferenceTrace()
     ids = None if allowed is None else torch.tensor(sorted(set(allowed)))
@@ -140,5 +147,6 @@ def reference_generate(model, prompt_ids: list[int], seed: int, num_blocks: int,
             streamer=_DraftRecorder(trace, sampler),
             logits_processor=LogitsProcessorList([] if ids is None else [_AllowedOnly(ids)]),
             return_dict_in_generate=False,
+            **image_inputs,
         )
     return trace

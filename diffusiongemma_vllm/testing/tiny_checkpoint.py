@@ -33,9 +33,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from diffusiongemma_vllm.model.config import SamplerConfig
-from diffusiongemma_vllm.testing.tiny_tokenizer import save_tokenizer
+from diffusiongemma_vllm.testing.tiny_tokenizer import IMAGE_SPECIAL_IDS, save_tokenizer
 
 # The released generation_config.json of google/diffusiongemma-26B-A4B-it.
+RELEASE_IMAGE_TOKEN_IDS = (255999, 258880, 258882)  # boi, image (soft token), eoi
+TINY_IMAGE_TOKEN_IDS = tuple(IMAGE_SPECIAL_IDS)  # the tiny tokenizer's
 RELEASE_GENERATION_CONFIG = {
     **SamplerConfig().to_generation_config(),
     "eos_token_id": [1, 106, 50],
@@ -65,6 +67,10 @@ class TinySpec:
     max_position_embeddings: int = 4096
     canvas_length: int = 32
     vision_hidden_size: int = 16
+    # The release's ids lie outside a tiny vocabulary, so a tiny checkpoint serves text only
+    # unless it takes the tiny tokenizer's (TINY_IMAGE_TOKEN_IDS): then it serves images.
+    image_token_ids: tuple[int, int, int] = RELEASE_IMAGE_TOKEN_IDS
+    soft_tokens_per_image: int = 280
     generation: dict = field(default_factory=dict)
     answer_tokens: bool = False  # "yes" and "no" single tokens (tiny_tokenizer.ANSWER_LINES)
 
@@ -125,14 +131,14 @@ class TinySpec:
             "architectures": ["DiffusionGemmaForBlockDiffusion"],
             "model_type": "diffusion_gemma",
             "canvas_length": self.canvas_length,
-            "boi_token_id": 255999,
-            "eoi_token_id": 258882,
-            "image_token_id": 258880,
+            "boi_token_id": self.image_token_ids[0],
+            "eoi_token_id": self.image_token_ids[2],
+            "image_token_id": self.image_token_ids[1],
             "eos_token_id": [1, 106, 50],
             "initializer_range": 0.02,
             "tie_word_embeddings": True,
             "dtype": "float32",
-            "vision_soft_tokens_per_image": 280,
+            "vision_soft_tokens_per_image": self.soft_tokens_per_image,
             "text_config": self.text_config(),
             "vision_config": self.vision_config(),
         }

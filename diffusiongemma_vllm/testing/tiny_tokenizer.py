@@ -3,7 +3,7 @@
 Tiny checkpoints need a tokenizer that vLLM and transformers load like the real one:
 `tokenizer.json` + `tokenizer_config.json` with a chat template, and the special tokens at
 the ids the real vocabulary uses (pad 0, eos 1, bos 2, unk 3, begin-of-tool-response 50,
-`<|turn>` 105, `<turn|>` 106, ...), because the checkpoint's `eos_token_id` list
+`<|turn>` 105, `<turn|>` 106, ...; the image tokens at tiny ids), because the checkpoint's `eos_token_id` list
 ([1, 106, 50]) names those ids. Unused ids below 107 are filler specials, as in Gemma.
 The BPE merges are trained on a fixed built-in corpus, so a given vocabulary size always
 yields the same tokenizer.
@@ -27,6 +27,9 @@ GEMMA_SPECIAL_IDS = {
     105: "<|turn>",
     106: "<turn|>",
 }
+# Gemma 4's image tokens (begin, soft token, end) at tiny ids: the release has them at 255999,
+# 258880 and 258882, beyond a tiny vocabulary (tiny_checkpoint.TinySpec.image_token_ids).
+IMAGE_SPECIAL_IDS = {60: "<|image>", 61: "<|image|>", 62: "<image|>"}
 FIRST_REGULAR_ID = 107
 BYTE_ALPHABET = 256
 
@@ -70,7 +73,8 @@ def _corpus(num_lines: int = 600, seed: int = 0) -> list[str]:
 
 def special_tokens() -> list[str]:
     """All special tokens in id order: the real ones at their ids, filler elsewhere."""
-    return [GEMMA_SPECIAL_IDS.get(i, f"<unused{i}>") for i in range(FIRST_REGULAR_ID)]
+    named = GEMMA_SPECIAL_IDS | IMAGE_SPECIAL_IDS
+    return [named.get(i, f"<unused{i}>") for i in range(FIRST_REGULAR_ID)]
 
 
 def build_tokenizer(vocab_size: int, answers: bool = False):
@@ -98,7 +102,7 @@ def build_tokenizer(vocab_size: int, answers: bool = False):
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos_id)]
     )
-    for token_id, token in GEMMA_SPECIAL_IDS.items():
+    for token_id, token in (GEMMA_SPECIAL_IDS | IMAGE_SPECIAL_IDS).items():
         assert tokenizer.token_to_id(token) == token_id, (token, tokenizer.token_to_id(token))
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
