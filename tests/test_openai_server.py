@@ -204,6 +204,16 @@ def test_an_invalid_schema_is_a_400(server):
     assert response.status_code == 400
 
 
+def test_an_image_to_a_text_only_checkpoint_is_a_400(server):
+    """This checkpoint's image tokens lie outside its vocabulary, so it serves text only
+    (config_hook.images_or_text_only): an image is refused at admission, not embedded."""
+    pixel = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGNgZmEFAAAaAA3ZzGmEAAAAAElFTkSuQmCC"
+    response = requests.post(server.url + "/v1/chat/completions", timeout=300, json={
+        "model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": pixel}}, {"type": "text", "text": "Write"}]}]})
+    assert response.status_code == 400 and "at most 0 image" in response.text.lower()
+
+
 def test_client_disconnect_mid_stream_leaves_server_healthy(server):
     """Catches an aborted stream that leaks engine state or wedges later requests."""
     with requests.post(server.url + "/v1/completions", stream=True, timeout=300, json={

@@ -44,7 +44,7 @@ class ImageEncoder(nn.Module):
         from transformers import AutoModel
 
         vision = hf_config.vision_config
-        self.vision_tower = AutoModel.from_config(vision, torch_dtype=dtype)
+        self.vision_tower = AutoModel.from_config(vision, dtype=dtype)
         self.embed_vision = ImageProjection(getattr(vision, "output_proj_dims", vision.hidden_size),
                                             hf_config.text_config.hidden_size, vision.rms_norm_eps).to(dtype)
 

@@ -1,0 +1,237 @@
+"""Image input: prompts with images equal transformers' `generate` given the same draws.
+
+A tiny checkpoint with the tiny tokenizer's image tokens (`TinySpec.image_token_ids`) and a
+70-soft-token budget serves images; its window (16) is narrower than an image (about 60 soft
+tokens), so the sliding layers' rule `(causal AND window) OR same image` differs from both
+the causal and the window-free one. The reference is transformers' `DiffusionGemmaForBlockDiffusion`
+with the pixel values of transformers' PIL image processor and the prompt expanded as Gemma 4's
+processor expands it (`boi`, one image token per soft token, `eoi`).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from diffusiongemma_vllm.engine.scheduler import whole_images
+from diffusiongemma_vllm.model.config import SamplerConfig
+from diffusiongemma_vllm.model.image_attention import image_span_attention
+from diffusiongemma_vllm.testing.reference import reference_generate
+from diffusiongemma_vllm.testing.tiny_checkpoint import TINY_IMAGE_TOKEN_IDS, TinySpec, build_tiny_checkpoint
+
+BOI, IMAGE, EOI = TINY_IMAGE_TOKEN_IDS
+SPEC = TinySpec(image_token_ids=TINY_IMAGE_TOKEN_IDS, soft_tokens_per_image=70)
+BLOCKS = 2
+STEPS = {"max_denoising_steps": 4}
+
+
+def test_image_rows_attend_as_transformers_masks_them():
+    """The soft-token queries' attention equals transformers' mask (`(causal AND window) OR
+    same image` on sliding layers, `causal OR same image` on full ones) over the whole
+    sequence, for an image wider than the window and a prefix longer than it."""
+    from transformers.masking_utils import blockwise_overlay, causal_mask_function, or_masks, \
+        sliding_window_causal_mask_function
+
+    generator = torch.Generator().manual_seed(0)
+    length, image_start, image_end, heads, kv_heads, dim = 60, 25, 45, 4, 2, 8
+    q, k, v = (torch.randn(length, h, dim, generator=generator) for h in (heads, kv_heads, kv_heads))
+    groups = torch.full((1, length), -1)
+    groups[0, image_start:image_end] = 0
+    for window in (None, 7):
+        rule = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
+        mask_fn = or_masks(rule, blockwise_overlay(groups))
+        index = torch.arange(length)
+        mask = torch.tensor([[bool(mask_fn(0, 0, i, j)) for j in index] for i in index])
+        scores = torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(2, dim=1))
+        expected = torch.einsum("hqk,khd->qhd", torch.softmax(scores.masked_fill(~mask, float("-inf")), -1),
+                                v.repeat_interleave(2, dim=1))[image_start:image_end]
+        key_start = 0 if window is None else image_start - (window - 1)
+        keys = torch.arange(key_start, image_end)
+        got = image_span_attention(q[image_start:image_end], torch.arange(image_start, image_end), k[keys], v[keys],
+                                   keys, image_start, window)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _request_with_image(offset: int, soft_tokens: int):
+    from vllm.multimodal.inputs import PlaceholderRange
+
+    is_embed = torch.tensor([False] + [True] * soft_tokens + [False])
+    return SimpleNamespace(mm_features=[SimpleNamespace(mm_position=PlaceholderRange(offset, soft_tokens + 2,
+                                                                                       is_embed))])
+
+
+@pytest.mark.parametrize("computed, new, expected", [
+    (0, 20, 11),  # from before the image to inside its soft tokens: cut before them (boi included)
+    (10, 20, 1),  # from its boi to inside: the boi only
+    (15, 20, 0),  # from inside (a prefix-cache hit) to inside: wait for a budget that finishes it
+    (0, 72, 72),  # through the last soft token: whole
+    (0, 11, 11),  # ends before the soft tokens
+    (15, 56, 56),  # from inside to the end
+])
+def test_chunks_never_end_inside_an_image(computed, new, expected):
+    request = _request_with_image(offset=10, soft_tokens=60)  # boi 10, soft tokens 11..70, eoi 71
+    assert whole_images(request, computed, new) == expected
+
+
+def test_text_only_when_the_image_tokens_lie_outside_the_vocabulary(tmp_path):
+    """The release's image ids in a tiny vocabulary: text only (no bidirectional image ranges,
+    no tower); the tiny tokenizer's ids: images served."""
+    from vllm.config import ModelConfig
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    text_only = ModelConfig(model=str(build_tiny_checkpoint(tmp_path / "text", TinySpec())))
+    with_images = ModelConfig(model=str(build_tiny_checkpoint(tmp_path / "images", SPEC)))
+    assert text_only.multimodal_config.get_limit_per_prompt("image") == 0 and not text_only.is_mm_prefix_lm
+    assert with_images.multimodal_config.get_limit_per_prompt("image") > 0 and with_images.is_mm_prefix_lm
+
+
+def test_a_broken_vision_tower_is_named(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    from diffusiongemma_vllm.model.config import CheckpointError
+    from diffusiongemma_vllm.model.vision import ImageEncoder
+
+    with set_current_vllm_config(VllmConfig()):  # vLLM's norm layers read it
+        encoder = ImageEncoder(AutoConfig.from_pretrained(build_tiny_checkpoint(tmp_path, SPEC)), torch.float32)
+
+    tensors = {n: t for n, t in load_file(tmp_path / "model.safetensors").items() if ".encoder.embed_vision" in n
+               or ".encoder.vision_tower" in n}
+    encoder.load_checkpoint_tensors(tensors, whole=True)
+    name = "model.encoder.embed_vision.embedding_projection.weight"
+    with pytest.raises(CheckpointError, match="missing 1 vision tensor.*embedding_projection"):
+        encoder.load_checkpoint_tensors({n: t for n, t in tensors.items() if n != name}, whole=True)
+    with pytest.raises(CheckpointError, match="embedding_projection.weight.*shape"):
+        encoder.load_checkpoint_tensors({name: tensors[name][:, :-1]}, whole=False)
+    with pytest.raises(CheckpointError, match="unexpected vision tensor"):
+        encoder.load_checkpoint_tensors({"model.encoder.vision_tower.extra": tensors[name]}, whole=False)
+
+
+# ---- through vLLM ----
+
+def image(seed: int, width: int, height: int) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def pixels(images: list[Image.Image]) -> dict:
+    """transformers' PIL image processor at the tiny checkpoint's settings."""
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    vision = SPEC.vision_config()
+    processor = Gemma4ImageProcessorPil(patch_size=vision["patch_size"], pooling_kernel_size=vision["pooling_kernel_size"],
+                                        max_soft_tokens=SPEC.soft_tokens_per_image)
+    return processor(images=images, return_tensors="pt")
+
+
+def expanded(prompt: list[int], features: dict | None) -> list[int]:
+    """Gemma 4's processor's expansion of each image token."""
+    counts = iter([] if features is None else features["num_soft_tokens_per_image"].tolist())
+    out = []
+    for token in prompt:
+        out += [BOI, *[IMAGE] * next(counts), EOI] if token == IMAGE else [token]
+    return out
+
+
+# (prompt with one IMAGE token per image, images, seed): an image after a prefix longer than
+# the window and text after it; two images, the first at the start; text only.
+REQUESTS = [
+    ([2, *range(200, 240), IMAGE, 241, 242], [image(0, 30, 20)], 11),
+    ([2, IMAGE, 300, 301, IMAGE, 302], [image(1, 16, 40), image(2, 24, 24)], 12),
+    ([2, *range(250, 270)], [], 13),
+]
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> str:
+    return str(build_tiny_checkpoint(tmp_path_factory.mktemp("images"), SPEC, seed=5))
+
+
+@pytest.fixture(scope="module")
+def references(image_dir):
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(image_dir, dtype=torch.float32).eval()
+    sampler = SamplerConfig().with_request_overrides(STEPS)
+    out = []
+    for prompt, images, seed in REQUESTS:
+        features = pixels(images) if images else None
+        ids = expanded(prompt, features)
+        trace = reference_generate(model, ids, seed, BLOCKS, sampler, images=features)
+        out.append((ids, trace.sequences[0, len(ids):].tolist()))
+    return out
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("tensor_parallel, passes, batched_tokens", [(1, None, 96), (2, 2, 512)])
+def test_engine_with_images_commits_the_reference_tokens(image_dir, references, bind_cpu_ranks, tensor_parallel,
+                                                         passes, batched_tokens):
+    """Catches image embeddings that are wrong or misplaced (scaled like text, another
+    image's), causal attention inside an image, a window applied inside it, a prefill chunk
+    that splits an image (96 tokens end inside the first request's image), a prefix-cache hit
+    (the first request again) that reads the image wrongly, and on two tensor-parallel ranks
+    under `passes_per_step` a vision path that differs between ranks."""
+    from vllm import LLM, SamplingParams
+
+    if tensor_parallel > 1:
+        bind_cpu_ranks(tensor_parallel)
+    llm = LLM(model=image_dir, dtype="float32", max_model_len=512, enforce_eager=True, block_size=32,
+              tensor_parallel_size=tensor_parallel, max_num_batched_tokens=batched_tokens,
+              additional_config={"passes_per_step": passes} if passes else {})
+    canvas = SPEC.canvas_length
+    requests_ = [*REQUESTS, REQUESTS[0]]  # the last one hits the first one's cached prefix, image included
+    references_ = [*references, references[0]]
+    prompts = [{"prompt_token_ids": prompt, **({"multi_modal_data": {"image": images}} if images else {})}
+               for prompt, images, _ in requests_]
+    params = [SamplingParams(max_tokens=BLOCKS * canvas, seed=seed, ignore_eos=True, extra_args=STEPS)
+              for _, _, seed in requests_]
+    outputs = llm.generate(prompts[:3], params[:3]) + llm.generate(prompts[3:], params[3:])
+    for output, (ids, tokens) in zip(outputs, references_):
+        assert list(output.prompt_token_ids) == ids
+        assert list(output.outputs[0].token_ids) == tokens
+    assert outputs[3].num_cached_tokens > 0
+
+
+@pytest.mark.engine
+def test_images_through_the_openai_server(image_dir, references, tmp_path):
+    """A chat message with an image (a data URL) commits the reference tokens of the prompt the
+    server built; video is refused with a 400, and the server keeps serving."""
+    from benchmarks.openai_server import OpenAIServer
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    picture = image(3, 28, 20)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    server = OpenAIServer(image_dir, "--max-model-len", "512", "--served-model-name", "tiny", "--dtype", "float32")
+    try:
+        message = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                               {"type": "text", "text": "What is this"}]}
+        reply = requests.post(server.url + "/v1/chat/completions", timeout=300, json={
+            "model": "tiny", "messages": [message], "max_tokens": BLOCKS * SPEC.canvas_length, "seed": 21,
+            "ignore_eos": True, "return_token_ids": True, "vllm_xargs": STEPS}).json()
+        prompt_ids = reply["prompt_token_ids"]
+        features = pixels([picture])
+        assert prompt_ids.count(IMAGE) == int(features["num_soft_tokens_per_image"][0])
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(image_dir, dtype=torch.float32).eval()
+        reference = reference_generate(model, prompt_ids, 21, BLOCKS, SamplerConfig().with_request_overrides(STEPS),
+                                       images=features)
+        assert reply["choices"][0]["token_ids"] == reference.sequences[0, len(prompt_ids):].tolist()
+
+        video = {"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}]}
+        refused = requests.post(server.url + "/v1/chat/completions", timeout=300,
+                                json={"model": "tiny", "messages": [video], "max_tokens": 8})
+        assert refused.status_code == 400 and "video" in refused.text
+        again = requests.post(server.url + "/v1/completions", timeout=300,
+                              json={"model": "tiny", "prompt": "Write", "max_tokens": 8})
+        assert again.status_code == 200
+    finally:
+        server.stop()
