@@ -61,6 +61,14 @@ Runner (model_runner.py, cpu_runner.py, gpu_runner.py, engine/worker_step.py)
   `sliding_window`, `num_kv_heads`, `head_size`), `compilation_config.static_forward_context
   [name].kv_cache` / `.attn_backend` / `.isa`.
 - `set_forward_context(None, vllm_config)` around a forward without attention metadata.
+Image input (image_processing.py, vision.py, image_attention.py, image_prefill.py, scheduler.py)
+- `ForwardContext.additional_kwargs`, a fresh dict per forward context (a forward's images
+  never reach the next forward); `_model_forward` called inside the step's forward context;
+  `requests[id].mm_features[*].mm_position.extract_embeds_range()` (inclusive ends, soft
+  tokens only); `input_batch.num_computed_tokens_cpu`, `query_start_loc.cpu`;
+  `Scheduler._try_schedule_encoder_inputs(request, num_computed_tokens, num_new_tokens, ...)`;
+  `MultiModalConfig.language_model_only` and `ModelConfig.get_model_arch_config()`
+  (tests/test_image_input.py runs them end to end).
 - A plain attribute on `ModelRunnerOutput` surviving the executor's pickling.
 - `reload_weights` (weight_updates.py): the layer-wise reload's `get_layerwise_info`
   (`can_load()`, `load_numel`, `load_numel_total`, `loaded_weights`) and
@@ -725,6 +733,39 @@ def test_forward_context_without_attention_metadata(config):
         context = get_forward_context()
         assert context.attn_metadata is None
         assert context.no_compile_layers is config.compilation_config.static_forward_context
+
+
+def test_forward_context_extras_are_fresh_per_forward(config):
+    """Catches a forward's `additional_kwargs` outliving it: the images a prefill announces
+    there (model_runner.py `_model_forward`) must not reach the next forward, a denoise pass."""
+    from vllm.forward_context import get_forward_context, set_forward_context
+
+    with set_forward_context(None, config):
+        get_forward_context().additional_kwargs["diffusiongemma_images"] = object()
+    with set_forward_context(None, config):
+        assert "diffusiongemma_images" not in get_forward_context().additional_kwargs
+
+
+def test_placeholder_embed_ranges_are_inclusive_and_skip_non_embeds():
+    """Catches a change in `extract_embeds_range`, which image_prefill.py and scheduler.py
+    read as inclusive (first, last) runs of the soft tokens, `boi` and `eoi` excluded."""
+    import torch
+    from vllm.multimodal.inputs import PlaceholderRange
+
+    placeholder = PlaceholderRange(offset=10, length=5, is_embed=torch.tensor([False, True, True, True, False]))
+    assert placeholder.extract_embeds_range() == [(11, 13)]
+
+
+def test_the_scheduler_asks_for_encoder_inputs_through_the_hook_the_plugin_wraps():
+    """Catches a renamed or re-signed `_try_schedule_encoder_inputs`, through which the
+    plugin's scheduler cuts chunks before an image (scheduler.py `whole_images`)."""
+    import inspect
+
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    parameters = list(inspect.signature(Scheduler._try_schedule_encoder_inputs).parameters)
+    assert parameters[:4] == ["self", "request", "num_computed_tokens", "num_new_tokens"]
+    assert "self._try_schedule_encoder_inputs(" in inspect.getsource(Scheduler.schedule)
 
 
 def test_a_plain_attribute_on_model_runner_output_survives_the_executors_pickling(live):
