@@ -478,7 +478,8 @@ class _OnDevice:
         replay = torch.randint  # reference_generate's replay, patched in for this call
         torch.randint = lambda *args, **kw: replay(*args, **kw).to(self.device)
         try:
-            return self.model.generate(input_ids=input_ids.to(self.device), **kwargs)
+            moved = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            return self.model.generate(input_ids=input_ids.to(self.device), **moved)
         finally:
             torch.randint = replay
 
@@ -665,6 +666,44 @@ def lora_stage(checks: Checks, settings: Settings) -> None:
                                 "max_logprob_err": max(lp["max_abs_err"] for lp in logprobs.values())})
 
 
+def image_stage(checks: Checks, settings: Settings) -> None:
+    """Image input on this device (model/image_attention.py, engine/scheduler.py
+    `whole_images`): tests/test_image_input.py's requests in one fp32 batch (an image wider
+    than the window after a longer prefix, two images, text only) with a chunk budget that
+    would split an image, then the first again (a prefix-cache hit ending inside its image),
+    against transformers' generate on the same draws, on this device: tokens exactly."""
+    import torch
+    from transformers import DiffusionGemmaForBlockDiffusion
+    from vllm import SamplingParams
+
+    from diffusiongemma_vllm.model.config import SamplerConfig
+    from diffusiongemma_vllm.testing.tiny_checkpoint import build_tiny_checkpoint
+    from diffusiongemma_vllm.testing.tiny_images import IMAGE_REQUESTS, IMAGE_SPEC, reference_image_generate
+
+    device, knobs, blocks = "cpu" if settings.cpu else "cuda", {"max_denoising_steps": 4}, 2
+    model = Path(settings.work) / "tiny_images"
+    if not (model / "model.safetensors").exists():
+        build_tiny_checkpoint(model, IMAGE_SPEC, seed=5)
+    reference = DiffusionGemmaForBlockDiffusion.from_pretrained(model, dtype=torch.float32).eval().to(device)
+    sampler = SamplerConfig().with_request_overrides(knobs)
+    requests = [*IMAGE_REQUESTS, IMAGE_REQUESTS[0]]
+    expected = [reference_image_generate(_OnDevice(reference, device), prompt, images, seed, blocks, sampler)
+                for prompt, images, seed in requests]
+    del reference
+    llm = engine(str(model), settings, checks, dtype="float32", max_num_batched_tokens=96, block_size=32)
+    prompts = [{"prompt_token_ids": prompt, **({"multi_modal_data": {"image": images}} if images else {})}
+               for prompt, images, _ in requests]
+    sampling = [SamplingParams(max_tokens=blocks * IMAGE_SPEC.canvas_length, seed=seed, ignore_eos=True,
+                               extra_args=knobs) for _, _, seed in requests]
+    outs = llm.generate(prompts[:-1], sampling[:-1], use_tqdm=False)
+    outs += llm.generate(prompts[-1:], sampling[-1:], use_tqdm=False)
+    pairs = [agreement(list(o.outputs[0].token_ids), tokens) for o, (_, tokens) in zip(outs, expected)]
+    checks.check("image_prompts_expanded", [list(o.prompt_token_ids) for o in outs] == [ids for ids, _ in expected])
+    checks.check("image_requests_equal_transformers", all(p["equal"] for p in pairs), pairs)
+    checks.measure("headline", {"vs_transformers": [p["fraction"] for p in pairs],
+                                "cached_tokens_of_the_repeat": outs[-1].num_cached_tokens})
+
+
 def pps_stage(checks: Checks, settings: Settings) -> None:
     limit = 4 if settings.steps >= 8 else 2  # below the pass cap: random weights never halt early
     llm = engine(checkpoint("gpu_friendly", settings), settings, checks, dtype=settings.dtype,
@@ -793,7 +832,7 @@ def compile_stage(checks: Checks, settings: Settings) -> None:
 BODIES = {"env": env_stage, "a_tiny": tiny_stage, "a_eager": eager_stage, "a_release_kv": release_kv_stage,
           "a_fp32": fp32_stage, "a_invariant": invariant_stage,
           "a_invariant_eager": invariant_eager_stage, "a_reference": reference_stage, "a_lora": lora_stage,
-          "a_pps": pps_stage,
+          "a_image": image_stage, "a_pps": pps_stage,
           "a_alternatives": alternatives_stage, "a_compile": compile_stage}
 
 if __name__ == "__main__":

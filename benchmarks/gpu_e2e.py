@@ -25,6 +25,9 @@ Stages, highest priority first (the default order; `--stages` picks groups or na
                   and a request with 16-token canvases against transformers at that length
      a_lora       LoRA adapters, fp32: a request without one, one with an adapter of the text
                   stack, one with a two-stack adapter, in one batch, against transformers (exact)
+     a_image      image input, fp32: images wider than the window, two images, text only, a chunk
+                  budget that would split an image, a prefix-cache hit inside an image, against
+                  transformers (exact)
      a_pps        passes_per_step=4 vs whole-canvas steps (bf16 agreement)
      a_invariant  bf16 under VLLM_BATCH_INVARIANT=1: alone vs batched exact, and its cost; the
                   sampler's GEMMs at the release shapes, 256 rows alone vs among 1024 (bitwise)
@@ -115,6 +118,8 @@ STAGES = (
     Stage("a_reference", "a", "benchmarks.e2e_offline", 150, 45, what="fp32: the CPU equivalence test's check, here"),  # 40
     Stage("a_lora", "a", "benchmarks.e2e_offline", 150, 50,
           what="fp32 LoRA: no adapter, one-stack and two-stack adapters in one batch vs transformers"),  # 50
+    Stage("a_image", "a", "benchmarks.e2e_offline", 150, 50,
+          what="fp32 images: tests/test_image_input.py's requests vs transformers (exact)"),  # 50
     Stage("a_pps", "a", "benchmarks.e2e_offline", 150, 50, what="passes_per_step=4 vs whole canvases"),  # 45
     Stage("a_invariant", "a", "benchmarks.e2e_offline", 180, 60, cuda_only=NO_CPU_INVARIANT_MOE,
           what="bf16, VLLM_BATCH_INVARIANT=1: alone vs batched exact; sampler GEMMs at release shapes"),  # 60

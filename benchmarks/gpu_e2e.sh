@@ -10,7 +10,7 @@
 #   run(command="bash .gpu/c3/device_install.sh .gpu/c3", carry=[".gpu/c3"], timeout_s=120)
 #   run(command="bash .gpu/c4/device_install.sh .gpu/c4 && bash benchmarks/gpu_e2e.sh",
 #       carry=[".gpu/c4"], timeout_s=600)
-#   run(command="GPU_E2E_BUDGET_S=190 bash benchmarks/gpu_e2e.sh --stages a_fp32,a_reference,a_lora,"
+#   run(command="GPU_E2E_BUDGET_S=190 bash benchmarks/gpu_e2e.sh --stages a_fp32,a_reference,a_lora,a_image,"
 #               "a_pps,a_invariant,a_invariant_eager", timeout_s=230)   # what the first call left: 900 s minus
 #                                                                  # about 45 + 600 s before it
 #

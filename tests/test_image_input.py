@@ -1,11 +1,10 @@
 """Image input: prompts with images equal transformers' `generate` given the same draws.
 
-A tiny checkpoint with the tiny tokenizer's image tokens (`TinySpec.image_token_ids`) and a
-70-soft-token budget serves images; its window (16) is narrower than an image (about 60 soft
-tokens), so the sliding layers' rule `(causal AND window) OR same image` differs from both
-the causal and the window-free one. The reference is transformers' `DiffusionGemmaForBlockDiffusion`
-with the pixel values of transformers' PIL image processor and the prompt expanded as Gemma 4's
-processor expands it (`boi`, one image token per soft token, `eoi`).
+The tiny checkpoint `IMAGE_SPEC` (testing/tiny_images.py) serves images; its window (16) is
+narrower than an image (about 60 soft tokens), so the sliding layers' rule `(causal AND window)
+OR same image` differs from both the causal and the window-free one. The reference is
+transformers' `DiffusionGemmaForBlockDiffusion` with the pixel values of transformers' PIL
+image processor and the prompt expanded as Gemma 4's processor expands it.
 """
 
 from __future__ import annotations
@@ -14,20 +13,18 @@ import base64
 import io
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import requests
 import torch
-from PIL import Image
 
 from diffusiongemma_vllm.engine.scheduler import whole_images
 from diffusiongemma_vllm.model.config import SamplerConfig
 from diffusiongemma_vllm.model.image_attention import image_span_attention
 from diffusiongemma_vllm.testing.reference import reference_generate
-from diffusiongemma_vllm.testing.tiny_checkpoint import TINY_IMAGE_TOKEN_IDS, TinySpec, build_tiny_checkpoint
+from diffusiongemma_vllm.testing.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+from diffusiongemma_vllm.testing.tiny_images import (IMAGE, IMAGE_REQUESTS, IMAGE_SPEC as SPEC, pixels, random_image,
+                                                      reference_image_generate)
 
-BOI, IMAGE, EOI = TINY_IMAGE_TOKEN_IDS
-SPEC = TinySpec(image_token_ids=TINY_IMAGE_TOKEN_IDS, soft_tokens_per_image=70)
 BLOCKS = 2
 STEPS = {"max_denoising_steps": 4}
 
@@ -118,36 +115,7 @@ def test_a_broken_vision_tower_is_named(tmp_path):
 
 # ---- through vLLM ----
 
-def image(seed: int, width: int, height: int) -> Image.Image:
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (height, width, 3), dtype=np.uint8))
-
-
-def pixels(images: list[Image.Image]) -> dict:
-    """transformers' PIL image processor at the tiny checkpoint's settings."""
-    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
-
-    vision = SPEC.vision_config()
-    processor = Gemma4ImageProcessorPil(patch_size=vision["patch_size"], pooling_kernel_size=vision["pooling_kernel_size"],
-                                        max_soft_tokens=SPEC.soft_tokens_per_image)
-    return processor(images=images, return_tensors="pt")
-
-
-def expanded(prompt: list[int], features: dict | None) -> list[int]:
-    """Gemma 4's processor's expansion of each image token."""
-    counts = iter([] if features is None else features["num_soft_tokens_per_image"].tolist())
-    out = []
-    for token in prompt:
-        out += [BOI, *[IMAGE] * next(counts), EOI] if token == IMAGE else [token]
-    return out
-
-
-# (prompt with one IMAGE token per image, images, seed): an image after a prefix longer than
-# the window and text after it; two images, the first at the start; text only.
-REQUESTS = [
-    ([2, *range(200, 240), IMAGE, 241, 242], [image(0, 30, 20)], 11),
-    ([2, IMAGE, 300, 301, IMAGE, 302], [image(1, 16, 40), image(2, 24, 24)], 12),
-    ([2, *range(250, 270)], [], 13),
-]
+REQUESTS = IMAGE_REQUESTS
 
 
 @pytest.fixture(scope="module")
@@ -161,13 +129,7 @@ def references(image_dir):
 
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(image_dir, dtype=torch.float32).eval()
     sampler = SamplerConfig().with_request_overrides(STEPS)
-    out = []
-    for prompt, images, seed in REQUESTS:
-        features = pixels(images) if images else None
-        ids = expanded(prompt, features)
-        trace = reference_generate(model, ids, seed, BLOCKS, sampler, images=features)
-        out.append((ids, trace.sequences[0, len(ids):].tolist()))
-    return out
+    return [reference_image_generate(model, prompt, images, seed, BLOCKS, sampler) for prompt, images, seed in REQUESTS]
 
 
 @pytest.mark.engine
@@ -207,7 +169,7 @@ def test_images_through_the_openai_server(image_dir, references, tmp_path):
     from benchmarks.openai_server import OpenAIServer
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    picture = image(3, 28, 20)
+    picture = random_image(3, 28, 20)
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
