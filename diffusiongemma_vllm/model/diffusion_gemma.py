@@ -22,8 +22,13 @@ what vLLM's layers launch as several kernels each: the router's expert choice
 the norms around each residual add (kernels/residual_norms.py).
 
 Checkpoint layout: the text stack lives once under `model.decoder.*` (here `model.*`); the encoder's
-`layer_scalar` copies are dropped (the decoder's are the ones used); the vision tower is
-loaded by name and skipped (text serving only).
+`layer_scalar` copies are dropped (the decoder's are the ones used); the vision tower and its
+projection (`model.encoder.vision_tower.*`, `.embed_vision.*`) load into `image_encoder`
+(vision.py), or are skipped when the engine serves text only (config_hook.py).
+
+Images: the soft tokens' embeddings replace their token embeddings in the prefill inputs
+(`embed_input_ids`), unscaled; attention inside each image is bidirectional in every layer
+(image_attention.py).
 
 Quantization: vLLM's quant config reaches the attention projections, the dense MLP and the
 fused-MoE experts, never the tied embedding (read directly by the denoise sampler), the
