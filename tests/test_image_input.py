@@ -90,6 +90,53 @@ def test_text_only_when_the_image_tokens_lie_outside_the_vocabulary(tmp_path):
     assert with_images.multimodal_config.get_limit_per_prompt("image") > 0 and with_images.is_mm_prefix_lm
 
 
+def test_prompts_expand_as_transformers_processes_the_images(tmp_path):
+    """The plugin's processor (vLLM's multimodal processing) against transformers' PIL image
+    processor: each image token becomes boi, as many soft tokens as transformers counts for
+    that image (odd sizes, a thin strip, a grayscale image), eoi; only soft tokens take
+    embeddings; the pixels are transformers'. A request's `max_soft_tokens` may lower the
+    budget, not raise it; video is refused."""
+    from transformers import AutoTokenizer
+    from vllm.config import ModelConfig
+    from vllm.exceptions import VLLMValidationError
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.processing.inputs import ProcessorInputs
+    from vllm.multimodal.processing.processor import TimingContext
+    from vllm.plugins import load_general_plugins
+
+    from diffusiongemma_vllm.testing.tiny_images import BOI, EOI, expanded
+
+    load_general_plugins()
+    model = str(build_tiny_checkpoint(tmp_path, SPEC))
+    processor = MULTIMODAL_REGISTRY.create_processor(ModelConfig(model=model, dtype="float32"),
+                                                     tokenizer=AutoTokenizer.from_pretrained(model))
+    images = [random_image(4, 37, 23), random_image(5, 3, 200), random_image(6, 64, 64).convert("L")]
+    prompt = [2, 300, IMAGE, 301, IMAGE, IMAGE, 302]
+
+    def apply(kwargs=None):
+        items = processor.info.parse_mm_data({"image": images})
+        return processor.apply(ProcessorInputs(prompt, items, hf_processor_mm_kwargs=kwargs or {}),
+                               TimingContext(enabled=False))
+
+    out, want = apply(), pixels(images)
+    assert out["prompt_token_ids"] == expanded(prompt, want)
+    soft = [r.get_num_embeds() for r in out["mm_placeholders"]["image"]]
+    assert soft == want["num_soft_tokens_per_image"].tolist() and len(set(soft)) == 3
+    for placeholder in out["mm_placeholders"]["image"]:
+        ids = out["prompt_token_ids"][placeholder.offset:placeholder.offset + placeholder.length]
+        assert ids[0] == BOI and ids[-1] == EOI and set(ids[1:-1]) == {IMAGE}
+    for item, pixel_values in zip(out["mm_kwargs"]["image"], want["pixel_values"]):
+        assert torch.equal(item["pixel_values"].data, pixel_values)
+    lower = apply({"max_soft_tokens": 70})
+    assert lower["prompt_token_ids"] == out["prompt_token_ids"]
+    with pytest.raises(ValueError, match="max_soft_tokens=140 is above the server's 70"):
+        apply({"max_soft_tokens": 140})
+    with pytest.raises(ValueError, match="max_soft_tokens must be one of"):
+        apply({"max_soft_tokens": 100})
+    with pytest.raises(VLLMValidationError, match="At most 0 video"):
+        processor.info.parse_mm_data({"video": [[random_image(7, 8, 8)]]})
+
+
 def test_a_broken_vision_tower_is_named(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoConfig
