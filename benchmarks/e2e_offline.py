@@ -670,8 +670,9 @@ def image_stage(checks: Checks, settings: Settings) -> None:
     """Image input on this device (model/image_attention.py, engine/scheduler.py
     `whole_images`): tests/test_image_input.py's requests in one fp32 batch (an image wider
     than the window after a longer prefix, two images, text only) with a chunk budget that
-    would split an image, then the first again (a prefix-cache hit ending inside its image),
-    against transformers' generate on the same draws, on this device: tokens exactly."""
+    would split an image, then the first again (a prefix-cache hit that would end inside its
+    image), against transformers' generate on the same draws, on this device: tokens exactly,
+    logprobs within 1e-3."""
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion
     from vllm import SamplingParams
@@ -694,13 +695,17 @@ def image_stage(checks: Checks, settings: Settings) -> None:
     prompts = [{"prompt_token_ids": prompt, **({"multi_modal_data": {"image": images}} if images else {})}
                for prompt, images, _ in requests]
     sampling = [SamplingParams(max_tokens=blocks * IMAGE_SPEC.canvas_length, seed=seed, ignore_eos=True,
-                               extra_args=knobs) for _, _, seed in requests]
+                               logprobs=LOGPROBS_K, extra_args=knobs) for _, _, seed in requests]
     outs = llm.generate(prompts[:-1], sampling[:-1], use_tqdm=False)
     outs += llm.generate(prompts[-1:], sampling[-1:], use_tqdm=False)
-    pairs = [agreement(list(o.outputs[0].token_ids), tokens) for o, (_, tokens) in zip(outs, expected)]
-    checks.check("image_prompts_expanded", [list(o.prompt_token_ids) for o in outs] == [ids for ids, _ in expected])
+    pairs = [agreement(list(o.outputs[0].token_ids), tokens) for o, (_, tokens, _) in zip(outs, expected)]
+    checks.check("image_prompts_expanded", [list(o.prompt_token_ids) for o in outs] == [ids for ids, _, _ in expected])
     checks.check("image_requests_equal_transformers", all(p["equal"] for p in pairs), pairs)
+    logprobs = [logprob_agreement(o.outputs[0].logprobs, want) for o, (_, _, want) in zip(outs, expected)]
+    checks.check("image_logprobs", all(lp["top_equal"] == 1.0 and lp["max_abs_err"] < 1e-3 for lp in logprobs),
+                 logprobs)
     checks.measure("headline", {"vs_transformers": [p["fraction"] for p in pairs],
+                                "max_logprob_err": max(lp["max_abs_err"] for lp in logprobs),
                                 "cached_tokens_of_the_repeat": outs[-1].num_cached_tokens})
 
 

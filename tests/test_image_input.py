@@ -77,6 +77,29 @@ def test_chunks_never_end_inside_an_image(computed, new, expected):
     assert whole_images(request, computed, new) == expected
 
 
+@pytest.mark.parametrize("longest, expected, asked", [
+    (96, 32, [42]),  # inside the image: looked up again, capped at its first soft token
+    (128, 128, []),  # holds the whole image: kept
+    (32, 32, []),  # ends before it: kept
+])
+def test_prefix_cache_hits_never_end_inside_an_image(longest, expected, asked):
+    from diffusiongemma_vllm.engine.scheduler import cache_hits_outside_images
+
+    calls = []
+
+    def find_longest(block_hashes, cap):
+        calls.append(cap)
+        return ("blocks up to", cap // 32 * 32), cap // 32 * 32, 0
+
+    manager = SimpleNamespace(get_computed_blocks=lambda request: ("blocks", longest, 0),
+                              coordinator=SimpleNamespace(find_longest_cache_hit=find_longest),
+                              create_kv_cache_blocks=lambda blocks: blocks)
+    request = _request_with_image(offset=41, soft_tokens=60)  # soft tokens 42..101
+    request.block_hashes = []
+    _, hit, _ = cache_hits_outside_images(manager)(request)
+    assert (hit, calls) == (expected, asked)
+
+
 def test_text_only_when_the_image_tokens_lie_outside_the_vocabulary(tmp_path):
     """The release's image ids in a tiny vocabulary: text only (no bidirectional image ranges,
     no tower); the tiny tokenizer's ids: images served."""
@@ -95,7 +118,8 @@ def test_prompts_expand_as_transformers_processes_the_images(tmp_path):
     processor: each image token becomes boi, as many soft tokens as transformers counts for
     that image (odd sizes, a thin strip, a grayscale image), eoi; only soft tokens take
     embeddings; the pixels are transformers'. A request's `max_soft_tokens` may lower the
-    budget, not raise it; video is refused."""
+    budget, not raise it; other processor settings are refused, a server's at start-up (vLLM
+    sizes its encoder budget then); video is refused."""
     from transformers import AutoTokenizer
     from vllm.config import ModelConfig
     from vllm.exceptions import VLLMValidationError
@@ -133,6 +157,12 @@ def test_prompts_expand_as_transformers_processes_the_images(tmp_path):
         apply({"max_soft_tokens": 140})
     with pytest.raises(ValueError, match="max_soft_tokens must be one of"):
         apply({"max_soft_tokens": 100})
+    with pytest.raises(ValueError, match=r"mm_processor_kwargs \['do_resize'\] not supported"):
+        apply({"do_resize": False})
+    configured = ModelConfig(model=model, dtype="float32", mm_processor_kwargs={"foo": 1})
+    with pytest.raises(ValueError, match=r"--mm-processor-kwargs \['foo'\] not supported"):  # at start-up
+        MULTIMODAL_REGISTRY.create_processor(configured, tokenizer=AutoTokenizer.from_pretrained(model)) \
+            .info.get_mm_max_tokens_per_item(512, {"image": 1})
     with pytest.raises(VLLMValidationError, match="At most 0 video"):
         processor.info.parse_mm_data({"video": [[random_image(7, 8, 8)]]})
 
@@ -186,8 +216,9 @@ def test_engine_with_images_commits_the_reference_tokens(image_dir, references, 
     """Catches image embeddings that are wrong or misplaced (scaled like text, another
     image's), causal attention inside an image, a window applied inside it, a prefill chunk
     that splits an image (96 tokens end inside the first request's image), a prefix-cache hit
-    (the first request again) that reads the image wrongly, and on two tensor-parallel ranks
-    under `passes_per_step` a vision path that differs between ranks."""
+    (the first request again) ending inside an image, whose sliding layers would read the null
+    block for the image's start (their logprobs are off by 1e-2), and on two tensor-parallel
+    ranks under `passes_per_step` a vision path that differs between ranks."""
     from vllm import LLM, SamplingParams
 
     if tensor_parallel > 1:
@@ -200,13 +231,17 @@ def test_engine_with_images_commits_the_reference_tokens(image_dir, references, 
     references_ = [*references, references[0]]
     prompts = [{"prompt_token_ids": prompt, **({"multi_modal_data": {"image": images}} if images else {})}
                for prompt, images, _ in requests_]
-    params = [SamplingParams(max_tokens=BLOCKS * canvas, seed=seed, ignore_eos=True, extra_args=STEPS)
+    params = [SamplingParams(max_tokens=BLOCKS * canvas, seed=seed, ignore_eos=True, logprobs=1, extra_args=STEPS)
               for _, _, seed in requests_]
     outputs = llm.generate(prompts[:3], params[:3]) + llm.generate(prompts[3:], params[3:])
-    for output, (ids, tokens) in zip(outputs, references_):
+    for output, (ids, tokens, logprobs) in zip(outputs, references_):
         assert list(output.prompt_token_ids) == ids
         assert list(output.outputs[0].token_ids) == tokens
-    assert outputs[3].num_cached_tokens > 0
+        for position, entry in enumerate(output.outputs[0].logprobs):
+            for token, logprob in entry.items():
+                assert abs(logprob.logprob - logprobs[position, token].item()) < 1e-4
+    # The repeat's hit would end inside its image (at 96, soft tokens 42..101): it ends before.
+    assert outputs[3].num_cached_tokens <= 42
 
 
 @pytest.mark.engine

@@ -2,9 +2,9 @@
 
 Built on the host from the runner's batch before each of vLLM's forwards that computes soft
 tokens (model_runner.py), and read by every attention layer (model/image_attention.py).
-vLLM's scheduler keeps an image inside one prefill chunk (config_hook.py forces
-`disable_chunked_mm_input`); a prefix-cache hit may have computed the image's first tokens
-already, which the cache then holds, bidirectional as when first computed.
+The plugin's scheduler keeps an image's soft tokens inside one prefill chunk, and ends every
+prefix-cache hit outside an image (scheduler.py), so all of an image's K/V are in the cache
+when its queries read them.
 """
 
 from __future__ import annotations

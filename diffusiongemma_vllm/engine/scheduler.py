@@ -39,6 +39,7 @@ class CanvasScheduler(Scheduler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.grammars_to_send: list[str] = []  # structured requests the worker has not been sent
+        self.kv_cache_manager.get_computed_blocks = cache_hits_outside_images(self.kv_cache_manager)
 
     def add_request(self, request: Request) -> None:
         super().add_request(request)
@@ -80,14 +81,42 @@ class CanvasScheduler(Scheduler):
         return outputs
 
 
+def cache_hits_outside_images(manager):
+    """`manager.get_computed_blocks`, for a prefix-cache hit that never ends inside an image's
+    soft tokens: it is shortened to end before them. The image's queries read all of its K/V,
+    and a hit keeps, on sliding-window layers, only the blocks of the window before its end
+    (vLLM gives the earlier ones the null block), so the rest of an image cut by a hit would
+    read another block's K/V. A hit that holds a whole image is kept."""
+    find_longest, blocks_of = manager.coordinator.find_longest_cache_hit, manager.create_kv_cache_blocks
+    longest = manager.get_computed_blocks
+
+    def get_computed_blocks(request: Request):
+        blocks, hit, shared_boundary = longest(request)
+        while (cut := _image_cut_by(request, hit)) is not None:
+            computed, hit, uncached = find_longest(request.block_hashes, cut)
+            blocks, shared_boundary = blocks_of(computed), hit + uncached if uncached else 0
+        return blocks, hit, shared_boundary
+
+    return get_computed_blocks
+
+
+def _image_cut_by(request: Request, num_computed_tokens: int) -> int | None:
+    """The first soft token of an image the first `num_computed_tokens` tokens end inside, or None."""
+    for feature in request.mm_features:
+        for first, last in feature.mm_position.extract_embeds_range():
+            if first < num_computed_tokens <= last:
+                return first
+    return None
+
+
 def whole_images(request: Request, num_computed_tokens: int, num_new_tokens: int) -> int:
     """The prefill chunk's length, cut so that it ends before an image's soft tokens rather
     than inside them: an image attends to itself both ways, so its soft tokens are computed in
     one forward (model/image_attention.py). vLLM's `disable_chunked_mm_input` alone lets a chunk
-    that starts at an image's `boi`, or inside it after a prefix-cache hit, end inside it. A
-    chunk that starts inside the soft tokens and cannot reach their end is 0: it waits for a
-    step with the token budget to finish them (at most one image, which vLLM checks
-    max_num_batched_tokens holds)."""
+    that starts at an image's `boi` end inside it. A chunk that starts inside the soft tokens
+    (none should: prefix-cache hits end outside images, `cache_hits_outside_images`) and cannot
+    reach their end is 0: it waits for a step with the token budget to finish them (at most
+    one image, which vLLM checks max_num_batched_tokens holds)."""
     end = num_computed_tokens + num_new_tokens
     for feature in request.mm_features:
         for first, last in feature.mm_position.extract_embeds_range():

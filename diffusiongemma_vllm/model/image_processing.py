@@ -70,25 +70,17 @@ class ImageProcessingInfo(BaseProcessingInfo):
 
     def configured_kwargs(self) -> dict:
         """The server's `--mm-processor-kwargs`, checked."""
-        configured = self.ctx.get_merged_mm_kwargs({})
-        return {"max_soft_tokens": self._checked(configured["max_soft_tokens"])} if "max_soft_tokens" in configured \
-            else {}
+        budget = _soft_token_budget(self.ctx.get_merged_mm_kwargs({}), "--mm-processor-kwargs")
+        return {} if budget is None else {"max_soft_tokens": budget}
 
     def max_soft_tokens(self, request_kwargs: Mapping[str, object] = {}) -> int:
         """A request's soft-token budget per image: its `max_soft_tokens`, at most the server's."""
         served = self.image_processor.max_soft_tokens
-        asked = request_kwargs.get("max_soft_tokens", served)
-        asked = self._checked(asked)
-        if asked > served:
+        asked = _soft_token_budget(request_kwargs, "mm_processor_kwargs")
+        if asked is not None and asked > served:
             raise ValueError(f"max_soft_tokens={asked} is above the server's {served} (start the server with "
                              f"--mm-processor-kwargs '{{\"max_soft_tokens\": {asked}}}' to allow it)")
-        return asked
-
-    @staticmethod
-    def _checked(value) -> int:
-        if value not in SOFT_TOKEN_CHOICES:
-            raise ValueError(f"max_soft_tokens must be one of {SOFT_TOKEN_CHOICES}, got {value!r}")
-        return int(value)
+        return served if asked is None else asked
 
     def num_soft_tokens(self, width: int, height: int, max_soft_tokens: int) -> int:
         """Soft tokens of a width x height image: its patches at the processor's
@@ -104,6 +96,21 @@ class ImageProcessingInfo(BaseProcessingInfo):
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
         return {"image": self.image_processor.max_soft_tokens}
+
+
+def _soft_token_budget(kwargs: Mapping[str, object], where: str) -> int | None:
+    """`max_soft_tokens` from processor kwargs, checked; None when absent. Any other key is
+    refused: the image processor takes no other setting here."""
+    unknown = sorted(set(kwargs) - {"max_soft_tokens"})
+    if unknown:
+        raise ValueError(f"{where} {unknown} not supported for DiffusionGemma's images: the only setting is "
+                         f"max_soft_tokens (one of {SOFT_TOKEN_CHOICES})")
+    value = kwargs.get("max_soft_tokens")
+    if value is None:
+        return None
+    if isinstance(value, bool) or value not in SOFT_TOKEN_CHOICES:
+        raise ValueError(f"max_soft_tokens must be one of {SOFT_TOKEN_CHOICES}, got {value!r}")
+    return int(value)
 
 
 class ImageDummyInputsBuilder(BaseDummyInputsBuilder[ImageProcessingInfo]):

@@ -45,15 +45,18 @@ def expanded(prompt: list[int], features: dict | None) -> list[int]:
 
 
 def reference_image_generate(model, prompt: list[int], images: list, seed: int, blocks: int, sampler):
-    """(expanded prompt, the tokens of transformers' generate on the plugin's draws) for a
-    prompt with one IMAGE token per image in `images` (none: text only)."""
+    """(expanded prompt, tokens, logprobs [tokens, V]) of transformers' generate on the
+    plugin's draws, for a prompt with one IMAGE token per image in `images` (none: text only);
+    the logprobs are its halting passes' at temperature 1, the plugin's definition."""
+    import torch
+
     from diffusiongemma_vllm.testing.reference import reference_generate
 
     features = pixels(images) if images else None
     ids = expanded(prompt, features)
     trace = reference_generate(model, ids, seed, blocks, sampler, images=features)
-    return ids, trace.sequences[0, len(ids):].tolist()
-
+    logprobs = torch.log_softmax(torch.cat(trace.final_logits).float().cpu(), dim=-1)
+    return ids, trace.sequences[0, len(ids):].tolist(), logprobs
 
 # (prompt with one IMAGE token per image, images, seed): an image after a prefix longer than
 # the window with text after it; two images, the first at the prompt's start; text only.
