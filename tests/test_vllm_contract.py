@@ -67,6 +67,9 @@ Image input (image_processing.py, vision.py, image_attention.py, image_prefill.p
   `requests[id].mm_features[*].mm_position.extract_embeds_range()` (inclusive ends, soft
   tokens only); `input_batch.num_computed_tokens_cpu`, `query_start_loc.cpu`;
   `Scheduler._try_schedule_encoder_inputs(request, num_computed_tokens, num_new_tokens, ...)`;
+  the scheduler looking up prefix-cache hits through `kv_cache_manager.get_computed_blocks(request)
+  -> (blocks, hit, shared boundary)`, built from `coordinator.find_longest_cache_hit(block_hashes,
+  max_cache_hit_length) -> (blocks, hit, uncached)` and `create_kv_cache_blocks`;
   `MultiModalConfig.language_model_only` and `ModelConfig.get_model_arch_config()`
   (tests/test_image_input.py runs them end to end).
 - A plain attribute on `ModelRunnerOutput` surviving the executor's pickling.
@@ -766,6 +769,21 @@ def test_the_scheduler_asks_for_encoder_inputs_through_the_hook_the_plugin_wraps
     parameters = list(inspect.signature(Scheduler._try_schedule_encoder_inputs).parameters)
     assert parameters[:4] == ["self", "request", "num_computed_tokens", "num_new_tokens"]
     assert "self._try_schedule_encoder_inputs(" in inspect.getsource(Scheduler.schedule)
+
+
+def test_prefix_cache_lookups_go_through_the_manager_method_the_plugin_wraps(live):
+    """Catches the scheduler looking up prefix-cache hits another way, or a changed lookup,
+    which scheduler.py `cache_hits_outside_images` wraps to end hits before an image."""
+    import inspect
+
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    manager = live.scheduler.kv_cache_manager
+    assert "self.kv_cache_manager.get_computed_blocks(request)" in inspect.getsource(Scheduler.schedule)
+    source = inspect.getsource(type(manager).get_computed_blocks)
+    assert "self.coordinator.find_longest_cache_hit(" in source and "self.create_kv_cache_blocks(" in source
+    blocks, hit, uncached = manager.coordinator.find_longest_cache_hit([], 0)
+    assert hit == 0 and uncached == 0 and len(blocks) == len(manager.kv_cache_config.kv_cache_groups)
 
 
 def test_a_plain_attribute_on_model_runner_output_survives_the_executors_pickling(live):
