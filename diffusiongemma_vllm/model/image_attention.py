@@ -82,7 +82,7 @@ def attend_images(images: ImagePrefill, layer, query: torch.Tensor, output: torc
     group = images.group_of_layer[layer.layer_name]
     kernel_block = layer.kv_cache.shape[2]
     for span in images.spans:
-        slots = span.key_slots[group]
+        slots = span.key_slots[group].to(layer.kv_cache.device)
         key, value = read_tokens(layer, layer.kv_cache, slots // kernel_block, slots % kernel_block)
         key_positions = torch.arange(span.key_start[group], span.key_start[group] + slots.numel(),
                                      device=query.device)
