@@ -119,7 +119,7 @@ def test_prompts_expand_as_transformers_processes_the_images(tmp_path):
     that image (odd sizes, a thin strip, a grayscale image), eoi; only soft tokens take
     embeddings; the pixels are transformers'. A request's `max_soft_tokens` may lower the
     budget, not raise it; other processor settings are refused, a server's at start-up (vLLM
-    sizes its encoder budget then); video is refused."""
+    sizes its encoder budget then); fewer image tokens than images, and video, are refused."""
     from transformers import AutoTokenizer
     from vllm.config import ModelConfig
     from vllm.exceptions import VLLMValidationError
@@ -151,6 +151,10 @@ def test_prompts_expand_as_transformers_processes_the_images(tmp_path):
         assert ids[0] == BOI and ids[-1] == EOI and set(ids[1:-1]) == {IMAGE}
     for item, pixel_values in zip(out["mm_kwargs"]["image"], want["pixel_values"]):
         assert torch.equal(item["pixel_values"].data, pixel_values)
+    prompt = [2, 300, IMAGE, 301]  # three images, one image token
+    with pytest.raises(ValueError, match=r"the prompt has 1 <\|image\|> for 3 image\(s\)"):
+        apply()
+    prompt = [2, 300, IMAGE, 301, IMAGE, IMAGE, 302]
     lower = apply({"max_soft_tokens": 70})
     assert lower["prompt_token_ids"] == out["prompt_token_ids"]
     with pytest.raises(ValueError, match="max_soft_tokens=140 is above the server's 70"):

@@ -130,6 +130,16 @@ class ImageDummyInputsBuilder(BaseDummyInputsBuilder[ImageProcessingInfo]):
 
 
 class ImageProcessor(BaseMultiModalProcessor[ImageProcessingInfo]):
+    def apply(self, inputs, timing_ctx):
+        """vLLM's, refusing by name a prompt with fewer image tokens than images (vLLM's own
+        check is a bare assertion); an expanded prompt holds more, and passes."""
+        images = inputs.mm_data_items.get_count("image", strict=False)
+        placeholders = inputs.prompt.count(self.info.get_hf_config().image_token_id)
+        if placeholders < images:
+            raise ValueError(f"the prompt has {placeholders} {IMAGE_PLACEHOLDER} for {images} image(s): put one "
+                             f"{IMAGE_PLACEHOLDER} where each image goes (chat messages place them themselves)")
+        return super().apply(inputs, timing_ctx)
+
     def _call_hf_processor(self, hf_data, hf_kwargs):
         images = hf_data.get("images", [])
         out = self.info.ctx.call_hf_processor(self.info.image_processor, {"images": images},
