@@ -249,6 +249,35 @@ def test_engine_with_images_commits_the_reference_tokens(image_dir, references, 
 
 
 @pytest.mark.engine
+def test_lora_adapters_serve_image_prompts(image_dir, tmp_path):
+    """Catches vLLM's LoRA manager wrapping the vision tower's `q_proj`... (the engine did not
+    start with LoRA on), and an adapter missing from an image prompt's passes: an image request
+    with an adapter and one without, against transformers with the adapter merged."""
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from diffusiongemma_vllm.testing.tiny_lora import build_tiny_adapter, reference_model
+
+    adapter = str(build_tiny_adapter(image_dir, tmp_path / "adapter", seed=1))
+    sampler = SamplerConfig().with_request_overrides(STEPS)
+    prompt, images, seed = REQUESTS[0]
+    expected = [reference_image_generate(reference_model(image_dir, path, tmp_path / "merged"), prompt, images, seed,
+                                         BLOCKS, sampler) for path in (None, adapter)]
+    assert expected[0][1] != expected[1][1]  # the adapter changes the reply
+    llm = LLM(model=image_dir, dtype="float32", max_model_len=512, enforce_eager=True, enable_lora=True, max_loras=2,
+              max_lora_rank=8)
+    request = {"prompt_token_ids": prompt, "multi_modal_data": {"image": images}}
+    params = SamplingParams(max_tokens=BLOCKS * SPEC.canvas_length, seed=seed, ignore_eos=True, logprobs=1,
+                            extra_args=STEPS)
+    outputs = llm.generate([request, request], [params, params],
+                           lora_request=[None, LoRARequest("adapter", 1, adapter)])
+    for output, (_, tokens, logprobs), tolerance in zip(outputs, expected, (1e-4, 3e-3)):
+        assert list(output.outputs[0].token_ids) == tokens
+        for position, entry in enumerate(output.outputs[0].logprobs):
+            assert all(abs(lp.logprob - logprobs[position, t].item()) < tolerance for t, lp in entry.items())
+
+
+@pytest.mark.engine
 def test_images_through_the_openai_server(image_dir, references, tmp_path):
     """A chat message with an image (a data URL) commits the reference tokens of the prompt the
     server built; video is refused with a 400, and the server keeps serving."""

@@ -39,8 +39,10 @@ class DenoiseStepRunnerMixin:
         self.denoise_step = DenoiseStep(self.get_model(), self.vllm_config, self.device, adapters)
 
     def load_lora_model(self, model, *args, **kwargs):
-        """vLLM's, loading adapters as the plugin serves them (lora_adapters.py)."""
-        model = super().load_lora_model(model, *args, **kwargs)
+        """vLLM's, loading adapters as the plugin serves them (lora_adapters.py), never into
+        the vision tower."""
+        with model.image_encoder_hidden():
+            model = super().load_lora_model(model, *args, **kwargs)
         shapes = {name: spec.shape for name, spec in expected_text_tensors(model.cfg).items()}
         self.lora_manager._lora_model_cls = adapter_model_class(
             frozenset(i for i, layer in enumerate(model.cfg.layers) if layer.k_eq_v), shapes,

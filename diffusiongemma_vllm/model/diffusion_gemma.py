@@ -377,6 +377,17 @@ class DiffusionGemmaForBlockDiffusion(nn.Module, SupportsLoRA, SupportsMultiModa
             for module, value in zip(modules, saved):
                 module.use_fused_kernel = value
 
+    @contextmanager
+    def image_encoder_hidden(self):
+        """The model without its image encoder while inside: vLLM's LoRA manager wraps every
+        module whose name ends in a target (`q_proj`, ...) and fails on the vision tower's,
+        which adapters never reach (engine/lora_adapters.py)."""
+        encoder = self._modules.pop("image_encoder")
+        try:
+            yield
+        finally:
+            self._modules["image_encoder"] = encoder
+
     def attention_layer_names(self) -> list[str]:
         """Names of the attention layers, the keys of a canvas pass's metadata (canvas_context.py)."""
         return [layer.self_attn.attn.layer_name for layer in self.model.layers]
