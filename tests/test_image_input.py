@@ -277,6 +277,56 @@ def test_lora_adapters_serve_image_prompts(image_dir, tmp_path):
             assert all(abs(lp.logprob - logprobs[position, t].item()) < tolerance for t, lp in entry.items())
 
 
+def reload_vision(worker, path: str) -> int:
+    """In the worker: vLLM's in-place reload of the vision tower's tensors of `path`."""
+    from safetensors.torch import load_file
+
+    from diffusiongemma_vllm.model.vision import is_vision_tensor
+
+    tensors = [(n, t) for n, t in load_file(f"{path}/model.safetensors").items() if is_vision_tensor(n)]
+    worker.model_runner.reload_weights(weights_iterator=tensors)
+    return len(tensors)
+
+
+@pytest.mark.engine
+def test_an_update_of_the_vision_tower_reaches_image_prompts(image_dir, tmp_path, monkeypatch):
+    """Catches a weight update that leaves the tower as it was (vLLM's in-place reload puts
+    placeholders in the parameters and keeps the old values unless the loader goes through
+    their weight loaders; it only logged that): another checkpoint's vision tensors, sent
+    alone, and an image seen before the update then commit transformers' tokens for the text
+    stack of the served checkpoint with that tower."""
+    from safetensors.torch import load_file
+    from transformers import DiffusionGemmaForBlockDiffusion
+    from vllm import LLM, SamplingParams
+
+    from diffusiongemma_vllm.model.vision import is_vision_tensor
+
+    other = str(build_tiny_checkpoint(tmp_path / "other", SPEC, seed=6))
+    prompt, images, seed = REQUESTS[0]
+    sampler = SamplerConfig().with_request_overrides(STEPS)
+    reference = DiffusionGemmaForBlockDiffusion.from_pretrained(image_dir, dtype=torch.float32).eval()
+    before = reference_image_generate(reference, prompt, images, seed, BLOCKS, sampler)
+    tower = {n: t for n, t in load_file(f"{other}/model.safetensors").items() if is_vision_tensor(n)}
+    assert not reference.load_state_dict(tower, strict=False).unexpected_keys
+    after = reference_image_generate(reference, prompt, images, seed, BLOCKS, sampler)
+    assert before[1] != after[1]  # the tower changes the reply
+
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
+    llm = LLM(model=image_dir, dtype="float32", max_model_len=512, enforce_eager=True)
+    request = {"prompt_token_ids": prompt, "multi_modal_data": {"image": images}}
+    params = SamplingParams(max_tokens=BLOCKS * SPEC.canvas_length, seed=seed, ignore_eos=True, logprobs=1,
+                            extra_args=STEPS)
+    for expected, update in ((before, False), (after, True)):
+        if update:
+            assert llm.collective_rpc(reload_vision, args=(other,))[0] == len(tower)
+            llm.reset_prefix_cache()  # K/V of the old tower's embeddings
+            llm.llm_engine.reset_encoder_cache()  # the engine's record of the image's old embeddings
+        output = llm.generate([request], [params])[0].outputs[0]
+        assert list(output.token_ids) == expected[1]
+        for position, entry in enumerate(output.logprobs):
+            assert all(abs(lp.logprob - expected[2][position, t].item()) < 1e-4 for t, lp in entry.items())
+
+
 @pytest.mark.engine
 def test_images_through_the_openai_server(image_dir, references, tmp_path):
     """A chat message with an image (a data URL) commits the reference tokens of the prompt the

@@ -421,8 +421,7 @@ class DiffusionGemmaForBlockDiffusion(nn.Module, SupportsLoRA, SupportsMultiModa
         loaded = {f"model.{name}" for name in AutoWeightsLoader(self.model).load_weights(
             checked, mapper=_weights_mapper(self.cfg))}
         if encoder is not None and (whole or vision):
-            encoder.load_checkpoint_tensors(vision, whole)
-            loaded |= {f"image_encoder.{name}" for name in encoder.loaded_parameters(vision)}
+            loaded |= {f"image_encoder.{name}" for name in encoder.load_checkpoint_tensors(vision, whole)}
         self.whole_checkpoint_due = False
         if self.update is not None and self.update.in_one_load:
             self._refuse_partial_modules()

@@ -66,12 +66,15 @@ class ImageEncoder(nn.Module):
 
     def _targets(self) -> dict[str, torch.Tensor]:
         """The module's tensors by checkpoint name."""
-        targets = {TOWER_PREFIX + name: t for name, t in self.vision_tower.state_dict(keep_vars=True).items()}
-        return targets | {PROJECTION_PREFIX + name: t for name, t in self.embed_vision.state_dict(keep_vars=True).items()}
+        return {_CHECKPOINT_PREFIX + name: tensor for name, tensor in self.state_dict(keep_vars=True).items()}
 
-    def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor], whole: bool) -> None:
+    def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor], whole: bool) -> set[str]:
         """The checkpoint's tensors under `model.encoder.vision_tower.` and `.embed_vision.`:
-        all of them (`whole`), or some (a weight update)."""
+        all of them (`whole`), or some (a weight update), each checked by name and shape, then
+        loaded through vLLM's loader (its weight loaders, which an in-place reload records);
+        returns the names (under this module) it loaded."""
+        from vllm.model_executor.models.utils import AutoWeightsLoader
+
         targets = self._targets()
         for name, tensor in tensors.items():
             if name not in targets:
@@ -82,16 +85,8 @@ class ImageEncoder(nn.Module):
         missing = sorted(set(targets) - set(tensors)) if whole else []
         if missing:
             raise CheckpointError(f"checkpoint is missing {len(missing)} vision tensor(s): {', '.join(missing[:5])}")
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                targets[name].copy_(tensor)
+        return AutoWeightsLoader(self).load_weights(
+            (name.removeprefix(_CHECKPOINT_PREFIX), tensor) for name, tensor in tensors.items())
 
-    def loaded_parameters(self, tensors: dict[str, torch.Tensor]) -> set[str]:
-        """Names (under this module) of the parameters `tensors` loaded."""
-        names = {f"vision_tower.{name}" for name, _ in self.vision_tower.named_parameters()}
-        names |= {f"embed_vision.{name}" for name, _ in self.embed_vision.named_parameters()}
-        return {name for name in names if self._checkpoint_name(name) in tensors}
 
-    @staticmethod
-    def _checkpoint_name(name: str) -> str:
-        return "model.encoder." + name
+_CHECKPOINT_PREFIX = "model.encoder."  # + vision_tower.* / embed_vision.*: this module's own names
