@@ -3,10 +3,10 @@
 `expected_text_tensors(cfg)` lists every text tensor `google/diffusiongemma-26B-A4B-it`
 stores (research/hf_reference.md section 4) with its shape. `checked_text_weights` passes
 the text stack through with `model.decoder.` stripped, drops the encoder's duplicate
-`layer_scalar`s and the vision tower, and raises `CheckpointError` naming the tensor for an
-unexpected name, a wrong shape or dtype, or (once the stream ends, for a `whole` checkpoint)
-a missing tensor, instead of the bare shape assertion or silent zero-initialised parameter a
-broken file would otherwise give. A weight update after start-up (vLLM's `reload_weights`,
+`layer_scalar`s and the vision tower (vision.py loads it), and raises `CheckpointError`
+naming the tensor for an unexpected name, a wrong shape or dtype, or (once the stream ends,
+for a `whole` checkpoint) a missing tensor, instead of the bare shape assertion or silent
+zero-initialised parameter a broken file would otherwise give. A weight update after start-up (vLLM's `reload_weights`,
 its weight-transfer engines, an RL trainer's `load_weights`) brings some tensors only: each is
 still checked, and none is missing; a tensor twice in one update is named (`seen` spans an
 update's calls). vLLM's layer-wise reload completes a module once all its tensors arrived
@@ -48,7 +48,7 @@ from diffusiongemma_vllm.model.config import BackboneConfig, CheckpointError
 
 TEXT_PREFIX = "model.decoder."
 ENCODER_SCALAR = "model.encoder.language_model.layers."
-SKIPPED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")  # vision.py loads them
 SCALAR = ()  # a one-value tensor: shape [] or [1]
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -203,7 +203,7 @@ def checked_text_weights(
     layout = f" ({fmt.name} checkpoint)" if fmt else ""
     seen = set() if seen is None else seen  # names without model.decoder., added to as they pass
     for name, tensor in weights:
-        if name.startswith(SKIPPED_PREFIXES):
+        if name.startswith(VISION_PREFIXES):
             continue
         if name.startswith(ENCODER_SCALAR) and name.endswith(".layer_scalar"):
             continue

@@ -16,14 +16,12 @@ from torch import nn
 
 from vllm.model_executor.layers.layernorm import RMSNorm
 
+from diffusiongemma_vllm.model.checkpoint import VISION_PREFIXES
 from diffusiongemma_vllm.model.config import CheckpointError
-
-TOWER_PREFIX = "model.encoder.vision_tower."
-PROJECTION_PREFIX = "model.encoder.embed_vision."
 
 
 def is_vision_tensor(name: str) -> bool:
-    return name.startswith((TOWER_PREFIX, PROJECTION_PREFIX))
+    return name.startswith(VISION_PREFIXES)
 
 
 class ImageProjection(nn.Module):
