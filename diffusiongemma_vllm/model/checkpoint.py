@@ -6,8 +6,9 @@ the text stack through with `model.decoder.` stripped, drops the encoder's dupli
 `layer_scalar`s and the vision tower (vision.py loads it), and raises `CheckpointError`
 naming the tensor for an unexpected name, a wrong shape or dtype, or (once the stream ends,
 for a `whole` checkpoint) a missing tensor, instead of the bare shape assertion or silent
-zero-initialised parameter a broken file would otherwise give. A weight update after start-up (vLLM's `reload_weights`,
-its weight-transfer engines, an RL trainer's `load_weights`) brings some tensors only: each is
+zero-initialised parameter a broken file would otherwise give. A weight update after
+start-up (vLLM's `reload_weights`, its weight-transfer engines, an RL trainer's
+`load_weights`) brings some tensors only: each is
 still checked, and none is missing; a tensor twice in one update is named (`seen` spans an
 update's calls). vLLM's layer-wise reload completes a module once all its tensors arrived
 (q, k and v into one qkv projection, a layer's experts, the router's two scales) and fills a
