@@ -102,13 +102,16 @@ def test_prefix_cache_hits_never_end_inside_an_image(longest, expected, asked):
 
 def test_text_only_when_the_image_tokens_lie_outside_the_vocabulary(tmp_path):
     """The release's image ids in a tiny vocabulary: text only (no bidirectional image ranges,
-    no tower); the tiny tokenizer's ids: images served."""
+    no tower); the tiny tokenizer's ids (the CLI's `--images`): images served."""
     from vllm.config import ModelConfig
     from vllm.plugins import load_general_plugins
 
+    from diffusiongemma_vllm.testing.tiny_checkpoint import main
+
     load_general_plugins()
     text_only = ModelConfig(model=str(build_tiny_checkpoint(tmp_path / "text", TinySpec())))
-    with_images = ModelConfig(model=str(build_tiny_checkpoint(tmp_path / "images", SPEC)))
+    main([str(tmp_path / "images"), "--images"])
+    with_images = ModelConfig(model=str(tmp_path / "images"))
     assert text_only.multimodal_config.get_limit_per_prompt("image") == 0 and not text_only.is_mm_prefix_lm
     assert with_images.multimodal_config.get_limit_per_prompt("image") > 0 and with_images.is_mm_prefix_lm
 

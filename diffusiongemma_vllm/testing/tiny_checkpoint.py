@@ -22,7 +22,8 @@ tokenizer padded to the full 262144-token vocabulary so that every id detokenize
 Quantized copies in the layouts of the published FP8 and NVFP4 releases: tiny_quantized.py
 (`--quantized fp8-dynamic|nvfp4|nvfp4-modelopt` here).
 
-CLI: `python -m diffusiongemma_vllm.testing.tiny_checkpoint OUT_DIR [--seed N] [--ar-twin] [--release] [--quantized L] ...`
+CLI: `python -m diffusiongemma_vllm.testing.tiny_checkpoint OUT_DIR [--seed N] [--ar-twin] [--release] [--quantized L]
+[--images] ...`
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from diffusiongemma_vllm.testing.tiny_tokenizer import IMAGE_SPECIAL_IDS, save_t
 # The released generation_config.json of google/diffusiongemma-26B-A4B-it.
 RELEASE_IMAGE_TOKEN_IDS = (255999, 258880, 258882)  # boi, image (soft token), eoi
 TINY_IMAGE_TOKEN_IDS = tuple(IMAGE_SPECIAL_IDS)  # the tiny tokenizer's
+# TinySpec settings of a tiny checkpoint that serves images (`--images`; testing/tiny_images.py).
+TINY_IMAGES = {"image_token_ids": TINY_IMAGE_TOKEN_IDS, "soft_tokens_per_image": 70}
 RELEASE_GENERATION_CONFIG = {
     **SamplerConfig().to_generation_config(),
     "eos_token_id": [1, 106, 50],
@@ -294,6 +297,9 @@ def _parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--layer-pattern", default="SF",
                         help="one letter per layer: S sliding, F full (release: SSSSSF x5)")
     parser.add_argument("--max-denoising-steps", type=int, default=RELEASE_GENERATION_CONFIG["max_denoising_steps"])
+    parser.add_argument("--images", action="store_true",
+                        help="serve images: the tiny tokenizer's image tokens (the release's ids lie outside a tiny "
+                             "vocabulary, so a tiny checkpoint serves text only) and 70 soft tokens per image")
     return parser.parse_args(argv)
 
 
@@ -301,8 +307,9 @@ def main(argv=None) -> None:
     args = _parse_args(argv)
     kinds = {"S": "sliding_attention", "F": "full_attention"}
     sizes = {k: v for k, v in vars(args).items() if k in TinySpec.__dataclass_fields__}
+    images = TINY_IMAGES if args.images else {}
     spec = TinySpec(**sizes, layer_types=tuple(kinds[c] for c in args.layer_pattern.upper()),
-                    generation={"max_denoising_steps": args.max_denoising_steps})
+                    generation={"max_denoising_steps": args.max_denoising_steps}, **images)
     if args.release:
         release = replace(RELEASE_SPEC, generation=spec.generation)
         print(write_release_config(args.out_dir, release, ar_twin=args.ar_twin))

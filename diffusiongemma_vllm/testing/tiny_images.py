@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffusiongemma_vllm.testing.tiny_checkpoint import TINY_IMAGE_TOKEN_IDS, TinySpec
+from diffusiongemma_vllm.testing.tiny_checkpoint import TINY_IMAGE_TOKEN_IDS, TINY_IMAGES, TinySpec
 
-IMAGE_SPEC = TinySpec(image_token_ids=TINY_IMAGE_TOKEN_IDS, soft_tokens_per_image=70)
+IMAGE_SPEC = TinySpec(**TINY_IMAGES)
 BOI, IMAGE, EOI = TINY_IMAGE_TOKEN_IDS
 
 
