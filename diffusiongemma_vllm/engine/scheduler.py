@@ -100,11 +100,11 @@ def cache_hits_outside_images(manager):
     return get_computed_blocks
 
 
-def _image_cut_by(request: Request, num_computed_tokens: int) -> int | None:
-    """The first soft token of an image the first `num_computed_tokens` tokens end inside, or None."""
+def _image_cut_by(request: Request, num_tokens: int) -> int | None:
+    """The first soft token of an image the request's first `num_tokens` tokens end inside, or None."""
     for feature in request.mm_features:
         for first, last in feature.mm_position.extract_embeds_range():
-            if first < num_computed_tokens <= last:
+            if first < num_tokens <= last:
                 return first
     return None
 
@@ -117,9 +117,5 @@ def whole_images(request: Request, num_computed_tokens: int, num_new_tokens: int
     (none should: prefix-cache hits end outside images, `cache_hits_outside_images`) and cannot
     reach their end is 0: it waits for a step with the token budget to finish them (at most
     one image, which vLLM checks max_num_batched_tokens holds)."""
-    end = num_computed_tokens + num_new_tokens
-    for feature in request.mm_features:
-        for first, last in feature.mm_position.extract_embeds_range():
-            if first < end <= last:
-                return max(0, first - num_computed_tokens)
-    return num_new_tokens
+    cut = _image_cut_by(request, num_computed_tokens + num_new_tokens)
+    return num_new_tokens if cut is None else max(0, cut - num_computed_tokens)
