@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from diffusiongemma_vllm.engine.kv_layout import first_kept, token_slots
 from diffusiongemma_vllm.model.image_attention import ImagePrefill, ImageSpan
 
 
@@ -20,6 +21,7 @@ def image_prefill(runner) -> ImagePrefill | None:
     batch = runner.input_batch
     starts = runner.query_start_loc.cpu
     groups = runner.kv_cache_config.kv_cache_groups
+    device = runner.device
     spans = []
     for row, req_id in enumerate(batch.req_ids):
         features = runner.requests[req_id].mm_features
@@ -37,18 +39,15 @@ def image_prefill(runner) -> ImagePrefill | None:
                 if image_end > end:
                     raise RuntimeError(f"request {req_id}: the image at positions [{image_start}, {image_end}) "
                                        f"is split across prefill chunks (this step ends at {end})")
-                slots, key_start = {}, {}
+                slots, positions = {}, {}
                 for group_id, group in enumerate(groups):
                     spec = group.kv_cache_spec
-                    window = getattr(spec, "sliding_window", None)
-                    key_start[group_id] = max(0, image_start - (window - 1)) if window else 0
-                    positions = np.arange(key_start[group_id], image_end)
+                    keys = np.arange(first_kept(image_start, getattr(spec, "sliding_window", None)), image_end)
                     table = batch.block_table[group_id].get_numpy_array()[row]
-                    slots[group_id] = torch.from_numpy(
-                        table[positions // spec.block_size].astype(np.int64) * spec.block_size
-                        + positions % spec.block_size)
-                spans.append(ImageSpan(torch.from_numpy(queries - first + int(starts[row])),
-                                       torch.from_numpy(queries), image_start, slots, key_start))
+                    slots[group_id] = token_slots(table, keys, spec.block_size).to(device)
+                    positions[group_id] = torch.from_numpy(keys).to(device)
+                spans.append(ImageSpan(torch.from_numpy(queries - first + int(starts[row])).to(device),
+                                       torch.from_numpy(queries).to(device), image_start, slots, positions))
     if not spans:
         return None
     group_of_layer = {name: group_id for group_id, group in enumerate(groups) for name in group.layer_names}

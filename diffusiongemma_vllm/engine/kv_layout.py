@@ -10,7 +10,8 @@ block_size, 2 * head_dim]`, but what lives inside a (block, head) page differs:
   landed, then reads with that permutation.
 
 `read_tokens` returns `[T, kv_heads, head_dim]` K and V for given slots (block ids are the
-layer's kernel blocks); `paged_views` returns zero-copy `[blocks, block_size, kv_heads,
+layer's kernel blocks), `read_slots` for a request's slots from `token_slots` (its block-table
+row; `first_kept` is where a sliding layer's kept tokens start); `paged_views` returns zero-copy `[blocks, block_size, kv_heads,
 head_dim]` K and V views of a GPU cache for the Triton kernel. `check_caches` runs once at
 start-up, after vLLM allocated the caches: every layer's backend must be one whose pages
 these functions read, and its cache must have the geometry they assume. Block tables
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 
 
@@ -94,3 +96,22 @@ def read_tokens(layer, kv_cache: torch.Tensor, blocks: torch.Tensor, offsets: to
         index = perm[offsets].unsqueeze(1).expand(-1, heads, -1)  # [T, heads, D]
         out.append(torch.gather(pages[:, :, half], 2, index))
     return tuple(out)
+
+
+def first_kept(position: int, window: int | None) -> int:
+    """The first position a layer's cache still holds for attention up to `position`: a sliding
+    layer keeps the last window - 1 tokens before it (all that vLLM keeps), a full layer all."""
+    return max(0, position - (window - 1)) if window else 0
+
+
+def token_slots(table_row: np.ndarray, positions: np.ndarray, block_size: int) -> torch.Tensor:
+    """The cache slots of a request's token `positions`, from its block-table row (blocks of
+    `block_size` tokens: the KV cache group's manager block size)."""
+    return torch.from_numpy(table_row[positions // block_size].astype(np.int64) * block_size + positions % block_size)
+
+
+def read_slots(layer, slots: torch.Tensor):
+    """K, V `[T, kv_heads, head_dim]` of the tokens at `slots` (token_slots) of `layer`'s cache."""
+    kernel_block = layer.kv_cache.shape[2]
+    slots = slots.to(layer.kv_cache.device)
+    return read_tokens(layer, layer.kv_cache, slots // kernel_block, slots % kernel_block)

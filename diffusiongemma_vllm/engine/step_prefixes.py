@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diffusiongemma_vllm.engine.kv_layout import paged_views, read_tokens
+from diffusiongemma_vllm.engine.kv_layout import first_kept, paged_views, read_slots, token_slots
 from diffusiongemma_vllm.model.canvas_context import PagedPrefix, PrefixKV
 
 
@@ -62,19 +62,14 @@ def gather_prefixes(runner, ready: list[int], context: list[int], device: torch.
         spec = group.kv_cache_spec
         window = getattr(spec, "sliding_window", None)
         table = runner.input_batch.block_table[group_id].get_numpy_array()
-        spans = [(max(0, length - (window - 1)) if window else 0, length) for length in context]
+        spans = [(first_kept(length, window), length) for length in context]
         lens = torch.tensor([end - start for start, end in spans], device=device)
+        slots = [token_slots(table[row], np.arange(start, end), spec.block_size)
+                 for row, (start, end) in zip(ready, spans)]
         for name in group.layer_names:
-            layer = layers[name]
-            kv_cache = layer.kv_cache
-            kernel_block = kv_cache.shape[2]
             keys, values = [], []
-            for row, (start, end) in zip(ready, spans):
-                positions = np.arange(start, end)
-                slots = table[row][positions // spec.block_size].astype(np.int64) * spec.block_size \
-                    + positions % spec.block_size
-                slots = torch.from_numpy(slots).to(kv_cache.device)
-                key, value = read_tokens(layer, kv_cache, slots // kernel_block, slots % kernel_block)
+            for request_slots in slots:
+                key, value = read_slots(layers[name], request_slots)
                 keys.append(key)
                 values.append(value)
             prefixes[name] = PrefixKV(_pad(keys), _pad(values), lens)

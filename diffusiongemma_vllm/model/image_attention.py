@@ -23,22 +23,23 @@ from dataclasses import dataclass
 import torch
 from vllm.forward_context import get_forward_context, is_forward_context_available
 
-from diffusiongemma_vllm.engine.kv_layout import read_tokens
+from diffusiongemma_vllm.engine.kv_layout import read_slots
 
 FORWARD_KEY = "diffusiongemma_images"  # in ForwardContext.additional_kwargs
 
 
 @dataclass(frozen=True)
 class ImageSpan:
-    """The soft tokens of one image that this forward computes, and the K/V they read."""
+    """The soft tokens of one image that this forward computes, and the K/V they read; the
+    tensors on the model's device, built once per forward for every layer."""
 
     query_rows: torch.Tensor  # [q] rows of this forward's tokens holding its soft-token queries
     query_positions: torch.Tensor  # [q] their positions in the request
     image_start: int  # position of the image's first soft token
-    # KV cache group -> slots of positions [first readable, image end), oldest first: the
-    # committed tokens before the image a query may see, then the whole image.
+    # KV cache group -> slots of positions [first kept, image end), oldest first: the committed
+    # tokens before the image a query may see, then the whole image; and those positions.
     key_slots: dict[int, torch.Tensor]
-    key_start: dict[int, int]  # KV cache group -> position of its first slot
+    key_positions: dict[int, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -80,14 +81,9 @@ def attend_images(images: ImagePrefill, layer, query: torch.Tensor, output: torc
     already holds this forward's K/V."""
     heads, kv_heads, head_dim = layer.num_heads, layer.num_kv_heads, layer.head_size
     group = images.group_of_layer[layer.layer_name]
-    kernel_block = layer.kv_cache.shape[2]
     for span in images.spans:
-        slots = span.key_slots[group].to(layer.kv_cache.device)
-        key, value = read_tokens(layer, layer.kv_cache, slots // kernel_block, slots % kernel_block)
-        key_positions = torch.arange(span.key_start[group], span.key_start[group] + slots.numel(),
-                                     device=query.device)
-        rows = span.query_rows.to(query.device)
-        out = image_span_attention(query[rows].view(-1, heads, head_dim), span.query_positions.to(query.device),
+        key, value = read_slots(layer, span.key_slots[group])
+        out = image_span_attention(query[span.query_rows].view(-1, heads, head_dim), span.query_positions,
                                    key.view(-1, kv_heads, head_dim), value.view(-1, kv_heads, head_dim),
-                                   key_positions, span.image_start, layer.sliding_window)
-        output[rows] = out.flatten(-2).to(output.dtype)
+                                   span.key_positions[group], span.image_start, layer.sliding_window)
+        output[span.query_rows] = out.flatten(-2).to(output.dtype)
