@@ -202,6 +202,15 @@ def test_a_broken_vision_tower_is_named(tmp_path):
 REQUESTS = IMAGE_REQUESTS
 
 
+def assert_reference_reply(reply, tokens: list[int], logprobs: torch.Tensor, tolerance: float) -> None:
+    """The engine's reply commits the reference's tokens, each returned logprob within
+    `tolerance` of the reference's ([tokens, V], reference_image_generate)."""
+    assert list(reply.token_ids) == tokens
+    for position, entry in enumerate(reply.logprobs):
+        for token, logprob in entry.items():
+            assert abs(logprob.logprob - logprobs[position, token].item()) < tolerance
+
+
 @pytest.fixture(scope="module")
 def image_dir(tmp_path_factory) -> str:
     return str(build_tiny_checkpoint(tmp_path_factory.mktemp("images"), SPEC, seed=5))
@@ -243,10 +252,7 @@ def test_engine_with_images_commits_the_reference_tokens(image_dir, references, 
     outputs = llm.generate(prompts[:3], params[:3]) + llm.generate(prompts[3:], params[3:])
     for output, (ids, tokens, logprobs) in zip(outputs, references_):
         assert list(output.prompt_token_ids) == ids
-        assert list(output.outputs[0].token_ids) == tokens
-        for position, entry in enumerate(output.outputs[0].logprobs):
-            for token, logprob in entry.items():
-                assert abs(logprob.logprob - logprobs[position, token].item()) < 1e-4
+        assert_reference_reply(output.outputs[0], tokens, logprobs, 1e-4)
     # The repeat's hit would end inside its image (at 96, soft tokens 42..101): it ends before.
     assert outputs[3].num_cached_tokens <= 42
 
@@ -275,9 +281,7 @@ def test_lora_adapters_serve_image_prompts(image_dir, tmp_path):
     outputs = llm.generate([request, request], [params, params],
                            lora_request=[None, LoRARequest("adapter", 1, adapter)])
     for output, (_, tokens, logprobs), tolerance in zip(outputs, expected, (1e-4, 3e-3)):
-        assert list(output.outputs[0].token_ids) == tokens
-        for position, entry in enumerate(output.outputs[0].logprobs):
-            assert all(abs(lp.logprob - logprobs[position, t].item()) < tolerance for t, lp in entry.items())
+        assert_reference_reply(output.outputs[0], tokens, logprobs, tolerance)
 
 
 def reload_vision(worker, path: str) -> int:
@@ -324,10 +328,8 @@ def test_an_update_of_the_vision_tower_reaches_image_prompts(image_dir, tmp_path
             assert llm.collective_rpc(reload_vision, args=(other,))[0] == len(tower)
             llm.reset_prefix_cache()  # K/V of the old tower's embeddings
             llm.llm_engine.reset_encoder_cache()  # the engine's record of the image's old embeddings
-        output = llm.generate([request], [params])[0].outputs[0]
-        assert list(output.token_ids) == expected[1]
-        for position, entry in enumerate(output.logprobs):
-            assert all(abs(lp.logprob - expected[2][position, t].item()) < 1e-4 for t, lp in entry.items())
+        _, tokens, logprobs = expected
+        assert_reference_reply(llm.generate([request], [params])[0].outputs[0], tokens, logprobs, 1e-4)
 
 
 @pytest.mark.engine
