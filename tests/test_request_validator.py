@@ -88,8 +88,8 @@ def test_knobs_are_judged_against_the_served_checkpoint_defaults(monkeypatch):
 
 def test_structured_outputs_are_refused_where_the_worker_cannot_follow_vllm():
     """Catches a structured request admitted by an engine whose backend the worker does not
-    build (outlines, lm-format-enforcer), or one with a reasoning parser, where vLLM would
-    apply the grammar only after the reasoning and the worker from the first token."""
+    build (outlines, lm-format-enforcer), and one refused under a reasoning parser, where the
+    worker starts the grammar after the reasoning as vLLM does (reasoning_bounds.py)."""
     from types import SimpleNamespace
 
     from vllm.config import StructuredOutputsConfig
@@ -101,12 +101,12 @@ def test_structured_outputs_are_refused_where_the_worker_cannot_follow_vllm():
         return SimpleNamespace(structured_outputs_config=StructuredOutputsConfig(**{"backend": "xgrammar", **settings}))
 
     assert structured_refusal(engine()) is None and structured_refusal(engine(backend="guidance")) is None
-    assert "'outlines' backend" in structured_refusal(engine(backend="outlines"))
-    assert structured_refusal(engine(reasoning_parser="deepseek_r1", enable_in_reasoning=True)) is None
-    refusal = structured_refusal(engine(reasoning_parser="deepseek_r1"))
+    assert structured_refusal(engine(reasoning_parser="gemma4")) is None
+    refusal = structured_refusal(engine(backend="outlines"))
+    assert "'outlines' backend" in refusal
     model_config = ModelConfigStandIn()
     serve_defaults(model_config, SamplerConfig(), refusal)
-    with pytest.raises(ValueError, match="reasoning_parser='deepseek_r1'.*enable_in_reasoning"):
+    with pytest.raises(ValueError, match="'outlines' backend"):
         check_request(SamplingParams(structured_outputs=StructuredOutputsParams(regex="a+")))
     check_request(SamplingParams(max_tokens=5))  # other requests pass
     del model_config

@@ -20,6 +20,7 @@ from vllm.v1.structured_output.backend_xgrammar import XgrammarGrammar
 
 from diffusiongemma_vllm.denoise.loop import Unembedding
 from diffusiongemma_vllm.engine import structured_commit
+from diffusiongemma_vllm.engine.reasoning_bounds import ReasoningBounds
 from diffusiongemma_vllm.engine.structured_commit import constrained_canvas, unpack
 
 from tests.test_vocab_shards import ThreadRanks
@@ -103,6 +104,27 @@ def test_each_position_takes_the_best_token_the_grammar_allows(compiler, candida
     assert (committed[:len(best)] != argmax[:len(best)]).any()  # the grammar did constrain this canvas
 
 
+@pytest.mark.parametrize("start", [5, LENGTH])
+def test_a_reasoning_before_the_grammar_start_commits_as_the_argmax(compiler, start):
+    """Catches a grammar applied inside the reasoning a reasoning parser leaves free
+    (reasoning_bounds.py), or the grammar not fed from its start: the positions before `start`
+    commit the argmax, a special token there too, and those from `start` on are the best the
+    grammar allows, as if the canvas began there; a canvas all reasoning feeds the grammar nothing."""
+    hidden, unembedding, argmax = random_canvas(1)
+    argmax[2] = 100  # `<|channel>`: special, which a constrained position never takes
+    grammar = regex_grammar(compiler)
+    committed = constrained_canvas(grammar, "r", hidden, argmax, unembedding, start=start)
+    assert torch.equal(committed[:start], argmax[:start])
+    if start == LENGTH:
+        fresh, untouched = xgr.allocate_token_bitmask(1, VOCAB), xgr.allocate_token_bitmask(1, VOCAB)
+        regex_grammar(compiler).fill_bitmask(fresh, 0)
+        grammar.fill_bitmask(untouched, 0)
+        assert torch.equal(untouched, fresh)  # still at its start
+        return
+    alone = constrained_canvas(regex_grammar(compiler), "r", hidden[start:], argmax[start:], unembedding)
+    assert torch.equal(committed[start:], alone) and grammar.is_terminated()
+
+
 def test_the_grammar_carries_over_to_the_next_canvas(compiler):
     """Catches a grammar reset between a request's canvases: a canvas ending mid-match must
     leave the matcher where it stopped, so the canvases together form one match."""
@@ -162,13 +184,14 @@ def test_a_grammar_that_fails_in_the_worker_fails_only_its_request(monkeypatch, 
     and grammars compiled for requests without structured outputs, or kept after they leave."""
     grammars = structured_commit.CanvasGrammars(vllm_config=None, vocab_size=VOCAB)
     compiled = []
-    monkeypatch.setattr(grammars, "_compile", lambda req_id, p: compiled.append(p) or (Failing(), None, None))
-    grammars.prepare([("r", params("spec")), ("plain", params(None)), ("prompt only", None)])
-    grammars.prepare([("r", params("spec"))])
+    monkeypatch.setattr(grammars, "_compile", lambda req_id, p, reasoning: compiled.append(p)
+                        or (Failing(), None, None, ReasoningBounds(None)))
+    grammars.prepare([("r", params("spec"), None), ("plain", params(None), None), ("prompt only", None, None)])
+    grammars.prepare([("r", params("spec"), None)])
     hidden, unembedding, argmax = random_canvas(3)
-    assert torch.equal(grammars.commit("r", hidden, argmax, unembedding), argmax)
+    assert torch.equal(grammars.commit("r", hidden, argmax, unembedding, [], []), argmax)
     assert grammars.grammars == {"r": None} and "matcher fault" in caplog.text and len(compiled) == 1
-    assert torch.equal(grammars.commit("r", hidden, argmax, unembedding), argmax) and len(compiled) == 1
+    assert torch.equal(grammars.commit("r", hidden, argmax, unembedding, [], []), argmax) and len(compiled) == 1
     assert [record.levelname for record in caplog.records if "failed in the worker" in record.getMessage()] == ["ERROR"]
     grammars.forget(["plain", "r"])
     assert grammars.grammars == {}
@@ -180,8 +203,9 @@ def test_ready_tells_a_compiling_grammar_from_a_compiled_or_failed_one(monkeypat
     commit); and a wait that returns before its time when nothing got ready."""
     grammars = structured_commit.CanvasGrammars(vllm_config=None, vocab_size=VOCAB)
     gate = threading.Event()
-    monkeypatch.setattr(grammars, "_compile", lambda req_id, p: gate.wait(30) and (AllowsEverything(), None, None))
-    grammars.prepare([("slow", params("spec"))])
+    monkeypatch.setattr(grammars, "_compile", lambda req_id, p, reasoning: gate.wait(30)
+                        and (AllowsEverything(), None, None, ReasoningBounds(None)))
+    grammars.prepare([("slow", params("spec"), None)])
     grammars.grammars["failed"] = None
     assert grammars.ready(["slow", "failed"]) == [False, True]
     started = time.perf_counter()

@@ -1060,7 +1060,9 @@ def test_structured_requests_reach_the_worker_with_the_step_after_they_arrive(li
     """Catches the worker learning of a structured request only when it is scheduled (vLLM's
     engine core first holds it, WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR, until its own grammar compiles; the worker's
     compile would then start only after that one), a request sent twice, one aborted before the
-    step sent at all, or its abort not reaching the worker in `finished_req_ids`."""
+    step sent at all, or its abort not reaching the worker in `finished_req_ids`; and the
+    worker not told what the API server resolved about the request's reasoning (where its
+    grammar starts, reasoning_bounds.py)."""
     from vllm.sampling_params import StructuredOutputsParams
     from vllm.v1.request import Request, RequestStatus
 
@@ -1068,13 +1070,16 @@ def test_structured_requests_reach_the_worker_with_the_step_after_they_arrive(li
 
     scheduler = _scheduler(live, CanvasScheduler)
     structured = vllm.SamplingParams(max_tokens=8, structured_outputs=StructuredOutputsParams(regex="a+"))
-    scheduler.add_request(Request("grammar", list(SHORT_PROMPT), structured, None))
+    thinking = {"chat_template_kwargs": {"enable_thinking": True}}
+    scheduler.add_request(Request("grammar", list(SHORT_PROMPT), structured, None, reasoning_ended=False,
+                                  reasoning_parser_kwargs=thinking))
     scheduler.add_request(Request("plain", list(SHORT_PROMPT), vllm.SamplingParams(max_tokens=8), None))
     scheduler.add_request(Request("aborted", list(SHORT_PROMPT), structured, None))
     scheduler.finish_requests("aborted", RequestStatus.FINISHED_ABORTED)
     first = scheduler.schedule()
-    assert [req_id for req_id, _ in first.diffusion_grammars] == ["grammar"]
+    assert [req_id for req_id, _, _ in first.diffusion_grammars] == ["grammar"]
     assert first.diffusion_grammars[0][1].structured_outputs.regex == "a+"
+    assert first.diffusion_grammars[0][2] == (False, thinking)
     assert scheduler.requests["grammar"].status == RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR
     assert set(first.num_scheduled_tokens) == {"plain"} and first.finished_req_ids == {"aborted"}
     scheduler.update_from_output(first, _runner_output(first, {}))

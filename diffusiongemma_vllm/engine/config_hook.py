@@ -94,18 +94,11 @@ INTEGER_4BIT = ("awq", "auto_awq", "awq_marlin", "gptq", "auto_gptq", "gptq_marl
 
 def structured_refusal(vllm_config) -> str | None:
     """Why this engine refuses structured outputs, or None. The worker builds the grammars of
-    vLLM's xgrammar and guidance backends only (structured_commit.py). vLLM leaves a reasoning
-    section free and applies the grammar after it; the worker constrains each canvas as it
-    commits, from the first token, so it follows vLLM only when the grammar also applies inside
-    the reasoning (`enable_in_reasoning`)."""
+    vLLM's xgrammar and guidance backends only (structured_commit.py)."""
     config = vllm_config.structured_outputs_config
     if config.backend not in STRUCTURED_BACKENDS:
         return (f"structured outputs through the {config.backend!r} backend are not supported by DiffusionGemma; "
                 f"serve with --structured-outputs-config.backend {' or '.join(STRUCTURED_BACKENDS)}")
-    if config.reasoning_parser and not config.enable_in_reasoning:
-        return (f"structured outputs with reasoning_parser={config.reasoning_parser!r} are not supported by "
-                "DiffusionGemma unless the grammar also applies inside the reasoning "
-                "(--structured-outputs-config.enable_in_reasoning true): a canvas is constrained as it commits")
     return None
 
 

@@ -13,7 +13,7 @@ DiffusionGemma architecture only. It changes no logits. It rejects, naming the f
 - a sampling feature the block-diffusion sampler does not implement, and `logprob_token_ids`
   outside the vocabulary or beside `logprobs`;
 - structured outputs on an engine that cannot serve them (config_hook.structured_refusal:
-  a backend the worker does not build, or a reasoning section vLLM would leave free).
+  a backend the worker does not build).
 `temperature`, `top_p` and `top_k` are accepted and do not apply (the knobs' schedule is the
 sampling temperature), as in transformers' DiffusionGemma; the README says so.
 """

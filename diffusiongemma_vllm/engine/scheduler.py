@@ -15,7 +15,9 @@ Without `passes_per_step` every ready request emits a canvas each step, except a
 whose grammar the worker is still compiling (structured_commit.py), which waits the same way.
 
 Structured requests reach the worker with the first step after they arrive (the step's
-`diffusion_grammars`, a list of (request id, sampling parameters)), not when first scheduled:
+`diffusion_grammars`, a list of (request id, sampling parameters, reasoning): the engine core's
+`reasoning_ended` and `reasoning_parser_kwargs`, which say where its grammar starts,
+reasoning_bounds.py), not when first scheduled:
 vLLM's engine core holds such a request until its own copy of the grammar compiles, and the
 worker gets its copy meanwhile instead of after: in the engine core's process (vLLM's
 uniprocess executor) it shares the engine core's compile through `ENGINE_GRAMMARS`, elsewhere it
@@ -51,7 +53,7 @@ class CanvasScheduler(Scheduler):
         (`diffusion_grammars`; one finished meanwhile is dropped)."""
         output = super().schedule(*args, **kwargs)
         arrived = [r for r in map(self.requests.get, self.grammars_to_send) if r is not None and not r.is_finished()]
-        output.diffusion_grammars = [(r.request_id, r.sampling_params) for r in arrived]
+        output.diffusion_grammars = [(r.request_id, r.sampling_params, reasoning(r)) for r in arrived]
         ENGINE_GRAMMARS.update(((id(self.vllm_config), r.request_id), r.structured_output_request) for r in arrived
                                if r.structured_output_request is not None)  # None: a session whose update is queued
         self.grammars_to_send = []
@@ -79,6 +81,13 @@ class CanvasScheduler(Scheduler):
                 request.num_computed_tokens -= 1
         attach_to_stats(outputs, getattr(model_runner_output, "diffusion_metrics", None))
         return outputs
+
+
+def reasoning(request: Request) -> tuple[bool | None, dict | None] | None:
+    """What the engine core knows of where the request's grammar starts: (`reasoning_ended`,
+    `reasoning_parser_kwargs`) of its structured-outputs state, as the API server set them."""
+    state = request.structured_output_request
+    return None if state is None else (state.reasoning_ended, state.reasoning_parser_kwargs)
 
 
 def cache_hits_outside_images(manager):

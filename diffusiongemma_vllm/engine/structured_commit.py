@@ -24,6 +24,9 @@ allows it, so a canvas the model already wrote in the grammar commits unchanged.
   next canvas, as vLLM leaves an autoregressive request after its grammar completes (tokens
   after the stop inside one canvas would fail vLLM's guidance check, which reads a whole
   canvas at once).
+- With a reasoning parser (`--reasoning-parser`), the grammar starts where vLLM's engine core
+  starts it, after the reasoning (reasoning_bounds.py): the positions before commit the argmax
+  as they would unconstrained, special tokens included.
 - The matcher is vLLM's own, from the engine's one structured-outputs backend (xgrammar or
   guidance; config_hook.py turns `auto`, which would pick per request while vLLM's engine core
   compiles every request with the first one's, into xgrammar), compiled from the request's
@@ -62,6 +65,7 @@ from vllm.logger import init_logger
 
 from diffusiongemma_vllm.denoise.vocab_shards import merge_best
 from diffusiongemma_vllm.engine.config_hook import STRUCTURED_BACKENDS
+from diffusiongemma_vllm.engine.reasoning_bounds import ReasoningBounds, reasoner_for
 from diffusiongemma_vllm.kernels.top_logprobs import VOCAB_CHUNK, softcapped_logits, top_logprobs
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, the one vLLM configures
@@ -88,6 +92,7 @@ class CanvasGrammars:
         self.vocab_size = vocab_size
         self.backend = None  # vLLM's, built with the first grammar (it loads the tokenizer)
         self.special: torch.Tensor | None = None  # [vocab] bool: the ids the tokenizer marks special
+        self.tokenizer = None  # the backend's, which reasoning parsers read too
         # As many compile threads as vLLM's engine core has: a slow grammar then holds up
         # another structured request's compile here no more than there.
         threads = ((os.cpu_count() or 1) + 1) // 2
@@ -99,11 +104,12 @@ class CanvasGrammars:
 
     def prepare(self, requests) -> None:
         """Start compiling the grammars of the structured requests among `requests` ((id,
-        sampling parameters) pairs) that this worker has not seen yet."""
-        for req_id, sampling_params in requests:
+        sampling parameters, reasoning) triples; reasoning: the engine core's (`reasoning_ended`,
+        `reasoning_parser_kwargs`) of the request, or None) that this worker has not seen yet."""
+        for req_id, sampling_params, reasoning in requests:
             if sampling_params is not None and sampling_params.structured_outputs is not None \
                     and req_id not in self.grammars:
-                self.grammars[req_id] = self.compiler.submit(self._compile, req_id, sampling_params)
+                self.grammars[req_id] = self.compiler.submit(self._compile, req_id, sampling_params, reasoning)
 
     def ready(self, req_ids: list[str], wait: float = 0.0) -> list[bool]:
         """Whether each request's grammar can commit now: compiled, or failed (its canvases
@@ -114,28 +120,31 @@ class CanvasGrammars:
             futures.wait(compiling, timeout=wait, return_when=futures.FIRST_COMPLETED)
         return [self.grammars[r] is None or self.grammars[r].done() for r in req_ids]
 
-    def commit(self, req_id: str, hidden: torch.Tensor, argmax: torch.Tensor, unembedding) -> torch.Tensor:
-        """The canvas a structured request commits (`constrained_canvas`); its argmax if its
-        grammar failed in this worker (logged once)."""
+    def commit(self, req_id: str, hidden: torch.Tensor, argmax: torch.Tensor, unembedding,
+               prompt: list[int], tokens: list[int]) -> torch.Tensor:
+        """The canvas a structured request commits (`constrained_canvas`, from where its
+        reasoning ends given its `prompt` and `tokens` so far); its argmax if its grammar failed
+        in this worker (logged once)."""
         if self.grammars[req_id] is None:
             return argmax
         try:
             try:
-                grammar, banned, bitmask = self.grammars[req_id].result()
+                grammar, banned, bitmask, reasoning = self.grammars[req_id].result()
             except Exception as error:  # noqa: BLE001 - any compile error is this request's
                 raise GrammarFault(f"its grammar did not compile here: {error}") from error
-            return constrained_canvas(grammar, req_id, hidden, argmax, unembedding, banned, bitmask)
+            start = reasoning.grammar_start(prompt, tokens, argmax.tolist())
+            return constrained_canvas(grammar, req_id, hidden, argmax, unembedding, banned, bitmask, start=start)
         except GrammarFault:
             logger.exception("DiffusionGemma: the grammar of request %s failed in the worker; its canvases commit "
                              "unconstrained and vLLM's grammar check ends it if they break the grammar", req_id)
             self.grammars[req_id] = None
         return argmax
 
-    def _compile(self, req_id: str, sampling_params):
+    def _compile(self, req_id: str, sampling_params, reasoning):
         """The request's matcher: over the grammar vLLM's engine core compiles for it when that
         runs in this process, else compiled here as the engine core compiles its copy; the ids
         its canvases must not take (the special ones other than its stop tokens); its bitmask,
-        laid out for its backend."""
+        laid out for its backend; where its grammar starts (`reasoning`: see `prepare`)."""
         from vllm.v1.structured_output.request import get_structured_output_key
 
         backend = self._backend()
@@ -148,9 +157,11 @@ class CanvasGrammars:
         if grammar is None:
             kind, spec = get_structured_output_key(sampling_params.structured_outputs)
             grammar = backend.compile_grammar(kind, spec, stop_token_ids=stops)
+        ended, parser_kwargs = reasoning or (None, None)
+        bounds = ReasoningBounds(reasoner_for(self.vllm_config, self.tokenizer, parser_kwargs), ended)
         with self.lock:
             self.sources[source] += 1
-        return grammar, banned, backend.allocate_token_bitmask(1)
+        return grammar, banned, backend.allocate_token_bitmask(1), bounds
 
     def _shared(self, engine_request, stops):
         """A matcher of our own over the grammar vLLM's engine core compiled for the request
@@ -187,6 +198,7 @@ class CanvasGrammars:
                 else:
                     from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend as Backend
                 self.special = special_ids(tokenizer, self.vocab_size)
+                self.tokenizer = tokenizer
                 self.backend = Backend(self.vllm_config, tokenizer=tokenizer, vocab_size=self.vocab_size)
                 logger.info("DiffusionGemma structured outputs: vLLM's %s backend in the worker", name)
             return self.backend
@@ -210,30 +222,32 @@ def special_ids(tokenizer, vocab: int) -> torch.Tensor:
 
 def constrained_canvas(grammar, req_id: str, hidden: torch.Tensor, argmax: torch.Tensor, unembedding,
                        banned: torch.Tensor | None = None, bitmask: torch.Tensor | None = None,
-                       candidates: int = CANDIDATES) -> torch.Tensor:
-    """The canvas to commit ([C] int64, on the host): left to right, each position's most
-    likely token the grammar allows after the ones before it, and not `banned` ([vocab]
-    bools), accepted into `grammar` (vLLM's StructuredOutputGrammar, advanced in place).
-    `hidden` [C, H] is the halting pass's, `argmax` [C] its argmax (the unconstrained commit),
-    `bitmask` a one-row token bitmask of the grammar's backend (default: xgrammar's over the
-    vocabulary). A failure of the grammar raises GrammarFault."""
+                       candidates: int = CANDIDATES, start: int = 0) -> torch.Tensor:
+    """The canvas to commit ([C] int64, on the host): the argmax before `start` (a reasoning
+    the grammar leaves free), then left to right each position's most likely token the grammar
+    allows after the ones before it, and not `banned` ([vocab] bools), accepted into `grammar`
+    (vLLM's StructuredOutputGrammar, advanced in place). `hidden` [C, H] is the halting
+    pass's, `argmax` [C] its argmax (the unconstrained commit), `bitmask` a one-row token
+    bitmask of the grammar's backend (default: xgrammar's over the vocabulary). A failure of
+    the grammar raises GrammarFault."""
     from vllm.v1.structured_output.backend_xgrammar import xgr
 
-    if grammar.is_terminated():
-        return argmax.clone()
     length, vocab = hidden.shape[0], unembedding.vocab
-    top = top_logprobs(hidden, unembedding.weight, unembedding.softcap, argmax.to(hidden.device),
+    if grammar.is_terminated() or start >= length:
+        return argmax.clone()
+    top = top_logprobs(hidden[start:], unembedding.weight, unembedding.softcap, argmax[start:].to(hidden.device),
                        min(candidates, vocab), first_id=unembedding.first_id, shards=unembedding.shards).top_ids
     # The argmax first (the candidates' order among near-ties follows other products), then the rest.
-    top = torch.cat([argmax[:, None], top.cpu()], 1)
+    top = torch.cat([argmax[start:, None], top.cpu()], 1)
     bitmask = xgr.allocate_token_bitmask(1, vocab) if bitmask is None else bitmask
     banned = torch.zeros(vocab, dtype=torch.bool) if banned is None else banned
-    out = torch.empty(length, dtype=torch.int64)
-    for position in range(length):
+    out = argmax.to(torch.int64, copy=True)
+    for position in range(start, length):
         guard(grammar.fill_bitmask, req_id, bitmask, 0)
-        allowed = ((bitmask[0, top[position] // 32] >> (top[position] % 32)) & 1).bool() & ~banned[top[position]]
+        options = top[position - start]
+        allowed = ((bitmask[0, options // 32] >> (options % 32)) & 1).bool() & ~banned[options]
         if allowed.any():
-            token = int(top[position, allowed.int().argmax()])
+            token = int(options[allowed.int().argmax()])
         else:
             mask = unpack(bitmask[0], vocab) & ~banned
             if not mask.any():

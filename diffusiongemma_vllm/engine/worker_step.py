@@ -208,7 +208,8 @@ class DenoiseStep:
         started = time.perf_counter()
         # Structured requests the scheduler did not send ahead (a streaming session that turned
         # structured, a scheduler other than the plugin's) start compiling here.
-        self.grammars.prepare((r.req_id, runner.requests[r.req_id].sampling_params) for r in ready if r.structured)
+        self.grammars.prepare((r.req_id, runner.requests[r.req_id].sampling_params, None)
+                              for r in ready if r.structured)
         held = {r.req_id: self.awaiting.pop(r.req_id) for r in ready if r.req_id in self.awaiting}
         fresh = [r for r in ready if r.req_id not in held or held[r.req_id].context != r.context]
         waiting = [r for r in ready if r.req_id in held and held[r.req_id].context == r.context]
@@ -223,7 +224,7 @@ class DenoiseStep:
             # Nothing else to run: wait a little for a grammar rather than spin through empty steps.
             wait = GRAMMAR_POLL_S if len(waiting) == num_reqs else 0.0
             for turn, requests, unembedding in turns:
-                self._constrain(turn, requests, wait)
+                self._constrain(runner, turn, requests, wait)
                 self._logprobs(turn, requests, batch.max_num_logprobs, out, unembedding)
         self.stats.awaited_grammars += sum(req_id not in held for req_id in self.awaiting)  # held for the first time
         for turn, requests, _ in turns:
@@ -318,7 +319,7 @@ class DenoiseStep:
         if self.held_canvases() != held:
             self.metrics.record_pending(self.held_canvases())
 
-    def _constrain(self, turn: DenoiseResult, requests: list[_ReadyRequest], wait: float) -> None:
+    def _constrain(self, runner, turn: DenoiseResult, requests: list[_ReadyRequest], wait: float) -> None:
         """Structured requests' finished canvases, committed under their grammars
         (structured_commit.py), in place of the argmax in `turn.tokens`; before `_logprobs`,
         which then reports the tokens committed. A canvas whose grammar is not ready on every
@@ -332,8 +333,10 @@ class DenoiseStep:
         for job, ok in zip(jobs, ready):
             request = requests[job]
             if ok:
+                state = runner.requests[request.req_id]
+                tokens = runner.input_batch.token_ids_cpu[request.row, :request.context].tolist()
                 turn.tokens[job] = self.grammars.commit(request.req_id, turn.hidden[job], turn.tokens[job],
-                                                        self.unembedding)
+                                                        self.unembedding, state.prompt_token_ids or [], tokens)
             else:
                 self.awaiting[request.req_id] = AwaitingGrammar(request.context, turn.tokens[job].clone(),
                                                                 int(turn.passes[job]), turn.hidden[job].clone())

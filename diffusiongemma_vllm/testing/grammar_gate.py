@@ -23,9 +23,9 @@ class GrammarGate:
         gate = self._grammar_gate = threading.Event()
         compile_grammar = type(grammars)._compile.__get__(grammars)
 
-        def gated(req_id, sampling_params):
+        def gated(req_id, sampling_params, reasoning):
             gate.wait(GATE_TIMEOUT_S)
-            return compile_grammar(req_id, sampling_params)
+            return compile_grammar(req_id, sampling_params, reasoning)
 
         grammars._compile = gated
 

@@ -2,9 +2,10 @@
 
 Tiny checkpoints need a tokenizer that vLLM and transformers load like the real one:
 `tokenizer.json` + `tokenizer_config.json` with a chat template, and the special tokens at
-the ids the real vocabulary uses (pad 0, eos 1, bos 2, unk 3, begin-of-tool-response 50,
+the ids the real vocabulary uses (pad 0, eos 1, bos 2, unk 3, the tool-call markers 46-52,
 `<|turn>` 105, `<turn|>` 106, ...; the image tokens at tiny ids), because the checkpoint's `eos_token_id` list
-([1, 106, 50]) names those ids. Unused ids below 107 are filler specials, as in Gemma.
+([1, 106, 50]) names those ids, and vLLM's Gemma 4 tool-call and reasoning parsers look their
+markers up by name. Unused ids below 107 are filler specials, as in Gemma.
 The BPE merges are trained on a fixed built-in corpus, so a given vocabulary size always
 yields the same tokenizer.
 """
@@ -20,7 +21,13 @@ GEMMA_SPECIAL_IDS = {
     1: "<eos>",
     2: "<bos>",
     3: "<unk>",
+    46: "<|tool>",
+    47: "<tool|>",
+    48: "<|tool_call>",
+    49: "<tool_call|>",
     50: "<|tool_response>",
+    51: "<tool_response|>",
+    52: '<|"|>',  # Gemma 4's string delimiter inside tool calls
     98: "<|think|>",
     100: "<|channel>",
     101: "<channel|>",
@@ -34,15 +41,29 @@ FIRST_REGULAR_ID = 107
 BYTE_ALPHABET = 256
 
 # Gemma 4's turn structure; without thinking, the model turn opens with an empty thought channel.
+# Tools are declared in the system turn, a model's tool calls and the tools' replies written
+# with Gemma 4's markers (arguments as JSON, where Gemma writes its own key:value form).
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{%- if enable_thinking is defined and enable_thinking %}<|turn>system\n<|think|><turn|>\n{%- endif %}"
+    "{%- set thinking = enable_thinking is defined and enable_thinking %}"
+    "{%- if thinking or tools %}<|turn>system\n"
+    "{% if thinking %}<|think|>{% endif %}"
+    "{% for tool in tools or [] %}<|tool>declaration:{{ tool.function.name }}"
+    "{{ tool.function.parameters | tojson }}<tool|>{% endfor %}"
+    "<turn|>\n{%- endif %}"
     "{%- for message in messages %}"
+    "{%- if message['role'] == 'tool' %}<|tool_response>response:{{ message.get('name') or 'tool' }}"
+    "{{ message['content'] }}<tool_response|>\n"
+    "{%- else %}"
     "<|turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
-    "{{ message['content'] | trim }}<turn|>\n"
+    "{{ (message['content'] or '') | trim }}"
+    "{%- for call in message.get('tool_calls') or [] %}<|tool_call>call:{{ call.function.name }}"
+    "{{ call.function.arguments if call.function.arguments is string else call.function.arguments | tojson }}"
+    "<tool_call|>{%- endfor %}<turn|>\n"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}<|turn>model\n"
-    "{%- if not (enable_thinking is defined and enable_thinking) %}<|channel>thought\n<channel|>{%- endif %}"
+    "{%- if not thinking %}<|channel>thought\n<channel|>{%- endif %}"
     "{%- endif %}"
 )
 
