@@ -30,8 +30,8 @@ SPEC = TinySpec(canvas_length=CANVAS, generation={"max_denoising_steps": 8})
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
-THOUGHT_AND_CALL = '<|channel>thought\nParis, then<channel|><|tool_call>call:get_weather{city:<|"|>Paris<|"|>}' \
-                   '<tool_call|><|tool_response>'
+CALL = '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|><|tool_response>'
+THOUGHT = "<|channel>thought\nParis, then<channel|>"
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                            "days": {"type": "integer", "minimum": 1, "maximum": 9}},
           "required": ["city", "days"], "additionalProperties": False}
@@ -65,21 +65,24 @@ def pinned_reply(model: Path, text: str) -> dict:
     return {"diffusion_seed_canvas": ids + [0] * (CANVAS - len(ids)), "diffusion_pinned": list(range(CANVAS))}
 
 
-def test_a_thought_and_a_tool_call_in_one_canvas_are_parsed(gemma_server, model):
+@pytest.mark.parametrize("thinking", [True, False])
+def test_a_thought_and_a_tool_call_in_one_canvas_are_parsed(gemma_server, model, thinking):
     """Catches a reply whose thinking or tool call vLLM's Gemma 4 parsers cannot read when a
     whole canvas arrives at once (one delta carrying the thought channel, its end and the tool
-    call): reasoning, call and finish reason, unstreamed and streamed alike."""
-    request = {"tools": TOOLS, "chat_template_kwargs": {"enable_thinking": True},
-               "vllm_xargs": pinned_reply(model, THOUGHT_AND_CALL)}
+    call): reasoning, call and finish reason, unstreamed and streamed alike, with thinking on
+    and off (a call right after the prompt's closed thought channel)."""
+    expected_reasoning = "Paris, then" if thinking else None
+    request = {"tools": TOOLS, "chat_template_kwargs": {"enable_thinking": thinking},
+               "vllm_xargs": pinned_reply(model, THOUGHT * thinking + CALL)}
     messages = [{"role": "user", "content": "Weather in Paris?"}]
     reply = chat(gemma_server, messages, **request)
     call = reply["message"]["tool_calls"]
-    assert reply["finish_reason"] == "tool_calls" and reply["message"]["reasoning"] == "Paris, then"
+    assert reply["finish_reason"] == "tool_calls" and reply["message"]["reasoning"] == expected_reasoning
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in call] == \
         [("get_weather", {"city": "Paris"})]
     assert not reply["message"]["content"]
 
-    reasoning, arguments, names, finish = "", "", [], None
+    reasoning, arguments, names, finish = None, "", [], None
     with requests.post(gemma_server.url + "/v1/chat/completions", stream=True, timeout=300,
                        json={"model": "tiny", "messages": messages, "max_tokens": 200, "seed": 1, "stream": True,
                              **request}) as response:
@@ -87,13 +90,14 @@ def test_a_thought_and_a_tool_call_in_one_canvas_are_parsed(gemma_server, model)
             if not line.startswith(b"data: {"):
                 continue
             choice = json.loads(line[6:])["choices"][0]
-            reasoning += choice["delta"].get("reasoning") or ""
+            if choice["delta"].get("reasoning"):
+                reasoning = (reasoning or "") + choice["delta"]["reasoning"]
             for delta in choice["delta"].get("tool_calls") or []:
                 names += [delta["function"]["name"]] if delta["function"].get("name") else []
                 arguments += delta["function"].get("arguments") or ""
             finish = choice["finish_reason"] or finish
-    assert (reasoning, names, json.loads(arguments), finish) == ("Paris, then", ["get_weather"], {"city": "Paris"},
-                                                                  "tool_calls")
+    assert (reasoning, names, json.loads(arguments), finish) == (expected_reasoning, ["get_weather"],
+                                                                  {"city": "Paris"}, "tool_calls")
 
     # The next turn: the call and the tool's reply go back through the chat template.
     messages += [{"role": "assistant", "content": None, "tool_calls": [{"id": call[0]["id"], "type": "function",
