@@ -11,8 +11,9 @@ block_size, 2 * head_dim]`, but what lives inside a (block, head) page differs:
 
 `read_tokens` returns `[T, kv_heads, head_dim]` K and V for given slots (block ids are the
 layer's kernel blocks), `read_slots` for a request's slots from `token_slots` (its block-table
-row; `first_kept` is where a sliding layer's kept tokens start); `paged_views` returns zero-copy `[blocks, block_size, kv_heads,
-head_dim]` K and V views of a GPU cache for the Triton kernel. `check_caches` runs once at
+row; `first_kept` is where a sliding layer's kept tokens start); `paged_views` returns
+zero-copy `[blocks, block_size, kv_heads, head_dim]` K and V views of a GPU cache for the
+Triton kernel. `check_caches` runs once at
 start-up, after vLLM allocated the caches: every layer's backend must be one whose pages
 these functions read, and its cache must have the geometry they assume. Block tables
 count blocks of the group's manager block size (`kv_cache_spec.block_size`); a cache tensor's

@@ -45,8 +45,8 @@ grammar is ready is held, halted, and commits at a later step, once the grammar 
 every tensor-parallel rank (worker_step.py): the other requests' canvases go on meanwhile.
 The worker keeps the grammar, advanced canvas by canvas, and drops it (cancelling a compile
 not started) when the request finishes. A grammar fault in the worker (the grammar cannot be
-compiled there, allows no token, or its matcher raises: the same on every tensor-parallel rank,
-whose matchers see the same tokens) is logged and its request's canvases commit unconstrained
+compiled there, allows no token, or its matcher or reasoning parser raises: the same on every
+tensor-parallel rank, whose matchers see the same tokens) is logged and its request's canvases commit unconstrained
 from then on; vLLM's grammar check then ends the request if they break the grammar. The engine
 keeps serving the others. A device error is not caught: it is not the same on every rank.
 """
@@ -132,7 +132,7 @@ class CanvasGrammars:
                 grammar, banned, bitmask, reasoning = self.grammars[req_id].result()
             except Exception as error:  # noqa: BLE001 - any compile error is this request's
                 raise GrammarFault(f"its grammar did not compile here: {error}") from error
-            start = reasoning.grammar_start(prompt, tokens, argmax.tolist())
+            start = guard(reasoning.grammar_start, req_id, prompt, tokens, argmax.tolist())
             return constrained_canvas(grammar, req_id, hidden, argmax, unembedding, banned, bitmask, start=start)
         except GrammarFault:
             logger.exception("DiffusionGemma: the grammar of request %s failed in the worker; its canvases commit "
