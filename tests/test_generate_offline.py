@@ -92,6 +92,32 @@ def test_eos_and_stop_token_ids_end_inside_a_canvas(llm):
     assert out.finish_reason == "stop" and list(out.token_ids) == list(free[: free.index(stop_id) + 1])
 
 
+def test_a_stop_string_ends_the_request_in_the_engine(llm):
+    """Catches a stop string found only by the detokenizer, after the engine core has started the
+    request's next canvas (a whole canvas of passes wasted, and the stopped canvas's tail
+    counted as generated tokens): the engine ends the request at the token that completes the
+    string, with vLLM's text, finish and stop reason, and denoises no canvas after it; a batch
+    mate is unchanged."""
+    from vllm import SamplingParams
+
+    tokenizer = llm.get_tokenizer()
+    params = dict(max_tokens=96, ignore_eos=True, seed=11)
+    free = llm.generate(prompts(1), SamplingParams(**params))[0].outputs[0]
+    first_canvas = len(llm.generate(prompts(1), SamplingParams(**{**params, "max_tokens": 32}))[0].outputs[0].text)
+    stop = next(free.text[i:i + 3] for i in range(first_canvas, len(free.text))
+                if free.text[i:i + 3].isascii() and free.text[i:i + 3].isalpha()
+                and free.text.index(free.text[i:i + 3]) >= first_canvas)
+    before = llm.collective_rpc("diffusion_stats")[0]["canvases"]
+    out, mate = llm.generate(prompts(2), [SamplingParams(**params, stop=[stop]), SamplingParams(**params)])
+    out = out.outputs[0]
+    assert llm.collective_rpc("diffusion_stats")[0]["canvases"] - before == 2 + 3
+    assert (out.text, out.finish_reason, out.stop_reason) == (free.text[:free.text.index(stop)], "stop", stop)
+    kept = list(out.token_ids)
+    assert 32 < len(kept) < 64 and kept == list(free.token_ids[:len(kept)])
+    assert stop in tokenizer.decode(kept) and stop not in tokenizer.decode(kept[:-1])
+    assert mate.outputs[0].token_ids == llm.generate(prompts(2)[1:], SamplingParams(**params))[0].outputs[0].token_ids
+
+
 def test_denoise_passes_per_scheduler_step_exceed_one(llm):
     """Catches a regression to one denoise pass per scheduler step (vLLM in-tree's design)."""
     from vllm import SamplingParams

@@ -95,7 +95,9 @@ Scheduler (scheduler.py, drafts/publisher.py)
   `Request.is_prefill_chunk` / `.status` / `.num_tokens`; `Scheduler.requests`;
   `Scheduler.add_request` / `.schedule()` / `.finish_requests`, a structured request held
   WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR until the engine core's grammar compiles, an aborted one reaching the worker
-  in `finished_req_ids`.
+  in `finished_req_ids`; `Scheduler._update_request_with_output(request, new_token_ids)`
+  appending a step's tokens, `check_stop_strings`, and `IncrementalDetokenizer.update` leaving
+  out the last token of a STOP-finished request (stop_strings.py).
 KV cache (kv_layout.py, engine/worker_step.py)
 - `vllm._custom_ops.cpu_attn_reshape_and_cache` pages, read back through the live runner's
   block tables; FLASH_ATTN and TRITON_ATTN writing `[K | V]` per token into every
@@ -1020,6 +1022,41 @@ def test_scheduler_cuts_a_canvas_where_live_drafts_cut_it(live, ignore_eos, stop
     finished = kept < len(canvas) or kept == max_tokens
     assert (output.finish_reason is not None) == finished
     assert (scheduler.requests.get("r") is None) == finished  # scheduler.py skips finished requests
+
+
+def test_a_stop_string_ends_the_request_in_the_step_its_canvas_arrives(live):
+    """Catches vLLM's scheduler no longer appending a step's tokens through
+    `_update_request_with_output(request, new_token_ids)` (the plugin cuts there at a stop
+    string, stop_strings.py), no longer building the step's output from the tokens it
+    returns, or its detokenizer no longer dropping the last token's text when the engine says
+    STOP (why the plugin ends such a request as length-capped: the detokenizer then finds the
+    stop string itself and reports it)."""
+    from vllm.tokenizers import cached_tokenizer_from_config
+    from vllm.v1.engine import EngineCoreRequest
+    from vllm.v1.engine.detokenizer import IncrementalDetokenizer
+    from vllm.v1.request import Request
+
+    from diffusiongemma_vllm.engine.scheduler import CanvasScheduler
+
+    tokenizer = cached_tokenizer_from_config(model_config=live.config.model_config)
+    canvas = tokenizer.encode("the river city is quiet", add_special_tokens=False)
+    kept = min(k for k in range(len(canvas) + 1) if "city" in tokenizer.decode(canvas[:k]))
+    params = vllm.SamplingParams(max_tokens=50, stop=["city"], ignore_eos=True)
+    scheduler = _scheduler(live, CanvasScheduler)
+    scheduler.add_request(Request("r", list(SHORT_PROMPT), params, None))
+    scheduled = scheduler.schedule()
+    outputs = scheduler.update_from_output(scheduled, _runner_output(scheduled, {"r": canvas}))
+    (output,) = [o for out in outputs.values() for o in out.outputs]
+    assert output.new_token_ids == canvas[:kept] and (str(output.finish_reason), output.stop_reason) == ("length", "city")
+    assert "r" not in scheduler.requests
+
+    request = EngineCoreRequest(request_id="d", prompt_token_ids=list(SHORT_PROMPT), mm_features=None,
+                                sampling_params=params, pooling_params=None, arrival_time=0.0, lora_request=None,
+                                cache_salt=None, data_parallel_rank=None)
+    for stop_terminated in (True, False):
+        detokenizer = IncrementalDetokenizer.from_new_request(tokenizer, request)
+        found = detokenizer.update(canvas[:kept], stop_terminated)
+        assert found == (None if stop_terminated else "city")  # STOP: the last token taken for a stop token
 
 
 def test_a_request_given_no_token_is_rescheduled_for_its_last_token_only_after_rollback(live):

@@ -22,7 +22,8 @@ vLLM's engine core holds such a request until its own copy of the grammar compil
 worker gets its copy meanwhile instead of after: in the engine core's process (vLLM's
 uniprocess executor) it shares the engine core's compile through `ENGINE_GRAMMARS`, elsewhere it
 compiles its own (structured_commit.py). The step's `finished_req_ids` tell the worker when to
-drop one. It also forwards the worker step's counters into the step's stats
+drop one. It ends a request at the token that completes a stop string as the canvas arrives
+(stop_strings.py), and forwards the worker step's counters into the step's stats
 (step_metrics.py).
 Requires synchronous scheduling (engine/config_hook.py turns async scheduling off) and no
 speculative decoding (the config hook refuses it).
@@ -34,6 +35,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
 from diffusiongemma_vllm.engine.step_metrics import attach_to_stats
+from diffusiongemma_vllm.engine.stop_strings import StopStrings
 from diffusiongemma_vllm.engine.structured_commit import ENGINE_GRAMMARS
 
 
@@ -41,6 +43,7 @@ class CanvasScheduler(Scheduler):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.grammars_to_send: list[str] = []  # structured requests the worker has not been sent
+        self.stop_strings = StopStrings(self.vllm_config.model_config)
         self.kv_cache_manager.get_computed_blocks = cache_hits_outside_images(self.kv_cache_manager)
 
     def add_request(self, request: Request) -> None:
@@ -70,6 +73,22 @@ class CanvasScheduler(Scheduler):
         samples from (the worker constrains whole canvases, structured_commit.py). vLLM still
         advances each request's grammar with its committed canvas and checks it there."""
         return None
+
+    def _update_request_with_output(self, request: Request, new_token_ids: list[int], *args, **kwargs):
+        """vLLM's, ending the request at the token that completes a stop string
+        (stop_strings.py). Its status is not FINISHED_STOPPED: vLLM's detokenizer takes the
+        last token of a request stopped so for a stop token and leaves its text out; it reads
+        all of them and, finding the stop string, reports `finish_reason` stop with it, as for
+        a stop string it finds itself."""
+        stop = self.stop_strings.first_stop(request, new_token_ids)
+        if stop is not None:
+            del new_token_ids[stop[0]:]
+        new_token_ids, stopped = super()._update_request_with_output(request, new_token_ids, *args, **kwargs)
+        if stop is not None and not stopped:
+            request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+            request.stop_reason = stop[1]
+            stopped = True
+        return new_token_ids, stopped
 
     def update_from_output(self, scheduler_output, model_runner_output):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
