@@ -1,11 +1,11 @@
 """Where a structured request's grammar starts under a reasoning parser
 (engine/reasoning_bounds.py), against vLLM's engine core deciding it.
 
-The reference is vLLM's own `StructuredOutputManager.accept_tokens`, fed the same committed
-canvases one after another with a recording grammar: the tokens it hands the grammar must be
-exactly the canvas from our start on, canvas after canvas. Both parsers' paths are covered:
-Gemma 4's engine-based one (vLLM's `gemma4`, with its implicit end at a tool call) and a plain
-token parser (tests/marker_reasoning_parser.py).
+The reference is vLLM's own `StructuredOutputManager.accept_tokens`, fed the canvases as the
+worker commits them, one after another, with a recording grammar: the tokens it hands the
+grammar must be exactly the canvas from our start on, canvas after canvas. Both parsers' paths
+are covered: Gemma 4's engine-based one (vLLM's `gemma4`, whose implicit end at a tool call the
+worker commits as the end marker) and a plain token parser (tests/marker_reasoning_parser.py).
 """
 
 from __future__ import annotations
@@ -64,13 +64,17 @@ def vllm_fed(manager, prompt, canvases, ended, kwargs) -> list[list[int]]:
     return fed
 
 
-def our_fed(bounds: ReasoningBounds, prompt, canvases) -> list[list[int]]:
-    tokens, fed = list(prompt), []
+def our_fed(bounds: ReasoningBounds, prompt, canvases) -> tuple[list[list[int]], list[list[int]]]:
+    """The canvases as the worker commits them (the tokens before the grammar start as given,
+    an implicit reasoning end made explicit), and what it feeds its grammar from each."""
+    tokens, committed, fed = list(prompt), [], []
     for canvas in canvases:
+        canvas = list(canvas)
         start = bounds.grammar_start(prompt, tokens, canvas)
+        committed.append(canvas)
         fed.append(canvas[start:] if bounds.ended else None)
         tokens += canvas
-    return fed
+    return committed, fed
 
 
 def random_canvases(rng: random.Random, specials: list[int]) -> list[list[int]]:
@@ -86,8 +90,9 @@ def test_the_grammar_starts_where_vllm_starts_it(tiny_dir, parser_name, specials
     """Catches the worker constraining a canvas from another token than vLLM's engine core,
     which then rejects the committed canvas (the request ends in an error) or leaves it
     unchecked: a reasoning end in the prompt (thinking off), in a canvas (at its start, middle,
-    last position), in a later canvas, never; Gemma 4's tool call, which ends the reasoning and
-    is itself constrained; the API server's `reasoning_ended` in either direction."""
+    last position), in a later canvas, never; Gemma 4's tool call, which ends the reasoning
+    implicitly (committed as the end marker, which the engine core must then see, or it never
+    checks the grammar); the API server's `reasoning_ended` in either direction."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
     manager = engine_core(parser_name, tokenizer)
     rng = random.Random(0)
@@ -99,12 +104,23 @@ def test_the_grammar_starts_where_vllm_starts_it(tiny_dir, parser_name, specials
         for prompt in (THOUGHT_CLOSED, THOUGHT_OPEN):
             for ended in (None, False, True):
                 thinking = {"chat_template_kwargs": {"enable_thinking": prompt is THOUGHT_OPEN}}
-                expected = vllm_fed(manager, prompt, canvases, ended, thinking)
                 reasoner = manager.reasoner_cls(tokenizer=tokenizer, **thinking)
-                assert our_fed(ReasoningBounds(reasoner, ended), prompt, canvases) == expected, \
-                    (canvases, prompt, ended)
-                checked.add(tuple(None if fed is None else len(fed) for fed in expected))
+                committed, fed = our_fed(ReasoningBounds(reasoner, ended), prompt, canvases)
+                assert vllm_fed(manager, prompt, committed, ended, thinking) == fed, (canvases, prompt, ended)
+                checked.add(tuple(None if f is None else len(f) for f in fed))
     assert len(checked) > 20  # the cases reach many different starts, not one
+
+
+def test_a_tool_call_that_ends_the_reasoning_is_committed_as_the_end_marker(tiny_dir):
+    """Catches a Gemma 4 tool call in the thinking of a structured request left for the
+    grammar to replace (the reply then has no reasoning end at all: its thinking comes back as
+    content and vLLM's engine core never checks the grammar) or kept (vLLM's engine core then
+    feeds it to the grammar, which refuses it)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    reasoner = ReasoningParserManager.get_reasoning_parser("gemma4")(tokenizer=tokenizer)
+    canvas = [201, TOOL_CALL, 202, 203]
+    assert ReasoningBounds(reasoner, False).grammar_start(THOUGHT_OPEN, THOUGHT_OPEN, canvas) == 2
+    assert canvas == [201, CHANNEL_END, 202, 203]
 
 
 def test_no_reasoning_parser_or_enable_in_reasoning_constrain_from_the_first_token(tiny_dir):

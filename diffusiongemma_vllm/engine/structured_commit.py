@@ -26,7 +26,8 @@ allows it, so a canvas the model already wrote in the grammar commits unchanged.
   canvas at once).
 - With a reasoning parser (`--reasoning-parser`), the grammar starts where vLLM's engine core
   starts it, after the reasoning (reasoning_bounds.py): the positions before commit the argmax
-  as they would unconstrained, special tokens included.
+  as they would unconstrained, special tokens included (a tool call that ends the reasoning
+  implicitly is committed as the parser's end marker).
 - The matcher is vLLM's own, from the engine's one structured-outputs backend (xgrammar or
   guidance; config_hook.py turns `auto`, which would pick per request while vLLM's engine core
   compiles every request with the first one's, into xgrammar), compiled from the request's
@@ -132,8 +133,10 @@ class CanvasGrammars:
                 grammar, banned, bitmask, reasoning = self.grammars[req_id].result()
             except Exception as error:  # noqa: BLE001 - any compile error is this request's
                 raise GrammarFault(f"its grammar did not compile here: {error}") from error
-            start = guard(reasoning.grammar_start, req_id, prompt, tokens, argmax.tolist())
-            return constrained_canvas(grammar, req_id, hidden, argmax, unembedding, banned, bitmask, start=start)
+            canvas = argmax.tolist()
+            start = guard(reasoning.grammar_start, req_id, prompt, tokens, canvas)  # may make a reasoning end explicit
+            return constrained_canvas(grammar, req_id, hidden, torch.tensor(canvas, dtype=argmax.dtype), unembedding,
+                                      banned, bitmask, start=start)
         except GrammarFault:
             logger.exception("DiffusionGemma: the grammar of request %s failed in the worker; its canvases commit "
                              "unconstrained and vLLM's grammar check ends it if they break the grammar", req_id)
