@@ -1047,7 +1047,8 @@ def test_a_stop_string_ends_the_request_in_the_step_its_canvas_arrives(live):
     scheduled = scheduler.schedule()
     outputs = scheduler.update_from_output(scheduled, _runner_output(scheduled, {"r": canvas}))
     (output,) = [o for out in outputs.values() for o in out.outputs]
-    assert output.new_token_ids == canvas[:kept] and (str(output.finish_reason), output.stop_reason) == ("length", "city")
+    assert output.new_token_ids == canvas[:kept]
+    assert (str(output.finish_reason), output.stop_reason) == ("length", "city")
     assert "r" not in scheduler.requests
 
     request = EngineCoreRequest(request_id="d", prompt_token_ids=list(SHORT_PROMPT), mm_features=None,
