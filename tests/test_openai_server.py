@@ -167,6 +167,20 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength
           "required": ["name", "age"], "additionalProperties": False}
 
 
+@pytest.mark.parametrize("softmax", [False, True])
+def test_generative_scoring(server, softmax):
+    """Catches vLLM's generative scoring endpoint refused (it asks for `logprobs` as many as its
+    `logprob_token_ids`, which the plugin took for padding read as tokens: every request was a
+    400 until 2026-11-29): one probability per item, of the first label at the reply's first
+    position (normalised over the labels with `apply_softmax`)."""
+    response = requests.post(server.url + "/generative_scoring", timeout=300, json={
+        "model": "tiny", "query": "Is it good?", "items": ["yes", "no", "maybe"], "label_token_ids": [11, 300, 42],
+        "apply_softmax": softmax})
+    assert response.status_code == 200, response.text
+    scores = [item["score"] for item in response.json()["data"]]
+    assert len(scores) == 3 and all(0 < score < 1 for score in scores)
+
+
 def test_chat_json_schema_answers_parse_and_follow_the_schema(server):
     """Catches a JSON-schema request answered with unconstrained text, a grammar that loses
     its place between canvases or streamed chunks, or the engine core rejecting the committed

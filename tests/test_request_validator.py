@@ -114,13 +114,15 @@ def test_structured_outputs_are_refused_where_the_worker_cannot_follow_vllm():
 
 
 def test_logprob_token_ids_are_checked(monkeypatch):
-    """Catches ids outside the vocabulary reaching the logprobs sweep, and logprobs asked beside
-    them (vLLM would then read padding as tokens)."""
+    """Catches ids outside the vocabulary reaching the logprobs sweep, more logprobs asked beside
+    them than there are ids (vLLM would then read padding as tokens), and as many refused
+    (vLLM's generative scoring asks so)."""
     from diffusiongemma_vllm.engine import request_validator
 
     monkeypatch.setattr(request_validator, "_served", {})  # judged against the release vocabulary
     check_request(SamplingParams(logprob_token_ids=[0, 5, 262143]))
     with pytest.raises(ValueError, match=r"logprob_token_ids must be token ids in \[0, 262144\)"):
         check_request(SamplingParams(logprob_token_ids=[5, 262144]))
-    with pytest.raises(ValueError, match="cannot be combined"):
+    with pytest.raises(ValueError, match="logprobs=2 beside 1 logprob_token_ids"):
         check_request(SamplingParams(logprob_token_ids=[5], logprobs=2))
+    check_request(SamplingParams(logprob_token_ids=[5, 7], logprobs=2))  # vLLM's generative scoring asks so

@@ -124,16 +124,17 @@ def check_request(sampling_params) -> None:
 
 
 def check_logprob_ids(sampling_params, vocab_size: int) -> None:
-    """`logprob_token_ids`: ids of the vocabulary, asked for instead of a top-k (vLLM then
-    reports these ids and reads as many columns as `logprobs` asks: both together would show
-    padding as tokens)."""
+    """`logprob_token_ids`: ids of the vocabulary, asked for instead of a top-k. vLLM then
+    reports these ids, as many as `logprobs` says when it is set too (its generative scoring
+    endpoint sets it to their count): more than there are ids would show padding as tokens."""
     ids = sampling_params.logprob_token_ids
     if ids is None:
         return
     if not all(is_int(t) and 0 <= t < vocab_size for t in ids):
         raise ValueError(f"logprob_token_ids must be token ids in [0, {vocab_size})")
-    if sampling_params.logprobs is not None:
-        raise ValueError("logprob_token_ids and logprobs cannot be combined: ask for one")
+    if sampling_params.logprobs is not None and not 0 <= sampling_params.logprobs <= len(ids):
+        raise ValueError(f"logprobs={sampling_params.logprobs} beside {len(ids)} logprob_token_ids: "
+                         "ask for at most as many logprobs as ids, or for one of the two")
 
 
 class DiffusionRequestValidator(LogitsProcessor):
