@@ -264,8 +264,9 @@ def test_weave_passes_vllm_events_unchanged_with_drafts_before_their_commit():
 
 
 def test_weave_drops_drafts_of_committed_canvases_and_cuts_stop_strings():
-    """Catches a late draft of a canvas already committed being shown after its text, and a
-    draft (its text or its token ids) running past a stop string that cuts the committed canvas."""
+    """Catches a late draft of a canvas already committed being shown after its text, a draft
+    (its text or its token ids) running past a stop string that cuts the committed canvas, and
+    a chat stream whose first chunk, a draft, names no role (vLLM's first chunk does)."""
     form = DraftFormat(chat=True, id="chatcmpl-x", model="m", decode=lambda ids: "".join(chr(97 + i) for i in ids),
                        stop=("c",), token_ids=True)
     chat_event = sse({"id": "chatcmpl-x", "choices": [{"index": 0, "delta": {"content": "ab"}, "finish_reason": None}]})
@@ -274,7 +275,8 @@ def test_weave_drops_drafts_of_committed_canvases_and_cuts_stop_strings():
     drafts = [json.loads(e[6:]) for e in out if "diffusion_draft" in e]
     assert [(d["diffusion_draft"]["block"], d["diffusion_draft"]["text"]) for d in drafts] == [(0, "ab"), (1, "e")]
     assert drafts[0]["diffusion_draft"]["token_ids"] == [0, 1, 2]  # through the id completing the stop string
-    assert drafts[0]["choices"][0]["delta"] == {} and drafts[0]["object"] == "chat.completion.chunk"
+    assert drafts[0]["object"] == "chat.completion.chunk"
+    assert [d["choices"][0]["delta"] for d in drafts] == [{"role": "assistant"}, {}]  # a stream opens with the role
 
 
 def test_weave_cancelled_by_a_disconnect_aborts_vllm_stream_and_unsubscribes():

@@ -8,7 +8,9 @@ waits for, e.g. a stream whose client left, are dropped).
 `with_drafts` wraps vLLM's own SSE stream of a request: vLLM's chunks pass through unchanged
 (so `text` / `delta.content` stay the committed text, byte for byte), and between them come
 draft chunks, which carry the same `id`, `object`, `created` and `model`, one choice with
-empty text (completions) or an empty delta (chat), and the draft in an extra field:
+empty text (completions) or an empty delta (chat; `{"role": "assistant"}` until vLLM's first
+chunk, which names the role, so that a chat stream opens with it), and the draft in an extra
+field:
 
     "diffusion_draft": {"block": 0, "pass": 4, "text": "...", "token_ids": [...]}
 
@@ -110,8 +112,10 @@ class DraftFormat:
             low, high = (low, middle) if stop in self.decode(ids[:middle]) else (middle + 1, high)
         return text[:at + len(stop) if self.include_stop_str else at], ids[:low]
 
-    def chunk(self, message: Message) -> str:
-        choice = {"index": 0, "delta": {}} if self.chat else {"index": 0, "text": ""}
+    def chunk(self, message: Message, opening: bool = False) -> str:
+        """The draft's SSE event; `opening`: no chunk of vLLM's has been sent yet."""
+        choice = {"index": 0, "delta": {"role": "assistant"} if opening else {}} if self.chat \
+            else {"index": 0, "text": ""}
         text, ids = self.cut(message)
         draft = {"block": message.block, "pass": message.pass_, "text": text}
         if self.token_ids:
@@ -130,6 +134,7 @@ class _Weave:
         self.closed = -1  # highest block whose close arrived
         self.committed = -1  # drafts of blocks up to this one are dropped
         self.finished = False
+        self.opened = False  # one of vLLM's chunks has been sent
 
     def draft(self, message: Message) -> str | None:
         if message.kind == CLOSE:
@@ -137,7 +142,7 @@ class _Weave:
             return None
         if self.finished or message.block <= self.committed:
             return None
-        return self.form.chunk(message)
+        return self.form.chunk(message, opening=not self.opened)
 
     def committed_chunk(self, sse: str) -> None:
         """Read one of vLLM's SSE events: adopt its id/created/model, note commits and the end."""
@@ -147,6 +152,7 @@ class _Weave:
             body = json.loads(sse[len("data: "):])
         except ValueError:
             return
+        self.opened = True
         self.form.id = body.get("id", self.form.id)
         self.form.created = body.get("created", self.form.created)
         self.form.model = body.get("model", self.form.model)
