@@ -20,7 +20,7 @@ from vllm.sampling_params import StructuredOutputsParams
 from vllm.v1.structured_output import StructuredOutputManager
 from vllm.v1.structured_output.request import StructuredOutputRequest
 
-from diffusiongemma_vllm.engine.reasoning_bounds import ReasoningBounds, reasoner_for
+from diffusiongemma_vllm.engine.reasoning_bounds import ReasoningBounds, reasoning_parser_class
 
 from tests.marker_reasoning_parser import MarkerReasoningParser  # registers "marker"
 
@@ -133,9 +133,9 @@ def test_no_reasoning_parser_or_enable_in_reasoning_constrain_from_the_first_tok
 
         return SimpleNamespace(structured_outputs_config=StructuredOutputsConfig(**settings))
 
-    assert reasoner_for(engine(), tokenizer, None) is None
-    assert reasoner_for(engine(reasoning_parser="gemma4", enable_in_reasoning=True), tokenizer, None) is None
+    assert reasoning_parser_class(engine()) is None
+    assert reasoning_parser_class(engine(reasoning_parser="gemma4", enable_in_reasoning=True)) is None
     assert ReasoningBounds(None, None).grammar_start(THOUGHT_OPEN, THOUGHT_OPEN, [201, CHANNEL_END, 202]) == 0
-    reasoner = reasoner_for(engine(reasoning_parser="marker"), tokenizer, {"chat_template_kwargs": {}})
-    assert isinstance(reasoner, MarkerReasoningParser)
+    assert reasoning_parser_class(engine(reasoning_parser="marker")) is MarkerReasoningParser
+    reasoner = MarkerReasoningParser(tokenizer=tokenizer, chat_template_kwargs={})
     assert ReasoningBounds(reasoner, None).grammar_start(THOUGHT_OPEN, THOUGHT_OPEN, [201, CHANNEL_END, 202]) == 2

@@ -85,10 +85,11 @@ def end_marker(reasoner) -> int | None:
     return explicit[0] if explicit else None
 
 
-def reasoner_for(vllm_config, tokenizer, parser_kwargs: dict | None):
-    """A request's reasoning parser, as vLLM's engine core builds it (with the request's chat
-    template arguments); None when structured outputs apply from the first token (no
-    reasoning parser, or `enable_in_reasoning`)."""
+def reasoning_parser_class(vllm_config):
+    """The engine's reasoning parser class, resolved once as vLLM's engine core resolves it (its
+    plugin file imported); None when structured outputs apply from the first token (no
+    reasoning parser, or `enable_in_reasoning`). Each structured request builds its own parser
+    from it, with its chat template arguments."""
     from vllm.reasoning import ReasoningParserManager
 
     config = vllm_config.structured_outputs_config
@@ -96,5 +97,4 @@ def reasoner_for(vllm_config, tokenizer, parser_kwargs: dict | None):
         return None
     if config.reasoning_parser_plugin and len(config.reasoning_parser_plugin) > 3:
         ReasoningParserManager.import_reasoning_parser(config.reasoning_parser_plugin)
-    parser = ReasoningParserManager.get_reasoning_parser(config.reasoning_parser)
-    return parser(tokenizer=tokenizer, **(parser_kwargs or {}))
+    return ReasoningParserManager.get_reasoning_parser(config.reasoning_parser)

@@ -11,7 +11,7 @@ DiffusionGemma architecture only. It changes no logits. It rejects, naming the f
   canvas option (canvas_options.py, checked against the served canvas and vocabulary) nor
   one vLLM itself reads (a typo would otherwise be ignored without a word);
 - a sampling feature the block-diffusion sampler does not implement, and `logprob_token_ids`
-  outside the vocabulary or beside `logprobs`;
+  outside the vocabulary or beside more `logprobs` than there are ids;
 - structured outputs on an engine that cannot serve them (config_hook.structured_refusal:
   a backend the worker does not build).
 `temperature`, `top_p` and `top_k` are accepted and do not apply (the knobs' schedule is the

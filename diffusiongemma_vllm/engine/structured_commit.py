@@ -66,7 +66,7 @@ from vllm.logger import init_logger
 
 from diffusiongemma_vllm.denoise.vocab_shards import merge_best
 from diffusiongemma_vllm.engine.config_hook import STRUCTURED_BACKENDS
-from diffusiongemma_vllm.engine.reasoning_bounds import ReasoningBounds, reasoner_for
+from diffusiongemma_vllm.engine.reasoning_bounds import ReasoningBounds, reasoning_parser_class
 from diffusiongemma_vllm.kernels.top_logprobs import VOCAB_CHUNK, softcapped_logits, top_logprobs
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, the one vLLM configures
@@ -94,6 +94,7 @@ class CanvasGrammars:
         self.backend = None  # vLLM's, built with the first grammar (it loads the tokenizer)
         self.special: torch.Tensor | None = None  # [vocab] bool: the ids the tokenizer marks special
         self.tokenizer = None  # the backend's, which reasoning parsers read too
+        self.reasoner_cls = None  # the engine's reasoning parser, resolved with the backend (None: none applies)
         # As many compile threads as vLLM's engine core has: a slow grammar then holds up
         # another structured request's compile here no more than there.
         threads = ((os.cpu_count() or 1) + 1) // 2
@@ -161,7 +162,9 @@ class CanvasGrammars:
             kind, spec = get_structured_output_key(sampling_params.structured_outputs)
             grammar = backend.compile_grammar(kind, spec, stop_token_ids=stops)
         ended, parser_kwargs = reasoning or (None, None)
-        bounds = ReasoningBounds(reasoner_for(self.vllm_config, self.tokenizer, parser_kwargs), ended)
+        reasoner = None if self.reasoner_cls is None else self.reasoner_cls(tokenizer=self.tokenizer,
+                                                                           **(parser_kwargs or {}))
+        bounds = ReasoningBounds(reasoner, ended)
         with self.lock:
             self.sources[source] += 1
         return grammar, banned, backend.allocate_token_bitmask(1), bounds
@@ -202,6 +205,7 @@ class CanvasGrammars:
                     from vllm.v1.structured_output.backend_xgrammar import XgrammarBackend as Backend
                 self.special = special_ids(tokenizer, self.vocab_size)
                 self.tokenizer = tokenizer
+                self.reasoner_cls = reasoning_parser_class(self.vllm_config)
                 self.backend = Backend(self.vllm_config, tokenizer=tokenizer, vocab_size=self.vocab_size)
                 logger.info("DiffusionGemma structured outputs: vLLM's %s backend in the worker", name)
             return self.backend
