@@ -35,6 +35,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from diffusiongemma_vllm.drafts.publisher import CLOSE, Message
+from diffusiongemma_vllm.engine.stop_strings import fewest_tokens
 
 QUEUE_SIZE = 4096  # drafts held for one stream whose client reads slowly; more are dropped
 logger = logging.getLogger(f"vllm.{__name__}")  # under vLLM's logger, the one vLLM configures
@@ -106,11 +107,8 @@ class DraftFormat:
         if not hits:
             return text, ids
         at, stop = min(hits)
-        low, high = 1, message.text_tokens  # the fewest ids whose text holds the stop string
-        while low < high:
-            middle = (low + high) // 2
-            low, high = (low, middle) if stop in self.decode(ids[:middle]) else (middle + 1, high)
-        return text[:at + len(stop) if self.include_stop_str else at], ids[:low]
+        kept = fewest_tokens(message.text_tokens, lambda count: stop in self.decode(ids[:count]))
+        return text[:at + len(stop) if self.include_stop_str else at], ids[:kept]
 
     def chunk(self, message: Message, opening: bool = False) -> str:
         """The draft's SSE event; `opening`: no chunk of vLLM's has been sent yet."""

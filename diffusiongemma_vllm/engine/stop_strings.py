@@ -23,6 +23,8 @@ found here (one without U+FFFD, the only kind searched) is in the API server's t
 
 from __future__ import annotations
 
+import bisect
+
 from vllm.v1.engine.detokenizer import check_stop_strings
 
 REPLACEMENT = "\ufffd"  # what bytes that end no character decode to
@@ -50,11 +52,8 @@ class StopStrings:
 
         if stop_after(len(new_token_ids)) is None:
             return None
-        low, high = 1, len(new_token_ids)  # the fewest tokens whose text holds a stop string
-        while low < high:
-            middle = (low + high) // 2
-            low, high = (low, middle) if stop_after(middle) else (middle + 1, high)
-        return low, stop_after(low)
+        kept = fewest_tokens(len(new_token_ids), lambda count: stop_after(count) is not None)
+        return kept, stop_after(kept)
 
     def _text(self, token_ids: list[int], params) -> str:
         """The detokenizer's text after `token_ids`: their decoding, less the trailing tokens
@@ -69,3 +68,9 @@ class StopStrings:
             end -= 1
             text = self.tokenizer.decode(token_ids[:end], skip_special_tokens=params.skip_special_tokens)
         return text
+
+
+def fewest_tokens(count: int, holds) -> int:
+    """The fewest of `count` tokens (1..count) for which `holds(k)`, a property that stays true
+    once true (text that holds a stop string holds it with more tokens); `count` holds."""
+    return 1 + bisect.bisect_left(range(1, count + 1), True, key=holds)
