@@ -168,6 +168,25 @@ def check_stops(llm, settings: Settings, checks: Checks, run: dict) -> None:
                  {"eos_at": eos[0], "finish": out.finish_reason, "tokens": len(out.token_ids)})
 
 
+def check_biases(llm, settings: Settings, checks: Checks) -> None:
+    """The sampler's logit biases on the GPU (passes of their own, eager, the bias block in
+    the Triton statistics kernel): EOS biased to +100 ends the reply exactly at min_tokens;
+    a token biased to +100 fills the canvas, and banned as a bad word never appears."""
+    eos = RELEASE_GENERATION_CONFIG["eos_token_id"][0]
+    word = llm.get_tokenizer().encode("a", add_special_tokens=False)
+    texts = prompts(3)
+    outs = llm.generate(texts, [params(settings, 0, ignore_eos=False, min_tokens=40, logit_bias={eos: 100.0}),
+                                params(settings, 1, max_tokens=64, logit_bias={word[0]: 100.0}),
+                                params(settings, 2, max_tokens=64, logit_bias={word[0]: 100.0}, bad_words=["a"])],
+                        use_tqdm=False)
+    ended, filled, banned = (list(out.outputs[0].token_ids) for out in outs)
+    checks.check("min_tokens_then_biased_eos", ended[-1] == eos and len(ended) == 41 and eos not in ended[:-1],
+                 {"tokens": len(ended), "last": ended[-1]})
+    checks.check("logit_bias_fills", len(word) == 1 and filled == word * 64,
+                 {"word": word, "distinct": len(set(filled))})
+    checks.check("bad_word_banned", len(banned) == 64 and word[0] not in banned, {"count": banned.count(word[0])})
+
+
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer"}},
           "required": ["name", "age"], "additionalProperties": False}
 
@@ -381,6 +400,7 @@ def tiny_stage(checks: Checks, settings: Settings) -> None:
     save_tokens(settings, "a_tiny", run)
     check_batch_invariance(llm, settings, checks, run, exact=settings.dtype == "float32")
     check_stops(llm, settings, checks, run)
+    check_biases(llm, settings, checks)
     check_structured(llm, settings, checks)
     check_canvas_options(llm, settings, checks)
     check_weight_reload(llm, settings, checks)

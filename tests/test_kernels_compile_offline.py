@@ -104,11 +104,12 @@ def compile_others(target) -> dict:
             {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"},
             dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_R=4096 // head_dim), num_warps=4)
     defaults = inspect.signature(gemm_sampler.gemm_row_stats).parameters
-    pointers = {"logits_ptr": "*fp32", "t_ptr": "*fp32", "key_ptr": "*i64", "stats_ptr": "*fp32", "ids_ptr": "*i64",
-                "probs_ptr": "*bf16", "running_max_ptr": "*fp32", "scale_ptr": "*fp32"}
-    for with_soft in (False, True):
-        out[f"sampler_soft_{with_soft}"] = compile_for(
-            target, gemm_sampler._chunk_stats_kernel, pointers, dict(WITH_SOFT=with_soft, BLOCK=defaults["block"].default),
+    pointers = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "t_ptr": "*fp32", "key_ptr": "*i64", "stats_ptr": "*fp32",
+                "ids_ptr": "*i64", "probs_ptr": "*bf16", "running_max_ptr": "*fp32", "scale_ptr": "*fp32"}
+    for with_soft, has_bias in ((False, False), (True, False), (True, True)):
+        out[f"sampler_soft_{with_soft}" + "_bias" * has_bias] = compile_for(
+            target, gemm_sampler._chunk_stats_kernel, pointers,
+            dict(WITH_SOFT=with_soft, HAS_BIAS=has_bias, BLOCK=defaults["block"].default),
             num_warps=defaults["num_warps"].default, floats=("softcap",))
     out["philox_tokens"] = compile_for(target, philox_tokens._philox_tokens_kernel,
                                        {"key_ptr": "*i64", "out_ptr": "*i64"}, dict(BLOCK=256), num_warps=4)
@@ -175,6 +176,7 @@ def test_the_check_sees_an_oversized_launch(compiled):
 
 
 @pytest.mark.parametrize("name", ["combine_256", "combine_512", "sampler_soft_False", "sampler_soft_True",
+                                  "sampler_soft_True_bias",
                                   "philox_tokens", "fixed_order_gemm", "moe_routing", "qkv_norm_rope_256",
                                   "qkv_norm_rope_512", "post_attention_norms", "layer_output"])
 @pytest.mark.parametrize("arch", [90, 86])

@@ -96,6 +96,25 @@ def test_per_request_knobs_change_the_passes(server):
     assert a != b["choices"][0]["text"]
 
 
+def test_logit_bias_bad_words_and_min_tokens(server):
+    """Catches the three refused or ignored over HTTP (logit_bias keys arrive as strings): EOS
+    biased to +100 must end the reply exactly at min_tokens; a single-token bad word biased to
+    +100 must never be committed; a bad word of several tokens, or a bias beside a JSON schema,
+    is a 400 naming it."""
+    eos = complete(server, max_tokens=100, seed=9, min_tokens=40, logit_bias={"1": 100}).json()
+    assert eos["usage"]["completion_tokens"] == 41 and eos["choices"][0]["finish_reason"] == "stop"
+    ids = complete(server, max_tokens=40, seed=9, ignore_eos=True, logit_bias={"171": 100}, logprobs=0,
+                   return_tokens_as_token_ids=True).json()["choices"][0]["logprobs"]["tokens"]
+    banned = complete(server, max_tokens=40, seed=9, ignore_eos=True, logit_bias={"171": 100}, bad_words=["a"],
+                      logprobs=0, return_tokens_as_token_ids=True).json()["choices"][0]["logprobs"]["tokens"]
+    assert ids == ["token_id:171"] * 40 and len(banned) == 40 and "token_id:171" not in banned
+    several = complete(server, max_tokens=8, bad_words=["river"])
+    assert several.status_code == 400 and "bad_words" in several.json()["error"]["message"]
+    schema = complete(server, max_tokens=8, logit_bias={"171": 5}, response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}})
+    assert schema.status_code == 400 and "structured outputs" in schema.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("knobs, field", [
     ({"max_denoising_steps": 0}, "max_denoising_steps"),
     ({"entropy_bound": -1}, "entropy_bound"),

@@ -14,7 +14,10 @@ from diffusiongemma_vllm.engine.request_validator import check_request, serve_de
 
 
 class ModelConfigStandIn:
-    """Anything weak-referenceable stands for the engine's ModelConfig here."""
+    """Anything weak-referenceable stands for the engine's ModelConfig here (one that loads no
+    tokenizer)."""
+
+    skip_tokenizer_init = True
 
 
 def test_unknown_knob_names_the_key_and_lists_the_accepted_ones():
@@ -45,8 +48,7 @@ def test_vllm_own_extra_args_of_the_wrong_type_name_the_field(extra_args, field)
 
 @pytest.mark.parametrize("field, value", [
     ("presence_penalty", 0.5), ("frequency_penalty", -0.2), ("repetition_penalty", 1.3), ("min_p", 0.1),
-    ("min_tokens", 5), ("logit_bias", {7: 3.0}), ("allowed_token_ids", [3, 4]), ("bad_words", ["foo"]),
-    ("logprobs", -1),
+    ("allowed_token_ids", [3, 4]), ("logprobs", -1),
 ])
 def test_unimplemented_sampling_fields_name_the_field(field, value):
     """Catches a sampling field the block sampler ignores being answered as if it applied."""
@@ -126,3 +128,34 @@ def test_logprob_token_ids_are_checked(monkeypatch):
     with pytest.raises(ValueError, match="logprobs=2 beside 1 logprob_token_ids"):
         check_request(SamplingParams(logprob_token_ids=[5], logprobs=2))
     check_request(SamplingParams(logprob_token_ids=[5, 7], logprobs=2))  # vLLM's generative scoring asks so
+
+
+def test_bad_words_must_be_single_tokens_of_the_served_tokenizer(monkeypatch, tiny_dir):
+    """Catches a bad word of several tokens being accepted (the canvas would ban none of it, as
+    request_biases.py bans single tokens only), and single-token words (with their
+    space-prefixed form, as vLLM tokenizes them) refused."""
+    from vllm.tokenizers import get_tokenizer
+
+    from diffusiongemma_vllm.engine import request_validator
+
+    tokenizer = get_tokenizer(tiny_dir)  # what cached_tokenizer_from_config loads
+    single = next(w for w in ("the", "a", "and", "of") if len(tokenizer.encode(w, add_special_tokens=False)) == 1
+                  and len(tokenizer.encode(" " + w, add_special_tokens=False)) == 1)
+    longer = next(w for w in ("quietly", "riverbank", "unbelievable")
+                  if len(tokenizer.encode(w, add_special_tokens=False)) > 1)
+    served = request_validator._ServedModel(SamplerConfig(), None, (256, len(tokenizer)), lambda: tokenizer)
+    monkeypatch.setattr(request_validator, "_served", {0: served})
+    check_request(SamplingParams(bad_words=[single]))
+    with pytest.raises(ValueError, match=f"bad_words: '{longer}' is"):
+        check_request(SamplingParams(bad_words=[single, longer]))
+
+
+@pytest.mark.parametrize("field, value", [("logit_bias", {7: 3.0}), ("bad_words", ["x"]), ("min_tokens", 4)])
+def test_logit_biases_beside_structured_outputs_are_refused(field, value):
+    """Catches a biased request under a grammar being accepted: the grammar's commit ranks the
+    model's unbiased logits, so the bias would not hold in what is committed."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    check_request(SamplingParams(**{field: value}))
+    with pytest.raises(ValueError, match="cannot be combined with structured outputs"):
+        check_request(SamplingParams(**{field: value}, structured_outputs=StructuredOutputsParams(json={})))

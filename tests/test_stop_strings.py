@@ -59,3 +59,19 @@ def test_requests_without_stop_strings_are_left_alone(tokenizer):
     canvas = tokenizer.encode("the city", add_special_tokens=False)
     assert first_stop(tokenizer, "", canvas) is None
     assert first_stop(tokenizer, "", [], stop=["city"]) is None
+
+
+def test_stop_strings_count_only_past_min_tokens(tokenizer):
+    """Catches the engine ending a request at a stop string vLLM's detokenizer ignores (one
+    completed within the first `min_tokens` output tokens, counting earlier canvases), or
+    missing one that ends past them."""
+    words = ["the", " river", " city", " is", " quiet"]
+    pieces = [tokenizer.encode(w, add_special_tokens=False) for w in words]
+    canvas = sum(pieces, [])
+    through = [sum(len(p) for p in pieces[:i + 1]) for i in range(len(pieces))]
+    stop = ["quiet", "city"]
+    assert first_stop(tokenizer, "", canvas, stop=stop, min_tokens=through[2] - 1) == (through[2], "city")
+    assert first_stop(tokenizer, "", canvas, stop=stop, min_tokens=through[2]) == (through[4], "quiet")
+    before = tokenizer.encode("a b", add_special_tokens=False)
+    assert first_stop(tokenizer, "a b", canvas, stop=stop, min_tokens=len(before) + through[2]) == (through[4], "quiet")
+    assert first_stop(tokenizer, "", canvas, stop=stop, min_tokens=through[4]) is None

@@ -27,7 +27,8 @@ import torch
 
 from diffusiongemma_vllm.denoise import noise
 from diffusiongemma_vllm.model.config import SamplerConfig
-from diffusiongemma_vllm.kernels.vocab_tiled_sampler import RowStats, vocab_tiled_row_stats
+from diffusiongemma_vllm.denoise.canvas_biases import CanvasBiases, TokenBias
+from diffusiongemma_vllm.kernels.vocab_tiled_sampler import RowStats, SparseBias, vocab_tiled_row_stats
 from diffusiongemma_vllm.denoise.sampler import PassResult, decide, unchanged_passes
 from diffusiongemma_vllm.denoise.vocab_shards import EXACT_IDS, VocabShards, empty_row_stats, merge_row_stats
 
@@ -85,12 +86,17 @@ class Unembedding:
         return self.vocab_size if self.vocab_size is not None else self.weight.shape[0]
 
     def row_stats(self, row_stats: RowStatsFn, hidden: torch.Tensor, temperature: torch.Tensor,
-                  keys: torch.Tensor) -> RowStats:
-        """`row_stats` over the whole vocabulary, with the self-conditioning signal (token ids)."""
+                  keys: torch.Tensor, bias: SparseBias | None = None) -> RowStats:
+        """`row_stats` over the whole vocabulary, with the self-conditioning signal (token ids),
+        the `bias` entries (token ids) added to the logits."""
+        if bias is not None and self.token_ids is not None:  # to the read's ids; others cannot be drawn
+            ids = self.read_ids(bias.ids)
+            bias = SparseBias(bias.rows[ids >= 0], ids[ids >= 0], bias.values[ids >= 0])
         if self.shards is None:
-            stats = row_stats(hidden, self.weight, self.softcap, temperature, keys, True)
+            stats = row_stats(hidden, self.weight, self.softcap, temperature, keys, True, bias=bias)
         elif self.weight.shape[0]:
-            local = row_stats(hidden, self.weight, self.softcap, temperature, keys, True, first_id=self.first_id)
+            local = row_stats(hidden, self.weight, self.softcap, temperature, keys, True, first_id=self.first_id,
+                              bias=bias)
             stats = merge_row_stats(local, self.shards)
         else:  # a rank whose slice holds none of a constrained read's ids: no probability here
             stats = merge_row_stats(empty_row_stats(hidden), self.shards)
@@ -109,6 +115,7 @@ class CanvasJob:
     seed_canvas: tuple[int, ...] | None = None  # start from these ids instead of noise (engine/canvas_options.py)
     pinned: tuple[int, ...] = ()  # positions held at their seed_canvas ids through every pass
     max_passes: int | None = None  # a cap below the schedule's max_denoising_steps
+    biases: tuple[TokenBias, ...] = ()  # added to its logits in every pass (canvas_biases.py)
 
 
 @dataclass
@@ -220,14 +227,15 @@ def row_stats_for(device: torch.device, batch_invariant: bool = False) -> RowSta
 
 
 def denoise_pass(batch: CanvasBatch, run_pass: RunPass, unembedding: Unembedding,
-                 row_stats: RowStatsFn) -> PassResult:
+                 row_stats: RowStatsFn, biases: CanvasBiases | None = None) -> PassResult:
     """One pass over every canvas of `batch`, in place; halted canvases keep their state.
-    No host synchronisation: safe to capture in a CUDA graph."""
+    No host synchronisation without `biases`: safe to capture in a CUDA graph."""
     hidden = run_pass(batch.rows, batch.canvas, batch.soft)  # [n, C, H]
     n, length, width = hidden.shape
     temperature = batch.temperature().repeat_interleave(length)
     keys = noise.gumbel_row_keys(batch.block_keys, batch.steps, length).flatten()
-    stats = unembedding.row_stats(row_stats, hidden.reshape(n * length, width), temperature, keys)
+    bias = biases.for_pass(batch.rows, length) if biases is not None else None
+    stats = unembedding.row_stats(row_stats, hidden.reshape(n * length, width), temperature, keys, bias)
     renoise = noise.renoise_tokens(batch.block_keys, batch.steps, length, unembedding.vocab)
     result = decide(stats.argmax.view(n, length), stats.sample.view(n, length), stats.entropy.view(n, length),
                     renoise, batch.entropy_bound)
@@ -283,8 +291,8 @@ def denoise_canvases(jobs: list[CanvasJob], canvas_length: int, run_pass: RunPas
     exactly through `resumed` (job index -> a one-canvas batch; draws are keyed by the
     canvas's own pass counter, not by the call). `graphs` (a `denoise_graphs.DenoiseGraphs`
     built around a `run_pass` that reads only static inputs) replays captured passes; without
-    it, or for batches beyond its ladder, passes run eagerly. Job i's request inputs are row
-    `first_row + i` of what run_pass reads. `keep_hidden` also returns each finished canvas's
+    it, for batches beyond its ladder, or when a job has logit biases, passes run eagerly. Job
+    i's request inputs are row `first_row + i` of what run_pass reads. `keep_hidden` also returns each finished canvas's
     halting-pass hidden states, from which its logprobs come (kernels/top_logprobs.py).
     `on_pass(batch, slots)`, if given, sees the batch after each pass (or replay) and before
     halted canvases leave it, `slots` [n] being each canvas's job index (live drafts,
@@ -293,6 +301,8 @@ def denoise_canvases(jobs: list[CanvasJob], canvas_length: int, run_pass: RunPas
     weight = unembedding.weight
     row_stats = row_stats or row_stats_for(device)
     batch = CanvasBatch.start(jobs, canvas_length, unembedding.vocab, weight.shape[1], weight.dtype, device, first_row)
+    biases = CanvasBiases.of([job.biases for job in jobs], canvas_length, first_row, device)
+    graphs = graphs if biases is None else None
     for index, state in (resumed or {}).items():
         batch.put_(index, state)
     tokens = torch.full((len(jobs), canvas_length), -1, dtype=torch.long)
@@ -305,7 +315,7 @@ def denoise_canvases(jobs: list[CanvasJob], canvas_length: int, run_pass: RunPas
         if graphs is not None and not record and graphs.ready_for(batch):
             batch = graphs.advance(batch)
         else:
-            result = denoise_pass(batch, run_pass, unembedding, row_stats)
+            result = denoise_pass(batch, run_pass, unembedding, row_stats, biases)
             if record:
                 records.append(PassRecord(step, slots.tolist(), result.argmax.cpu(), result.accepted.cpu(),
                                           batch.halted.cpu()))

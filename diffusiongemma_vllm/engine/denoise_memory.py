@@ -5,7 +5,8 @@ forward at max_num_batched_tokens (`profile_run`) and the memory of its CUDA gra
 (`profile_cudagraph_memory`, taken off the KV cache). The denoise loop needs its own share of
 both, or the engine leaves it only the margin outside `gpu_memory_utilization`:
 - its transient peak, one pass over the most canvases a pass may hold (their device state,
-  the model's activations at that many canvas tokens, the sampler's logits blocks): the GPU
+  the model's activations at that many canvas tokens, the sampler's logits blocks, and the
+  block of logit biases a biased canvas adds to them, as every profiled canvas has one): the GPU
   runner's `profile_run` runs that pass after vLLM's forward, so the profiled peak covers the
   larger of the two (`run_largest_pass`);
 - what the denoise graph ladder keeps for the engine's life: its private pool holds one pass
@@ -25,6 +26,7 @@ import torch
 
 from diffusiongemma_vllm.model.canvas_context import PagedPrefix, PrefixKV
 from diffusiongemma_vllm.denoise.graphs import ladder_for
+from diffusiongemma_vllm.denoise.canvas_biases import TokenBias
 from diffusiongemma_vllm.denoise.loop import CanvasBatch, CanvasJob, denoise_canvases
 
 DUMMY_BLOCK = 16  # tokens in each layer's one dummy page
@@ -54,12 +56,14 @@ def empty_prefix_pass(step, runner, canvases: int, paged: bool = True):
     return step.pass_runner(lens, prefixes)
 
 
-def run_largest_pass(step, runner, canvases: int | None = None) -> int:
+def run_largest_pass(step, runner, canvases: int | None = None, biased: bool = True) -> int:
     """One eager denoise pass over `canvases` (default: the most a pass may hold) on empty
-    prefixes; returns how many canvases it ran."""
+    prefixes, each canvas with a logit bias unless `biased` is False (the graphs' passes
+    never have one); returns how many canvases it ran."""
     n = canvases or step.largest_pass
     run_pass = empty_prefix_pass(step, runner, n)
-    jobs = [CanvasJob(0, step.default_sampler, seed=i) for i in range(n)]
+    biases = (TokenBias(0, 0.0),) if biased else ()
+    jobs = [CanvasJob(0, step.default_sampler, seed=i, biases=biases) for i in range(n)]
     with torch.inference_mode():
         denoise_canvases(jobs, step.canvas_length, run_pass, step.unembedding, device=step.device,
                          row_stats=step.row_stats, max_passes=1)
@@ -80,7 +84,7 @@ def graph_memory(step, runner) -> DenoiseMemory:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_reserved()
-    canvases = run_largest_pass(step, runner, ladder[-1])
+    canvases = run_largest_pass(step, runner, ladder[-1], biased=False)
     peak = 0
     if on_gpu:  # reserved, not allocated: a graph pool keeps whole allocator segments
         torch.cuda.synchronize()

@@ -10,8 +10,9 @@ DiffusionGemma architecture only. It changes no logits. It rejects, naming the f
 - an `extra_args` key that is neither a knob, a live-draft setting (drafts/publisher.py), a
   canvas option (canvas_options.py, checked against the served canvas and vocabulary) nor
   one vLLM itself reads (a typo would otherwise be ignored without a word);
-- a sampling feature the block-diffusion sampler does not implement, and `logprob_token_ids`
-  outside the vocabulary or beside more `logprobs` than there are ids;
+- a sampling feature the block-diffusion sampler does not implement, a bad word of more than
+  one token (request_biases.py), logit biases beside structured outputs, and
+  `logprob_token_ids` outside the vocabulary or beside more `logprobs` than there are ids;
 - structured outputs on an engine that cannot serve them (config_hook.structured_refusal:
   a backend the worker does not build).
 `temperature`, `top_p` and `top_k` are accepted and do not apply (the knobs' schedule is the
@@ -21,6 +22,7 @@ sampling temperature), as in transformers' DiffusionGemma; the README says so.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from diffusiongemma_vllm.model.config import SAMPLER_FIELDS, SamplerConfig
 from diffusiongemma_vllm.drafts.publisher import DRAFT_ARGS, check_draft_args
 from diffusiongemma_vllm.engine.canvas_options import CANVAS_ARGS, CanvasOptions, apply_read_only, is_int
+from diffusiongemma_vllm.engine.request_biases import BIASING_FIELDS, biases_requested
 
 # extra_args keys vLLM reads itself (v1/request.py: disaggregated prefill and KV reporting; the
 # OpenAI server: `vllm_xargs.session_id`, a fallback for the request's session), with the values
@@ -44,10 +47,7 @@ UNSUPPORTED = {
     "frequency_penalty": 0.0,
     "repetition_penalty": 1.0,
     "min_p": 0.0,
-    "min_tokens": 0,
-    "logit_bias": None,
     "allowed_token_ids": None,
-    "bad_words": None,
     "thinking_token_budget": None,
     "repetition_detection": None,
 }
@@ -60,6 +60,7 @@ class _ServedModel:
     defaults: SamplerConfig  # what the worker combines a request's knobs with
     structured_refusal: str | None  # why structured outputs are refused there (None: accepted)
     canvas: tuple[int, int]  # canvas length, vocabulary size
+    tokenizer: Callable[[], object] | None = None  # the served tokenizer, loaded on first use; None: none served
 
 
 # id(model_config) -> what requests to that engine are judged against, in this process.
@@ -71,8 +72,22 @@ def serve_defaults(model_config, defaults: SamplerConfig, structured_refusal: st
     """Validate requests against `defaults` and the `canvas` geometry (and refuse structured
     outputs, saying why, if `structured_refusal`) while `model_config` (its engine's) is alive."""
     key = id(model_config)
-    _served[key] = _ServedModel(defaults, structured_refusal, canvas)
+    _served[key] = _ServedModel(defaults, structured_refusal, canvas, _tokenizer_of(weakref.ref(model_config)))
     weakref.finalize(model_config, _served.pop, key, None)
+
+
+def _tokenizer_of(model_config_ref) -> Callable[[], object] | None:
+    """A loader of the engine's tokenizer (vLLM caches it per process), or None when the
+    engine runs without one (`skip_tokenizer_init`: vLLM then tokenizes no bad words)."""
+    if model_config_ref().skip_tokenizer_init:
+        return None
+
+    def load():
+        from vllm.tokenizers import cached_tokenizer_from_config
+
+        return cached_tokenizer_from_config(model_config=model_config_ref())
+
+    return load
 
 
 def check_request(sampling_params) -> None:
@@ -107,7 +122,12 @@ def check_request(sampling_params) -> None:
         if structured is not None and model.structured_refusal:
             raise ValueError(model.structured_refusal)
         check_logprob_ids(sampling_params, vocab_size=model.canvas[1])
+        if sampling_params.bad_words and model.tokenizer is not None:
+            check_bad_words(sampling_params, model.tokenizer())
         options = CanvasOptions.from_extra_args(extra_args, *model.canvas, sampling_params.logprob_token_ids)
+    if structured is not None and biases_requested(sampling_params):
+        raise ValueError(f"{', '.join(BIASING_FIELDS)} cannot be combined with structured outputs: the grammar "
+                         "commits from the model's unbiased logits")
     if structured is not None and options.pinned:
         raise ValueError("diffusion_pinned cannot be combined with structured outputs: the grammar would "
                          "overrule the pinned ids")
@@ -121,6 +141,19 @@ def check_request(sampling_params) -> None:
                 raise ValueError(f"diffusion_canvas_length below the served canvas cannot be combined with {name}")
     if options.read_only:
         apply_read_only(sampling_params, options.width or served_canvas)
+
+
+def check_bad_words(sampling_params, tokenizer) -> None:
+    """Bad words as vLLM tokenizes them (`update_from_tokenizer`, which raises vLLM's own error
+    for a word of no tokens): each must be one token, the only kind a canvas can ban
+    (request_biases.py)."""
+    probe = sampling_params.clone()
+    probe.update_from_tokenizer(tokenizer)
+    longer = [ids for ids in probe.bad_words_token_ids if len(ids) > 1]
+    if longer:
+        raise ValueError(f"bad_words: {tokenizer.decode(longer[0])!r} is {len(longer[0])} tokens; DiffusionGemma "
+                         "bans single-token words only (vLLM bans a longer word's last token after the tokens "
+                         "before it, which a canvas does not fix until it is committed)")
 
 
 def check_logprob_ids(sampling_params, vocab_size: int) -> None:

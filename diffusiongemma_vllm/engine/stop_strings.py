@@ -6,7 +6,8 @@ has run one more token by then; here, a request whose stop string lies inside a 
 already be denoising its next canvas (up to `max_denoising_steps` passes, which its batch mates
 wait for), and the whole canvas would count as generated tokens in vLLM's metrics. So the
 plugin's scheduler looks for stop strings in each canvas it receives and ends the request at
-the token that completes the first one, as vLLM's scheduler ends a request at a stop token:
+the token that completes the first one (past `min_tokens`, as vLLM's detokenizer counts them),
+as vLLM's scheduler ends a request at a stop token:
 the tokens after it are dropped before vLLM builds the step's output, and nothing more is
 scheduled for the request.
 
@@ -43,9 +44,16 @@ class StopStrings:
         if not new_token_ids or not stops or self.model_config.skip_tokenizer_init:
             return None
         before = list(request.output_token_ids)
-        old = self._text(before, params)
+        # vLLM looks for stop strings only once the output passes min_tokens, and then only for
+        # one that ends after the text of the first min_tokens tokens.
+        floor = max(params.min_tokens - len(before), 0)
+        if floor >= len(new_token_ids):
+            return None
+        old = self._text(before + new_token_ids[:floor], params)
 
         def stop_after(kept: int) -> str | None:
+            if kept <= floor:
+                return None
             text = self._text(before + new_token_ids[:kept], params)
             found = check_stop_strings(text, max(len(text) - len(old), 0), stops, False)
             return found[0] if found else None

@@ -36,7 +36,9 @@ Per-request settings: the checkpoint's generation_config.json, overridden by the
 `seed`, or a random one kept for its lifetime; its canvas options (its canvas length, a
 seeded, pinned first canvas, a pass cap, a constrained read: canvas_options.py) come from
 `extra_args` too, and each pass denoises canvases of one length and one read (the whole
-vocabulary, or one constrained read's allowed ids). A request that asked for live drafts has its
+vocabulary, or one constrained read's allowed ids). A request's `logit_bias`, `bad_words` and
+`min_tokens` bias its canvases (request_biases.py); while the denoise graphs serve the other
+canvases, biased ones denoise in passes of their own. A request that asked for live drafts has its
 canvas's argmax published every `draft_every` passes (drafts/publisher.py); the others add no work.
 
 Under vLLM's batch-invariant mode (`VLLM_BATCH_INVARIANT=1`, which makes vLLM's own layers'
@@ -72,6 +74,7 @@ from diffusiongemma_vllm.kernels.top_logprobs import TopLogprobs, top_logprobs
 from diffusiongemma_vllm.engine.step_prefixes import PagedStepInputs, gather_prefixes
 from diffusiongemma_vllm.engine.canvas_options import CanvasOptions
 from diffusiongemma_vllm.engine.lora_adapters import CanvasAdapters
+from diffusiongemma_vllm.engine.request_biases import request_biases
 from diffusiongemma_vllm.engine.step_metrics import StepMetrics
 from diffusiongemma_vllm.engine.structured_commit import CanvasGrammars
 
@@ -146,11 +149,14 @@ class _RequestSettings:
     canvas: CanvasOptions
     params: object  # the SamplingParams these came from
 
-    def job(self, block: int) -> CanvasJob:
-        """The request's canvas `block`: a seeded and pinned start shapes the first only."""
+    def job(self, generated: int, width: int) -> CanvasJob:
+        """The request's canvas after its `generated` output tokens, in canvases of `width`: a
+        seeded and pinned start shapes the first only; its logit biases (request_biases.py)."""
+        block = generated // width
         first = block == 0
         return CanvasJob(block, self.sampler, self.seed, self.canvas.seed_canvas if first else None,
-                         self.canvas.pinned if first else (), self.canvas.max_steps)
+                         self.canvas.pinned if first else (), self.canvas.max_steps,
+                         request_biases(self.params, generated))
 
 
 class DenoiseStep:
@@ -213,7 +219,7 @@ class DenoiseStep:
         held = {r.req_id: self.awaiting.pop(r.req_id) for r in ready if r.req_id in self.awaiting}
         fresh = [r for r in ready if r.req_id not in held or held[r.req_id].context != r.context]
         waiting = [r for r in ready if r.req_id in held and held[r.req_id].context == r.context]
-        reads = {r.req_id: self._read(runner, r.req_id) for r in fresh}
+        reads = {r.req_id: self._read(runner, r) for r in fresh}
         adapters = self.adapters.denoising([runner.requests[r.req_id].lora_request for r in fresh]) \
             if self.adapters is not None else contextlib.nullcontext()
         with torch.inference_mode(), adapters:
@@ -249,26 +255,33 @@ class DenoiseStep:
                              params.logprobs is not None or ids is not None, ids,
                              first_canvas and params.prompt_logprobs is not None)
 
-    def _read(self, runner, req_id: str) -> tuple[int, tuple[int, ...]]:
-        """What the request's canvases are denoised with, which its pass mates must share: its
-        canvas length (`diffusion_canvas_length`, else the checkpoint's) and the ids a
-        constrained read draws from (`diffusion_constrained`; (): the whole vocabulary)."""
-        canvas = self._settings(req_id, runner.requests[req_id].sampling_params).canvas
-        return canvas.width or self.canvas_length, canvas.allowed
+    def _read(self, runner, request: _ReadyRequest) -> tuple[int, tuple[int, ...], bool]:
+        """What the request's canvas is denoised with, which its pass mates must share: its
+        canvas length (`diffusion_canvas_length`, else the checkpoint's), the ids a constrained
+        read draws from (`diffusion_constrained`; (): the whole vocabulary), and, while the
+        denoise graphs serve the others, whether it has logit biases (its passes run eagerly)."""
+        state = runner.requests[request.req_id]
+        settings = self._settings(request.req_id, state.sampling_params)
+        width = settings.canvas.width or self.canvas_length
+        biased = self.graphs is not None and bool(request_biases(state.sampling_params,
+                                                                 request.context - state.num_prompt_tokens))
+        return width, settings.canvas.allowed, biased
 
-    def _denoise(self, runner, requests: list[_ReadyRequest], width: int,
-                 allowed: tuple[int, ...]) -> list[tuple[DenoiseResult, list[_ReadyRequest], Unembedding]]:
+    def _denoise(self, runner, requests: list[_ReadyRequest], width: int, allowed: tuple[int, ...],
+                 biased: bool) -> list[tuple[DenoiseResult, list[_ReadyRequest], Unembedding]]:
         """A fresh or resumed canvas of `width` tokens for each of `requests`, read over the
         `allowed` ids (() the whole vocabulary) and denoised together (in turns of at most
         `canvases_per_pass`): each turn's result with its requests and the unembedding it read;
         canvases still running at the pass limit are held in `pending`. The denoise graphs
-        serve the checkpoint's canvas length and whole vocabulary; other passes run eagerly."""
+        serve the checkpoint's canvas length and whole vocabulary without logit biases
+        (`biased` only groups the requests: the loop sees each canvas's biases); other passes
+        run eagerly."""
         jobs, resumed, drafts = [], {}, []
         for slot, request in enumerate(requests):
             state = runner.requests[request.req_id]
             settings = self._settings(request.req_id, state.sampling_params)
             generated = request.context - state.num_prompt_tokens
-            jobs.append(settings.job(generated // width))
+            jobs.append(settings.job(generated, width))
             if self.drafts is not None:
                 drafts.append(self.drafts.canvas(state.sampling_params, jobs[-1].block, request.context, generated,
                                                  runner.max_model_len))

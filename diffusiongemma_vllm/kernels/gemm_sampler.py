@@ -40,7 +40,9 @@ The draw is argmax_v(z_v + g_v), g = -log(-log u), u_v = word v % 4 of tl.rand4x
 v // 4) (Philox 4x32-10): it depends on (key, v) alone, not on chunks or the batch;
 `noise.gumbel_noise` is the same noise in torch. The logits' products are exact for bf16
 inputs and summed in fp32, so the reference is `naive_row_stats` on fp32 copies of the inputs.
-Temperatures must be > 0 (not checked: that would synchronise the device). Under tensor
+Temperatures must be > 0 (not checked: that would synchronise the device). A `bias`
+(vocab_tiled_sampler.SparseBias) is laid out per chunk as a dense fp32 block beside the
+logits block and added to the softcapped logits in the kernel. Under tensor
 parallelism `embedding` is one rank's slice of the vocabulary, from id `first_id`: ids and
 noise are the global ones, and the returned top, log-normaliser and Gumbel maximum let
 `denoise/vocab_shards.py` merge the slices.
@@ -50,7 +52,7 @@ from __future__ import annotations
 
 import torch
 
-from diffusiongemma_vllm.kernels.vocab_tiled_sampler import RowStats
+from diffusiongemma_vllm.kernels.vocab_tiled_sampler import RowStats, SparseBias
 
 try:
     import triton
@@ -80,15 +82,24 @@ if triton is not None:
         return -tl.log(-tl.log(u))
 
     @triton.jit
+    def _biased(line, bias_line, cols, ok, softcap, HAS_BIAS: tl.constexpr):
+        """softcap(logits) at `cols`, plus the bias block's values when there is one."""
+        z = softcap * _tanh(tl.load(line + cols, mask=ok, other=0.0) / softcap)
+        if HAS_BIAS:
+            z += tl.load(bias_line + cols, mask=ok, other=0.0)
+        return z
+
+    @triton.jit
     def _chunk_stats_kernel(
-        logits_ptr, t_ptr, key_ptr, stats_ptr, ids_ptr, probs_ptr, running_max_ptr, scale_ptr,
+        logits_ptr, bias_ptr, t_ptr, key_ptr, stats_ptr, ids_ptr, probs_ptr, running_max_ptr, scale_ptr,
         rows, width, first_id, softcap,
-        WITH_SOFT: tl.constexpr, BLOCK: tl.constexpr,
+        WITH_SOFT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0)
         inv_t = 1.0 / tl.load(t_ptr + row).to(tl.float32)
         key = tl.load(key_ptr + row).to(tl.int64)
         line = logits_ptr + row.to(tl.int64) * width
+        bias_line = bias_ptr + row.to(tl.int64) * width
         m = float("-inf")
         total = 0.0
         weighted = 0.0
@@ -98,7 +109,7 @@ if triton is not None:
         for c0 in range(0, width, BLOCK):
             cols = c0 + tl.arange(0, BLOCK)
             ok = cols < width
-            z = softcap * _tanh(tl.load(line + cols, mask=ok, other=0.0) / softcap) * inv_t
+            z = _biased(line, bias_line, cols, ok, softcap, HAS_BIAS) * inv_t
             z = tl.where(ok, z, float("-inf"))
             tile_max = tl.max(z, axis=0)
             best = tl.where(tile_max > m, c0 + tl.argmax(z, axis=0), best)  # strict: first index wins
@@ -129,7 +140,7 @@ if triton is not None:
             for c0 in range(0, width, BLOCK):
                 cols = c0 + tl.arange(0, BLOCK)
                 ok = cols < width
-                z = softcap * _tanh(tl.load(line + cols, mask=ok, other=0.0) / softcap) * inv_t
+                z = _biased(line, bias_line, cols, ok, softcap, HAS_BIAS) * inv_t
                 tl.store(out + cols, tl.exp(z - top).to(probs_ptr.dtype.element_ty), mask=ok)
 
 
@@ -147,6 +158,7 @@ def gemm_row_stats(
     block: int = 2048,  # columns per step of the statistics kernel (a power of two >= 4)
     num_warps: int = 8,
     first_id: int = 0,  # the vocabulary id of embedding row 0 (a tensor-parallel rank's slice), a multiple of 4
+    bias: SparseBias | None = None,  # added to the softcapped logits (eager passes: it synchronises)
 ) -> RowStats:
     assert triton is not None, "gemm_row_stats needs Triton; vocab_tiled_row_stats is the torch path"
     n, width = hidden.shape
@@ -164,13 +176,13 @@ def gemm_row_stats(
     row_chunk = max(1, block_elements // vocab_chunk)
     parts = [_row_chunk(hidden[r:r + row_chunk], embedding, softcap, temperature[r:r + row_chunk].contiguous(),
                         gumbel_keys[r:r + row_chunk].contiguous(), with_soft, vocab_chunk, block, num_warps,
-                        matmul or mm_fp32, first_id)
+                        matmul or mm_fp32, first_id, bias, r)
              for r in range(0, n, row_chunk)]
     return parts[0] if len(parts) == 1 else RowStats.cat(parts)
 
 
 def _row_chunk(hidden, embedding, softcap, temperature, keys, with_soft, vocab_chunk, block, num_warps,
-               matmul, first_id) -> RowStats:
+               matmul, first_id, bias, first_row) -> RowStats:
     rows, device = hidden.shape[0], hidden.device
     chunks = triton.cdiv(embedding.shape[0], vocab_chunk)
     stats = torch.empty((chunks, 4, rows), dtype=torch.float32, device=device)  # m, S, W, Gumbel max
@@ -184,11 +196,12 @@ def _row_chunk(hidden, embedding, softcap, temperature, keys, with_soft, vocab_c
         chunk = embedding[c * vocab_chunk:(c + 1) * vocab_chunk]
         logits = matmul(hidden, chunk.T)  # [rows, chunk width] fp32
         probs = torch.empty(logits.shape, dtype=embedding.dtype, device=device) if with_soft else logits
+        dense = bias.block(first_row, rows, first_id + c * vocab_chunk, logits.shape[1]) if bias is not None else None
         _chunk_stats_kernel[(rows,)](
-            logits, temperature, keys, stats[c], ids[c], probs,
+            logits, logits if dense is None else dense, temperature, keys, stats[c], ids[c], probs,
             running_max if with_soft else stats, scale if with_soft else stats,
             rows, logits.shape[1], first_id + c * vocab_chunk, float(softcap),
-            WITH_SOFT=with_soft, BLOCK=block, num_warps=num_warps)
+            WITH_SOFT=with_soft, HAS_BIAS=dense is not None, BLOCK=block, num_warps=num_warps)
         if with_soft:
             soft.mul_(scale[:, None]).add_(matmul(probs, chunk))
     m, total, weighted, drawn = stats.transpose(0, 1)  # each [chunks, rows]

@@ -16,6 +16,10 @@ with g from `noise.gumbel_noise` (counter-based, so a chunk computes its own noi
 `embedding` may be one slice of the vocabulary (a tensor-parallel rank's rows, ids from
 `first_id`): ids and noise are then the global ones, and the statistics cover the slice;
 `vocab_shards.merge_row_stats` combines the slices' statistics into the whole vocabulary's.
+
+`bias` (a `SparseBias`) adds values to some rows' softcapped logits before the temperature,
+where transformers applies a logits processor and vLLM its logit bias and bans: z = (softcap(l)
++ b) / T. Each chunk adds the entries that fall inside it, so nothing vocabulary-wide is built.
 """
 
 from __future__ import annotations
@@ -25,6 +29,31 @@ from dataclasses import dataclass, fields
 import torch
 
 from diffusiongemma_vllm.denoise.noise import gumbel_noise
+
+
+BANNED = -1e30  # a bias that bans a token: exp underflows to exactly 0 at every temperature, no inf arithmetic
+
+
+@dataclass(frozen=True)
+class SparseBias:
+    """Additive logit biases of some (row, token id) pairs; repeated pairs add up. Ids are the
+    whole vocabulary's."""
+
+    rows: torch.Tensor  # [E] int64
+    ids: torch.Tensor  # [E] int64
+    values: torch.Tensor  # [E] fp32
+
+    def block(self, first_row: int, rows: int, first_id: int, width: int) -> torch.Tensor | None:
+        """The dense [rows, width] fp32 bias of rows first_row.. and ids first_id.., or None
+        when no entry falls inside (synchronises with the device: eager passes only)."""
+        inside = (self.rows >= first_row) & (self.rows < first_row + rows) \
+            & (self.ids >= first_id) & (self.ids < first_id + width)
+        if not bool(inside.any()):
+            return None
+        dense = torch.zeros((rows, width), dtype=torch.float32, device=self.values.device)
+        dense.index_put_((self.rows[inside] - first_row, self.ids[inside] - first_id), self.values[inside],
+                         accumulate=True)
+        return dense
 
 
 @dataclass(frozen=True)
@@ -45,14 +74,18 @@ class RowStats:
                      else None for f in fields(cls)))
 
 
-def _scaled_logits(hidden, embedding, softcap: float, temperature) -> torch.Tensor:
-    logits = (hidden @ embedding.T).float()
-    return torch.tanh(logits / softcap) * softcap / temperature[:, None]
+def _scaled_logits(hidden, embedding, softcap: float, temperature, bias: torch.Tensor | None = None) -> torch.Tensor:
+    logits = torch.tanh((hidden @ embedding.T).float() / softcap) * softcap
+    if bias is not None:
+        logits = logits + bias
+    return logits / temperature[:, None]
 
 
 def naive_row_stats(hidden: torch.Tensor, embedding: torch.Tensor, softcap: float, temperature: torch.Tensor,
-                    gumbel_keys: torch.Tensor, with_soft: bool, first_id: int = 0) -> RowStats:
-    z = _scaled_logits(hidden, embedding, softcap, temperature)  # [N, V]
+                    gumbel_keys: torch.Tensor, with_soft: bool, first_id: int = 0,
+                    bias: SparseBias | None = None) -> RowStats:
+    dense = bias.block(0, hidden.shape[0], first_id, embedding.shape[0]) if bias is not None else None
+    z = _scaled_logits(hidden, embedding, softcap, temperature, dense)  # [N, V]
     log_probs = torch.log_softmax(z, dim=-1)
     probs = log_probs.exp()
     drawn = z + gumbel_noise(gumbel_keys, first_id, first_id + z.shape[1])
@@ -71,15 +104,17 @@ def vocab_tiled_row_stats(
     row_chunk: int = 256,
     vocab_chunk: int = 16384,
     first_id: int = 0,  # the vocabulary id of embedding row 0 (a tensor-parallel rank's slice)
+    bias: SparseBias | None = None,
 ) -> RowStats:
     assert hidden.dim() == 2 and embedding.dim() == 2 and hidden.shape[1] == embedding.shape[1]
     assert temperature.shape == gumbel_keys.shape == hidden.shape[:1]
     return RowStats.cat([_row_chunk_stats(hidden[i:i + row_chunk], embedding, softcap, temperature[i:i + row_chunk],
-                                          gumbel_keys[i:i + row_chunk], with_soft, vocab_chunk, first_id)
+                                          gumbel_keys[i:i + row_chunk], with_soft, vocab_chunk, first_id, bias, i)
                          for i in range(0, hidden.shape[0], row_chunk)])
 
 
-def _row_chunk_stats(hidden, embedding, softcap, temperature, keys, with_soft, vocab_chunk, first_id) -> RowStats:
+def _row_chunk_stats(hidden, embedding, softcap, temperature, keys, with_soft, vocab_chunk, first_id, bias,
+                     first_row) -> RowStats:
     rows, device = hidden.shape[0], hidden.device
     m = torch.full((rows,), float("-inf"), device=device)
     total = torch.zeros(rows, device=device)  # sum exp(z - m)
@@ -92,7 +127,8 @@ def _row_chunk_stats(hidden, embedding, softcap, temperature, keys, with_soft, v
     for start in range(0, embedding.shape[0], vocab_chunk):
         chunk = embedding[start:start + vocab_chunk]
         ids = torch.arange(first_id + start, first_id + start + chunk.shape[0], device=device)
-        z = _scaled_logits(hidden, chunk, softcap, temperature)  # [rows, chunk]
+        dense = bias.block(first_row, rows, first_id + start, chunk.shape[0]) if bias is not None else None
+        z = _scaled_logits(hidden, chunk, softcap, temperature, dense)  # [rows, chunk]
         m_new = torch.maximum(m, z.max(-1).values)
         rescale = torch.exp(m - m_new)
         e = torch.exp(z - m_new[:, None])

@@ -104,10 +104,31 @@ class _AllowedOnly:
         return scores.masked_fill(~keep, float("-inf"))
 
 
+class _Biased:
+    """A transformers logits processor adding (token, value, before) biases: `value` to the
+    token's logit at the canvas positions whose output index (tokens generated before them) is
+    below `before` (None: every position); what vLLM's logit bias, bad words and min_tokens do
+    to one next-token distribution, here to every position of a canvas."""
+
+    def __init__(self, prompt_length: int, biases: list[tuple[int, float, int | None]]):
+        self.prompt_length, self.biases = prompt_length, biases
+
+    def __call__(self, input_ids, scores):  # scores [batch, canvas, vocab]
+        generated = input_ids.shape[1] - self.prompt_length
+        positions = torch.arange(scores.shape[1])
+        scores = scores.clone()
+        for token, value, before in self.biases:
+            covered = positions if before is None else positions[generated + positions < before]
+            scores[:, covered, token] += value
+        return scores
+
+
 def reference_generate(model, prompt_ids: list[int], seed: int, num_blocks: int, sampler: SamplerConfig,
-                       allowed: list[int] | None = None, images: dict | None = None) -> ReferenceTrace:
+                       allowed: list[int] | None = None, images: dict | None = None,
+                       biases: list[tuple[int, float, int | None]] | None = None) -> ReferenceTrace:
     """One prompt through transformers' generate for exactly `num_blocks` canvases; with
-    `allowed`, a constrained read of those ids (`diffusion_constrained`); with `images`, the
+    `allowed`, a constrained read of those ids (`diffusion_constrained`); with `biases`, those
+    logit biases (`_Biased`); with `images`, the
     image processor's `pixel_values` and `image_position_ids` for the prompt's images (its
     soft tokens marked as transformers' processor marks them)."""
     from transformers import LogitsProcessorList
@@ -145,7 +166,8 @@ def reference_generate(model, prompt_ids: list[int], seed: int, num_blocks: int,
             sampler_config=hf_generation.EntropyBoundSamplerConfig(entropy_bound=sampler.entropy_bound),
             eos_token_id=[config.text_config.vocab_size],  # unreachable: every block runs
             streamer=_DraftRecorder(trace, sampler),
-            logits_processor=LogitsProcessorList([] if ids is None else [_AllowedOnly(ids)]),
+            logits_processor=LogitsProcessorList(([] if ids is None else [_AllowedOnly(ids)])
+                                                 + ([_Biased(len(prompt_ids), biases)] if biases else [])),
             return_dict_in_generate=False,
             **image_inputs,
         )
