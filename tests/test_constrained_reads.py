@@ -9,6 +9,8 @@ same way: tests/test_canvas_options.py.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -70,18 +72,31 @@ def test_a_restricted_read_is_the_softmax_over_the_allowed_ids(row_stats, allowe
     check_against_masked_softmax(stats, hidden, embedding, temperature, keys, allowed)
 
 
+def one_rank_at_a_time(*args, **kwargs):
+    """The GEMM sampler for thread ranks: Triton's interpreter runs one kernel at a time."""
+    with INTERPRETER:
+        return gemm_row_stats(*args, block_elements=12 * 64, min_vocab_chunk=4, block=64, num_warps=1, **kwargs)
+
+
+INTERPRETER = threading.Lock()
+
+
+@pytest.mark.parametrize("row_stats", [vocab_tiled_row_stats, one_rank_at_a_time],
+                         ids=["vocab_tiled", "gemm_interpreted"])
 @pytest.mark.parametrize("bounds", [[160], [60, 120], [1, 3]], ids=["two", "three", "empty_rank"])
-def test_restricted_reads_merge_across_ranks(bounds):
+def test_restricted_reads_merge_across_ranks(bounds, row_stats):
     """Catches a constrained read under tensor parallelism taken from one rank's ids, noise
-    keyed by a rank's local index, or NaN from a rank whose slice holds none of the allowed
-    ids ([1, 3]: rank 1 holds ids 1 and 2)."""
+    keyed by a rank's local index, NaN from a rank whose slice holds none of the allowed ids
+    ([1, 3]: rank 1 holds ids 1 and 2), or the GEMM sampler (the GPU's) given a slice of the
+    read that starts at no multiple of 4 ([160]: rank 1's read starts at its 6th id), whose
+    noise layout it cannot draw."""
     hidden, embedding, temperature, keys = inputs(12, VOCAB)
     parts = slices(VOCAB, bounds)
 
     def work(rank, shards):
         start, stop = parts[rank]
         whole = Unembedding(embedding[start:stop], SOFTCAP, 1.0, first_id=start, vocab_size=VOCAB, shards=shards)
-        return whole.restricted(ALLOWED).row_stats(vocab_tiled_row_stats, hidden, temperature, keys)
+        return whole.restricted(ALLOWED).row_stats(row_stats, hidden, temperature, keys)
 
     for stats in ThreadRanks(len(parts)).run(work):
         check_against_masked_softmax(stats, hidden, embedding, temperature, keys)

@@ -95,8 +95,11 @@ class Unembedding:
         if self.shards is None:
             stats = row_stats(hidden, self.weight, self.softcap, temperature, keys, True, bias=bias)
         elif self.weight.shape[0]:
-            local = row_stats(hidden, self.weight, self.softcap, temperature, keys, True, first_id=self.first_id,
-                              bias=bias)
+            # The GEMM sampler draws a slice's noise from an id that is a multiple of 4; a
+            # constrained read's slice may start anywhere. The torch path draws the same tokens.
+            aligned = self.first_id % 4 == 0
+            local = (row_stats if aligned else vocab_tiled_row_stats)(
+                hidden, self.weight, self.softcap, temperature, keys, True, first_id=self.first_id, bias=bias)
             stats = merge_row_stats(local, self.shards)
         else:  # a rank whose slice holds none of a constrained read's ids: no probability here
             stats = merge_row_stats(empty_row_stats(hidden), self.shards)
