@@ -171,20 +171,24 @@ def check_stops(llm, settings: Settings, checks: Checks, run: dict) -> None:
 def check_biases(llm, settings: Settings, checks: Checks) -> None:
     """The sampler's logit biases on the GPU (passes of their own, eager, the bias block in
     the Triton statistics kernel): EOS biased to +100 ends the reply exactly at min_tokens;
-    a token biased to +100 fills the canvas, and banned as a bad word never appears."""
+    a token biased to +100 fills the canvas, and banned as a bad word never appears; a request
+    with allowed_token_ids commits only those."""
     eos = RELEASE_GENERATION_CONFIG["eos_token_id"][0]
     word = llm.get_tokenizer().encode("a", add_special_tokens=False)
-    texts = prompts(3)
+    allowed = [300, 42, 171]
+    texts = prompts(4)
     outs = llm.generate(texts, [params(settings, 0, ignore_eos=False, min_tokens=40, logit_bias={eos: 100.0}),
                                 params(settings, 1, max_tokens=64, logit_bias={word[0]: 100.0}),
-                                params(settings, 2, max_tokens=64, logit_bias={word[0]: 100.0}, bad_words=["a"])],
+                                params(settings, 2, max_tokens=64, logit_bias={word[0]: 100.0}, bad_words=["a"]),
+                                params(settings, 3, max_tokens=64, allowed_token_ids=allowed)],
                         use_tqdm=False)
-    ended, filled, banned = (list(out.outputs[0].token_ids) for out in outs)
+    ended, filled, banned, kept = (list(out.outputs[0].token_ids) for out in outs)
     checks.check("min_tokens_then_biased_eos", ended[-1] == eos and len(ended) == 41 and eos not in ended[:-1],
                  {"tokens": len(ended), "last": ended[-1]})
     checks.check("logit_bias_fills", len(word) == 1 and filled == word * 64,
                  {"word": word, "distinct": len(set(filled))})
     checks.check("bad_word_banned", len(banned) == 64 and word[0] not in banned, {"count": banned.count(word[0])})
+    checks.check("allowed_token_ids", len(kept) == 64 and set(kept) <= set(allowed), {"distinct": sorted(set(kept))})
 
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer"}},

@@ -9,7 +9,8 @@ Stages, highest priority first (the default order; `--stages` picks groups or na
   a  tiny checkpoints inside vLLM with its defaults (bf16, CUDA graphs, TRITON_ATTN), e2e_offline.py:
      a_tiny       GPU-friendly head dims: 1 and 16 prompts over 256 tokens, stop string and stop
                   id inside a canvas, seeded alone vs batched, rerun, JSON-schema replies,
-                  logit biases (min_tokens under a biased EOS, logit_bias, a banned bad word),
+                  logit biases (min_tokens under a biased EOS, logit_bias, a banned bad word,
+                  allowed_token_ids),
                   canvas options (pins, a 16-token canvas, read-only, a constrained read) and
                   logprob_token_ids, an in-place weight reload and back (exact), diffusion_stats
      a_eager      the same requests with enforce_eager: agreement with the graphs (exact in fp32)

@@ -57,3 +57,47 @@ def test_biased_requests_equal_transformers_with_the_same_biases(tiny_dir):
     assert not set(tokens[:min_tokens]) & set(stops) and stops[0] in tokens[min_tokens:]
     assert not set(tokens) & set(bad)
     del llm
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(600)
+def test_allowed_token_ids_equal_transformers_masked_to_them_with_raw_logprobs(tiny_dir):
+    """Catches `allowed_token_ids` drawing or committing other ids, a logit bias on an id
+    outside the set reaching the read (or breaking it), one inside it ignored, and logprobs
+    renormalised over the set: vLLM's are raw, the model's distribution over the whole
+    vocabulary, so over the allowed ids they must differ from transformers' masked log softmax
+    by one constant per position, the log of the mass the set holds (below 0)."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+    from vllm import LLM
+    from vllm.inputs import TokensPrompt
+
+    from diffusiongemma_vllm.testing.reference import reference_generate
+    from tests.test_reference_equivalence import prompt_ids
+
+    allowed = [300, 7, 45, 7, 511, 2, 260, 88]  # unsorted, 7 twice
+    ids = sorted(set(allowed))
+    knobs = {"max_denoising_steps": 4}
+    sampler = SamplerConfig().with_request_overrides(knobs)
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    length = model.config.canvas_length
+    logit_bias = {45: 2.0, 400: 50.0}  # 400 is outside the set
+    masked = reference_generate(model, prompt_ids(9, 41), 41, 2, sampler, allowed=allowed)
+    biased = reference_generate(model, prompt_ids(10, 42), 42, 2, sampler, allowed=allowed,
+                                biases=[(token, value, None) for token, value in logit_bias.items()])
+
+    llm = LLM(model=tiny_dir, dtype="float32", max_model_len=256, enforce_eager=True)
+    outs = llm.generate(
+        [TokensPrompt(prompt_token_ids=prompt_ids(9, 41)), TokensPrompt(prompt_token_ids=prompt_ids(10, 42))],
+        [SamplingParams(max_tokens=2 * length, ignore_eos=True, seed=41, allowed_token_ids=allowed,
+                        logprob_token_ids=ids, extra_args=knobs),
+         SamplingParams(max_tokens=2 * length, ignore_eos=True, seed=42, allowed_token_ids=allowed,
+                        logit_bias=logit_bias, extra_args=knobs)])
+    tokens = list(outs[0].outputs[0].token_ids)
+    assert tokens == masked.sequences[0, 9:].tolist() and set(tokens) <= set(ids)
+    assert list(outs[1].outputs[0].token_ids) == biased.sequences[0, 10:].tolist()
+    want = torch.log_softmax(torch.cat(masked.final_logits), dim=-1)[:, ids]  # renormalised over the set
+    got = torch.tensor([[entry[t].logprob for t in ids] for entry in outs[0].outputs[0].logprobs])
+    mass = torch.logsumexp(got, dim=-1)
+    torch.testing.assert_close(got - mass[:, None], want, rtol=0, atol=1e-4)
+    assert (mass < -1e-3).all()
+    del llm

@@ -115,6 +115,13 @@ def test_logit_bias_bad_words_and_min_tokens(server):
     assert schema.status_code == 400 and "structured outputs" in schema.json()["error"]["message"]
 
 
+def test_allowed_token_ids(server):
+    """Catches `allowed_token_ids` refused or ignored over HTTP: every token must be one of them."""
+    body = complete(server, max_tokens=40, seed=3, ignore_eos=True, allowed_token_ids=[171, 300, 42], logprobs=1,
+                    return_tokens_as_token_ids=True).json()["choices"][0]["logprobs"]["tokens"]
+    assert len(body) == 40 and set(body) <= {"token_id:171", "token_id:300", "token_id:42"}
+
+
 @pytest.mark.parametrize("knobs, field", [
     ({"max_denoising_steps": 0}, "max_denoising_steps"),
     ({"entropy_bound": -1}, "entropy_bound"),

@@ -48,7 +48,7 @@ def test_vllm_own_extra_args_of_the_wrong_type_name_the_field(extra_args, field)
 
 @pytest.mark.parametrize("field, value", [
     ("presence_penalty", 0.5), ("frequency_penalty", -0.2), ("repetition_penalty", 1.3), ("min_p", 0.1),
-    ("allowed_token_ids", [3, 4]), ("logprobs", -1),
+    ("logprobs", -1),
 ])
 def test_unimplemented_sampling_fields_name_the_field(field, value):
     """Catches a sampling field the block sampler ignores being answered as if it applied."""
@@ -150,7 +150,8 @@ def test_bad_words_must_be_single_tokens_of_the_served_tokenizer(monkeypatch, ti
         check_request(SamplingParams(bad_words=[single, longer]))
 
 
-@pytest.mark.parametrize("field, value", [("logit_bias", {7: 3.0}), ("bad_words", ["x"]), ("min_tokens", 4)])
+@pytest.mark.parametrize("field, value", [("logit_bias", {7: 3.0}), ("bad_words", ["x"]), ("min_tokens", 4),
+                                          ("allowed_token_ids", [3, 4])])
 def test_logit_biases_beside_structured_outputs_are_refused(field, value):
     """Catches a biased request under a grammar being accepted: the grammar's commit ranks the
     model's unbiased logits, so the bias would not hold in what is committed."""
@@ -159,3 +160,11 @@ def test_logit_biases_beside_structured_outputs_are_refused(field, value):
     check_request(SamplingParams(**{field: value}))
     with pytest.raises(ValueError, match="cannot be combined with structured outputs"):
         check_request(SamplingParams(**{field: value}, structured_outputs=StructuredOutputsParams(json={})))
+
+
+def test_allowed_token_ids_beside_a_constrained_read_is_refused():
+    """Catches two allowed sets on one request being accepted (the read would use one)."""
+    constrained = {"diffusion_constrained": True}
+    check_request(SamplingParams(logprob_token_ids=[5, 6], extra_args=constrained))
+    with pytest.raises(ValueError, match="allowed_token_ids cannot be combined with diffusion_constrained"):
+        check_request(SamplingParams(allowed_token_ids=[5], logprob_token_ids=[5, 6], extra_args=constrained))

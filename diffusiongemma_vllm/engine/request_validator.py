@@ -11,7 +11,8 @@ DiffusionGemma architecture only. It changes no logits. It rejects, naming the f
   canvas option (canvas_options.py, checked against the served canvas and vocabulary) nor
   one vLLM itself reads (a typo would otherwise be ignored without a word);
 - a sampling feature the block-diffusion sampler does not implement, a bad word of more than
-  one token (request_biases.py), logit biases beside structured outputs, and
+  one token (request_biases.py), logit biases or `allowed_token_ids` beside structured
+  outputs, `allowed_token_ids` beside a constrained read, and
   `logprob_token_ids` outside the vocabulary or beside more `logprobs` than there are ids;
 - structured outputs on an engine that cannot serve them (config_hook.structured_refusal:
   a backend the worker does not build).
@@ -47,7 +48,6 @@ UNSUPPORTED = {
     "frequency_penalty": 0.0,
     "repetition_penalty": 1.0,
     "min_p": 0.0,
-    "allowed_token_ids": None,
     "thinking_token_budget": None,
     "repetition_detection": None,
 }
@@ -125,9 +125,12 @@ def check_request(sampling_params) -> None:
         if sampling_params.bad_words and model.tokenizer is not None:
             check_bad_words(sampling_params, model.tokenizer())
         options = CanvasOptions.from_extra_args(extra_args, *model.canvas, sampling_params.logprob_token_ids)
-    if structured is not None and biases_requested(sampling_params):
-        raise ValueError(f"{', '.join(BIASING_FIELDS)} cannot be combined with structured outputs: the grammar "
-                         "commits from the model's unbiased logits")
+    if structured is not None and (biases_requested(sampling_params) or sampling_params.allowed_token_ids):
+        raise ValueError(f"{', '.join(BIASING_FIELDS)} and allowed_token_ids cannot be combined with structured "
+                         "outputs: the grammar commits from the model's unbiased logits over the whole vocabulary")
+    if sampling_params.allowed_token_ids and options.allowed:
+        raise ValueError("allowed_token_ids cannot be combined with diffusion_constrained, whose allowed ids are "
+                         "its logprob_token_ids")
     if structured is not None and options.pinned:
         raise ValueError("diffusion_pinned cannot be combined with structured outputs: the grammar would "
                          "overrule the pinned ids")

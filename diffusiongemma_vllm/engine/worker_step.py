@@ -36,10 +36,11 @@ Per-request settings: the checkpoint's generation_config.json, overridden by the
 `seed`, or a random one kept for its lifetime; its canvas options (its canvas length, a
 seeded, pinned first canvas, a pass cap, a constrained read: canvas_options.py) come from
 `extra_args` too, and each pass denoises canvases of one length and one read (the whole
-vocabulary, or one constrained read's allowed ids). A request's `logit_bias`, `bad_words` and
-`min_tokens` bias its canvases (request_biases.py); while the denoise graphs serve the other
-canvases, biased ones denoise in passes of their own. A request that asked for live drafts has its
-canvas's argmax published every `draft_every` passes (drafts/publisher.py); the others add no work.
+vocabulary, or the allowed ids of a constrained read or of vLLM's `allowed_token_ids`). A
+request's `logit_bias`, `bad_words` and `min_tokens` bias its canvases (request_biases.py);
+while the denoise graphs serve the other canvases, biased ones denoise in passes of their
+own. A request that asked for live drafts has its canvas's argmax published every
+`draft_every` passes (drafts/publisher.py); the others add no work.
 
 Under vLLM's batch-invariant mode (`VLLM_BATCH_INVARIANT=1`, which makes vLLM's own layers'
 results independent of the batch) the plugin's own kernels follow: the denoise attention
@@ -148,6 +149,12 @@ class _RequestSettings:
     sampler: SamplerConfig
     canvas: CanvasOptions
     params: object  # the SamplingParams these came from
+
+    @property
+    def allowed(self) -> tuple[int, ...]:
+        """The ids its canvases are drawn from (() the whole vocabulary): a constrained read's
+        (its logprobs renormalised over them), or vLLM's `allowed_token_ids` (logprobs raw)."""
+        return self.canvas.allowed or tuple(sorted(set(self.params.allowed_token_ids or ())))
 
     def job(self, generated: int, width: int) -> CanvasJob:
         """The request's canvas after its `generated` output tokens, in canvases of `width`: a
@@ -265,7 +272,7 @@ class DenoiseStep:
         width = settings.canvas.width or self.canvas_length
         biased = self.graphs is not None and bool(request_biases(state.sampling_params,
                                                                  request.context - state.num_prompt_tokens))
-        return width, settings.canvas.allowed, biased
+        return width, settings.allowed, biased
 
     def _denoise(self, runner, requests: list[_ReadyRequest], width: int, allowed: tuple[int, ...],
                  biased: bool) -> list[tuple[DenoiseResult, list[_ReadyRequest], Unembedding]]:
@@ -359,12 +366,21 @@ class DenoiseStep:
     def _logprobs(self, turn: DenoiseResult, requests: list[_ReadyRequest], k: int | None, out: StepOutput,
                   unembedding: Unembedding) -> None:
         """Logprobs of the canvases this turn finished for requests that asked, from their
-        halting pass (kernels/top_logprobs.py) over the vocabulary the turn read (a constrained
-        read's allowed ids: renormalised over them), into `out.logprobs` by batch row: the top
-        `k`, or for a request with `logprob_token_ids` those ids' (as vLLM's sampler prefers them)."""
+        halting pass (kernels/top_logprobs.py), into `out.logprobs` by batch row: the top `k`,
+        or for a request with `logprob_token_ids` those ids' (as vLLM's sampler prefers them).
+        A constrained read's are over the vocabulary the turn read (its allowed ids:
+        renormalised over them); the others' over the whole vocabulary (vLLM's raw logprobs,
+        also under `allowed_token_ids`)."""
         jobs = [job for job, r in enumerate(requests) if r.logprobs and turn.passes[job] >= 0]
-        if not jobs:
-            return
+        renormalised = [job for job in jobs if self.settings[requests[job].req_id].canvas.allowed]
+        raw = [job for job in jobs if job not in renormalised]
+        for group, read in ((renormalised, unembedding), (raw, self.unembedding)):
+            if group:
+                self._read_logprobs(turn, requests, group, k, out, read)
+
+    def _read_logprobs(self, turn: DenoiseResult, requests: list[_ReadyRequest], jobs: list[int], k: int | None,
+                       out: StepOutput, unembedding: Unembedding) -> None:
+        """`_logprobs` of the turn's `jobs`, over `unembedding`'s vocabulary."""
         length = turn.tokens.shape[1]
         index = torch.tensor(jobs, device=self.device)
         hidden = turn.hidden[index].flatten(0, 1)  # [jobs * C, H]
