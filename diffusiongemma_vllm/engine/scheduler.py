@@ -24,7 +24,8 @@ uniprocess executor) it shares the engine core's compile through `ENGINE_GRAMMAR
 compiles its own (structured_commit.py). The step's `finished_req_ids` tell the worker when to
 drop one. It ends a request at the token that completes a stop string as the canvas arrives
 (stop_strings.py), and forwards the worker step's counters into the step's stats
-(step_metrics.py).
+(step_metrics.py). A streaming-input session's next turn keeps the last turn's canvas, which
+vLLM's own rule (keep the computed tokens) would drop.
 Requires synchronous scheduling (engine/config_hook.py turns async scheduling off) and no
 speculative decoding (the config hook refuses it).
 """
@@ -89,6 +90,21 @@ class CanvasScheduler(Scheduler):
             request.stop_reason = stop[1]
             stopped = True
         return new_token_ids, stopped
+
+    def _update_request_as_session(self, session: Request, update) -> None:
+        """vLLM's next turn of a streaming-input session, keeping what the last turn said.
+        vLLM keeps the turn's computed output tokens, which for an autoregressive model are all
+        but the last sampled one; a canvas is computed only by the causal pass of the step
+        after it, so vLLM would drop the turn's whole last canvas. Every output token but the
+        last is kept here, as vLLM keeps an autoregressive model's; the uncomputed ones are
+        prefilled with the new chunk."""
+        computed = session.num_computed_tokens
+        if session.num_output_tokens:
+            session.num_computed_tokens = max(computed, session.num_tokens - 1)
+        try:
+            super()._update_request_as_session(session, update)
+        finally:
+            session.num_computed_tokens = computed
 
     def update_from_output(self, scheduler_output, model_runner_output):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
