@@ -47,9 +47,10 @@ def test_cut_length_stops_like_vllm():
 
 def test_message_round_trip():
     """Catches a header or token encoding that the subscriber reads differently."""
-    message = Message(b"k" * 32, DRAFT, 3, 12, np.array([0, 262143, 7], dtype=np.int32), 2)
+    message = Message(b"k" * 32, DRAFT, 3, 12, np.array([0, 262143, 7], dtype=np.int32), 2, 4097, 768)
     back = Message.decode(message.encode())
-    assert (back.key, back.kind, back.block, back.pass_, back.text_tokens) == (b"k" * 32, DRAFT, 3, 12, 2)
+    assert (back.key, back.kind, back.block, back.pass_, back.text_tokens, back.prompt_tokens,
+            back.output_tokens) == (b"k" * 32, DRAFT, 3, 12, 2, 4097, 768)
     assert back.tokens.tolist() == [0, 262143, 7]
 
 

@@ -121,6 +121,25 @@ def test_drafts_precede_each_canvas_and_end_with_its_committed_tokens(server, to
     assert text == complete(server, **request, vllm_xargs=NEVER_CONFIDENT)["choices"][0]["text"]
 
 
+def test_drafts_carry_the_usage_so_far_under_continuous_usage_stats(server):
+    """Catches draft chunks without `usage` in a stream that asked for it on every chunk (as
+    vLLM's own chunks carry it), or with usage other than the prompt and the tokens committed
+    before the draft's canvas."""
+    events = stream_events(server, prompt="Write", max_tokens=300, ignore_eos=True, seed=4,
+                           stream_options={"include_usage": True, "continuous_usage_stats": True},
+                           vllm_xargs={"draft_every": 4, **NEVER_CONFIDENT})
+    drafts = [e for e in events if "diffusion_draft" in e]
+    own = [e for e in events if "diffusion_draft" not in e and e["choices"]]
+    prompt = own[0]["usage"]["prompt_tokens"]
+    assert len(drafts) == 4 and all(e.get("usage") for e in events)
+    for event in drafts:
+        committed = 256 * event["diffusion_draft"]["block"]
+        assert event["usage"] == {"prompt_tokens": prompt, "completion_tokens": committed,
+                                  "total_tokens": prompt + committed}
+    assert "usage" not in stream_events(server, prompt="Write", max_tokens=20, seed=4,
+                                        vllm_xargs={"draft_every": 4})[0]
+
+
 def test_a_stream_without_draft_every_is_vllm_stream(server):
     """Catches the replaced route changing requests that did not ask for drafts, and drafts
     changing what vLLM streams: same seed, same committed chunks with or without drafts."""

@@ -38,7 +38,7 @@ from vllm.entrypoints.openai.chat_completion import api_router as vllm_chat
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion import api_router as vllm_completion
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-from vllm.entrypoints.serve.utils.api_utils import validate_json_request
+from vllm.entrypoints.serve.utils.api_utils import should_include_usage, validate_json_request
 
 from diffusiongemma_vllm import ARCHITECTURE, DRAFTS_ENV
 from diffusiongemma_vllm.drafts.stream import DraftFormat, DraftSubscriber, with_drafts
@@ -90,9 +90,12 @@ async def _serve(vllm_route, request, raw_request: Request, chat: bool):
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=request.skip_special_tokens)
 
+    serving = state.openai_serving_chat if chat else state.openai_serving_completion
+    _, continuous_usage = should_include_usage(request.stream_options, serving.enable_force_include_usage)
     form = DraftFormat(chat=chat, id=("chatcmpl-" if chat else "cmpl-") + _base_id(request, raw_request),
                        model=state.openai_serving_models.model_name(), decode=decode, stop=tuple(stop),
-                       include_stop_str=request.include_stop_str_in_output, token_ids=bool(request.return_token_ids))
+                       include_stop_str=request.include_stop_str_in_output, token_ids=bool(request.return_token_ids),
+                       usage=continuous_usage)
     response.body_iterator = with_drafts(response.body_iterator, subscriber, key.encode(), form)
     return response
 

@@ -20,9 +20,11 @@ connected before any request can ask (a PUB socket drops what it sends before a 
 subscription arrives).
 
 Wire format, one ZeroMQ multipart message per event: [key, header, tokens], header
-`HEADER` = (kind, block, pass, text tokens), tokens int32 (empty for a close). `text tokens`
-is how many leading tokens have text: a draft cut at a stop token keeps that token in its
-ids, as vLLM's output ids do, but not in its text.
+`HEADER` = (kind, block, pass, text tokens, prompt tokens, output tokens), tokens int32 (empty
+for a close). `text tokens` is how many leading tokens have text: a draft cut at a stop token
+keeps that token in its ids, as vLLM's output ids do, but not in its text. Prompt and output
+tokens (those committed before the canvas) are the request's usage so far, which a stream
+asking for continuous usage stats shows on every chunk.
 
 Cost when no request asks: one idle socket bound at start-up; the denoise loop gets no
 callback (denoise.denoise_canvases' `on_pass` stays None), so no copy and no extra
@@ -44,7 +46,7 @@ import torch
 from diffusiongemma_vllm import DRAFTS_ENV as ENV
 
 DRAFT_ARGS = ("draft_every", "draft_key")
-HEADER = struct.Struct("<Bqqq")  # kind, block, pass, text tokens
+HEADER = struct.Struct("<Bqqqqq")  # kind, block, pass, text tokens, prompt tokens, output tokens
 DRAFT, CLOSE = 0, 1
 SEND_HWM = 10_000  # messages queued per subscriber before the PUB socket drops (never blocks)
 
@@ -73,16 +75,19 @@ class Message:
     pass_: int  # the canvas's passes so far (for a close: in all)
     tokens: np.ndarray  # int32 [n]
     text_tokens: int
+    prompt_tokens: int = 0
+    output_tokens: int = 0  # committed before this canvas
 
     def encode(self) -> list[bytes]:
-        return [self.key, HEADER.pack(self.kind, self.block, self.pass_, self.text_tokens),
-                self.tokens.astype(np.int32).tobytes()]
+        return [self.key, HEADER.pack(self.kind, self.block, self.pass_, self.text_tokens, self.prompt_tokens,
+                                      self.output_tokens), self.tokens.astype(np.int32).tobytes()]
 
     @classmethod
     def decode(cls, frames: list[bytes]) -> "Message":
         key, header, tokens = frames
-        kind, block, pass_, text_tokens = HEADER.unpack(header)
-        return cls(bytes(key), kind, block, pass_, np.frombuffer(tokens, dtype=np.int32), text_tokens)
+        kind, block, pass_, text_tokens, prompt_tokens, output_tokens = HEADER.unpack(header)
+        return cls(bytes(key), kind, block, pass_, np.frombuffer(tokens, dtype=np.int32), text_tokens,
+                   prompt_tokens, output_tokens)
 
 
 def cut_length(tokens: np.ndarray, limit: int, stop_ids: frozenset[int]) -> tuple[int, int]:
@@ -105,6 +110,8 @@ class CanvasDraft:
     block: int
     limit: int  # tokens max_tokens and max_model_len leave for this canvas
     stop_ids: frozenset[int]  # EOS (unless ignore_eos) and stop_token_ids
+    prompt_tokens: int = 0
+    output_tokens: int = 0  # committed before this canvas
 
 
 class DraftPublisher:
@@ -143,7 +150,7 @@ class DraftPublisher:
         if sampling_params.eos_token_id is not None:
             stop_ids.add(sampling_params.eos_token_id)
         return CanvasDraft(str(extra_args["draft_key"]).encode(), int(extra_args["draft_every"]), block, limit,
-                           frozenset(stop_ids))
+                           frozenset(stop_ids), context - num_output, num_output)
 
     def watch(self, canvases: list[CanvasDraft | None]) -> Callable | None:
         """denoise_canvases' `on_pass` for jobs `canvases` (None: no callback at all)."""
@@ -163,7 +170,8 @@ class DraftPublisher:
                 if n in due:
                     tokens = argmax[due.index(n)]
                     keep, text = cut_length(tokens, canvas.limit, canvas.stop_ids)
-                    self._send(Message(canvas.key, DRAFT, canvas.block, steps[n], tokens[:keep], text))
+                    self._send(Message(canvas.key, DRAFT, canvas.block, steps[n], tokens[:keep], text,
+                                       canvas.prompt_tokens, canvas.output_tokens))
                 if halted[n]:
                     self._send(Message(canvas.key, CLOSE, canvas.block, steps[n], np.empty(0, np.int32), 0))
 

@@ -9,8 +9,9 @@ waits for, e.g. a stream whose client left, are dropped).
 (so `text` / `delta.content` stay the committed text, byte for byte), and between them come
 draft chunks, which carry the same `id`, `object`, `created` and `model`, one choice with
 empty text (completions) or an empty delta (chat; `{"role": "assistant"}` until vLLM's first
-chunk, which names the role, so that a chat stream opens with it), and the draft in an extra
-field:
+chunk, which names the role, so that a chat stream opens with it), under continuous usage
+stats the usage so far (prompt, and the tokens committed before the canvas), and the draft in
+an extra field:
 
     "diffusion_draft": {"block": 0, "pass": 4, "text": "...", "token_ids": [...]}
 
@@ -95,6 +96,7 @@ class DraftFormat:
     stop: tuple[str, ...] = ()
     include_stop_str: bool = False
     token_ids: bool = False
+    usage: bool = False  # continuous usage stats: every chunk carries the usage so far, as vLLM's do
     created: int = field(default_factory=lambda: int(time.time()))
 
     def cut(self, message: Message) -> tuple[str, list[int]]:
@@ -121,6 +123,9 @@ class DraftFormat:
         body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": self.created, "model": self.model,
                 "choices": [{**choice, "logprobs": None, "finish_reason": None}], "diffusion_draft": draft}
+        if self.usage:  # what the request has used so far: its prompt and the tokens committed
+            body["usage"] = {"prompt_tokens": message.prompt_tokens, "completion_tokens": message.output_tokens,
+                             "total_tokens": message.prompt_tokens + message.output_tokens}
         return f"data: {json.dumps(body, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
