@@ -4,13 +4,11 @@ defaults, the ones the worker applies."""
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 from vllm import SamplingParams
 
 from diffusiongemma_vllm.model.config import SAMPLER_FIELDS, SamplerConfig
-from diffusiongemma_vllm.engine.request_validator import check_request, serve_defaults
+from diffusiongemma_vllm.engine.request_validator import check_request, validator_for
 
 
 class ModelConfigStandIn:
@@ -63,29 +61,47 @@ def test_defaults_and_documented_no_ops_pass():
                                  extra_args={"max_denoising_steps": 8}))
 
 
-def test_knobs_are_judged_against_the_served_checkpoint_defaults(monkeypatch):
+def bound(model_config, *args, **kwargs):
+    """The validator class the config hook lists for an engine (`validator_for`), loaded as vLLM loads it."""
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    return resolve_obj_by_qualname(validator_for(model_config, *args, **kwargs).replace(":", "."))
+
+
+def test_knobs_are_judged_against_the_served_checkpoint_defaults():
     """Catches admission judging knobs against the release defaults while the worker applies
-    the checkpoint's: a request setting only t_max below the checkpoint's t_min would pass
-    admission and then raise in the engine (and the reverse case would be refused)."""
+    the checkpoint's (a request setting only t_max below the checkpoint's t_min would pass
+    admission and then raise in the engine, and the reverse case would be refused), and an
+    engine's requests judged against another engine of the same process: a red-team run found
+    a second `LLM` refusing what its checkpoint serves, and cutting read-only replies to the
+    first one's canvas, while the first one's config had not been collected."""
+    high = bound(ModelConfigStandIn(), SamplerConfig(t_min=0.7, t_max=0.9), canvas=(32, 512))
+    low = bound(ModelConfigStandIn(), SamplerConfig(t_min=0.2, t_max=0.3), canvas=(256, 512))
+    with pytest.raises(ValueError, match="t_max.*t_min is the served model's default"):
+        high.validate_params(SamplingParams(extra_args={"t_max": 0.6}))
+    high.validate_params(SamplingParams(extra_args={"t_max": 0.75}))
+    high.validate_params(SamplingParams(extra_args={"t_max": 0.6, "t_min": 0.5}))
+    low.validate_params(SamplingParams(extra_args={"t_max": 0.25}))  # below the release's t_min 0.4 and high's
+    with pytest.raises(ValueError, match="t_max"):  # no engine bound: the release's defaults
+        check_request(SamplingParams(extra_args={"t_max": 0.25}))
+    read = SamplingParams(max_tokens=300, extra_args={"diffusion_read_only": True})
+    low.validate_params(read)
+    assert read.max_tokens == 256
+    low.validate_params(SamplingParams(extra_args={"diffusion_canvas_length": 100}))
+    with pytest.raises(ValueError, match="diffusion_canvas_length"):
+        high.validate_params(SamplingParams(extra_args={"diffusion_canvas_length": 100}))
+
+
+def test_a_process_that_did_not_bind_an_engine_loads_its_validator_unbound():
+    """Catches a worker (which builds the logits processors its engine's config lists, by
+    name) failing to load the bound validator's name: there it is the same class, unbound."""
     from diffusiongemma_vllm.engine import request_validator
 
-    monkeypatch.setattr(request_validator, "_served", {})  # engines other tests left in this process
-    model_config = ModelConfigStandIn()
-    serve_defaults(model_config, SamplerConfig(t_min=0.7, t_max=0.9))
-    with pytest.raises(ValueError, match="t_max.*t_min is the served model's default"):
-        check_request(SamplingParams(extra_args={"t_max": 0.6}))
-    check_request(SamplingParams(extra_args={"t_max": 0.75}))
-    del model_config
-    gc.collect()
-    check_request(SamplingParams(extra_args={"t_max": 0.6, "t_min": 0.5}))
-
-    low = ModelConfigStandIn()
-    serve_defaults(low, SamplerConfig(t_min=0.2, t_max=0.3))
-    check_request(SamplingParams(extra_args={"t_max": 0.25}))  # below the release's t_min 0.4
-    del low
-    gc.collect()
-    with pytest.raises(ValueError, match="t_max"):  # the engine is gone: release defaults again
-        check_request(SamplingParams(extra_args={"t_max": 0.25}))
+    unbound = getattr(request_validator, request_validator.BOUND + "999999")
+    assert issubclass(unbound, request_validator.DiffusionRequestValidator)
+    assert unbound.served is request_validator.RELEASE
+    with pytest.raises(AttributeError):
+        request_validator.NotAValidator
 
 
 def test_structured_outputs_are_refused_where_the_worker_cannot_follow_vllm():
@@ -106,22 +122,16 @@ def test_structured_outputs_are_refused_where_the_worker_cannot_follow_vllm():
     assert structured_refusal(engine(reasoning_parser="gemma4")) is None
     refusal = structured_refusal(engine(backend="outlines"))
     assert "'outlines' backend" in refusal
-    model_config = ModelConfigStandIn()
-    serve_defaults(model_config, SamplerConfig(), refusal)
+    validator = bound(ModelConfigStandIn(), SamplerConfig(), refusal)
     with pytest.raises(ValueError, match="'outlines' backend"):
-        check_request(SamplingParams(structured_outputs=StructuredOutputsParams(regex="a+")))
-    check_request(SamplingParams(max_tokens=5))  # other requests pass
-    del model_config
-    gc.collect()
+        validator.validate_params(SamplingParams(structured_outputs=StructuredOutputsParams(regex="a+")))
+    validator.validate_params(SamplingParams(max_tokens=5))  # other requests pass
 
 
-def test_logprob_token_ids_are_checked(monkeypatch):
+def test_logprob_token_ids_are_checked():
     """Catches ids outside the vocabulary reaching the logprobs sweep, more logprobs asked beside
     them than there are ids (vLLM would then read padding as tokens), and as many refused
     (vLLM's generative scoring asks so)."""
-    from diffusiongemma_vllm.engine import request_validator
-
-    monkeypatch.setattr(request_validator, "_served", {})  # judged against the release vocabulary
     check_request(SamplingParams(logprob_token_ids=[0, 5, 262143]))
     with pytest.raises(ValueError, match=r"logprob_token_ids must be token ids in \[0, 262144\)"):
         check_request(SamplingParams(logprob_token_ids=[5, 262144]))
@@ -130,7 +140,7 @@ def test_logprob_token_ids_are_checked(monkeypatch):
     check_request(SamplingParams(logprob_token_ids=[5, 7], logprobs=2))  # vLLM's generative scoring asks so
 
 
-def test_bad_words_must_be_single_tokens_of_the_served_tokenizer(monkeypatch, tiny_dir):
+def test_bad_words_must_be_single_tokens_of_the_served_tokenizer(tiny_dir):
     """Catches a bad word of several tokens being accepted (the canvas would ban none of it, as
     request_biases.py bans single tokens only), and single-token words (with their
     space-prefixed form, as vLLM tokenizes them) refused."""
@@ -144,10 +154,9 @@ def test_bad_words_must_be_single_tokens_of_the_served_tokenizer(monkeypatch, ti
     longer = next(w for w in ("quietly", "riverbank", "unbelievable")
                   if len(tokenizer.encode(w, add_special_tokens=False)) > 1)
     served = request_validator._ServedModel(SamplerConfig(), None, (256, len(tokenizer)), lambda: tokenizer)
-    monkeypatch.setattr(request_validator, "_served", {0: served})
-    check_request(SamplingParams(bad_words=[single]))
+    check_request(SamplingParams(bad_words=[single]), served)
     with pytest.raises(ValueError, match=f"bad_words: '{longer}' is"):
-        check_request(SamplingParams(bad_words=[single, longer]))
+        check_request(SamplingParams(bad_words=[single, longer]), served)
 
 
 @pytest.mark.parametrize("field, value", [("logit_bias", {7: 3.0}), ("bad_words", ["x"]), ("min_tokens", 4),

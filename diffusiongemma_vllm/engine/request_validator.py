@@ -1,12 +1,14 @@
 """Admission-time validation of DiffusionGemma requests (a 400 / ValueError, never a crash).
 
 vLLM calls a logits processor's `validate_params` for every request in the front-end
-process before it reaches the engine; engine/config_hook.py installs this class for the
-DiffusionGemma architecture only. It changes no logits. It rejects, naming the field:
+process before it reaches the engine, for the classes the engine's config lists;
+engine/config_hook.py lists one bound to that engine (`validator_for`: its checkpoint's
+defaults, canvas, vocabulary, tokenizer and structured-outputs refusal), for the DiffusionGemma
+architecture only, so each engine's requests are judged against that engine alone. It changes
+no logits. It rejects, naming the field:
 - a bad diffusion knob (`extra_args` / `vllm_xargs`, named like generation_config.json's
   fields), judged against the defaults the worker will combine it with: the served
-  checkpoint's generation_config.json, registered here by the config hook (`serve_defaults`)
-  for as long as that engine's config lives;
+  checkpoint's generation_config.json;
 - an `extra_args` key that is neither a knob, a live-draft setting (drafts/publisher.py), a
   canvas option (canvas_options.py, checked against the served canvas and vocabulary) nor
   one vLLM itself reads (a typo would otherwise be ignored without a word);
@@ -22,6 +24,7 @@ sampling temperature), as in transformers' DiffusionGemma; the README says so.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,17 +66,34 @@ class _ServedModel:
     tokenizer: Callable[[], object] | None = None  # the served tokenizer, loaded on first use; None: none served
 
 
-# id(model_config) -> what requests to that engine are judged against, in this process.
-_served: dict[int, _ServedModel] = {}
+RELEASE = _ServedModel(SamplerConfig(), None, RELEASE_CANVAS)  # where no engine is bound (another process)
+BOUND = "DiffusionRequestValidatorOf"  # the name of an engine's own validator class, before its number
+_engines = itertools.count()
 
 
-def serve_defaults(model_config, defaults: SamplerConfig, structured_refusal: str | None = None,
-                   canvas: tuple[int, int] = RELEASE_CANVAS) -> None:
-    """Validate requests against `defaults` and the `canvas` geometry (and refuse structured
-    outputs, saying why, if `structured_refusal`) while `model_config` (its engine's) is alive."""
-    key = id(model_config)
-    _served[key] = _ServedModel(defaults, structured_refusal, canvas, _tokenizer_of(weakref.ref(model_config)))
-    weakref.finalize(model_config, _served.pop, key, None)
+def validator_for(model_config, defaults: SamplerConfig, structured_refusal: str | None = None,
+                  canvas: tuple[int, int] = RELEASE_CANVAS) -> str:
+    """The name (vLLM's `module:Class`) of a validator class bound to one engine, for its
+    `model_config.logits_processors`: requests are judged against `defaults` and the `canvas`
+    geometry, and structured outputs refused, saying why, if `structured_refusal`. A process
+    that loads the name without having bound it (a worker builds the logits processors it
+    lists) gets the same class with no engine bound (`__getattr__`)."""
+    name = f"{BOUND}{next(_engines)}"
+    served = _ServedModel(defaults, structured_refusal, canvas, _tokenizer_of(weakref.ref(model_config)))
+    globals()[name] = type(name, (DiffusionRequestValidator,), {"served": served})
+    return f"{__name__}:{name}"
+
+
+def is_bound_validator(processor) -> bool:
+    return isinstance(processor, str) and processor.startswith(f"{__name__}:{BOUND}")
+
+
+def __getattr__(name: str):
+    """An engine's validator class loaded by name in a process that did not bind it."""
+    if not name.startswith(BOUND):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = type(name, (DiffusionRequestValidator,), {})
+    return globals()[name]
 
 
 def _tokenizer_of(model_config_ref) -> Callable[[], object] | None:
@@ -90,9 +110,10 @@ def _tokenizer_of(model_config_ref) -> Callable[[], object] | None:
     return load
 
 
-def check_request(sampling_params) -> None:
-    """Raise ValueError naming the first field the DiffusionGemma sampler cannot honour; a
-    read-only canvas request (canvas_options.py) gets its max_tokens and ignore_eos set."""
+def check_request(sampling_params, model: _ServedModel = RELEASE) -> None:
+    """Raise ValueError naming the first field the DiffusionGemma sampler cannot honour on the
+    served `model`; a read-only canvas request (canvas_options.py) gets its max_tokens and
+    ignore_eos set."""
     extra_args = sampling_params.extra_args or {}
     unknown = sorted(set(extra_args) - set(ACCEPTED_EXTRA_ARGS))
     if unknown:
@@ -115,16 +136,13 @@ def check_request(sampling_params) -> None:
         raise ValueError("logprobs=-1 (the whole vocabulary per token) is not supported by DiffusionGemma; "
                          "ask for at most max_logprobs alternatives")
     structured = sampling_params.structured_outputs
-    # Every engine this process serves must accept it; a process serves one in practice.
-    served = list(_served.values()) or [_ServedModel(SamplerConfig(), None, RELEASE_CANVAS)]
-    for model in served:
-        model.defaults.with_request_overrides(extra_args)
-        if structured is not None and model.structured_refusal:
-            raise ValueError(model.structured_refusal)
-        check_logprob_ids(sampling_params, vocab_size=model.canvas[1])
-        if sampling_params.bad_words and model.tokenizer is not None:
-            check_bad_words(sampling_params, model.tokenizer())
-        options = CanvasOptions.from_extra_args(extra_args, *model.canvas, sampling_params.logprob_token_ids)
+    model.defaults.with_request_overrides(extra_args)
+    if structured is not None and model.structured_refusal:
+        raise ValueError(model.structured_refusal)
+    check_logprob_ids(sampling_params, vocab_size=model.canvas[1])
+    if sampling_params.bad_words and model.tokenizer is not None:
+        check_bad_words(sampling_params, model.tokenizer())
+    options = CanvasOptions.from_extra_args(extra_args, *model.canvas, sampling_params.logprob_token_ids)
     if structured is not None and (biases_requested(sampling_params) or sampling_params.allowed_token_ids):
         raise ValueError(f"{', '.join(BIASING_FIELDS)} and allowed_token_ids cannot be combined with structured "
                          "outputs: the grammar commits from the model's unbiased logits over the whole vocabulary")
@@ -137,7 +155,7 @@ def check_request(sampling_params) -> None:
     if structured is not None and options.allowed:
         raise ValueError("diffusion_constrained cannot be combined with structured outputs: the grammar "
                          "chooses among the whole vocabulary")
-    served_canvas = min(model.canvas[0] for model in served)
+    served_canvas = model.canvas[0]
     if options.width is not None and options.width < served_canvas:
         for name, value in (("structured outputs", structured), ("draft_every", extra_args.get("draft_every"))):
             if value is not None:
@@ -174,9 +192,11 @@ def check_logprob_ids(sampling_params, vocab_size: int) -> None:
 
 
 class DiffusionRequestValidator(LogitsProcessor):
+    served: _ServedModel = RELEASE  # the engine a subclass is bound to (validator_for)
+
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        check_request(sampling_params)
+        check_request(sampling_params, cls.served)
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         pass
