@@ -13,7 +13,6 @@ from diffusiongemma_vllm.engine.request_validator import check_request
 from diffusiongemma_vllm.model.config import SamplerConfig
 from diffusiongemma_vllm.testing.standalone import load_standalone
 from tests.test_denoise_resume import prefilled
-from tests.test_request_validator import ModelConfigStandIn
 
 C, VOCAB = 8, 100
 
@@ -54,46 +53,43 @@ def test_good_canvas_options_parse():
     assert CanvasOptions.from_extra_args({"diffusion_constrained": False}, C, VOCAB, [9]).allowed == ()
 
 
-def test_admission_makes_a_read_only_request_one_canvas_long(monkeypatch):
+def test_admission_makes_a_read_only_request_one_canvas_long():
     """Catches a read-only request that would go on past its canvas, or end early at an EOS
     drawn into it (vLLM's in-tree model normalises it the same way), and options judged
     against another canvas than the served one's."""
-    from diffusiongemma_vllm.engine import request_validator
+    from diffusiongemma_vllm.engine.request_validator import _ServedModel
 
-    monkeypatch.setattr(request_validator, "_served", {})  # engines other tests left in this process
-    served = ModelConfigStandIn()
-    request_validator.serve_defaults(served, SamplerConfig(), canvas=(C, VOCAB))
+    served = _ServedModel(SamplerConfig(), None, (C, VOCAB))
     long = SamplingParams(max_tokens=1000, extra_args={"diffusion_read_only": True})
-    check_request(long)
+    check_request(long, served)
     assert long.max_tokens == C and long.ignore_eos
     short = SamplingParams(max_tokens=2, extra_args={"diffusion_read_only": 1})
-    check_request(short)
+    check_request(short, served)
     assert short.max_tokens == 2 and short.ignore_eos
     with pytest.raises(ValueError, match="diffusion_seed_canvas must hold exactly 8 ids"):
-        check_request(SamplingParams(extra_args={"diffusion_seed_canvas": [1, 2]}))
+        check_request(SamplingParams(extra_args={"diffusion_seed_canvas": [1, 2]}), served)
     narrow = SamplingParams(max_tokens=1000, extra_args={"diffusion_read_only": True, "diffusion_canvas_length": 3})
-    check_request(narrow)
+    check_request(narrow, served)
     assert narrow.max_tokens == 3
     from vllm.sampling_params import StructuredOutputsParams
 
     with pytest.raises(ValueError, match="below the served canvas cannot be combined with structured outputs"):
         check_request(SamplingParams(extra_args={"diffusion_canvas_length": 3},
-                                     structured_outputs=StructuredOutputsParams(regex="a+")))
+                                     structured_outputs=StructuredOutputsParams(regex="a+")), served)
     with pytest.raises(ValueError, match="below the served canvas cannot be combined with draft_every"):
-        check_request(SamplingParams(extra_args={"diffusion_canvas_length": 3, "draft_every": 2, "draft_key": "k"}))
-    check_request(SamplingParams(extra_args={"diffusion_canvas_length": C}, structured_outputs=StructuredOutputsParams(
-        regex="a+")))
+        check_request(SamplingParams(extra_args={"diffusion_canvas_length": 3, "draft_every": 2, "draft_key": "k"}),
+                      served)
+    check_request(SamplingParams(extra_args={"diffusion_canvas_length": C},
+                                 structured_outputs=StructuredOutputsParams(regex="a+")), served)
 
 
-def test_pins_or_a_constrained_read_under_a_grammar_are_refused(monkeypatch):
+def test_pins_or_a_constrained_read_under_a_grammar_are_refused():
     """Catches a pinned canvas committed under a grammar, which may replace the pinned ids, or a
     constrained read's canvas committed from the whole vocabulary by its grammar; and a
-    constrained read without its allowed ids, or with ids outside the vocabulary."""
+    constrained read without its allowed ids, or with ids outside the vocabulary (the
+    release's, with no engine bound)."""
     from vllm.sampling_params import StructuredOutputsParams
 
-    from diffusiongemma_vllm.engine import request_validator
-
-    monkeypatch.setattr(request_validator, "_served", {})  # judged against the release canvas
     pinned = {"diffusion_seed_canvas": [1] * 256, "diffusion_pinned": [0]}
     with pytest.raises(ValueError, match="diffusion_pinned cannot be combined with structured outputs"):
         check_request(SamplingParams(extra_args=pinned, structured_outputs=StructuredOutputsParams(regex="a+")))
