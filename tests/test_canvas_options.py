@@ -71,6 +71,9 @@ def test_admission_makes_a_read_only_request_one_canvas_long():
     narrow = SamplingParams(max_tokens=1000, extra_args={"diffusion_read_only": True, "diffusion_canvas_length": 3})
     check_request(narrow, served)
     assert narrow.max_tokens == 3
+    # A red-team run: min_tokens beyond the read-only reply killed the engine core's input thread.
+    with pytest.raises(ValueError, match="min_tokens=5 beyond the 3 tokens of a diffusion_read_only reply"):
+        check_request(SamplingParams(max_tokens=64, min_tokens=5, extra_args=narrow.extra_args), served)
     from vllm.sampling_params import StructuredOutputsParams
 
     with pytest.raises(ValueError, match="below the served canvas cannot be combined with structured outputs"):
@@ -104,6 +107,10 @@ def test_pins_or_a_constrained_read_under_a_grammar_are_refused():
     check_request(SamplingParams(extra_args=constrained, logprob_token_ids=[5, 6]))
     check_request(SamplingParams(extra_args={"diffusion_seed_canvas": [1] * 256},
                                  structured_outputs=StructuredOutputsParams(regex="a+")))
+    for ban in ({"bad_words": ["a"]}, {"min_tokens": 3}, {"allowed_token_ids": [1, 2]}):  # a pin would overrule it
+        with pytest.raises(ValueError, match="diffusion_pinned cannot be combined with bad_words"):
+            check_request(SamplingParams(extra_args=pinned, **ban))
+    check_request(SamplingParams(extra_args=pinned, logit_bias={1: 2.0}))
 
 
 @pytest.fixture(scope="module")

@@ -280,6 +280,25 @@ def test_weave_drops_drafts_of_committed_canvases_and_cuts_stop_strings():
     assert [d["choices"][0]["delta"] for d in drafts] == [{"role": "assistant"}, {}]  # a stream opens with the role
 
 
+def test_draft_stop_strings_count_only_past_min_tokens():
+    """Catches a draft cut at a stop string that vLLM's detokenizer ignores (one that ends
+    within the request's first `min_tokens` output tokens, counting earlier canvases), and one
+    that ends past them, though it starts before, missed (a red-team run: drafts shown empty
+    while the canvas committed its text)."""
+    letters = lambda ids: "".join(chr(97 + i) for i in ids)  # noqa: E731
+    canvas = [2, 0, 1, 2, 3]  # "cabcd"
+
+    def cut(stop: str, min_tokens: int, output_tokens: int = 0):
+        form = DraftFormat(chat=False, id="x", model="m", decode=letters, stop=(stop,), min_tokens=min_tokens)
+        return form.cut(Message(b"k", DRAFT, 0, 1, np.array(canvas, np.int32), 5, 7, output_tokens))
+
+    assert cut("c", 0) == ("", [2])
+    assert cut("c", 2) == ("cab", [2, 0, 1, 2])
+    assert cut("c", 36, output_tokens=33) == ("cab", [2, 0, 1, 2])  # 3 of this canvas's tokens first
+    assert cut("bc", 3) == ("ca", [2, 0, 1, 2])  # ends past the floor, starts before it
+    assert cut("c", 5) == ("cabcd", canvas)
+
+
 def test_weave_cancelled_by_a_disconnect_aborts_vllm_stream_and_unsubscribes():
     """Catches a client that leaves mid-draft leaving vLLM's request running (its generator
     must see the cancellation, which aborts the request) or its queue subscribed."""

@@ -99,8 +99,9 @@ def test_per_request_knobs_change_the_passes(server):
 def test_logit_bias_bad_words_and_min_tokens(server):
     """Catches the three refused or ignored over HTTP (logit_bias keys arrive as strings): EOS
     biased to +100 must end the reply exactly at min_tokens; a single-token bad word biased to
-    +100 must never be committed; a bad word of several tokens, or a bias beside a JSON schema,
-    is a 400 naming it."""
+    +100 must never be committed; a bad word of several tokens, a bias beside a JSON schema, or
+    min_tokens beyond a read-only reply (which a red-team run found wedging the engine core) is
+    a 400 naming it, and the server answers the next request."""
     eos = complete(server, max_tokens=100, seed=9, min_tokens=40, logit_bias={"1": 100}).json()
     assert eos["usage"]["completion_tokens"] == 41 and eos["choices"][0]["finish_reason"] == "stop"
     ids = complete(server, max_tokens=40, seed=9, ignore_eos=True, logit_bias={"171": 100}, logprobs=0,
@@ -108,6 +109,8 @@ def test_logit_bias_bad_words_and_min_tokens(server):
     banned = complete(server, max_tokens=40, seed=9, ignore_eos=True, logit_bias={"171": 100}, bad_words=["a"],
                       logprobs=0, return_tokens_as_token_ids=True).json()["choices"][0]["logprobs"]["tokens"]
     assert ids == ["token_id:171"] * 40 and len(banned) == 40 and "token_id:171" not in banned
+    read_only = complete(server, max_tokens=400, min_tokens=300, vllm_xargs={"diffusion_read_only": True})
+    assert read_only.status_code == 400 and "min_tokens=300" in read_only.json()["error"]["message"]
     several = complete(server, max_tokens=8, bad_words=["river"])
     assert several.status_code == 400 and "bad_words" in several.json()["error"]["message"]
     schema = complete(server, max_tokens=8, logit_bias={"171": 5}, response_format={

@@ -94,8 +94,8 @@ async def _serve(vllm_route, request, raw_request: Request, chat: bool):
     _, continuous_usage = should_include_usage(request.stream_options, serving.enable_force_include_usage)
     form = DraftFormat(chat=chat, id=("chatcmpl-" if chat else "cmpl-") + _base_id(request, raw_request),
                        model=state.openai_serving_models.model_name(), decode=decode, stop=tuple(stop),
-                       include_stop_str=request.include_stop_str_in_output, token_ids=bool(request.return_token_ids),
-                       usage=continuous_usage)
+                       include_stop_str=request.include_stop_str_in_output, min_tokens=request.min_tokens or 0,
+                       token_ids=bool(request.return_token_ids), usage=continuous_usage)
     response.body_iterator = with_drafts(response.body_iterator, subscriber, key.encode(), form)
     return response
 

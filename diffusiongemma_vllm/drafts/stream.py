@@ -95,6 +95,7 @@ class DraftFormat:
     decode: object  # token ids -> text (the server's tokenizer, the request's skip_special_tokens)
     stop: tuple[str, ...] = ()
     include_stop_str: bool = False
+    min_tokens: int = 0  # stop strings count past this many output tokens
     token_ids: bool = False
     usage: bool = False  # continuous usage stats: every chunk carries the usage so far, as vLLM's do
     created: int = field(default_factory=lambda: int(time.time()))
@@ -102,14 +103,24 @@ class DraftFormat:
     def cut(self, message: Message) -> tuple[str, list[int]]:
         """The draft's text and token ids, cut at its first stop string as vLLM cuts a reply:
         the text before the string (with it under include_stop_str), the ids through the one
-        that completes it."""
+        that completes it. As vLLM's detokenizer, only a string that ends past the request's
+        first `min_tokens` output tokens counts."""
         ids = message.tokens.tolist()
         text = self.decode(ids[:message.text_tokens])
-        hits = [(text.find(stop), stop) for stop in self.stop if stop and stop in text]
+        floor = max(self.min_tokens - message.output_tokens, 0)  # canvas tokens a stop string must end after
+        if floor >= message.text_tokens:
+            return text, ids
+        old = len(self.decode(ids[:floor])) if floor else 0
+
+        def find(stop: str, within: str) -> int:
+            return within.find(stop, max(old - len(stop) + 1, 0))
+
+        hits = [(find(stop, text), stop) for stop in self.stop if stop and find(stop, text) >= 0]
         if not hits:
             return text, ids
         at, stop = min(hits)
-        kept = fewest_tokens(message.text_tokens, lambda count: stop in self.decode(ids[:count]))
+        kept = fewest_tokens(message.text_tokens,
+                             lambda count: count > floor and find(stop, self.decode(ids[:count])) >= 0)
         return text[:at + len(stop) if self.include_stop_str else at], ids[:kept]
 
     def chunk(self, message: Message, opening: bool = False) -> str:

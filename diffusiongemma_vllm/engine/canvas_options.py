@@ -80,8 +80,13 @@ class CanvasOptions:
 
 
 def apply_read_only(sampling_params, canvas_length: int) -> None:
-    """Admission: a read-only request ends with its first canvas, whatever EOS it holds."""
-    sampling_params.max_tokens = min(sampling_params.max_tokens or canvas_length, canvas_length)
+    """Admission: a read-only request ends with its first canvas, whatever EOS it holds. Its
+    `min_tokens` must fit that canvas: vLLM checks min_tokens <= max_tokens again wherever it
+    decodes the parameters (the engine core's input thread would die of it)."""
+    max_tokens = min(sampling_params.max_tokens or canvas_length, canvas_length)
+    _check(sampling_params.min_tokens <= max_tokens,
+           f"min_tokens={sampling_params.min_tokens} beyond the {max_tokens} tokens of a diffusion_read_only reply")
+    sampling_params.max_tokens = max_tokens
     sampling_params.ignore_eos = True
 
 

@@ -14,7 +14,8 @@ no logits. It rejects, naming the field:
   one vLLM itself reads (a typo would otherwise be ignored without a word);
 - a sampling feature the block-diffusion sampler does not implement, a bad word of more than
   one token (request_biases.py), logit biases or `allowed_token_ids` beside structured
-  outputs, `allowed_token_ids` beside a constrained read, and
+  outputs, `allowed_token_ids` beside a constrained read, bans beside pinned positions,
+  `min_tokens` beyond a read-only reply, and
   `logprob_token_ids` outside the vocabulary or beside more `logprobs` than there are ids;
 - structured outputs on an engine that cannot serve them (config_hook.structured_refusal:
   a backend the worker does not build).
@@ -149,6 +150,10 @@ def check_request(sampling_params, model: _ServedModel = RELEASE) -> None:
     if sampling_params.allowed_token_ids and options.allowed:
         raise ValueError("allowed_token_ids cannot be combined with diffusion_constrained, whose allowed ids are "
                          "its logprob_token_ids")
+    if options.pinned and (sampling_params.bad_words or sampling_params.min_tokens
+                           or sampling_params.allowed_token_ids):
+        raise ValueError("diffusion_pinned cannot be combined with bad_words, min_tokens or allowed_token_ids: a "
+                         "pinned position commits its seed id, whatever they ban")
     if structured is not None and options.pinned:
         raise ValueError("diffusion_pinned cannot be combined with structured outputs: the grammar would "
                          "overrule the pinned ids")
