@@ -295,8 +295,9 @@ def denoise_canvases(jobs: list[CanvasJob], canvas_length: int, run_pass: RunPas
     canvas's own pass counter, not by the call). `graphs` (a `denoise_graphs.DenoiseGraphs`
     built around a `run_pass` that reads only static inputs) replays captured passes; without
     it, for batches beyond its ladder, or when a job has logit biases, passes run eagerly. Job
-    i's request inputs are row `first_row + i` of what run_pass reads. `keep_hidden` also returns each finished canvas's
-    halting-pass hidden states, from which its logprobs come (kernels/top_logprobs.py).
+    i's request inputs are row `first_row + i` of what run_pass reads. `keep_hidden` also
+    returns each finished canvas's halting-pass hidden states, from which its logprobs come
+    (kernels/top_logprobs.py).
     `on_pass(batch, slots)`, if given, sees the batch after each pass (or replay) and before
     halted canvases leave it, `slots` [n] being each canvas's job index (live drafts,
     drafts/publisher.py); it must only read. `row_stats` defaults to `row_stats_for(device)`."""

@@ -264,8 +264,8 @@ class DenoiseStep:
 
     def _read(self, runner, request: _ReadyRequest) -> tuple[int, tuple[int, ...], bool]:
         """What the request's canvas is denoised with, which its pass mates must share: its
-        canvas length (`diffusion_canvas_length`, else the checkpoint's), the ids a constrained
-        read draws from (`diffusion_constrained`; (): the whole vocabulary), and, while the
+        canvas length (`diffusion_canvas_length`, else the checkpoint's), the ids it is drawn
+        from (`diffusion_constrained` or `allowed_token_ids`; (): the whole vocabulary), and, while the
         denoise graphs serve the others, whether it has logit biases (its passes run eagerly)."""
         state = runner.requests[request.req_id]
         settings = self._settings(request.req_id, state.sampling_params)
