@@ -54,6 +54,13 @@ def test_unimplemented_sampling_fields_name_the_field(field, value):
         check_request(SamplingParams(**{field: value}))
 
 
+def test_a_thinking_budget_refusal_names_the_anthropic_field():
+    """Catches a refusal an Anthropic client cannot act on: /v1/messages turns extended
+    thinking's budget_tokens into thinking_token_budget, which the client never named."""
+    with pytest.raises(ValueError, match="thinking.budget_tokens: ask for thinking with type adaptive"):
+        check_request(SamplingParams(thinking_token_budget=1024))
+
+
 def test_defaults_and_documented_no_ops_pass():
     """Catches the checks refusing untouched fields or temperature/top_p/top_k, which are
     documented as not applying (as in transformers)."""

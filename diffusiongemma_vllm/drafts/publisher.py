@@ -62,9 +62,10 @@ def check_draft_args(extra_args: dict) -> None:
         raise ValueError(f"draft_every must be an integer >= 1 (passes between drafts), got {every!r}")
     key = extra_args.get("draft_key")
     if not isinstance(key, str) or not key:
-        raise ValueError("draft_every needs a streamed request (stream=true) through the diffusiongemma endpoint "
-                         "plugin, which carries the drafts: start the server with VLLM_PLUGINS=diffusiongemma "
-                         "(offline: also set extra_args draft_key and subscribe to $" + ENV + ")")
+        raise ValueError("draft_every needs a streamed request (stream=true) to /v1/completions or "
+                         "/v1/chat/completions (the routes that carry drafts) on a server started with "
+                         "VLLM_PLUGINS=diffusiongemma (offline: also set extra_args draft_key and subscribe to $"
+                         + ENV + ")")
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,10 @@ UNSUPPORTED = {
     "repetition_detection": None,
 }
 
+# How clients that do not name a field set it, for its refusal to say.
+ALSO_KNOWN_AS = {"thinking_token_budget": " (the Anthropic API's thinking.budget_tokens: ask for thinking "
+                                          "with type adaptive instead)"}
+
 RELEASE_CANVAS = (256, 262144)  # canvas length and vocabulary of google/diffusiongemma-26B-A4B-it
 
 
@@ -132,7 +136,8 @@ def check_request(sampling_params, model: _ServedModel = RELEASE) -> None:
     for name, off in UNSUPPORTED.items():
         value = getattr(sampling_params, name, off)
         if value != off and value not in ({}, []):
-            raise ValueError(f"{name} is not supported by the DiffusionGemma block sampler (got {value!r})")
+            raise ValueError(f"{name}{ALSO_KNOWN_AS.get(name, '')} is not supported by the DiffusionGemma block "
+                             f"sampler (got {value!r})")
     if sampling_params.logprobs is not None and sampling_params.logprobs < 0:
         raise ValueError("logprobs=-1 (the whole vocabulary per token) is not supported by DiffusionGemma; "
                          "ask for at most max_logprobs alternatives")
