@@ -192,20 +192,24 @@ def test_admission_uses_the_checkpoint_sampler_defaults(tmp_path):
     """Catches admission validating knobs against the release defaults while the worker applies
     the checkpoint's generation_config.json (t_min 0.7 here): `t_max` 0.6 alone must be refused
     at admission, not raise in the engine."""
+    from types import SimpleNamespace
+
     from vllm import SamplingParams
     from vllm.engine.arg_utils import EngineArgs
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.input_processor import InputProcessor
 
     from diffusiongemma_vllm import register
-    from diffusiongemma_vllm.engine.request_validator import check_request
     from diffusiongemma_vllm.testing.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
     register()
     model = build_tiny_checkpoint(tmp_path, TinySpec(generation={"t_min": 0.7, "t_max": 0.9}))
     config = EngineArgs(model=str(model), max_model_len=256).create_engine_config()
-    with pytest.raises(ValueError, match="t_max"):
-        check_request(SamplingParams(extra_args={"t_max": 0.6}))
-    check_request(SamplingParams(extra_args={"t_max": 0.8}))
-    del config
+    validate = InputProcessor._build_logits_processors_params_validator(  # the engine front end's check
+        SimpleNamespace(model_config=config.model_config, vllm_config=config))
+    with pytest.raises(VLLMValidationError, match="t_max"):
+        validate(SamplingParams(extra_args={"t_max": 0.6}))
+    validate(SamplingParams(extra_args={"t_max": 0.8}))
 
 
 def test_broken_generation_config_fails_at_start_up_naming_the_field(tmp_path):
