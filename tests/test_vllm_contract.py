@@ -1675,12 +1675,15 @@ def test_endpoint_plugin_is_opt_in_and_replaces_vllms_routes_around_their_stream
     and the server supports "generate"; its POST /v1/completions and /v1/chat/completions
     replacing vLLM's; vLLM's route functions, called by the plugin's, answering a streamed request
     with a StreamingResponse over the serving object's SSE chunks (the plugin wraps its
-    `body_iterator`); `validate_json_request`; `openai_serving_models.model_name()`."""
+    `body_iterator`); `validate_json_request`; `openai_serving_models.model_name()`; the serving
+    objects' `enable_force_include_usage` (whether draft chunks carry usage)."""
     from fastapi import FastAPI
     from fastapi.routing import APIRoute
     from fastapi.testclient import TestClient
     from vllm.entrypoints.openai.chat_completion import api_router as vllm_chat
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
     from vllm.entrypoints.openai.completion import api_router as vllm_completion
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
     from vllm.plugins import load_endpoint_plugins, load_plugins_by_group
     from vllm.plugins.endpoint_plugins.interface import attach_endpoint_plugins
@@ -1708,7 +1711,12 @@ def test_endpoint_plugin_is_opt_in_and_replaces_vllms_routes_around_their_stream
 
     chunks = ['data: {"choices": [{"index": 0, "text": "ab"}]}\n\n', "data: [DONE]\n\n"]
 
+    for serving in (OpenAIServingCompletion, OpenAIServingChat):  # read for the drafts' usage
+        assert "enable_force_include_usage" in inspect.signature(serving.__init__).parameters
+
     class Serving:  # what vLLM's route functions await: OpenAIServingCompletion / OpenAIServingChat
+        enable_force_include_usage = False
+
         async def create_completion(self, request, raw_request):
             return _agen(chunks)
 
