@@ -115,7 +115,7 @@ class DraftFormat:
         def find(stop: str, within: str) -> int:
             return within.find(stop, max(old - len(stop) + 1, 0))
 
-        hits = [(find(stop, text), stop) for stop in self.stop if stop and find(stop, text) >= 0]
+        hits = [(at, stop) for stop in self.stop if stop and (at := find(stop, text)) >= 0]
         if not hits:
             return text, ids
         at, stop = min(hits)
